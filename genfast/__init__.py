@@ -1,0 +1,18 @@
+"""genfast: fast kernels for generative models, each with a plain-PyTorch reference.
+
+    import genfast
+    y = genfast.ops.bias_act(x, b, act="lrelu")      # fused StyleGAN bias + activation
+    genfast.info()                                    # what runs here, and why not
+
+Importing genfast never fails for lack of a GPU, a compiler or triton: backends that cannot
+run are reported by ``genfast.info()`` and skipped by the dispatcher.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import nn, ops, reference
+from ._dispatch import BACKENDS, BackendWarning
+from ._info import info
+
+__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "nn", "ops", "reference"]

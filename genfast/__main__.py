@@ -1,0 +1,28 @@
+"""Command line: ``python -m genfast info`` and ``python -m genfast bench [OPS] [--quick]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="genfast", description="Fast kernels for generative models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, GPU, and which backends can run here")
+    bench = sub.add_parser("bench", help="benchmark ops against their baselines")
+    from .bench.cli import add_arguments
+
+    add_arguments(bench)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from . import info
+
+        info()
+        return 0
+    from .bench.cli import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Backend dispatch: one registry per op, mapping a backend name to an implementation.
+
+Choice order for ``backend=None`` (automatic): the ``GENFAST_BACKEND`` environment variable if
+set, else the first backend in ``BACKENDS`` that can run on the tensor's device and dtype.
+An explicit backend (argument or environment) that cannot run falls back to the next one that
+can, with one warning per (op, backend, reason). A backend that raises at run time is treated
+the same way, unless ``GENFAST_STRICT=1`` (the tests set it, so failures are never hidden).
+
+``GENFAST_BACKEND`` is either one name for every op (``GENFAST_BACKEND=triton``) or a comma
+list of ``op=name`` pairs (``GENFAST_BACKEND=bias_act=cpu,attention=triton``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+class BackendWarning(UserWarning):
+    """A requested or preferred backend could not run and another one was used."""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_triton_reason: list = []
+
+
+def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why Triton kernels cannot run on ``device`` (None: they can)."""
+    if not _triton_reason:
+        try:
+            import triton  # noqa: F401
+
+            _triton_reason.append(None)
+        except Exception as exc:
+            _triton_reason.append(f"triton is not installed ({type(exc).__name__}: {exc})")
+    if _triton_reason[0] is not None:
+        return _triton_reason[0]
+    if device is None:
+        return None
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreted():
+        return None
+    if device.type == "cpu":
+        return "triton runs on CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
+    return f"triton does not run on {device.type} tensors"
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Device-level availability of a backend, independent of the op."""
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        return _ext.cuda_unavailable_reason()
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got {device.type}"
+        return _ext.cpu_unavailable_reason()
+    if backend == "reference":
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def env_backend(op: str) -> str | None:
+    """The backend GENFAST_BACKEND asks for this op, or None."""
+    value = os.environ.get("GENFAST_BACKEND", "").strip()
+    if not value:
+        return None
+    if "=" not in value:
+        return value
+    for item in value.split(","):
+        name, _, backend = item.partition("=")
+        if name.strip() == op:
+            return backend.strip()
+    return None
+
+
+def strict() -> bool:
+    return os.environ.get("GENFAST_STRICT", "0") not in ("", "0")
+
+
+_warned: set = set()
+
+
+def warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, BackendWarning, stacklevel=4)
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable
+    dtypes: frozenset  # dtypes this implementation handles
+
+
+@dataclass
+class OpDispatcher:
+    """Registry of one op's implementations."""
+
+    op: str
+    backends: dict = field(default_factory=dict)
+    broken: dict = field(default_factory=dict)  # (backend, device type, dtype) -> error text
+
+    def register(self, name: str, dtypes, fn: Optional[Callable] = None):
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+        def add(f):
+            self.backends[name] = Backend(name, f, frozenset(dtypes))
+            return f
+
+        return add(fn) if fn is not None else add
+
+    def unavailable_reason(self, name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        if name not in self.backends:
+            return f"{self.op} has no {name} implementation"
+        reason = backend_unavailable_reason(name, device)
+        if reason:
+            return reason
+        if dtype not in self.backends[name].dtypes:
+            supported = ", ".join(sorted(str(d).replace("torch.", "") for d in self.backends[name].dtypes))
+            if name == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+                return "the triton interpreter has no bfloat16 arithmetic"
+            return f"the {name} backend of {self.op} supports {supported}, not {str(dtype).replace('torch.', '')}"
+        key = (name, device.type, dtype)
+        if key in self.broken:
+            return f"it failed earlier in this process ({self.broken[key]})"
+        return None
+
+    def candidates(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
+        """Backends to try, best first; warns once when the requested one cannot run."""
+        if requested is not None and requested not in BACKENDS:
+            raise ValueError(f"{self.op}: unknown backend {requested!r}; expected one of {BACKENDS} or None")
+        order = [b for b in BACKENDS if b in self.backends]
+        if requested is not None:
+            order = [requested] + [b for b in order if b != requested]
+        usable = []
+        for name in order:
+            reason = self.unavailable_reason(name, device, dtype)
+            if reason is None:
+                usable.append(name)
+            elif name == requested:
+                warn_once((self.op, name, reason), f"genfast.{self.op}: backend {name!r} cannot run here ({reason}); falling back.")
+            elif name == device.type and backend_unavailable_reason(name, device) is not None:
+                # The device's own native kernels are missing (no extension, built without
+                # CUDA, driver too old): unexpected, so say it once.
+                warn_once((self.op, name, reason), f"genfast.{self.op}: native {name} kernels unavailable ({reason}); using a slower backend.")
+        return usable
+
+    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+        """Name of the backend that would run (without running it)."""
+        return self._usable(requested, device, dtype)[0]
+
+    def run(self, requested: str | None, device: torch.device, dtype: torch.dtype, *args):
+        """Run the requested (or automatic) backend; if one raises, mark it broken and try
+        the next, unless strict (GENFAST_STRICT=1), where every failure is raised."""
+        usable = self._usable(requested, device, dtype)
+        for i, name in enumerate(usable):
+            try:
+                return self.backends[name].fn(*args)
+            except (ValueError, TypeError):
+                raise  # argument errors are the caller's, not a broken backend
+            except Exception as exc:
+                if strict() or i == len(usable) - 1:
+                    raise
+                self.broken[(name, device.type, dtype)] = f"{type(exc).__name__}: {exc}"
+                warn_once((self.op, name, "broken"), f"genfast.{self.op}: backend {name!r} failed ({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
+        raise AssertionError("unreachable")
+
+    def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
+        if requested is None:
+            requested = env_backend(self.op)
+        if requested is not None and strict():
+            reason = self.unavailable_reason(requested, device, dtype) if requested in BACKENDS else None
+            if reason:
+                raise RuntimeError(f"genfast.{self.op}: backend {requested!r} cannot run here ({reason}) and GENFAST_STRICT is set")
+        usable = self.candidates(requested, device, dtype)
+        if not usable:
+            raise RuntimeError(f"genfast.{self.op}: no backend can run on {device} with {dtype}")
+        return usable

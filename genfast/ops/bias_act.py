@@ -1,0 +1,340 @@
+"""genfast.ops.bias_act: fused bias + activation + gain + clamp (NVlabs StyleGAN semantics).
+
+Layers of this module, the pattern every op family follows:
+  1. ``bias_act()``: the public op. Validates arguments (clear errors before any kernel), then
+     goes through an autograd.Function (first and second derivatives).
+  2. ``torch.ops.genfast.bias_act*``: ops registered with torch.library (light form: define +
+     impl + fake), so torch.compile(fullgraph=True) sees them as opaque nodes.
+  3. ``DISPATCH``: the op's table of backends (cuda, triton, cpu, reference); the choice is
+     made at run time inside the op impl, so compiled graphs stay backend-agnostic.
+
+Kernels see a dense tensor as [outer, C, S] in memory, with C = x.shape[dim] and S the
+stride of ``dim``: that covers contiguous, channels_last and any other dense permutation
+without copies. Non-dense inputs (slices with gaps) are made contiguous first.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .._dispatch import OpDispatcher
+from ..reference import bias_act as reference
+from ..reference.bias_act import ACTIVATIONS
+
+__all__ = ["bias_act", "fused_leaky_relu", "ACTIVATIONS", "DISPATCH", "FLOAT_DTYPES"]
+
+FORWARD, GRAD, GRAD2 = 0, 1, 2  # kernels/bias_act_math.h Mode
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+# Activations whose second derivative is not identically zero (the rest skip GRAD2 work).
+HAS_SECOND_DERIVATIVE = {"tanh", "sigmoid", "elu", "selu", "softplus", "swish"}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+DISPATCH = OpDispatcher("bias_act")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True if ``t`` covers its memory without gaps or overlaps, in any dimension order."""
+    expected = 1
+    for d in sorted((d for d in range(t.ndim) if t.shape[d] != 1), key=t.stride):
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if is_dense(t) else t.contiguous()
+
+
+def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly the memory layout of the dense tensor ``like``."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
+def _channel_geometry(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> tuple:
+    """(C, S) of the [outer, C, S] view of dense ``x``."""
+    if b is None or x.shape[dim] == 1:
+        return 1, 1
+    return x.shape[dim], x.stride(dim)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def _native_args(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp):
+    # The native kernels need only the [outer, C, S] view, not dim.
+    return (mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), x.data_ptr(),
+            _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp)
+
+
+@DISPATCH.register("cpu", FLOAT_DTYPES)
+def _bias_act_cpu(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+    _ext._C.bias_act_cpu(*_native_args(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp),
+                         torch.get_num_threads())
+    return out
+
+
+@DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16))
+def _bias_act_cuda(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+    _ext._C.bias_act_cuda(*_native_args(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp),
+                          _ext.stream_of(x), x.device.index)
+    return out
+
+
+@DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
+def _bias_act_triton(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+    from ..triton_kernels import bias_act as kernels
+
+    return kernels.bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp)
+
+
+@DISPATCH.register("reference", FLOAT_DTYPES)
+def _bias_act_reference(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+    # Derivatives of the reference are taken with autograd, so the reference stays the spec.
+    name = list(ACTIVATIONS)[act]
+    clamp_arg = clamp if clamp >= 0 else None
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(mode != FORWARD)
+        y = reference(xg, b, dim=dim, act=name, alpha=alpha, gain=gain, clamp=clamp_arg)
+        if mode == FORWARD:
+            result = y
+        else:
+            (dx,) = torch.autograd.grad(y, xg, dy, create_graph=mode == GRAD2)
+            if mode == GRAD:
+                result = dx
+            elif dx.requires_grad:
+                (result,) = torch.autograd.grad(dx, xg, ddx)
+            else:  # dx does not depend on x (linear, relu, lrelu)
+                result = torch.zeros_like(x)
+    return out.copy_(result)
+
+
+def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend):
+    """Shared body of the three op impls: normalise layouts, then dispatch."""
+    x = _dense(x)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    if b is not None:
+        b = b.contiguous()
+    dy = _like(dy, x) if dy is not None else None
+    ddx = _like(ddx, x) if ddx is not None else None
+    C, S = _channel_geometry(x, b, dim)
+    return DISPATCH.run(backend or None, x.device, x.dtype,
+                        mode, ACT_CODES[act], out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(_dense(x))
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+_lib = torch.library.Library("genfast", "FRAGMENT")
+_PARAMS = "int dim, str act, float alpha, float gain, float clamp, str backend"
+_lib.define(f"bias_act(Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
+_lib.define(f"bias_act_grad(Tensor dy, Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
+_lib.define(f"bias_act_grad2(Tensor ddx, Tensor dy, Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
+
+
+def _fwd_impl(x, b, dim, act, alpha, gain, clamp, backend):
+    return _run(FORWARD, x, b, None, None, dim, act, alpha, gain, clamp, backend)
+
+
+def _grad_impl(dy, x, b, dim, act, alpha, gain, clamp, backend):
+    return _run(GRAD, x, b, dy, None, dim, act, alpha, gain, clamp, backend)
+
+
+def _grad2_impl(ddx, dy, x, b, dim, act, alpha, gain, clamp, backend):
+    return _run(GRAD2, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend)
+
+
+for _name, _impl in (("bias_act", _fwd_impl), ("bias_act_grad", _grad_impl), ("bias_act_grad2", _grad2_impl)):
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_name, _impl, _key)
+
+
+@torch.library.register_fake("genfast::bias_act")
+def _fwd_fake(x, b, dim, act, alpha, gain, clamp, backend):
+    return _output_like(x)
+
+
+@torch.library.register_fake("genfast::bias_act_grad")
+def _grad_fake(dy, x, b, dim, act, alpha, gain, clamp, backend):
+    return _output_like(x)
+
+
+@torch.library.register_fake("genfast::bias_act_grad2")
+def _grad2_fake(ddx, dy, x, b, dim, act, alpha, gain, clamp, backend):
+    return _output_like(x)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _reduce_to_bias(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.sum(dim=[d for d in range(t.ndim) if d != dim])
+
+
+class _BiasAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b, params):
+        ctx.save_for_backward(x, b)
+        ctx.params = params
+        return torch.ops.genfast.bias_act(x, b, *params)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, b = ctx.saved_tensors
+        dx = _BiasActGrad.apply(dy, x, b, ctx.params)
+        db = _reduce_to_bias(dx, ctx.params[0]) if b is not None and ctx.needs_input_grad[1] else None
+        return dx if ctx.needs_input_grad[0] else None, db, None
+
+
+class _BiasActGrad(torch.autograd.Function):
+    """dx = dy * gain * f'(x + b) * mask. Differentiable again: that is the double backward."""
+
+    @staticmethod
+    def forward(ctx, dy, x, b, params):
+        ctx.save_for_backward(dy, x, b)
+        ctx.params = params
+        return torch.ops.genfast.bias_act_grad(dy, x, b, *params)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        dy, x, b = ctx.saved_tensors
+        dim, act = ctx.params[0], ctx.params[1]
+        d_dy = _BiasActGrad.apply(ddx, x, b, ctx.params) if ctx.needs_input_grad[0] else None
+        d_x = d_b = None
+        if act in HAS_SECOND_DERIVATIVE and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            d_x = _BiasActGrad2.apply(ddx, dy, x, b, ctx.params)
+            if b is not None and ctx.needs_input_grad[2]:
+                d_b = _reduce_to_bias(d_x, dim)
+        return d_dy, d_x, d_b, None
+
+
+class _BiasActGrad2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ddx, dy, x, b, params):
+        return torch.ops.genfast.bias_act_grad2(ddx, dy, x, b, *params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("genfast.ops.bias_act supports first- and second-order gradients, not third")
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _type_name(v) -> str:
+    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _check_number(name: str, value, minimum: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"bias_act: {name} must be a real number or None, got {_type_name(value)}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"bias_act: {name} must not be NaN")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"bias_act: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _validate(x, b, dim, act, alpha, gain, clamp, backend):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"bias_act: x must be a torch.Tensor, got {_type_name(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bias_act: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"bias_act: unknown act {act!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"bias_act: dim must be an int, got {_type_name(dim)}")
+    if b is not None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"bias_act: b must be a torch.Tensor or None, got {_type_name(b)}")
+        if b.dtype != x.dtype:
+            raise TypeError(f"bias_act: b must have the dtype of x ({x.dtype}), got {b.dtype}; pass b.to(x.dtype)")
+        if b.device != x.device:
+            raise ValueError(f"bias_act: b is on {b.device} but x is on {x.device}; they must be on the same device")
+        if b.ndim != 1:
+            raise ValueError(f"bias_act: b must be 1-D, got shape {tuple(b.shape)}")
+        if not -x.ndim <= dim < x.ndim:
+            raise ValueError(f"bias_act: dim={dim} is out of range for x with {x.ndim} dimensions")
+        dim %= x.ndim
+        if b.shape[0] != x.shape[dim]:
+            raise ValueError(f"bias_act: b has {b.shape[0]} elements but x.shape[{dim}] is {x.shape[dim]}; they must match")
+    spec = ACTIVATIONS[act]
+    alpha = spec.default_alpha if alpha is None else _check_number("alpha", alpha)
+    gain = spec.default_gain if gain is None else _check_number("gain", gain)
+    clamp = -1.0 if clamp is None else _check_number("clamp", clamp, minimum=0.0)
+    if backend is not None and backend not in DISPATCH.backends:
+        raise ValueError(f"bias_act: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
+    return dim, act, alpha, gain, clamp, backend or ""
+
+
+def bias_act(
+    x: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    dim: int = 1,
+    act: str = "linear",
+    alpha: Optional[float] = None,
+    gain: Optional[float] = None,
+    clamp: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Fused bias + activation + gain + clamp: ``clamp(act(x + b) * gain, -clamp, clamp)``.
+
+    Same semantics and defaults as NVlabs StyleGAN2-ADA / StyleGAN3 ``bias_act``:
+
+    ========  =====  =====
+    act       alpha  gain
+    ========  =====  =====
+    linear    0      1
+    relu      0      √2
+    lrelu     0.2    √2
+    tanh      0      1
+    sigmoid   0      1
+    elu       0      1
+    selu      0      1
+    softplus  0      1
+    swish     0      √2
+    ========  =====  =====
+
+    Args:
+        x: input of any shape; float32, float16, bfloat16 or float64.
+        b: optional 1-D bias of length ``x.shape[dim]``, same dtype and device as ``x``.
+        dim: the dimension of ``x`` that ``b`` runs along.
+        act: activation name. ``alpha`` is the lrelu slope; other activations ignore it.
+        gain: output scale; ``clamp``: clamp the output to ±clamp (None: no clamp).
+        backend: ``'cuda'``, ``'triton'``, ``'cpu'``, ``'reference'`` or None (automatic,
+            or the ``GENFAST_BACKEND`` environment variable).
+
+    Returns a new tensor with the layout of ``x`` (contiguous if ``x`` is not dense).
+    Differentiable twice with respect to ``x`` and ``b``.
+    """
+    params = _validate(x, b, dim, act, alpha, gain, clamp, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+        return _BiasAct.apply(x, b, params)
+    return torch.ops.genfast.bias_act(x, b, *params)
+
+
+def fused_leaky_relu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, negative_slope: float = 0.2,
+                     scale: float = 2 ** 0.5, backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for the StyleGAN2 ports' ``fused_leaky_relu``: ``leaky_relu(input + bias) * scale``,
+    with ``bias`` along dimension 1."""
+    return bias_act(input, bias, dim=1, act="lrelu", alpha=negative_slope, gain=scale, backend=backend)
+
+
+def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
+    """The backend ``bias_act`` would run on for ``x`` (for diagnostics and benchmarks)."""
+    return DISPATCH.select(backend, _dense(x).device, x.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily: genfast works without triton installed."""

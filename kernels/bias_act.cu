@@ -1,0 +1,182 @@
+// bias_act CUDA kernels: one fused, memory-bound pass; 16-byte vector loads and stores.
+// The dense tensor is seen as [outer, C, S] (see bias_act.h); each thread handles one vector
+// of 16 bytes, finds its channel with one division and then steps through the vector.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "bias_act.h"
+#include "common.h"
+
+namespace genfast {
+namespace bias_act {
+namespace {
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+struct KernelArgs {
+  T* out;
+  const T* x;
+  const T* b;
+  const T* dy;
+  const T* ddx;
+  int64_t n, C, S;
+  float alpha, gain, clamp;
+  bool aligned;  // every tensor pointer is 16-byte aligned: vector loads allowed
+};
+
+constexpr int kThreads = 256;
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load(T (&dst)[VEC], const T* src, bool full, int64_t i0, int64_t n) {
+  if (full) {
+    *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src + i0));
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dst[k] = i0 + k < n ? src[i0 + k] : T(0.0f);
+  }
+}
+
+template <typename T, int A, int M, typename Index>
+__global__ void __launch_bounds__(kThreads) bias_act_kernel(KernelArgs<T> p) {
+  constexpr int VEC = 16 / sizeof(T);
+  const Index n = Index(p.n);
+  const Index i0 = (Index(blockIdx.x) * kThreads + Index(threadIdx.x)) * VEC;
+  if (i0 >= n) return;
+  const bool full = p.aligned && i0 + VEC <= n;
+
+  T xs[VEC], dys[VEC], ddxs[VEC];
+  load<VEC>(xs, p.x, full, i0, n);
+  if (M >= GRAD) load<VEC>(dys, p.dy, full, i0, n);
+  if (M == GRAD2) load<VEC>(ddxs, p.ddx, full, i0, n);
+
+  // Channel of the first element; then walk: a row of S elements shares one channel.
+  Index c = 0, r = 0;
+  const Index S = Index(p.S), C = Index(p.C);
+  if (p.b != nullptr) {
+    const Index q = i0 / S;
+    r = i0 - q * S;
+    c = q % C;
+  }
+  T outs[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float bias = p.b != nullptr ? Cvt<T>::to(__ldg(p.b + c)) : 0.0f;
+    const float dyv = M >= GRAD ? Cvt<T>::to(dys[k]) : 0.0f;
+    const float ddxv = M == GRAD2 ? Cvt<T>::to(ddxs[k]) : 0.0f;
+    outs[k] = Cvt<T>::from(apply<A, M, float>(Cvt<T>::to(xs[k]), bias, dyv, ddxv, p.alpha, p.gain, p.clamp));
+    if (++r == S) {
+      r = 0;
+      if (++c == C) c = 0;
+    }
+  }
+  if (full) {
+    *reinterpret_cast<uint4*>(p.out + i0) = *reinterpret_cast<const uint4*>(outs);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (i0 + k < n) p.out[i0 + k] = outs[k];
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("genfast bias_act (CUDA): ") + what + ": " + cudaGetErrorString(err));
+}
+
+template <typename T, int A, int M>
+void launch(const Args& a) {
+  KernelArgs<T> p;
+  p.out = static_cast<T*>(a.out);
+  p.x = static_cast<const T*>(a.x);
+  p.b = static_cast<const T*>(a.b);
+  p.dy = static_cast<const T*>(a.dy);
+  p.ddx = static_cast<const T*>(a.ddx);
+  p.n = a.n; p.C = a.C; p.S = a.S;
+  p.alpha = float(a.p.alpha); p.gain = float(a.p.gain); p.clamp = float(a.p.clamp);
+  auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
+  p.aligned = aligned(p.out) && aligned(p.x) && (M < GRAD || aligned(p.dy)) && (M < GRAD2 || aligned(p.ddx));
+
+  constexpr int VEC = 16 / sizeof(T);
+  const int64_t vectors = (a.n + VEC - 1) / VEC;
+  const int64_t blocks = (vectors + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast bias_act (CUDA): tensor too large");
+  auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  // 32-bit indexing is cheaper; 64-bit whenever an index could pass 2^31.
+  if (a.n + int64_t(kThreads) * VEC < (int64_t(1) << 31))
+    bias_act_kernel<T, A, M, int32_t><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  else
+    bias_act_kernel<T, A, M, int64_t><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+template <typename T, int A>
+void by_mode(const Args& a) {
+  switch (a.mode) {
+    case FORWARD: return launch<T, A, FORWARD>(a);
+    case GRAD: return launch<T, A, GRAD>(a);
+    case GRAD2: return launch<T, A, GRAD2>(a);
+  }
+  throw std::invalid_argument("bias_act: unknown mode " + std::to_string(a.mode));
+}
+
+template <typename T>
+void by_act(const Args& a) {
+  switch (a.act) {
+    case LINEAR: return by_mode<T, LINEAR>(a);
+    case RELU: return by_mode<T, RELU>(a);
+    case LRELU: return by_mode<T, LRELU>(a);
+    case TANH: return by_mode<T, TANH>(a);
+    case SIGMOID: return by_mode<T, SIGMOID>(a);
+    case ELU: return by_mode<T, ELU>(a);
+    case SELU: return by_mode<T, SELU>(a);
+    case SOFTPLUS: return by_mode<T, SOFTPLUS>(a);
+    case SWISH: return by_mode<T, SWISH>(a);
+  }
+  throw std::invalid_argument("bias_act: unknown activation code " + std::to_string(a.act));
+}
+
+// Makes `device` current for the launch and restores the caller's device afterwards.
+struct DeviceGuard {
+  int previous = -1;
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous), "cudaGetDevice");
+    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
+  }
+};
+
+}  // namespace
+
+void bias_act_cuda(const Args& a) {
+  if (a.n == 0) return;
+  DeviceGuard guard(a.device);
+  switch (a.dtype) {
+    case F32: return by_act<float>(a);
+    case F16: return by_act<__half>(a);
+    case BF16: return by_act<__nv_bfloat16>(a);
+  }
+  throw std::invalid_argument(std::string("genfast bias_act (CUDA): unsupported dtype ") + dtype_name(a.dtype));
+}
+
+}  // namespace bias_act
+}  // namespace genfast
