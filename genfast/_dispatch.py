@@ -1,7 +1,8 @@
 """Backend dispatch: one registry per op, mapping a backend name to an implementation.
 
 Choice order for ``backend=None`` (automatic): the ``GENFAST_BACKEND`` environment variable if
-set, else the first backend in ``BACKENDS`` that can run on the tensor's device and dtype.
+set, else the first backend that can run on the tensor's device and dtype, the device's native
+kernels first (``cuda`` on GPUs, ``cpu`` on CPUs), then in ``BACKENDS`` order.
 An explicit backend (argument or environment) that cannot run falls back to the next one that
 can, with one warning per (op, backend, reason). A backend that raises at run time is treated
 the same way, unless ``GENFAST_STRICT=1`` (the tests set it, so failures are never hidden).
@@ -145,7 +146,9 @@ class OpDispatcher:
         """Backends to try, best first; warns once when the requested one cannot run."""
         if requested is not None and requested not in BACKENDS:
             raise ValueError(f"{self.op}: unknown backend {requested!r}; expected one of {BACKENDS} or None")
-        order = [b for b in BACKENDS if b in self.backends]
+        # The device's native kernels first (on CPU, the Triton interpreter is a test vehicle,
+        # never the automatic choice ahead of the C++ kernels), then the rest, reference last.
+        order = sorted(self.backends, key=lambda b: (b != device.type, BACKENDS.index(b)))
         if requested is not None:
             order = [requested] + [b for b in order if b != requested]
         usable = []

@@ -24,6 +24,7 @@ from .. import _ext
 from .._dispatch import OpDispatcher
 from ..reference import bias_act as reference
 from ..reference.bias_act import ACTIVATIONS
+from ..reference.bias_act import bias_act_derivative as reference_derivative
 
 __all__ = ["bias_act", "fused_leaky_relu", "ACTIVATIONS", "DISPATCH", "FLOAT_DTYPES"]
 
@@ -99,22 +100,13 @@ def _bias_act_triton(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clam
 
 @DISPATCH.register("reference", FLOAT_DTYPES)
 def _bias_act_reference(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
-    # Derivatives of the reference are taken with autograd, so the reference stays the spec.
     name = list(ACTIVATIONS)[act]
     clamp_arg = clamp if clamp >= 0 else None
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(mode != FORWARD)
-        y = reference(xg, b, dim=dim, act=name, alpha=alpha, gain=gain, clamp=clamp_arg)
-        if mode == FORWARD:
-            result = y
-        else:
-            (dx,) = torch.autograd.grad(y, xg, dy, create_graph=mode == GRAD2)
-            if mode == GRAD:
-                result = dx
-            elif dx.requires_grad:
-                (result,) = torch.autograd.grad(dx, xg, ddx)
-            else:  # dx does not depend on x (linear, relu, lrelu)
-                result = torch.zeros_like(x)
+    if mode == FORWARD:
+        result = reference(x, b, dim=dim, act=name, alpha=alpha, gain=gain, clamp=clamp_arg)
+    else:
+        result = reference_derivative(x, b, dy, ddx if mode == GRAD2 else None, dim=dim, act=name,
+                                      alpha=alpha, gain=gain, clamp=clamp_arg)
     return out.copy_(result)
 
 

@@ -1,4 +1,4 @@
 """Plain-PyTorch references: the specification every fast backend is tested against."""
-from .bias_act import ACTIVATIONS, bias_act
+from .bias_act import ACTIVATIONS, bias_act, bias_act_derivative
 
-__all__ = ["ACTIVATIONS", "bias_act"]
+__all__ = ["ACTIVATIONS", "bias_act", "bias_act_derivative"]

@@ -58,3 +58,64 @@ def bias_act(
     if clamp is not None and clamp >= 0:
         x = x.clamp(-clamp, clamp)
     return x
+
+
+def activation_derivatives(z: torch.Tensor, act: str, alpha: float) -> tuple:
+    """f(z), f'(z), f''(z) written out in plain PyTorch (the same formulas as the kernels).
+
+    Used by the reference backend for the backward ops, which run inside torch.library
+    impls where autograd cannot record; tests check them against autograd of ``bias_act``.
+    """
+    one, zero = torch.ones_like(z), torch.zeros_like(z)
+    pos = z > 0
+    if act == "linear":
+        return z, one, zero
+    if act == "relu":
+        return F.relu(z), pos.to(z.dtype), zero
+    if act == "lrelu":
+        return F.leaky_relu(z, alpha), torch.where(pos, one, one * alpha), zero
+    if act == "tanh":
+        t = torch.tanh(z)
+        return t, 1 - t * t, -2 * t * (1 - t * t)
+    if act == "sigmoid":
+        s = torch.sigmoid(z)
+        return s, s * (1 - s), s * (1 - s) * (1 - 2 * s)
+    if act == "elu":
+        e = torch.exp(torch.where(pos, zero, z))
+        return F.elu(z), torch.where(pos, one, e), torch.where(pos, zero, e)
+    if act == "selu":
+        scale, a = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+        e = torch.exp(torch.where(pos, zero, z))
+        return F.selu(z), torch.where(pos, one * scale, scale * a * e), torch.where(pos, zero, scale * a * e)
+    if act == "softplus":
+        big, s = z > 20, torch.sigmoid(z)
+        return F.softplus(z), torch.where(big, one, s), torch.where(big, zero, s * (1 - s))
+    if act == "swish":
+        s = torch.sigmoid(z)
+        return z * s, s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
+    raise ValueError(f"unknown act {act!r}")
+
+
+def bias_act_derivative(
+    x: torch.Tensor,
+    b: Optional[torch.Tensor],
+    dy: torch.Tensor,
+    ddx: Optional[torch.Tensor] = None,
+    dim: int = 1,
+    act: str = "linear",
+    alpha: Optional[float] = None,
+    gain: Optional[float] = None,
+    clamp: Optional[float] = None,
+) -> torch.Tensor:
+    """Without ``ddx``: dL/dx of ``bias_act`` given dL/dy = ``dy``.
+    With ``ddx``: the derivative of <ddx, dL/dx> with respect to x (double backward)."""
+    spec = ACTIVATIONS[act]
+    alpha = spec.default_alpha if alpha is None else float(alpha)
+    gain = spec.default_gain if gain is None else float(gain)
+    z = x if b is None else x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
+    f, d1, d2 = activation_derivatives(z, act, alpha)
+    result = dy * gain * (d1 if ddx is None else ddx * d2)
+    if clamp is not None and clamp >= 0:
+        v = f * gain
+        result = torch.where((v >= -clamp) & (v <= clamp), result, torch.zeros_like(result))
+    return result

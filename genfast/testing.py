@@ -1,0 +1,52 @@
+"""Helpers for testing fast paths against their references (used by genfast's own tests).
+
+The criterion is flash-attn's: the error of the fast path against a float64 reference must
+be at most twice the error of the same PyTorch ops run in the low precision, plus a rounding
+floor. NaN never passes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+
+def fresh_seed() -> int:
+    """A new random seed per call (tests use fresh inputs); printed in failure messages."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def rounding_floor(dtype: torch.dtype, scale: float) -> float:
+    """A few units in the last place of ``dtype`` at magnitude ``scale``."""
+    return 4 * torch.finfo(dtype).eps * max(1.0, scale)
+
+
+def error_vs_reference(
+    fast: torch.Tensor,
+    ref64: torch.Tensor,
+    lowp: torch.Tensor,
+    name: str = "output",
+    mask: Optional[torch.Tensor] = None,
+    floor: Optional[float] = None,
+) -> tuple:
+    """Assert ``|fast - ref64| <= 2 * |lowp - ref64| + floor`` (max norms); returns both errors.
+
+    ``ref64`` is the reference in float64, ``lowp`` the same reference run in ``fast``'s dtype.
+    ``mask`` (bool, broadcastable) excludes elements where the spec is discontinuous.
+    """
+    assert fast.shape == ref64.shape == lowp.shape, f"{name}: shapes differ {fast.shape} {ref64.shape} {lowp.shape}"
+    assert not torch.isnan(fast).any(), f"{name}: NaN in the fast result"
+    f, r, p = fast.double(), ref64.double(), lowp.double()
+    if mask is not None:
+        f, r, p = f[mask], r[mask], p[mask]
+    if f.numel() == 0:
+        return 0.0, 0.0
+    err_fast = (f - r).abs().max().item()
+    err_lowp = (p - r).abs().max().item()
+    if floor is None:
+        floor = rounding_floor(fast.dtype, r.abs().max().item())
+    assert err_fast <= 2 * err_lowp + floor, (
+        f"{name}: max error {err_fast:.3e} > 2 x PyTorch low-precision error {err_lowp:.3e} + floor {floor:.3e}"
+    )
+    return err_fast, err_lowp

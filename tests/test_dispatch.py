@@ -1,0 +1,166 @@
+"""Backend dispatch, fallbacks and the native extension."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import genfast
+from genfast import _dispatch, _ext
+from genfast._dispatch import BackendWarning, OpDispatcher
+from genfast.ops import bias_act
+from genfast.ops.bias_act import DISPATCH
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_automatic_choice_on_cpu_is_the_native_kernel():
+    x = torch.randn(4, 3)
+    assert DISPATCH.select(None, x.device, torch.float32) == "cpu"
+    # bfloat16 and float64 are native too
+    assert DISPATCH.select(None, x.device, torch.bfloat16) == "cpu"
+    assert DISPATCH.select(None, x.device, torch.float64) == "cpu"
+
+
+def test_environment_variable_overrides(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("GENFAST_BACKEND", "reference")
+    assert DISPATCH.select(None, cpu, torch.float32) == "reference"
+    monkeypatch.setenv("GENFAST_BACKEND", "attention=triton,bias_act=reference")
+    assert DISPATCH.select(None, cpu, torch.float32) == "reference"
+    monkeypatch.setenv("GENFAST_BACKEND", "attention=triton")
+    assert DISPATCH.select(None, cpu, torch.float32) == "cpu"
+    # the per-call argument wins over the environment
+    monkeypatch.setenv("GENFAST_BACKEND", "reference")
+    assert DISPATCH.select("cpu", cpu, torch.float32) == "cpu"
+
+
+def _fresh_warnings(monkeypatch):
+    monkeypatch.delenv("GENFAST_STRICT", raising=False)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+
+
+def test_unavailable_backend_falls_back_with_one_warning(monkeypatch):
+    _fresh_warnings(monkeypatch)
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = bias_act(x, act="tanh", backend="cuda")
+        y2 = bias_act(x, act="tanh", backend="cuda")
+    relevant = [w for w in caught if issubclass(w.category, BackendWarning)]
+    assert len(relevant) == 1, [str(w.message) for w in caught]
+    assert "backend 'cuda' cannot run here" in str(relevant[0].message)
+    torch.testing.assert_close(y1, torch.tanh(x))
+    torch.testing.assert_close(y2, torch.tanh(x))
+
+
+def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.setenv("GENFAST_STRICT", "1")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
+        bias_act(torch.randn(2, 3), backend="cuda")
+
+
+def test_broken_backend_is_skipped_after_one_warning(monkeypatch):
+    _fresh_warnings(monkeypatch)
+    calls = []
+
+    def broken(x):
+        calls.append("cpu")
+        raise RuntimeError("kernel exploded")
+
+    def reference(x):
+        calls.append("reference")
+        return x + 1
+
+    op = OpDispatcher("toy")
+    op.register("cpu", [torch.float32], broken)
+    op.register("reference", [torch.float32], reference)
+    x = torch.zeros(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(op.run(None, x.device, x.dtype, x), x + 1)
+    assert calls == ["cpu", "reference", "reference", "reference"]  # not retried once broken
+    assert len([w for w in caught if "kernel exploded" in str(w.message)]) == 1
+    monkeypatch.setenv("GENFAST_STRICT", "1")
+    op.broken.clear()
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        op.run(None, x.device, x.dtype, x)
+
+
+def test_argument_errors_are_not_mistaken_for_a_broken_backend(monkeypatch):
+    _fresh_warnings(monkeypatch)
+    op = OpDispatcher("toy")
+    op.register("cpu", [torch.float32], lambda x: (_ for _ in ()).throw(ValueError("bad x")))
+    op.register("reference", [torch.float32], lambda x: x)
+    with pytest.raises(ValueError, match="bad x"):
+        op.run(None, torch.device("cpu"), torch.float32, torch.zeros(1))
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend"):
+        OpDispatcher("toy").register("tpu", [torch.float32], lambda x: x)
+
+
+def test_info_reports_every_backend(capsys):
+    report = genfast.info()
+    out = capsys.readouterr().out
+    assert f"genfast {genfast.__version__}" in out and "torch" in out
+    assert set(report["backends"]) == set(genfast.BACKENDS)
+    assert report["backends"]["reference"]["available"]
+    assert report["backends"]["cpu"]["available"], report["backends"]["cpu"]["detail"]
+    if not torch.cuda.is_available():
+        assert not report["backends"]["cuda"]["available"]
+        assert "GPU" in report["backends"]["cuda"]["detail"] or "CUDA" in report["backends"]["cuda"]["detail"]
+
+
+def test_cli_info_runs():
+    out = subprocess.run([sys.executable, "-m", "genfast", "info"], capture_output=True, text=True, check=True).stdout
+    assert "backends" in out and "reference" in out
+
+
+def test_import_without_the_extension_falls_back_to_reference():
+    """A missing or broken extension: import works, info says why, ops warn once and run."""
+    code = (
+        "import sys, warnings; sys.modules['genfast._C'] = None\n"
+        "warnings.simplefilter('always')\n"
+        "import torch, genfast\n"
+        "genfast.info()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3): y = genfast.ops.bias_act(torch.ones(2, 3), act='relu')\n"
+        "print('WARNINGS', len([m for m in w if 'native cpu kernels unavailable' in str(m.message)]))\n"
+        "print('RESULT', y.sum().item())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GENFAST_STRICT", "GENFAST_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert "extension genfast._C: not loaded" in out
+    assert "WARNINGS 1" in out
+    assert f"RESULT {6 * 2 ** 0.5}"[:12] in out
+
+
+def test_cuda_kernels_were_compiled_when_nvcc_is_present():
+    """CI has nvcc but no GPU: the CUDA sources must still compile into the extension."""
+    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("no nvcc on this machine")
+    info = _ext.build_info()
+    assert info["cuda"], "nvcc is installed but genfast._C was built without CUDA kernels"
+    assert info["cuda_archs"], "no CUDA architectures recorded"
+    assert info["cuda_runtime_version"] >= 11000
+
+
+def test_every_kernel_source_is_built():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for path in list((ROOT / "kernels").glob("*.cu")) + list((ROOT / "csrc").glob("*.cpp")):
+        rel = path.relative_to(ROOT).as_posix()
+        assert re.search(rf"^\s*{re.escape(rel)}\s*$", cmake, re.M), f"{rel} is not listed in CMakeLists.txt"
+
+
+def test_extension_rejects_bad_sizes_instead_of_crashing():
+    with pytest.raises(ValueError, match="bad sizes"):
+        _ext._C.bias_act_cpu(0, 0, 0, 10, 0, 1, 0, 0, 0, 0, 0, 0.0, 1.0, -1.0, 1)
