@@ -21,11 +21,12 @@ constexpr int64_t kMinElementsPerThread = 1 << 15;
 template <typename T, int A, int M>
 void run(const Args& a) {
   using F = typename Compute<T>::type;
-  const T* x = static_cast<const T*>(a.x);
-  const T* b = static_cast<const T*>(a.b);
-  const T* dy = static_cast<const T*>(a.dy);
-  const T* ddx = static_cast<const T*>(a.ddx);
-  T* out = static_cast<T*>(a.out);
+  // The output is always a fresh tensor: it never overlaps the inputs.
+  const T* __restrict x = static_cast<const T*>(a.x);
+  const T* __restrict b = static_cast<const T*>(a.b);
+  const T* __restrict dy = static_cast<const T*>(a.dy);
+  const T* __restrict ddx = static_cast<const T*>(a.ddx);
+  T* __restrict out = static_cast<T*>(a.out);
   const F alpha = F(a.p.alpha), gain = F(a.p.gain), clamp = F(a.p.clamp);
   const int64_t S = a.S, C = a.C;
   const int64_t rows = a.n / S;  // rows of S elements; every row has one channel

@@ -24,6 +24,24 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _tanh(z):
+    """Cephes tanhf (no libdevice in the interpreter): odd polynomial near 0, exp form elsewhere."""
+    a = tl.abs(z)
+    z2 = z * z
+    small = ((((-5.70498872745e-3 * z2 + 2.06390887954e-2) * z2 - 5.37397155531e-2) * z2
+              + 1.33314422036e-1) * z2 - 3.33332819422e-1) * z2 * z + z
+    large = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(z < 0, -large, large))
+
+
+@triton.jit
+def _expm1(z):
+    """exp(z) - 1 without cancellation near 0: 2 t / (1 - t) with t = tanh(z / 2)."""
+    t = _tanh(0.5 * z)
+    return tl.where(tl.abs(z) < 0.5, 2.0 * t / (1.0 - t), tl.exp(z) - 1.0)
+
+
+@triton.jit
 def _activation(z, alpha, ACT: tl.constexpr):
     """Returns f(z), f'(z), f''(z) (mirrors kernels/bias_act_math.h)."""
     one = tl.full(z.shape, 1.0, z.dtype)
@@ -36,13 +54,8 @@ def _activation(z, alpha, ACT: tl.constexpr):
     elif ACT == 2:  # lrelu
         pos = z > 0
         f, d1, d2 = tl.where(pos, z, z * alpha), tl.where(pos, one, one * alpha), zero
-    elif ACT == 3:  # tanh (no libdevice in the interpreter): Cephes tanhf, fp32-accurate
-        a = tl.abs(z)
-        z2 = z * z
-        small = ((((-5.70498872745e-3 * z2 + 2.06390887954e-2) * z2 - 5.37397155531e-2) * z2
-                  + 1.33314422036e-1) * z2 - 3.33332819422e-1) * z2 * z + z
-        large = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-        t = tl.where(a < 0.625, small, tl.where(z < 0, -large, large))
+    elif ACT == 3:  # tanh
+        t = _tanh(z)
         f = t
         d1 = 1.0 - t * t
         d2 = -2.0 * t * d1
@@ -53,12 +66,14 @@ def _activation(z, alpha, ACT: tl.constexpr):
         d2 = d1 * (1.0 - 2.0 * s)
     elif ACT == 5:  # elu
         pos = z > 0
-        e = tl.exp(tl.where(pos, zero, z))
-        f, d1, d2 = tl.where(pos, z, e - 1.0), tl.where(pos, one, e), tl.where(pos, zero, e)
+        em1 = _expm1(tl.where(pos, zero, z))
+        e = em1 + 1.0
+        f, d1, d2 = tl.where(pos, z, em1), tl.where(pos, one, e), tl.where(pos, zero, e)
     elif ACT == 6:  # selu
         pos = z > 0
-        e = tl.exp(tl.where(pos, zero, z))
-        f = tl.where(pos, _SELU_SCALE * z, (_SELU_SCALE * _SELU_ALPHA) * (e - 1.0))
+        em1 = _expm1(tl.where(pos, zero, z))
+        e = em1 + 1.0
+        f = tl.where(pos, _SELU_SCALE * z, (_SELU_SCALE * _SELU_ALPHA) * em1)
         d1 = tl.where(pos, one * _SELU_SCALE, (_SELU_SCALE * _SELU_ALPHA) * e)
         d2 = tl.where(pos, zero, (_SELU_SCALE * _SELU_ALPHA) * e)
     elif ACT == 7:  # softplus (beta 1, threshold 20, as torch)
