@@ -14,8 +14,9 @@ pip install --no-build-isolation -e . >>"$OUT/build.txt" 2>&1 || { tail -40 "$OU
 echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt"
 python -m genfast info | tee "$OUT/info.txt"
 echo "== tests"
-python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15 || status=1
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python -m pytest tests -q -p no:cacheprovider >"$OUT/tests.txt" 2>&1 || status=1
+tail -15 "$OUT/tests.txt"
 echo "== bench"
-python -m genfast bench ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.txt" || status=1
+python -m genfast bench ${BENCH_ARGS:-} --out "$OUT" >"$OUT/bench.txt" 2>&1 || status=1
+cat "$OUT/bench.txt"
 exit $status
