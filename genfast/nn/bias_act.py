@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.bias_act import bias_act
+from ..ops.bias_act import bias_act, resolve_params
 
 
 class BiasAct(nn.Module):
@@ -23,7 +23,7 @@ class BiasAct(nn.Module):
         super().__init__()
         self.act, self.alpha, self.gain, self.clamp, self.dim, self.backend = act, alpha, gain, clamp, dim, backend
         self.bias = nn.Parameter(torch.full([channels], float(bias_init))) if channels is not None else None
-        bias_act(torch.zeros(1, 1), None, act=act, alpha=alpha, gain=gain, clamp=clamp, backend="reference")  # validate now
+        resolve_params(act, alpha, gain, clamp, backend)  # bad settings fail here, not at the first call
 
     def forward(self, x: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         if b is None and self.bias is not None:

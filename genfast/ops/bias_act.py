@@ -247,8 +247,6 @@ def _validate(x, b, dim, act, alpha, gain, clamp, backend):
         raise TypeError(f"bias_act: x must be a torch.Tensor, got {_type_name(x)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"bias_act: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"bias_act: unknown act {act!r}; expected one of {', '.join(ACTIVATIONS)}")
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"bias_act: dim must be an int, got {_type_name(dim)}")
     if b is not None:
@@ -265,13 +263,21 @@ def _validate(x, b, dim, act, alpha, gain, clamp, backend):
         dim %= x.ndim
         if b.shape[0] != x.shape[dim]:
             raise ValueError(f"bias_act: b has {b.shape[0]} elements but x.shape[{dim}] is {x.shape[dim]}; they must match")
+    return (dim,) + resolve_params(act, alpha, gain, clamp, backend)
+
+
+def resolve_params(act, alpha=None, gain=None, clamp=None, backend=None) -> tuple:
+    """Checks the non-tensor arguments and fills in the activation's defaults:
+    (act, alpha, gain, clamp (-1 for none), backend ('' for automatic))."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"bias_act: unknown act {act!r}; expected one of {', '.join(ACTIVATIONS)}")
     spec = ACTIVATIONS[act]
     alpha = spec.default_alpha if alpha is None else _check_number("alpha", alpha)
     gain = spec.default_gain if gain is None else _check_number("gain", gain)
     clamp = -1.0 if clamp is None else _check_number("clamp", clamp, minimum=0.0)
     if backend is not None and backend not in DISPATCH.backends:
         raise ValueError(f"bias_act: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
-    return dim, act, alpha, gain, clamp, backend or ""
+    return act, alpha, gain, clamp, backend or ""
 
 
 def bias_act(
@@ -329,4 +335,4 @@ def fused_leaky_relu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, n
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
     """The backend ``bias_act`` would run on for ``x`` (for diagnostics and benchmarks)."""
-    return DISPATCH.select(backend, _dense(x).device, x.dtype)
+    return DISPATCH.select(backend, x.device, x.dtype)
