@@ -126,30 +126,9 @@ void launch(const Args& a) {
   check(cudaGetLastError(), "kernel launch");
 }
 
-template <typename T, int A>
-void by_mode(const Args& a) {
-  switch (a.mode) {
-    case FORWARD: return launch<T, A, FORWARD>(a);
-    case GRAD: return launch<T, A, GRAD>(a);
-    case GRAD2: return launch<T, A, GRAD2>(a);
-  }
-  throw std::invalid_argument("bias_act: unknown mode " + std::to_string(a.mode));
-}
-
 template <typename T>
 void by_act(const Args& a) {
-  switch (a.act) {
-    case LINEAR: return by_mode<T, LINEAR>(a);
-    case RELU: return by_mode<T, RELU>(a);
-    case LRELU: return by_mode<T, LRELU>(a);
-    case TANH: return by_mode<T, TANH>(a);
-    case SIGMOID: return by_mode<T, SIGMOID>(a);
-    case ELU: return by_mode<T, ELU>(a);
-    case SELU: return by_mode<T, SELU>(a);
-    case SOFTPLUS: return by_mode<T, SOFTPLUS>(a);
-    case SWISH: return by_mode<T, SWISH>(a);
-  }
-  throw std::invalid_argument("bias_act: unknown activation code " + std::to_string(a.act));
+  with_act_and_mode(a.act, a.mode, [&](auto act, auto mode) { launch<T, decltype(act)::value, decltype(mode)::value>(a); });
 }
 
 // Makes `device` current for the launch and restores the caller's device afterwards.

@@ -2,6 +2,9 @@
 // kernels (csrc/bias_act_cpu.cpp) and the CUDA kernels (kernels/bias_act.cu).
 #pragma once
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "bias_act_math.h"
 
@@ -25,6 +28,34 @@ struct Args {
   uintptr_t stream;   // CUDA only: the cudaStream_t to launch on
   int device;         // CUDA only: device index
 };
+
+// Calls fn(std::integral_constant<int, act>, std::integral_constant<int, mode>) for the runtime
+// act and mode, so each backend instantiates its kernel for every combination in one line.
+template <int A, typename Fn>
+void with_mode(int mode, Fn&& fn) {
+  switch (mode) {
+    case FORWARD: return fn(std::integral_constant<int, A>{}, std::integral_constant<int, FORWARD>{});
+    case GRAD: return fn(std::integral_constant<int, A>{}, std::integral_constant<int, GRAD>{});
+    case GRAD2: return fn(std::integral_constant<int, A>{}, std::integral_constant<int, GRAD2>{});
+  }
+  throw std::invalid_argument("bias_act: unknown mode " + std::to_string(mode));
+}
+
+template <typename Fn>
+void with_act_and_mode(int act, int mode, Fn&& fn) {
+  switch (act) {
+    case LINEAR: return with_mode<LINEAR>(mode, fn);
+    case RELU: return with_mode<RELU>(mode, fn);
+    case LRELU: return with_mode<LRELU>(mode, fn);
+    case TANH: return with_mode<TANH>(mode, fn);
+    case SIGMOID: return with_mode<SIGMOID>(mode, fn);
+    case ELU: return with_mode<ELU>(mode, fn);
+    case SELU: return with_mode<SELU>(mode, fn);
+    case SOFTPLUS: return with_mode<SOFTPLUS>(mode, fn);
+    case SWISH: return with_mode<SWISH>(mode, fn);
+  }
+  throw std::invalid_argument("bias_act: unknown activation code " + std::to_string(act));
+}
 
 void bias_act_cpu(const Args& a);
 #ifdef GENFAST_WITH_CUDA
