@@ -4,6 +4,7 @@
 #include "bias_act.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "bias_act_math.h"
 #include "common.h"
@@ -17,7 +18,21 @@ namespace {
 
 // Below this many elements threading costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
+// Work unit: whole rows up to this many elements, or pieces of this size of one long row.
+constexpr int64_t kChunk = 8192;
 
+int thread_index() {
+#ifdef GENFAST_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// The tensor is processed as a matrix of rows in memory order, in one of two shapes:
+//   channel on rows:    [n / S, S], row r has bias index r % C     (e.g. NCHW, dim = 1)
+//   channel on columns: [n / C, C], column c has bias index c      (S == 1, e.g. channels_last)
+// Without a bias the Python side passes C = 1, S = n: one long row, split into pieces.
 template <typename T, int A, int M>
 void run(const Args& a) {
   using F = typename Compute<T>::type;
@@ -28,33 +43,63 @@ void run(const Args& a) {
   const T* __restrict ddx = static_cast<const T*>(a.ddx);
   T* __restrict out = static_cast<T*>(a.out);
   const F alpha = F(a.p.alpha), gain = F(a.p.gain), clamp = F(a.p.clamp);
-  const int64_t S = a.S, C = a.C;
-  const int64_t rows = a.n / S;  // rows of S elements; every row has one channel
-  // Work is split into chunks of whole rows, or into pieces of one long row when S is large.
-  const int64_t chunk = std::max<int64_t>(1, 8192 / S);           // rows per chunk
-  const int64_t split = S > 8192 ? (S + 8191) / 8192 : 1;          // pieces per row
+  const int64_t C = a.C;
+  const bool on_cols = a.S == 1 && C > 1;
+  const int64_t row_len = on_cols ? C : a.S;
+  const int64_t rows = a.n / row_len;
+  const int64_t chunk = std::max<int64_t>(1, kChunk / row_len);             // rows per task
+  const int64_t split = row_len > kChunk ? (row_len + kChunk - 1) / kChunk : 1;  // pieces per row
+  const int64_t piece_len = (row_len + split - 1) / split;
   const int64_t tasks = (rows + chunk - 1) / chunk * split;
-  int threads = a.num_threads;
-  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, a.n / kMinElementsPerThread)));
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.n / kMinElementsPerThread)));
+
+  // Fused bias gradient: per-thread partial sums per channel, in double, added up at the end.
+  const bool want_db = M == GRAD && a.db != nullptr && b != nullptr;
+  std::vector<double> partial(want_db ? size_t(threads) * size_t(C) : 0, 0.0);
+
+  auto element = [&](int64_t i, F bias) {
+    const F xv = F(to_float(x[i]));
+    const F dyv = M >= GRAD ? F(to_float(dy[i])) : F(0);
+    const F ddxv = M == GRAD2 ? F(to_float(ddx[i])) : F(0);
+    return from_compute<T>(apply<A, M, F>(xv, bias, dyv, ddxv, alpha, gain, clamp));
+  };
 
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
   for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t row_block = task / split, piece = task % split;
-    const int64_t row_end = std::min(rows, (row_block + 1) * chunk);
-    const int64_t piece_len = (S + split - 1) / split;
-    const int64_t col_begin = piece * piece_len;
-    const int64_t col_end = std::min(S, col_begin + piece_len);
-    for (int64_t row = row_block * chunk; row < row_end; ++row) {
-      const F bias = b ? F(to_float(b[row % C])) : F(0);
-      const int64_t base = row * S;
-      for (int64_t i = base + col_begin; i < base + col_end; ++i) {
-        const F xv = F(to_float(x[i]));
-        const F dyv = M >= GRAD ? F(to_float(dy[i])) : F(0);
-        const F ddxv = M == GRAD2 ? F(to_float(ddx[i])) : F(0);
-        out[i] = from_compute<T>(apply<A, M, F>(xv, bias, dyv, ddxv, alpha, gain, clamp));
+    double* acc = want_db ? partial.data() + size_t(thread_index()) * size_t(C) : nullptr;
+    const int64_t row_end = std::min(rows, (task / split + 1) * chunk);
+    const int64_t col_begin = (task % split) * piece_len;
+    const int64_t col_end = std::min(row_len, col_begin + piece_len);
+    for (int64_t row = task / split * chunk; row < row_end; ++row) {
+      T* __restrict o = out + row * row_len;
+      const int64_t base = row * row_len;
+      if (on_cols) {
+        for (int64_t c = col_begin; c < col_end; ++c) o[c] = element(base + c, F(to_float(b[c])));
+        if (want_db)
+          for (int64_t c = col_begin; c < col_end; ++c) acc[c] += double(to_float(o[c]));
+      } else {
+        const int64_t channel = b ? row % C : 0;
+        const F bias = b ? F(to_float(b[channel])) : F(0);
+        for (int64_t c = col_begin; c < col_end; ++c) o[c] = element(base + c, bias);
+        if (want_db) {
+          double sum = 0.0;  // the row was just written: this pass reads from cache
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp simd reduction(+ : sum)
+#endif
+          for (int64_t c = col_begin; c < col_end; ++c) sum += double(to_float(o[c]));
+          acc[channel] += sum;
+        }
       }
+    }
+  }
+  if (want_db) {
+    T* db = static_cast<T*>(a.db);
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0.0;
+      for (int t = 0; t < threads; ++t) sum += partial[size_t(t) * size_t(C) + size_t(c)];
+      db[c] = from_compute<T>(typename Compute<T>::type(sum));
     }
   }
 }

@@ -20,13 +20,14 @@ namespace {
 const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 
 bias_act::Args make_bias_act_args(int mode, int act, int dtype, int64_t n, int64_t C, int64_t S,
-                                  uintptr_t out, uintptr_t x, uintptr_t b, uintptr_t dy,
+                                  uintptr_t out, uintptr_t db, uintptr_t x, uintptr_t b, uintptr_t dy,
                                   uintptr_t ddx, double alpha, double gain, double clamp) {
   if (n < 0 || C < 1 || S < 1) throw std::invalid_argument("bias_act: bad sizes");
   bias_act::Args a{};
   a.mode = mode; a.act = act; a.dtype = dtype;
   a.n = n; a.C = C; a.S = S;
   a.out = reinterpret_cast<void*>(out);
+  a.db = reinterpret_cast<void*>(db);
   a.x = cptr(x); a.b = cptr(b); a.dy = cptr(dy); a.ddx = cptr(ddx);
   a.p = bias_act::Params{alpha, gain, clamp};
   return a;
@@ -73,15 +74,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "bias_act_cpu",
       [](int mode, int act, int dtype, int64_t n, int64_t C, int64_t S, uintptr_t out,
-         uintptr_t x, uintptr_t b, uintptr_t dy, uintptr_t ddx, double alpha, double gain,
+         uintptr_t db, uintptr_t x, uintptr_t b, uintptr_t dy, uintptr_t ddx, double alpha, double gain,
          double clamp, int num_threads) {
-        auto a = make_bias_act_args(mode, act, dtype, n, C, S, out, x, b, dy, ddx, alpha, gain, clamp);
+        auto a = make_bias_act_args(mode, act, dtype, n, C, S, out, db, x, b, dy, ddx, alpha, gain, clamp);
         a.num_threads = num_threads;
         py::gil_scoped_release release;
         bias_act::bias_act_cpu(a);
       },
       py::arg("mode"), py::arg("act"), py::arg("dtype"), py::arg("n"), py::arg("C"), py::arg("S"),
-      py::arg("out"), py::arg("x"), py::arg("b"), py::arg("dy"), py::arg("ddx"), py::arg("alpha"),
+      py::arg("out"), py::arg("db"), py::arg("x"), py::arg("b"), py::arg("dy"), py::arg("ddx"), py::arg("alpha"),
       py::arg("gain"), py::arg("clamp"), py::arg("num_threads"));
 
 #ifdef GENFAST_WITH_CUDA
@@ -90,7 +91,7 @@ PYBIND11_MODULE(_C, m) {
       [](int mode, int act, int dtype, int64_t n, int64_t C, int64_t S, uintptr_t out,
          uintptr_t x, uintptr_t b, uintptr_t dy, uintptr_t ddx, double alpha, double gain,
          double clamp, uintptr_t stream, int device) {
-        auto a = make_bias_act_args(mode, act, dtype, n, C, S, out, x, b, dy, ddx, alpha, gain, clamp);
+        auto a = make_bias_act_args(mode, act, dtype, n, C, S, out, 0, x, b, dy, ddx, alpha, gain, clamp);
         a.stream = stream;
         a.device = device;
         py::gil_scoped_release release;

@@ -19,6 +19,7 @@ struct Args {
   int dtype;  // genfast::DType
   int64_t n, C, S;
   void* out;
+  void* db;  // CPU GRAD mode only: if set, also write db[c] = sum of out over channel c
   const void* x;
   const void* b;
   const void* dy;

@@ -157,6 +157,20 @@ def test_shapes_and_dims(seed, backend, shape, dim):
     error_vs_reference(got, want, lowp)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+def test_cpu_fused_bias_gradient_on_several_threads(seed, layout):
+    """Large enough for the C++ kernel to split rows across threads and sum db per thread."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, old_threads))
+    try:
+        check_against_reference("cpu", torch.float32, "lrelu", layout, use_bias=True, clamp=None,
+                                shape=(4, 64, 37, 33))
+        check_against_reference("cpu", torch.float16, "swish", layout, use_bias=True, clamp=None,
+                                shape=(3, 32, 70, 50))
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_float64(seed, backend, act):
@@ -280,7 +294,8 @@ def test_opcheck(seed, backend):
     ddx = torch.randn(3, 5, 4, 2)
     params = (1, "swish", 0.0, 1.4, 0.8, backend)
     torch.library.opcheck(torch.ops.genfast.bias_act.default, (x, b, *params))
-    torch.library.opcheck(torch.ops.genfast.bias_act_grad.default, (dy, x, b, *params))
+    torch.library.opcheck(torch.ops.genfast.bias_act_grad.default, (dy, x, b, True, *params))
+    torch.library.opcheck(torch.ops.genfast.bias_act_grad.default, (dy, x, None, True, *params))
     torch.library.opcheck(torch.ops.genfast.bias_act_grad2.default, (ddx, dy, x, b, *params))
     torch.library.opcheck(torch.ops.genfast.bias_act.default, (x[..., ::2], None, *params))
 

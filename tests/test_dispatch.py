@@ -163,4 +163,4 @@ def test_every_kernel_source_is_built():
 
 def test_extension_rejects_bad_sizes_instead_of_crashing():
     with pytest.raises(ValueError, match="bad sizes"):
-        _ext._C.bias_act_cpu(0, 0, 0, 10, 0, 1, 0, 0, 0, 0, 0, 0.0, 1.0, -1.0, 1)
+        _ext._C.bias_act_cpu(0, 0, 0, 10, 0, 1, 0, 0, 0, 0, 0, 0, 0.0, 1.0, -1.0, 1)

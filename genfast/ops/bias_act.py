@@ -62,44 +62,52 @@ def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_geometry(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> tuple:
-    """(C, S) of the [outer, C, S] view of dense ``x``."""
+    """(C, S) of the [outer, C, S] view of dense ``x``; one channel spanning everything
+    (C = 1, S = n) when there is no bias to index."""
     if b is None or x.shape[dim] == 1:
-        return 1, 1
+        return 1, x.numel()
     return x.shape[dim], x.stride(dim)
 
 
 # ----------------------------------------------------------------------------- backends
 
 
-def _native_args(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp):
-    # The native kernels need only the [outer, C, S] view, not dim.
-    return (mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), x.data_ptr(),
-            _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp)
+def _sum_into_bias(out: torch.Tensor, db: Optional[torch.Tensor], dim: int) -> None:
+    """db = out summed over every dimension but ``dim`` (for backends without a fused sum)."""
+    if db is not None:
+        db.copy_(_reduce_to_bias(out, dim))
+
+
+# Every backend: fn(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp) fills
+# ``out`` and, when ``db`` is given (GRAD mode with a bias), the bias gradient sum(out).
 
 
 @DISPATCH.register("cpu", FLOAT_DTYPES)
-def _bias_act_cpu(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
-    _ext._C.bias_act_cpu(*_native_args(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp),
+def _bias_act_cpu(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+    # The C++ kernel sums db while each row of dx is still in cache.
+    _ext._C.bias_act_cpu(mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), _ext.address(db),
+                         x.data_ptr(), _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp,
                          torch.get_num_threads())
-    return out
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16))
-def _bias_act_cuda(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
-    _ext._C.bias_act_cuda(*_native_args(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp),
+def _bias_act_cuda(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+    _ext._C.bias_act_cuda(mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), x.data_ptr(),
+                          _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp,
                           _ext.stream_of(x), x.device.index)
-    return out
+    _sum_into_bias(out, db, dim)
 
 
 @DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
-def _bias_act_triton(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+def _bias_act_triton(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
     from ..triton_kernels import bias_act as kernels
 
-    return kernels.bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp)
+    kernels.bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp)
+    _sum_into_bias(out, db, dim)
 
 
 @DISPATCH.register("reference", FLOAT_DTYPES)
-def _bias_act_reference(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
+def _bias_act_reference(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
     name = list(ACTIVATIONS)[act]
     clamp_arg = clamp if clamp >= 0 else None
     if mode == FORWARD:
@@ -107,22 +115,26 @@ def _bias_act_reference(mode, act, out, x, b, dy, ddx, dim, C, S, alpha, gain, c
     else:
         result = reference_derivative(x, b, dy, ddx if mode == GRAD2 else None, dim=dim, act=name,
                                       alpha=alpha, gain=gain, clamp=clamp_arg)
-    return out.copy_(result)
+    out.copy_(result)
+    _sum_into_bias(out, db, dim)
 
 
-def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend):
-    """Shared body of the three op impls: normalise layouts, then dispatch."""
+def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend, compute_db=False):
+    """Shared body of the three op impls: normalise layouts, then dispatch. Returns the
+    output; for GRAD the pair (dx, db), db empty unless ``compute_db`` and there is a bias."""
     x = _dense(x)
     out = torch.empty_like(x)
+    db = x.new_empty(b.shape[0] if b is not None and compute_db else 0)
     if x.numel() == 0:
-        return out
+        return (out, db.zero_()) if mode == GRAD else out
     if b is not None:
         b = b.contiguous()
     dy = _like(dy, x) if dy is not None else None
     ddx = _like(ddx, x) if ddx is not None else None
     C, S = _channel_geometry(x, b, dim)
-    return DISPATCH.run(backend or None, x.device, x.dtype,
-                        mode, ACT_CODES[act], out, x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
+    DISPATCH.run(backend or None, x.device, x.dtype, mode, ACT_CODES[act], out, db if db.numel() else None,
+                 x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
+    return (out, db) if mode == GRAD else out
 
 
 def _output_like(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +146,8 @@ def _output_like(x: torch.Tensor) -> torch.Tensor:
 _lib = torch.library.Library("genfast", "FRAGMENT")
 _PARAMS = "int dim, str act, float alpha, float gain, float clamp, str backend"
 _lib.define(f"bias_act(Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
-_lib.define(f"bias_act_grad(Tensor dy, Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
+# Returns (dx, db); db is empty unless compute_db and b is given.
+_lib.define(f"bias_act_grad(Tensor dy, Tensor x, Tensor? b, bool compute_db, {_PARAMS}) -> (Tensor, Tensor)")
 _lib.define(f"bias_act_grad2(Tensor ddx, Tensor dy, Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
 
 
@@ -142,8 +155,8 @@ def _fwd_impl(x, b, dim, act, alpha, gain, clamp, backend):
     return _run(FORWARD, x, b, None, None, dim, act, alpha, gain, clamp, backend)
 
 
-def _grad_impl(dy, x, b, dim, act, alpha, gain, clamp, backend):
-    return _run(GRAD, x, b, dy, None, dim, act, alpha, gain, clamp, backend)
+def _grad_impl(dy, x, b, compute_db, dim, act, alpha, gain, clamp, backend):
+    return _run(GRAD, x, b, dy, None, dim, act, alpha, gain, clamp, backend, compute_db)
 
 
 def _grad2_impl(ddx, dy, x, b, dim, act, alpha, gain, clamp, backend):
@@ -161,8 +174,8 @@ def _fwd_fake(x, b, dim, act, alpha, gain, clamp, backend):
 
 
 @torch.library.register_fake("genfast::bias_act_grad")
-def _grad_fake(dy, x, b, dim, act, alpha, gain, clamp, backend):
-    return _output_like(x)
+def _grad_fake(dy, x, b, compute_db, dim, act, alpha, gain, clamp, backend):
+    return _output_like(x), x.new_empty(b.shape[0] if b is not None and compute_db else 0)
 
 
 @torch.library.register_fake("genfast::bias_act_grad2")
@@ -187,31 +200,37 @@ class _BiasAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, b = ctx.saved_tensors
-        dx = _BiasActGrad.apply(dy, x, b, ctx.params)
-        db = _reduce_to_bias(dx, ctx.params[0]) if b is not None and ctx.needs_input_grad[1] else None
-        return dx if ctx.needs_input_grad[0] else None, db, None
+        need_db = b is not None and ctx.needs_input_grad[1]
+        dx, db = _BiasActGrad.apply(dy, x, b, ctx.params, need_db)
+        return dx if ctx.needs_input_grad[0] else None, db if need_db else None, None
 
 
 class _BiasActGrad(torch.autograd.Function):
-    """dx = dy * gain * f'(x + b) * mask. Differentiable again: that is the double backward."""
+    """(dx, db): dx = dy * gain * f'(x + b) * mask and db = sum(dx) over all dims but ``dim``,
+    in one kernel where the backend can. Differentiable again: that is the double backward."""
 
     @staticmethod
-    def forward(ctx, dy, x, b, params):
+    def forward(ctx, dy, x, b, params, compute_db):
         ctx.save_for_backward(dy, x, b)
-        ctx.params = params
-        return torch.ops.genfast.bias_act_grad(dy, x, b, *params)
+        ctx.params, ctx.compute_db = params, compute_db
+        dx, db = torch.ops.genfast.bias_act_grad(dy, x, b, compute_db, *params)
+        if not compute_db:
+            ctx.mark_non_differentiable(db)
+        return dx, db
 
     @staticmethod
-    def backward(ctx, ddx):
+    def backward(ctx, ddx, ddb):
         dy, x, b = ctx.saved_tensors
         dim, act = ctx.params[0], ctx.params[1]
-        d_dy = _BiasActGrad.apply(ddx, x, b, ctx.params) if ctx.needs_input_grad[0] else None
+        if ctx.compute_db:  # db is a sum of dx, so its gradient spreads over every element
+            ddx = ddx + ddb.reshape([-1 if i == dim else 1 for i in range(ddx.ndim)])
+        d_dy = _BiasActGrad.apply(ddx, x, b, ctx.params, False)[0] if ctx.needs_input_grad[0] else None
         d_x = d_b = None
         if act in HAS_SECOND_DERIVATIVE and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             d_x = _BiasActGrad2.apply(ddx, dy, x, b, ctx.params)
             if b is not None and ctx.needs_input_grad[2]:
                 d_b = _reduce_to_bias(d_x, dim)
-        return d_dy, d_x, d_b, None
+        return d_dy, d_x, d_b, None, None
 
 
 class _BiasActGrad2(torch.autograd.Function):
