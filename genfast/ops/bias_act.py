@@ -102,8 +102,7 @@ def _bias_act_cuda(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, cl
 def _bias_act_triton(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
     from ..triton_kernels import bias_act as kernels
 
-    kernels.bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp)
-    _sum_into_bias(out, db, dim)
+    kernels.bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp, db=db)
 
 
 @DISPATCH.register("reference", FLOAT_DTYPES)

@@ -94,11 +94,11 @@ def _activation(z, alpha, ACT: tl.constexpr):
 
 @triton.jit
 def _bias_act_kernel(
-    out_ptr, x_ptr, b_ptr, dy_ptr, ddx_ptr,
+    out_ptr, x_ptr, b_ptr, dy_ptr, ddx_ptr, db_ptr,
     rows, row_len, C,
     alpha, gain, clamp,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr,
-    CHANNEL_ON_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSE_DB: tl.constexpr, CHANNEL_ON_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tiles_per_row = tl.cdiv(row_len, BLOCK_K)
@@ -131,14 +131,26 @@ def _bias_act_kernel(
             result = ddx * dy * gain * d2
         if HAS_CLAMP:
             result = tl.where((v >= -clamp) & (v <= clamp), result, 0.0)
-    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    stored = result.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, stored, mask=mask)
+    if FUSE_DB:
+        # db = sum of dx per channel (as stored, like torch's sum of dx): each tile adds its
+        # partial sums into a float32 buffer, so the backward needs no second pass over dx.
+        partial = tl.where(mask, stored.to(tl.float32), 0.0)
+        if CHANNEL_ON_COLS:
+            tl.atomic_add(db_ptr + col_ids, tl.sum(partial, axis=0), mask=col_ids < row_len)
+        else:
+            tl.atomic_add(db_ptr + row_ids % C, tl.sum(partial, axis=1), mask=row_ids < rows)
 
 
-def bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp):
-    """Launch on dense tensors sharing x's layout (see ops/bias_act.py for C and S)."""
+def bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp, db=None):
+    """Launch on dense tensors sharing x's layout (see ops/bias_act.py for C and S).
+    In GRAD mode with a bias, ``db`` (if given) receives the bias gradient, summed in-kernel."""
     n = x.numel()
     if n == 0:
         return out
+    fuse_db = db is not None and b is not None and mode == GRAD
+    db32 = torch.zeros(C, dtype=torch.float32, device=x.device) if fuse_db else None
     channel_on_cols = b is not None and S == 1 and C > 1
     if channel_on_cols:
         rows, row_len = n // C, C
@@ -153,13 +165,15 @@ def bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp):
     dummy = x  # never read when the matching flag is off
     _bias_act_kernel[grid](
         out, x, b if b is not None else dummy, dy if dy is not None else dummy,
-        ddx if ddx is not None else dummy,
+        ddx if ddx is not None else dummy, db32 if fuse_db else dummy,
         rows, row_len, C,
         float(alpha), float(gain), float(clamp),
-        ACT=act, MODE=mode, HAS_BIAS=b is not None, HAS_CLAMP=clamp >= 0,
+        ACT=act, MODE=mode, HAS_BIAS=b is not None, HAS_CLAMP=clamp >= 0, FUSE_DB=fuse_db,
         CHANNEL_ON_COLS=channel_on_cols, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=8,
     )
+    if fuse_db:
+        db.copy_(db32)
     return out
 
 
