@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) bias_act_kernel(KernelArgs<T> p) {
   if (i0 >= n) return;
   const bool full = p.aligned && i0 + VEC <= n;
 
-  T xs[VEC], dys[VEC], ddxs[VEC];
+  alignas(16) T xs[VEC], dys[VEC], ddxs[VEC];  // read and written as uint4
   load<VEC>(xs, p.x, full, i0, n);
   if (M >= GRAD) load<VEC>(dys, p.dy, full, i0, n);
   if (M == GRAD2) load<VEC>(ddxs, p.ddx, full, i0, n);
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) bias_act_kernel(KernelArgs<T> p) {
     r = i0 - q * S;
     c = q % C;
   }
-  T outs[VEC];
+  alignas(16) T outs[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const float bias = p.b != nullptr ? Cvt<T>::to(__ldg(p.b + c)) : 0.0f;
