@@ -33,8 +33,32 @@ int thread_index() {
 //   channel on rows:    [n / S, S], row r has bias index r % C     (e.g. NCHW, dim = 1)
 //   channel on columns: [n / C, C], column c has bias index c      (S == 1, e.g. channels_last)
 // Without a bias the Python side passes C = 1, S = n: one long row, split into pieces.
+struct Plan {
+  bool on_cols;
+  int64_t C, row_len, rows;
+  int64_t chunk;      // rows per task
+  int64_t split;      // pieces per row (rows longer than kChunk)
+  int64_t piece_len;
+  int64_t tasks;
+};
+
+Plan make_plan(const Args& a) {
+  Plan p;
+  p.C = a.C;
+  p.on_cols = a.S == 1 && a.C > 1;
+  p.row_len = p.on_cols ? a.C : a.S;
+  p.rows = a.n / p.row_len;
+  p.chunk = std::max<int64_t>(1, kChunk / p.row_len);
+  p.split = p.row_len > kChunk ? (p.row_len + kChunk - 1) / kChunk : 1;
+  p.piece_len = (p.row_len + p.split - 1) / p.split;
+  p.tasks = (p.rows + p.chunk - 1) / p.chunk * p.split;
+  return p;
+}
+
+// One task: a chunk of rows, or one piece of a long row. `acc` (per thread, C doubles)
+// receives the bias gradient when it is fused (GRAD mode), else it is null.
 template <typename T, int A, int M>
-void run(const Args& a) {
+GF_CPU_MULTIVERSION void run_task(const Args& a, const Plan& p, int64_t task, double* acc) {
   using F = typename Compute<T>::type;
   // The output is always a fresh tensor: it never overlaps the inputs.
   const T* __restrict x = static_cast<const T*>(a.x);
@@ -43,62 +67,58 @@ void run(const Args& a) {
   const T* __restrict ddx = static_cast<const T*>(a.ddx);
   T* __restrict out = static_cast<T*>(a.out);
   const F alpha = F(a.p.alpha), gain = F(a.p.gain), clamp = F(a.p.clamp);
-  const int64_t C = a.C;
-  const bool on_cols = a.S == 1 && C > 1;
-  const int64_t row_len = on_cols ? C : a.S;
-  const int64_t rows = a.n / row_len;
-  const int64_t chunk = std::max<int64_t>(1, kChunk / row_len);             // rows per task
-  const int64_t split = row_len > kChunk ? (row_len + kChunk - 1) / kChunk : 1;  // pieces per row
-  const int64_t piece_len = (row_len + split - 1) / split;
-  const int64_t tasks = (rows + chunk - 1) / chunk * split;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.n / kMinElementsPerThread)));
-
-  // Fused bias gradient: per-thread partial sums per channel, in double, added up at the end.
-  const bool want_db = M == GRAD && a.db != nullptr && b != nullptr;
-  std::vector<double> partial(want_db ? size_t(threads) * size_t(C) : 0, 0.0);
-
   auto element = [&](int64_t i, F bias) {
     const F xv = F(to_float(x[i]));
     const F dyv = M >= GRAD ? F(to_float(dy[i])) : F(0);
     const F ddxv = M == GRAD2 ? F(to_float(ddx[i])) : F(0);
     return from_compute<T>(apply<A, M, F>(xv, bias, dyv, ddxv, alpha, gain, clamp));
   };
+  const int64_t row_end = std::min(p.rows, (task / p.split + 1) * p.chunk);
+  const int64_t col_begin = (task % p.split) * p.piece_len;
+  const int64_t col_end = std::min(p.row_len, col_begin + p.piece_len);
+  for (int64_t row = task / p.split * p.chunk; row < row_end; ++row) {
+    const int64_t base = row * p.row_len;
+    T* __restrict o = out + base;
+    if (p.on_cols) {
+      for (int64_t c = col_begin; c < col_end; ++c) o[c] = element(base + c, F(to_float(b[c])));
+      if (acc)
+        for (int64_t c = col_begin; c < col_end; ++c) acc[c] += double(to_float(o[c]));
+    } else {
+      const int64_t channel = b ? row % p.C : 0;
+      const F bias = b ? F(to_float(b[channel])) : F(0);
+      for (int64_t c = col_begin; c < col_end; ++c) o[c] = element(base + c, bias);
+      if (acc) {
+        double sum = 0.0;  // the row was just written: this pass reads from cache
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp simd reduction(+ : sum)
+#endif
+        for (int64_t c = col_begin; c < col_end; ++c) sum += double(to_float(o[c]));
+        acc[channel] += sum;
+      }
+    }
+  }
+}
+
+template <typename T, int A, int M>
+void run(const Args& a) {
+  const Plan p = make_plan(a);
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.n / kMinElementsPerThread)));
+  // Fused bias gradient: per-thread partial sums per channel, in double, added up at the end.
+  const bool want_db = M == GRAD && a.db != nullptr && a.b != nullptr;
+  std::vector<double> partial(want_db ? size_t(threads) * size_t(p.C) : 0, 0.0);
 
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
-  for (int64_t task = 0; task < tasks; ++task) {
-    double* acc = want_db ? partial.data() + size_t(thread_index()) * size_t(C) : nullptr;
-    const int64_t row_end = std::min(rows, (task / split + 1) * chunk);
-    const int64_t col_begin = (task % split) * piece_len;
-    const int64_t col_end = std::min(row_len, col_begin + piece_len);
-    for (int64_t row = task / split * chunk; row < row_end; ++row) {
-      T* __restrict o = out + row * row_len;
-      const int64_t base = row * row_len;
-      if (on_cols) {
-        for (int64_t c = col_begin; c < col_end; ++c) o[c] = element(base + c, F(to_float(b[c])));
-        if (want_db)
-          for (int64_t c = col_begin; c < col_end; ++c) acc[c] += double(to_float(o[c]));
-      } else {
-        const int64_t channel = b ? row % C : 0;
-        const F bias = b ? F(to_float(b[channel])) : F(0);
-        for (int64_t c = col_begin; c < col_end; ++c) o[c] = element(base + c, bias);
-        if (want_db) {
-          double sum = 0.0;  // the row was just written: this pass reads from cache
-#ifdef GENFAST_WITH_OPENMP
-#pragma omp simd reduction(+ : sum)
-#endif
-          for (int64_t c = col_begin; c < col_end; ++c) sum += double(to_float(o[c]));
-          acc[channel] += sum;
-        }
-      }
-    }
+  for (int64_t task = 0; task < p.tasks; ++task) {
+    double* acc = want_db ? partial.data() + size_t(thread_index()) * size_t(p.C) : nullptr;
+    run_task<T, A, M>(a, p, task, acc);
   }
   if (want_db) {
     T* db = static_cast<T*>(a.db);
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < p.C; ++c) {
       double sum = 0.0;
-      for (int t = 0; t < threads; ++t) sum += partial[size_t(t) * size_t(C) + size_t(c)];
+      for (int t = 0; t < threads; ++t) sum += partial[size_t(t) * size_t(p.C) + size_t(c)];
       db[c] = from_compute<T>(typename Compute<T>::type(sum));
     }
   }

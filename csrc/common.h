@@ -6,6 +6,15 @@
 #include <stdexcept>
 #include <string>
 
+// CPU kernels marked GF_CPU_MULTIVERSION are compiled twice, for the x86-64 baseline and for
+// AVX2, and the loader picks the one the CPU supports (GCC/Clang function multiversioning).
+// Mark the function that holds the hot loops (everything it inlines is compiled per ISA).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define GF_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default"), noinline))
+#else
+#define GF_CPU_MULTIVERSION
+#endif
+
 namespace genfast {
 
 // Must match genfast/_ext.py DTYPE_CODES.
