@@ -34,6 +34,16 @@ ACTIVATIONS = {
 }
 
 
+def _defaults(act: str, alpha: Optional[float], gain: Optional[float]) -> tuple:
+    spec = ACTIVATIONS[act]
+    return (spec.default_alpha if alpha is None else float(alpha),
+            spec.default_gain if gain is None else float(gain))
+
+
+def _add_bias(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    return x if b is None else x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
+
+
 def bias_act(
     x: torch.Tensor,
     b: Optional[torch.Tensor] = None,
@@ -47,12 +57,8 @@ def bias_act(
 
     Arguments are assumed valid (``genfast.ops.bias_act`` validates them).
     """
-    spec = ACTIVATIONS[act]
-    alpha = spec.default_alpha if alpha is None else float(alpha)
-    gain = spec.default_gain if gain is None else float(gain)
-    if b is not None:
-        x = x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
-    x = spec.func(x, alpha)
+    alpha, gain = _defaults(act, alpha, gain)
+    x = ACTIVATIONS[act].func(_add_bias(x, b, dim), alpha)
     if gain != 1:
         x = x * gain
     if clamp is not None and clamp >= 0:
@@ -109,11 +115,8 @@ def bias_act_derivative(
 ) -> torch.Tensor:
     """Without ``ddx``: dL/dx of ``bias_act`` given dL/dy = ``dy``.
     With ``ddx``: the derivative of <ddx, dL/dx> with respect to x (double backward)."""
-    spec = ACTIVATIONS[act]
-    alpha = spec.default_alpha if alpha is None else float(alpha)
-    gain = spec.default_gain if gain is None else float(gain)
-    z = x if b is None else x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
-    f, d1, d2 = activation_derivatives(z, act, alpha)
+    alpha, gain = _defaults(act, alpha, gain)
+    f, d1, d2 = activation_derivatives(_add_bias(x, b, dim), act, alpha)
     result = dy * gain * (d1 if ddx is None else ddx * d2)
     if clamp is not None and clamp >= 0:
         v = f * gain
