@@ -187,6 +187,8 @@ class OpDispatcher:
     def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
         if requested is None:
             requested = env_backend(self.op)
+            if requested is not None and requested not in BACKENDS:
+                raise ValueError(f"GENFAST_BACKEND asks {self.op} for backend {requested!r}; expected one of {BACKENDS}")
         if requested is not None and strict():
             reason = self.unavailable_reason(requested, device, dtype) if requested in BACKENDS else None
             if reason:

@@ -35,6 +35,9 @@ def test_environment_variable_overrides(monkeypatch):
     assert DISPATCH.select(None, cpu, torch.float32) == "reference"
     monkeypatch.setenv("GENFAST_BACKEND", "attention=triton")
     assert DISPATCH.select(None, cpu, torch.float32) == "cpu"
+    monkeypatch.setenv("GENFAST_BACKEND", "bias_act=trtion")
+    with pytest.raises(ValueError, match="GENFAST_BACKEND asks bias_act for backend 'trtion'"):
+        DISPATCH.select(None, cpu, torch.float32)
     # the per-call argument wins over the environment
     monkeypatch.setenv("GENFAST_BACKEND", "reference")
     assert DISPATCH.select("cpu", cpu, torch.float32) == "cpu"
