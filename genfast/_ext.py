@@ -16,6 +16,11 @@ try:
 except Exception as exc:  # ImportError, or an undefined symbol from a broken build
     _C = None
     load_error = f"{type(exc).__name__}: {exc}"
+    from pathlib import Path as _Path
+
+    if (_Path(__file__).resolve().parents[1] / "CMakeLists.txt").exists():
+        load_error += (f"; genfast was imported from the source checkout {_Path(__file__).resolve().parent}, "
+                       "which has no built extension: install it with `pip install -e .`, or run from another directory")
 
 # Must match csrc/common.h DType.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
