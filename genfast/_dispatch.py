@@ -12,6 +12,7 @@ list of ``op=name`` pairs (``GENFAST_BACKEND=bias_act=cpu,attention=triton``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -32,20 +33,19 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_triton_reason: list = []
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not installed ({type(exc).__name__}: {exc})"
+    return None
 
 
 def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     """Why Triton kernels cannot run on ``device`` (None: they can)."""
-    if not _triton_reason:
-        try:
-            import triton  # noqa: F401
-
-            _triton_reason.append(None)
-        except Exception as exc:
-            _triton_reason.append(f"triton is not installed ({type(exc).__name__}: {exc})")
-    if _triton_reason[0] is not None:
-        return _triton_reason[0]
+    if _triton_import_error() is not None:
+        return _triton_import_error()
     if device is None:
         return None
     if device.type == "cuda":

@@ -7,6 +7,8 @@ recorded here with its reason, and the dispatcher falls back to another backend.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -37,9 +39,7 @@ def cpu_unavailable_reason() -> str | None:
     return None
 
 
-_cuda_reason_cache: list = []
-
-
+@functools.lru_cache(maxsize=None)  # constant for the process; asked on every op call
 def cuda_unavailable_reason() -> str | None:
     """Why the extension's CUDA kernels cannot run here, or None when they can."""
     if _C is None:
@@ -48,10 +48,8 @@ def cuda_unavailable_reason() -> str | None:
         return "genfast was built without a CUDA compiler (nvcc not found at install time)"
     if not torch.cuda.is_available():
         return "no CUDA GPU visible to torch"
-    if not _cuda_reason_cache:
-        count, err = _C.cuda_device_count()
-        _cuda_reason_cache.append(None if count > 0 else f"the extension's CUDA runtime sees no device ({err})")
-    return _cuda_reason_cache[0]
+    count, err = _C.cuda_device_count()
+    return None if count > 0 else f"the extension's CUDA runtime sees no device ({err})"
 
 
 def address(t: torch.Tensor | None) -> int:

@@ -23,7 +23,7 @@ import torch
 from .. import _ext
 from .._dispatch import OpDispatcher
 from ..reference import bias_act as reference
-from ..reference.bias_act import ACTIVATIONS
+from ..reference.bias_act import ACTIVATIONS, add_bias
 from ..reference.bias_act import bias_act_derivative as reference_derivative
 
 __all__ = ["bias_act", "fused_leaky_relu", "ACTIVATIONS", "DISPATCH", "FLOAT_DTYPES"]
@@ -123,7 +123,7 @@ def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend, compute_db=
     output; for GRAD the pair (dx, db), db empty unless ``compute_db`` and there is a bias."""
     x = _dense(x)
     out = torch.empty_like(x)
-    db = x.new_empty(b.shape[0] if b is not None and compute_db else 0)
+    db = x.new_empty(_db_size(b, compute_db))
     if x.numel() == 0:
         return (out, db.zero_()) if mode == GRAD else out
     if b is not None:
@@ -134,6 +134,11 @@ def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend, compute_db=
     DISPATCH.run(backend or None, x.device, x.dtype, mode, ACT_CODES[act], out, db if db.numel() else None,
                  x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
     return (out, db) if mode == GRAD else out
+
+
+def _db_size(b: Optional[torch.Tensor], compute_db: bool) -> int:
+    """Length of bias_act_grad's db output: the bias length, or 0 when it is not computed."""
+    return b.shape[0] if b is not None and compute_db else 0
 
 
 def _output_like(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +179,7 @@ def _fwd_fake(x, b, dim, act, alpha, gain, clamp, backend):
 
 @torch.library.register_fake("genfast::bias_act_grad")
 def _grad_fake(dy, x, b, compute_db, dim, act, alpha, gain, clamp, backend):
-    return _output_like(x), x.new_empty(b.shape[0] if b is not None and compute_db else 0)
+    return _output_like(x), x.new_empty(_db_size(b, compute_db))
 
 
 @torch.library.register_fake("genfast::bias_act_grad2")
@@ -222,7 +227,7 @@ class _BiasActGrad(torch.autograd.Function):
         dy, x, b = ctx.saved_tensors
         dim, act = ctx.params[0], ctx.params[1]
         if ctx.compute_db:  # db is a sum of dx, so its gradient spreads over every element
-            ddx = ddx + ddb.reshape([-1 if i == dim else 1 for i in range(ddx.ndim)])
+            ddx = add_bias(ddx, ddb, dim)
         d_dy = _BiasActGrad.apply(ddx, x, b, ctx.params, False)[0] if ctx.needs_input_grad[0] else None
         d_x = d_b = None
         if act in HAS_SECOND_DERIVATIVE and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):

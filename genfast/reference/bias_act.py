@@ -40,7 +40,8 @@ def _defaults(act: str, alpha: Optional[float], gain: Optional[float]) -> tuple:
             spec.default_gain if gain is None else float(gain))
 
 
-def _add_bias(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+def add_bias(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    """``x + b`` with the 1-D ``b`` broadcast along dimension ``dim`` of ``x``."""
     return x if b is None else x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
 
 
@@ -58,7 +59,7 @@ def bias_act(
     Arguments are assumed valid (``genfast.ops.bias_act`` validates them).
     """
     alpha, gain = _defaults(act, alpha, gain)
-    x = ACTIVATIONS[act].func(_add_bias(x, b, dim), alpha)
+    x = ACTIVATIONS[act].func(add_bias(x, b, dim), alpha)
     if gain != 1:
         x = x * gain
     if clamp is not None and clamp >= 0:
@@ -116,7 +117,7 @@ def bias_act_derivative(
     """Without ``ddx``: dL/dx of ``bias_act`` given dL/dy = ``dy``.
     With ``ddx``: the derivative of <ddx, dL/dx> with respect to x (double backward)."""
     alpha, gain = _defaults(act, alpha, gain)
-    f, d1, d2 = activation_derivatives(_add_bias(x, b, dim), act, alpha)
+    f, d1, d2 = activation_derivatives(add_bias(x, b, dim), act, alpha)
     result = dy * gain * (d1 if ddx is None else ddx * d2)
     if clamp is not None and clamp >= 0:
         v = f * gain
