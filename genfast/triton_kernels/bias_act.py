@@ -176,5 +176,3 @@ def bias_act(mode, act, out, x, b, dy, ddx, C, S, alpha, gain, clamp, db=None):
         db.copy_(db32)
     return out
 
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
