@@ -1,6 +1,5 @@
 """Backend dispatch, fallbacks and the native extension."""
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from genfast._dispatch import BackendWarning, OpDispatcher
 from genfast.ops import bias_act
 from genfast.ops.bias_act import DISPATCH
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_automatic_choice_on_cpu_is_the_native_kernel():
@@ -155,13 +153,6 @@ def test_cuda_kernels_were_compiled_when_nvcc_is_present():
     assert info["cuda"], "nvcc is installed but genfast._C was built without CUDA kernels"
     assert info["cuda_archs"], "no CUDA architectures recorded"
     assert info["cuda_runtime_version"] >= 11000
-
-
-def test_every_kernel_source_is_built():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    for path in list((ROOT / "kernels").glob("*.cu")) + list((ROOT / "csrc").glob("*.cpp")):
-        rel = path.relative_to(ROOT).as_posix()
-        assert re.search(rf"^\s*{re.escape(rel)}\s*$", cmake, re.M), f"{rel} is not listed in CMakeLists.txt"
 
 
 def test_extension_rejects_bad_sizes_instead_of_crashing():
