@@ -108,3 +108,130 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None):
     else:
         raise ValueError(f"add_noise: target must be None or one of {TARGETS}, got {target!r}")
     return noisy, tgt.to(x0.dtype)
+
+
+# ----------------------------------------------------------------------------- additions
+# (genfast.ops.diffusion's fused kernels follow these; none changes the semantics above)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def guided_model_output(model_output, model_output_uncond, guidance_scale):
+    """Classifier-free guidance as sampler_step fuses it: m = uncond + g * (cond - uncond),
+    in the compute dtype (returned in it)."""
+    cd = _compute_dtype(model_output)
+    m, u = model_output.to(cd), model_output_uncond.to(cd)
+    return u + guidance_scale * (m - u)
+
+
+def philox_uniforms(seed: int, index: torch.Tensor):
+    """The uniforms behind genfast's seeded noise (kernels/diffusion.h): Philox4x32-10 with
+    counter (index lo, index hi, 0, 0) and key (seed lo, seed hi), the constants and rounds of
+    triton.language.random; the first two words, 24 bits each, centred in their bin. Host
+    numpy (uint64 products are exact), so this spec is slow and synchronises."""
+    import numpy as np
+
+    idx = index.detach().cpu().numpy().astype(np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1 = idx & mask, idx >> np.uint64(32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p2 = c0, c2
+        c0 = ((b * p2) >> np.uint64(32)) ^ c1 ^ k0
+        c2 = ((a * p0) >> np.uint64(32)) ^ c3 ^ k1
+        c1 = (b * p2) & mask
+        c3 = (a * p0) & mask
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+    scale = 2.0 ** -24
+    u1 = ((c0 >> np.uint64(8)).astype(np.float64) + 0.5) * scale
+    u2 = ((c1 >> np.uint64(8)).astype(np.float64) + 0.5) * scale
+    return torch.from_numpy(u1).to(index.device), torch.from_numpy(u2).to(index.device)
+
+
+def seeded_normal(like: torch.Tensor, seed: int, dtype=None) -> torch.Tensor:
+    """The standard normal noise genfast draws in-kernel for ``noise_seed=seed``: element i of
+    ``like``'s memory (dense, batch outermost; contiguous here) gets Box-Muller of
+    philox_uniforms(seed, i): sqrt(-2 log u1) cos(2 pi u2)."""
+    index = torch.arange(like.numel(), device=like.device)
+    u1, u2 = philox_uniforms(seed, index)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    return z.reshape(like.shape).to(dtype or _compute_dtype(like))
+
+
+def cfg_combine(uncond, cond, guidance_scale, guidance_rescale=0.0):
+    """Classifier-free guidance: cfg = uncond + g * (cond - uncond); with guidance_rescale > 0,
+    diffusers' rescale_noise_cfg (Lin et al. 2023, sec. 3.4): cfg is rescaled to the standard
+    deviation (unbiased, over every non-batch dimension) of the conditional prediction ``cond``
+    and mixed: rescale * cfg * std(cond) / std(cfg) + (1 - rescale) * cfg. Computed in float32
+    (float64 for float64), returned in ``cond``'s dtype."""
+    cd = _compute_dtype(cond)
+    u, c = uncond.to(cd), cond.to(cd)
+    cfg = u + guidance_scale * (c - u)
+    if guidance_rescale > 0:
+        dims = list(range(1, c.ndim))
+        std_text = c.std(dim=dims, keepdim=True)
+        std_cfg = cfg.std(dim=dims, keepdim=True)
+        cfg = guidance_rescale * (cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * cfg
+    return cfg.to(cond.dtype)
+
+
+def diffusion_loss(model_output, target, weights=None, reduction="mean"):
+    """Per-sample weighted MSE: l_b = w_b * mean over non-batch dims of (model_output - target)^2;
+    reduction "mean" (mean over the batch), "sum", or "none" (the (B,) vector). Computed and
+    returned in float32 (float64 for float64 model_output)."""
+    cd = _compute_dtype(model_output)
+    d = model_output.to(cd) - target.to(cd)
+    per_sample = (d * d).reshape(d.shape[0], -1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(cd)
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"diffusion_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type="epsilon"):
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for (B,) integer ``timesteps``:
+    SNR = abar / (1 - abar); min(SNR, g) for "sample" (x0), min(SNR, g) / SNR for "epsilon",
+    min(SNR, g) / (SNR + 1) for "v_prediction". float32 (float64 for a float64 table)."""
+    cd = _compute_dtype(alphas_cumprod)
+    abar = alphas_cumprod.to(cd)[timesteps]
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "sample":
+        return clipped
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"min_snr_weights: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def timestep_embedding(timesteps, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0,
+                       max_period=10000):
+    """diffusers get_timestep_embedding (embeddings.py), re-implemented: (N,) timesteps ->
+    (N, dim) [sin | cos] (or [cos | sin] with flip_sin_to_cos) of timesteps * exp(-ln(max_period)
+    * j / (dim // 2 - downscale_freq_shift)) * scale, zero-padded to an odd dim. float32 like
+    diffusers (float64 for float64 timesteps: the float64 spec)."""
+    import math
+
+    cd = torch.float64 if timesteps.dtype == torch.float64 else torch.float32
+    half_dim = dim // 2
+    exponent = -math.log(max_period) * torch.arange(start=0, end=half_dim, dtype=cd, device=timesteps.device)
+    exponent = exponent / (half_dim - downscale_freq_shift)
+    emb = torch.exp(exponent)
+    emb = timesteps[:, None].to(cd) * emb[None, :]
+    emb = scale * emb
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half_dim:], emb[:, :half_dim]], dim=-1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
+    return emb

@@ -1,0 +1,801 @@
+"""genfast.ops.diffusion: fused diffusion sampling and training kernels.
+
+Public ops (each validates its arguments before any kernel, never synchronises with the host):
+
+* ``sampler_step``: one sampler step of any scheduler (the coefficient contract of
+  ``genfast.reference.diffusion``) in one pass: reads x, m and the history/noise tensors that
+  are passed (pass None for those whose coefficients are zero: a tensor given is read),
+  writes prev and aux. Extras: ``return_aux=False`` skips writing aux (it returns None);
+  ``noise_seed=int`` draws the noise in-kernel; ``model_output_uncond=`` with
+  ``guidance_scale=`` fuses classifier-free guidance (m = uncond + g (cond - uncond), no
+  rescale in the fused form; use ``cfg_combine`` for guidance_rescale).
+* ``add_noise``: q(x_t | x_0) and the training target in one pass; per-sample timesteps index
+  the (T,) tables inside the kernel; noise given or drawn from ``noise_seed``.
+* ``diffusion_loss``: per-sample weighted MSE; forward one pass (per-sample sums), backward one
+  pass (grad of model_output and, if it requires grad, of target). ``min_snr_weights``.
+* ``cfg_combine``: classifier-free guidance, with diffusers' guidance_rescale (two passes:
+  per-sample sums, then the scaled combination).
+* ``timestep_embedding``: diffusers' get_timestep_embedding in one kernel.
+
+Seeded noise (``noise_seed``): standard normal, Box-Muller of Philox4x32-10 uniforms, a pure
+function of (seed, element offset in the output's memory), so the same seed, shape and layout
+give the same noise on every call. All backends draw the same Philox bits (the spec is
+``genfast.reference.diffusion.seeded_normal``); their normals differ by the rounding of
+log/cos only (no bit-exactness across devices is promised). Use a new seed per step.
+
+Timesteps of ``add_noise``: checked against the table length on the host when they are CPU
+tensors (free); CUDA timesteps are clamped to [0, T - 1] in the kernel (a check would need a
+device-to-host synchronisation).
+
+Layouts: elementwise ops take any dense layout whose batch dimension is outermost in memory
+(contiguous, channels_last, ...), where sample b owns a contiguous range; the outputs keep it.
+Other inputs (gaps, or a batch dimension that is not outermost) are made contiguous first.
+Every input keeps its own dtype (e.g. an fp32 sample with an fp16 model output): no
+conversion pass. Arithmetic is float32, or float64 when the sample / x0 / prediction is
+float64.
+
+Backends (``DISPATCH``, one OpDispatcher per kernel: sampler_step, add_noise, per_sample_sums,
+per_sample_combine, timestep_embedding): cuda, triton, cpu (C++/OpenMP), reference. The
+ops are registered with torch.library (light form, with fake kernels), so
+torch.compile(fullgraph=True) keeps each as one opaque node.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .._dispatch import OpDispatcher
+from ..reference import diffusion as ref
+from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
+from .bias_act import is_dense
+
+__all__ = ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
+           "DISPATCH", "FLOAT_DTYPES", "TARGETS", "PREDICTION_TYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TARGET_CODES = {None: 0, "epsilon": 1, "v_prediction": 2, "sample": 3, "flow": 4}  # kernels/diffusion.h Target
+SUMS_LOSS, SUMS_CFG = 0, 1  # kernels/diffusion.h SumsMode
+SUMS_WIDTH = {SUMS_LOSS: 1, SUMS_CFG: 4}
+INT64_CODE = 4  # kernels/diffusion.h INT64_CODE
+MAX_SEED = 2 ** 63 - 1
+
+DISPATCH = {name: OpDispatcher(name) for name in
+            ("sampler_step", "add_noise", "per_sample_sums", "per_sample_combine", "timestep_embedding")}
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def batch_outer(t: torch.Tensor) -> bool:
+    """Dense, with the batch dimension outermost in memory: sample b is one contiguous range."""
+    if not is_dense(t):
+        return False
+    return t.ndim == 0 or t.shape[0] <= 1 or t.stride(0) * t.shape[0] == t.numel()
+
+
+def _layout(t: torch.Tensor) -> torch.Tensor:
+    return t if batch_outer(t) else t.contiguous()
+
+
+def _same_layout(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` (its own dtype) with exactly the memory layout of the batch-outer dense ``like``."""
+    if t is None or t.stride() == like.stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+def _compute_f64(*tensors) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def _op(t: Optional[torch.Tensor]) -> tuple:
+    """(address, dtype code) of an optional tensor for the C++/CUDA kernels."""
+    if t is None:
+        return 0, 0
+    if t.dtype == torch.int64:
+        return t.data_ptr(), INT64_CODE
+    return t.data_ptr(), _ext.DTYPE_CODES[t.dtype]
+
+
+def _per_sample_count(x: torch.Tensor, per_sample_inputs: bool) -> int:
+    """Elements per sample: numel / B when something is per sample, else the whole tensor."""
+    if per_sample_inputs and x.ndim >= 1 and x.shape[0] > 0:
+        return max(1, x.numel() // x.shape[0])
+    return max(1, x.numel())
+
+
+# ----------------------------------------------------------------------------- reference helpers
+
+
+def _reference_step(x, m, coefs, h1, h2, z, mu, clamp, clamp_value, rescale, g, seed, like=None):
+    """sampler_step through the reference (differentiable); seeded noise in ``like``'s layout."""
+    if mu is not None:
+        m = ref.guided_model_output(m, mu, g)
+    if seed is not None:
+        z = _seeded_noise_like(like if like is not None else x, seed, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    bound = clamp if clamp is not None else (clamp_value if clamp_value >= 0 else None)
+    return ref.sampler_step(x, m, coefs, h1, h2, z, bound, rescale)
+
+
+def _seeded_noise_like(like: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reference's seeded noise laid out in ``like``'s memory order (offset i gets normal i)."""
+    flat = ref.seeded_normal(torch.empty(like.numel(), device=like.device), seed, dtype).reshape(-1)
+    out = torch.empty_like(like, dtype=dtype)
+    if out.numel():
+        out.as_strided((out.numel(),), (1,)).copy_(flat)
+    return out
+
+
+# ----------------------------------------------------------------------------- backends: sampler_step
+# fn(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample)
+
+
+@DISPATCH["sampler_step"].register("cpu", FLOAT_DTYPES)
+def _step_cpu(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample):
+    _ext._C.diffusion_sampler_step_cpu(
+        x.numel(), per_sample, x.dtype == torch.float64, *_op(prev), *_op(aux),
+        *_op(x), *_op(m), *_op(mu), *_op(h1), *_op(h2), *_op(z), *_op(coefs), coef_stride, *_op(clamp),
+        clamp_value, rescale, g, seed is not None, seed or 0, torch.get_num_threads())
+
+
+@DISPATCH["sampler_step"].register("cuda", GPU_DTYPES)
+def _step_cuda(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample):
+    _ext._C.diffusion_sampler_step_cuda(
+        x.numel(), per_sample, False, *_op(prev), *_op(aux),
+        *_op(x), *_op(m), *_op(mu), *_op(h1), *_op(h2), *_op(z), *_op(coefs), coef_stride, *_op(clamp),
+        clamp_value, rescale, g, seed is not None, seed or 0, _ext.stream_of(x), x.device.index)
+
+
+@DISPATCH["sampler_step"].register("triton", GPU_DTYPES)
+def _step_triton(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample):
+    from ..triton_kernels import diffusion as kernels
+
+    kernels.sampler_step(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed,
+                         per_sample)
+
+
+@DISPATCH["sampler_step"].register("reference", FLOAT_DTYPES)
+def _step_reference(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed,
+                    per_sample):
+    p, a = _reference_step(x, m, coefs, h1, h2, z, mu, clamp, clamp_value, rescale, g, seed, like=prev)
+    prev.copy_(p)
+    if aux is not None:
+        aux.copy_(a)
+
+
+# ----------------------------------------------------------------------------- backends: add_noise
+# fn(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample)
+
+
+@DISPATCH["add_noise"].register("cpu", FLOAT_DTYPES)
+def _noise_cpu(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample):
+    _ext._C.diffusion_add_noise_cpu(
+        x0.numel(), per_sample, x0.dtype == torch.float64, noisy.data_ptr(), _op(target)[0], _op(noisy)[1],
+        *_op(x0), *_op(noise), timesteps.data_ptr(), *_op(signal), *_op(noise_scale), signal.numel(), target_code,
+        seed is not None, seed or 0, torch.get_num_threads())
+
+
+@DISPATCH["add_noise"].register("cuda", GPU_DTYPES)
+def _noise_cuda(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample):
+    _ext._C.diffusion_add_noise_cuda(
+        x0.numel(), per_sample, False, noisy.data_ptr(), _op(target)[0], _op(noisy)[1],
+        *_op(x0), *_op(noise), timesteps.data_ptr(), *_op(signal), *_op(noise_scale), signal.numel(), target_code,
+        seed is not None, seed or 0, _ext.stream_of(x0), x0.device.index)
+
+
+@DISPATCH["add_noise"].register("triton", GPU_DTYPES)
+def _noise_triton(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample):
+    from ..triton_kernels import diffusion as kernels
+
+    kernels.add_noise(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample)
+
+
+@DISPATCH["add_noise"].register("reference", FLOAT_DTYPES)
+def _noise_reference(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample):
+    if seed is not None:
+        noise = _seeded_noise_like(noisy, seed, torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    name = {v: k for k, v in TARGET_CODES.items()}[target_code]
+    t = timesteps.clamp(0, signal.numel() - 1)
+    if x0.ndim == 0:
+        t = t.reshape(())
+    out = ref.add_noise(x0, noise, t, signal, noise_scale, name)
+    if name is None:
+        noisy.copy_(out)
+    else:
+        noisy.copy_(out[0])
+        target.copy_(out[1])
+
+
+# ----------------------------------------------------------------------------- backends: per-sample sums
+# fn(a, b, mode, scale, per_sample, width) -> (B, width) float64
+
+
+@DISPATCH["per_sample_sums"].register("cpu", FLOAT_DTYPES)
+def _sums_cpu(a, b, mode, scale, per_sample, width):
+    out = torch.empty(a.numel() // per_sample, width, dtype=torch.float64)
+    _ext._C.diffusion_per_sample_sums_cpu(a.numel(), per_sample, mode, *_op(a), *_op(b), scale, out.data_ptr(),
+                                          torch.get_num_threads())
+    return out
+
+
+CUDA_SUMS_CHUNK = 16384  # elements per block of the CUDA sums kernel
+
+
+@DISPATCH["per_sample_sums"].register("cuda", GPU_DTYPES)
+def _sums_cuda(a, b, mode, scale, per_sample, width):
+    chunks = max(1, -(-per_sample // CUDA_SUMS_CHUNK))
+    partial = torch.empty(a.numel() // per_sample, chunks, width, dtype=torch.float64, device=a.device)
+    _ext._C.diffusion_per_sample_sums_cuda(a.numel(), per_sample, mode, *_op(a), *_op(b), scale, partial.data_ptr(),
+                                           chunks, _ext.stream_of(a), a.device.index)
+    return partial.sum(dim=1)
+
+
+@DISPATCH["per_sample_sums"].register("triton", GPU_DTYPES)
+def _sums_triton(a, b, mode, scale, per_sample, width):
+    from ..triton_kernels import diffusion as kernels
+
+    return kernels.per_sample_sums(a, b, mode, scale, per_sample, width)
+
+
+@DISPATCH["per_sample_sums"].register("reference", FLOAT_DTYPES)
+def _sums_reference(a, b, mode, scale, per_sample, width):
+    u = a.double().reshape(-1, per_sample)
+    v = b.double().reshape(-1, per_sample)
+    if mode == SUMS_LOSS:
+        return (u - v).square().sum(dim=1, keepdim=True)
+    cd = torch.float64 if _compute_f64(a, b) else torch.float32
+    g = (a.to(cd) + scale * (b.to(cd) - a.to(cd))).double().reshape(-1, per_sample)
+    return torch.stack([v.sum(1), v.square().sum(1), g.sum(1), g.square().sum(1)], dim=1)
+
+
+# ----------------------------------------------------------------------------- backends: per-sample combine
+# fn(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
+#   out = factor[b] * (alpha * a + beta * (b - a)), out2 = -out
+
+
+@DISPATCH["per_sample_combine"].register("cpu", FLOAT_DTYPES)
+def _combine_cpu(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
+    _ext._C.diffusion_combine_cpu(a.numel(), per_sample, compute_f64, *_op(out), *_op(out2), *_op(a), *_op(b),
+                                  *_op(factor), alpha, beta, torch.get_num_threads())
+
+
+@DISPATCH["per_sample_combine"].register("cuda", GPU_DTYPES)
+def _combine_cuda(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
+    _ext._C.diffusion_combine_cuda(a.numel(), per_sample, compute_f64, *_op(out), *_op(out2), *_op(a), *_op(b),
+                                   *_op(factor), alpha, beta, _ext.stream_of(a), a.device.index)
+
+
+@DISPATCH["per_sample_combine"].register("triton", GPU_DTYPES)
+def _combine_triton(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
+    from ..triton_kernels import diffusion as kernels
+
+    kernels.combine(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64)
+
+
+@DISPATCH["per_sample_combine"].register("reference", FLOAT_DTYPES)
+def _combine_reference(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
+    cd = torch.float64 if compute_f64 else torch.float32
+    u, v = a.to(cd), b.to(cd)
+    r = alpha * u + beta * (v - u)
+    if factor is not None:
+        r = factor.to(cd).reshape(-1, *([1] * (a.ndim - 1))) * r if a.ndim else factor.to(cd).reshape(()) * r
+    out.copy_(r)
+    if out2 is not None:
+        out2.copy_(-r)
+
+
+# ----------------------------------------------------------------------------- backends: timestep embedding
+# fn(out, timesteps, dim, flip, shift, scale, max_period)
+
+
+@DISPATCH["timestep_embedding"].register("cpu", FLOAT_DTYPES + (torch.int64,))
+def _embed_cpu(out, timesteps, dim, flip, shift, scale, max_period):
+    _ext._C.diffusion_timestep_embedding_cpu(timesteps.numel(), dim, *_op(out), *_op(timesteps), flip, shift, scale,
+                                             max_period, torch.get_num_threads())
+
+
+@DISPATCH["timestep_embedding"].register("cuda", FLOAT_DTYPES + (torch.int64,))
+def _embed_cuda(out, timesteps, dim, flip, shift, scale, max_period):
+    _ext._C.diffusion_timestep_embedding_cuda(timesteps.numel(), dim, *_op(out), *_op(timesteps), flip, shift, scale,
+                                              max_period, _ext.stream_of(out), out.device.index)
+
+
+@DISPATCH["timestep_embedding"].register("triton", (torch.float32, torch.float16, torch.bfloat16, torch.int64))
+def _embed_triton(out, timesteps, dim, flip, shift, scale, max_period):
+    from ..triton_kernels import diffusion as kernels
+
+    kernels.timestep_embedding(out, timesteps, dim, flip, -math.log(max_period), dim // 2 - shift, scale)
+
+
+@DISPATCH["timestep_embedding"].register("reference", FLOAT_DTYPES + (torch.int64,))
+def _embed_reference(out, timesteps, dim, flip, shift, scale, max_period):
+    t = timesteps if timesteps.dtype != torch.float64 else timesteps.float()  # diffusers: float32
+    out.copy_(ref.timestep_embedding(t, dim, flip, shift, scale, max_period))
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+_lib = torch.library.Library("genfast", "FRAGMENT")
+_lib.define("diffusion_sampler_step(Tensor sample, Tensor model_output, Tensor coefs, Tensor? history, "
+            "Tensor? history2, Tensor? noise, Tensor? model_output_uncond, Tensor? clamp, float clamp_value, "
+            "bool x0_rescale, float guidance_scale, int seed, bool return_aux, ScalarType out_dtype, "
+            "ScalarType aux_dtype, str backend) -> (Tensor, Tensor)")
+_lib.define("diffusion_add_noise(Tensor x0, Tensor? noise, Tensor timesteps, Tensor signal_scale, "
+            "Tensor noise_scale, int target, int seed, str backend) -> (Tensor, Tensor)")
+_lib.define("diffusion_per_sample_sums(Tensor a, Tensor b, int mode, float scale, str backend) -> Tensor")
+_lib.define("diffusion_per_sample_combine(Tensor a, Tensor b, Tensor? factor, float alpha, float beta, "
+            "bool second, ScalarType out_dtype, ScalarType out2_dtype, str backend) -> (Tensor, Tensor)")
+_lib.define("diffusion_timestep_embedding(Tensor timesteps, int dim, bool flip_sin_to_cos, float shift, "
+            "float scale, float max_period, str backend) -> Tensor")
+
+
+def _backend(name: str) -> Optional[str]:
+    return name or None
+
+
+def _step_outputs(x, return_aux, out_dtype, aux_dtype):
+    x = _layout(x)
+    prev = torch.empty_like(x, dtype=out_dtype)
+    aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else x.new_empty(0, dtype=aux_dtype)
+    return prev, aux
+
+
+def _step_impl(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
+               x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
+    x = _layout(sample)
+    prev, aux = _step_outputs(x, return_aux, out_dtype, aux_dtype)
+    if x.numel() == 0:
+        return prev, aux
+    per_sample_coefs = coefs.ndim == 2
+    per_sample = _per_sample_count(x, per_sample_coefs or clamp is not None)
+    tensors = [_same_layout(t, x) for t in (model_output, model_output_uncond, history, history2, noise)]
+    m, mu, h1, h2, z = tensors
+    coefs = coefs.contiguous()
+    clamp = clamp.contiguous() if clamp is not None else None
+    DISPATCH["sampler_step"].run(_backend(backend), x.device, x.dtype, prev, aux if return_aux else None, x, m, mu,
+                                 h1, h2, z, coefs, NUM_STEP_COEFS if per_sample_coefs else 0, clamp, clamp_value,
+                                 x0_rescale, guidance_scale, seed if seed >= 0 else None, per_sample)
+    return prev, aux
+
+
+def _noise_impl(x0, noise, timesteps, signal_scale, noise_scale, target, seed, backend):
+    x = _layout(x0)
+    noisy = torch.empty_like(x)
+    tgt = torch.empty_like(x) if target else x.new_empty(0)
+    if x.numel() == 0:
+        return noisy, tgt
+    per_sample = _per_sample_count(x, timesteps.numel() > 1 or x.ndim >= 1)
+    samples = x.numel() // per_sample
+    t = timesteps.reshape(-1).to(torch.int64)
+    if t.numel() == 1 and samples > 1:
+        t = t.expand(samples)
+    t = t.contiguous()
+    DISPATCH["add_noise"].run(_backend(backend), x.device, x.dtype, noisy, tgt if target else None, x,
+                              _same_layout(noise, x), t, signal_scale.contiguous(), noise_scale.contiguous(),
+                              target, seed if seed >= 0 else None, per_sample)
+    return noisy, tgt
+
+
+def _sums_impl(a, b, mode, scale, backend):
+    x = _layout(a)
+    per_sample = _per_sample_count(x, True)
+    samples = x.shape[0] if x.ndim >= 1 else 1
+    if x.numel() == 0:
+        return torch.zeros(samples, SUMS_WIDTH[mode], dtype=torch.float64, device=a.device)
+    return DISPATCH["per_sample_sums"].run(_backend(backend), x.device, x.dtype, x, _same_layout(b, x), mode, scale,
+                                           per_sample, SUMS_WIDTH[mode])
+
+
+def _combine_impl(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
+    x = _layout(a)
+    out = torch.empty_like(x, dtype=out_dtype)
+    out2 = torch.empty_like(x, dtype=out2_dtype) if second else x.new_empty(0, dtype=out2_dtype)
+    if x.numel() == 0:
+        return out, out2
+    per_sample = _per_sample_count(x, factor is not None)
+    DISPATCH["per_sample_combine"].run(_backend(backend), x.device, x.dtype, out, out2 if second else None, x,
+                                       _same_layout(b, x), factor.contiguous() if factor is not None else None,
+                                       alpha, beta, per_sample, _compute_f64(a, b))
+    return out, out2
+
+
+def _embed_impl(timesteps, dim, flip_sin_to_cos, shift, scale, max_period, backend):
+    out = torch.empty(timesteps.shape[0], dim, dtype=torch.float32, device=timesteps.device)
+    if out.numel() == 0:
+        return out
+    t = timesteps.contiguous()
+    DISPATCH["timestep_embedding"].run(_backend(backend), t.device, t.dtype, out, t, dim, flip_sin_to_cos, shift,
+                                       scale, max_period)
+    return out
+
+
+for _name, _impl in (("diffusion_sampler_step", _step_impl), ("diffusion_add_noise", _noise_impl),
+                     ("diffusion_per_sample_sums", _sums_impl), ("diffusion_per_sample_combine", _combine_impl),
+                     ("diffusion_timestep_embedding", _embed_impl)):
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_name, _impl, _key)
+
+
+@torch.library.register_fake("genfast::diffusion_sampler_step")
+def _step_fake(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
+               x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
+    return _step_outputs(sample, return_aux, out_dtype, aux_dtype)
+
+
+@torch.library.register_fake("genfast::diffusion_add_noise")
+def _noise_fake(x0, noise, timesteps, signal_scale, noise_scale, target, seed, backend):
+    x = _layout(x0)
+    return torch.empty_like(x), (torch.empty_like(x) if target else x.new_empty(0))
+
+
+@torch.library.register_fake("genfast::diffusion_per_sample_sums")
+def _sums_fake(a, b, mode, scale, backend):
+    return a.new_empty(a.shape[0] if a.ndim >= 1 else 1, SUMS_WIDTH[mode], dtype=torch.float64)
+
+
+@torch.library.register_fake("genfast::diffusion_per_sample_combine")
+def _combine_fake(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
+    x = _layout(a)
+    return (torch.empty_like(x, dtype=out_dtype),
+            torch.empty_like(x, dtype=out2_dtype) if second else x.new_empty(0, dtype=out2_dtype))
+
+
+@torch.library.register_fake("genfast::diffusion_timestep_embedding")
+def _embed_fake(timesteps, dim, flip_sin_to_cos, shift, scale, max_period, backend):
+    return timesteps.new_empty(timesteps.shape[0], dim, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _type_name(v) -> str:
+    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _check_float_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, optional: bool = False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, got {_type_name(t)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the sample is on {like.device}; they must be on the same device")
+        if t.shape != like.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but the sample has shape {tuple(like.shape)}; they must match")
+
+
+def _check_number(op: str, name: str, value, minimum: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {_type_name(value)}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{op}: {name} must not be NaN")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seed(op: str, noise, noise_seed) -> int:
+    if noise_seed is None:
+        return -1
+    if isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral):
+        raise TypeError(f"{op}: noise_seed must be an int or None, got {_type_name(noise_seed)}")
+    if not 0 <= int(noise_seed) <= MAX_SEED:
+        raise ValueError(f"{op}: noise_seed must be in [0, 2**63 - 1], got {noise_seed}")
+    if noise is not None:
+        raise ValueError(f"{op}: pass either noise or noise_seed, not both")
+    return int(noise_seed)
+
+
+def _check_backend(op: str, backend, dispatcher: OpDispatcher) -> str:
+    if backend is not None and backend not in dispatcher.backends:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(dispatcher.backends)} or None")
+    return backend or ""
+
+
+def _check_out_dtype(op: str, name: str, dtype, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be None or one of float32, float16, bfloat16, float64, got {dtype}")
+    return dtype
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------- sampler_step
+
+
+def sampler_step(sample, model_output, coefs, history=None, history2=None, noise=None, x0_clamp=None,
+                 x0_rescale=False, out_dtype=None, aux_dtype=None, *, return_aux: bool = True,
+                 noise_seed: Optional[int] = None, model_output_uncond=None, guidance_scale=None,
+                 backend: Optional[str] = None):
+    """One fused sampler step (genfast.reference.diffusion.sampler_step semantics):
+
+        x0   = c[0] x + c[1] m, clamped to +-x0_clamp (and divided by it with x0_rescale)
+        prev = c[2] x0 + c[3] x + c[4] m + c[5] h1 + c[6] h2 + c[7] z
+        aux  = c[8] x0 + c[9] x + c[10] m + c[11] h1 + c[12] h2
+
+    Args:
+        sample, model_output: same shape and device; any float dtype each.
+        coefs: (16,) shared by the batch or (B, 16) per sample; float32 or float64, on the
+            sample's device (read in the kernel: no host synchronisation).
+        history, history2, noise: optional tensors like the sample. A tensor passed is read;
+            pass None where the coefficient is zero.
+        x0_clamp: None, a float >= 0, or a (B,) tensor of per-sample bounds (thresholding).
+        out_dtype, aux_dtype: dtypes of prev and aux (default: the sample's).
+        return_aux: False skips writing aux (returns ``(prev, None)``): one output fewer.
+        noise_seed: draw z in the kernel (standard normal from Philox, a pure function of
+            (seed, element offset)); exclusive with ``noise``.
+        model_output_uncond, guidance_scale: fused classifier-free guidance, m = uncond +
+            g (model_output - uncond) (no guidance_rescale here; see cfg_combine).
+        backend: 'cuda', 'triton', 'cpu', 'reference' or None (automatic).
+
+    Returns ``(prev, aux)``. Differentiable only through the reference path (used when an
+    input requires grad).
+    """
+    op = "sampler_step"
+    _check_float_tensor(op, "sample", sample)
+    _check_float_tensor(op, "model_output", model_output, sample)
+    for name, t in (("history", history), ("history2", history2), ("noise", noise),
+                    ("model_output_uncond", model_output_uncond)):
+        _check_float_tensor(op, name, t, sample, optional=True)
+    if not isinstance(coefs, torch.Tensor):
+        raise TypeError(f"{op}: coefs must be a torch.Tensor, got {_type_name(coefs)}")
+    if coefs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: coefs must be float32 or float64, got {coefs.dtype}")
+    if coefs.device != sample.device:
+        raise ValueError(f"{op}: coefs is on {coefs.device} but the sample is on {sample.device}; keep the "
+                         "coefficient table on the sample's device")
+    batch = sample.shape[0] if sample.ndim >= 1 else None
+    if not (coefs.shape == (NUM_STEP_COEFS,) or (batch is not None and coefs.shape == (batch, NUM_STEP_COEFS))):
+        raise ValueError(f"{op}: coefs must have shape ({NUM_STEP_COEFS},) or (B, {NUM_STEP_COEFS}) with B = "
+                         f"sample.shape[0] = {batch}, got {tuple(coefs.shape)}")
+    clamp_tensor, clamp_value = None, -1.0
+    if isinstance(x0_clamp, torch.Tensor):
+        if x0_clamp.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: x0_clamp must be a float tensor, got {x0_clamp.dtype}")
+        if x0_clamp.device != sample.device:
+            raise ValueError(f"{op}: x0_clamp is on {x0_clamp.device} but the sample is on {sample.device}")
+        if batch is None or x0_clamp.shape not in ((batch,), ()):
+            raise ValueError(f"{op}: a tensor x0_clamp must have shape (B,) with B = sample.shape[0] = {batch}, "
+                             f"got {tuple(x0_clamp.shape)}")
+        clamp_tensor = x0_clamp.reshape(1).expand(batch) if x0_clamp.ndim == 0 else x0_clamp
+    elif x0_clamp is not None:
+        clamp_value = _check_number(op, "x0_clamp", x0_clamp, minimum=0.0)
+    if not isinstance(x0_rescale, bool):
+        raise TypeError(f"{op}: x0_rescale must be a bool, got {_type_name(x0_rescale)}")
+    if x0_rescale and x0_clamp is None:
+        raise ValueError(f"{op}: x0_rescale needs x0_clamp (the bound x0 is divided by)")
+    out_dtype = _check_out_dtype(op, "out_dtype", out_dtype, sample.dtype)
+    aux_dtype = _check_out_dtype(op, "aux_dtype", aux_dtype, sample.dtype)
+    seed = _check_seed(op, noise, noise_seed)
+    if (model_output_uncond is None) != (guidance_scale is None):
+        raise ValueError(f"{op}: fused guidance needs both model_output_uncond and guidance_scale")
+    g = 1.0 if guidance_scale is None else _check_number(op, "guidance_scale", guidance_scale)
+    backend = _check_backend(op, backend, DISPATCH[op])
+    if _needs_grad(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor):
+        prev, aux = _reference_step(sample, model_output, coefs, history, history2, noise, model_output_uncond,
+                                    clamp_tensor, clamp_value, x0_rescale, g, seed if seed >= 0 else None,
+                                    like=_layout(sample))
+        return prev.to(out_dtype), (aux.to(aux_dtype) if return_aux else None)
+    prev, aux = torch.ops.genfast.diffusion_sampler_step(
+        sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
+        x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
+    return prev, (aux if return_aux else None)
+
+
+# ----------------------------------------------------------------------------- add_noise
+
+
+def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, noise_seed: Optional[int] = None,
+              backend: Optional[str] = None):
+    """Fused forward noising (genfast.reference.diffusion.add_noise semantics) in one pass:
+    noisy = signal_scale[t_b] x0 + noise_scale[t_b] noise, plus the training target
+    ("epsilon", "v_prediction", "sample", "flow") when ``target`` is given.
+
+    ``timesteps``: (B,) (or 0-d) integer tensor on x0's device; CPU timesteps outside
+    [0, T) raise ValueError, CUDA ones are clamped in the kernel (checking would synchronise).
+    ``noise=None`` with ``noise_seed=int`` draws the noise in the kernel (then the target
+    "epsilon" is that noise). Returns noisy, or (noisy, target), in x0's dtype.
+    """
+    op = "add_noise"
+    _check_float_tensor(op, "x0", x0)
+    if x0.ndim < 1:
+        raise ValueError(f"{op}: x0 needs a batch dimension, got a 0-d tensor")
+    _check_float_tensor(op, "noise", noise, x0, optional=noise_seed is not None)
+    seed = _check_seed(op, noise, noise_seed)
+    if not isinstance(timesteps, torch.Tensor):
+        raise TypeError(f"{op}: timesteps must be an integer torch.Tensor, got {_type_name(timesteps)}")
+    if timesteps.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{op}: timesteps must be an integer tensor (indices into the tables), got {timesteps.dtype}")
+    if timesteps.device != x0.device:
+        raise ValueError(f"{op}: timesteps is on {timesteps.device} but x0 is on {x0.device}")
+    if timesteps.shape not in ((x0.shape[0],), ()):
+        raise ValueError(f"{op}: timesteps must have shape (B,) with B = x0.shape[0] = {x0.shape[0]}, "
+                         f"got {tuple(timesteps.shape)}")
+    for name, table in (("signal_scale", signal_scale), ("noise_scale", noise_scale)):
+        if not isinstance(table, torch.Tensor) or table.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a float torch.Tensor, got {_type_name(table)}")
+        if table.ndim != 1 or table.numel() == 0:
+            raise ValueError(f"{op}: {name} must be a non-empty 1-D table, got shape {tuple(table.shape)}")
+        if table.device != x0.device:
+            raise ValueError(f"{op}: {name} is on {table.device} but x0 is on {x0.device}")
+    if signal_scale.shape != noise_scale.shape:
+        raise ValueError(f"{op}: signal_scale and noise_scale must have the same length, got "
+                         f"{signal_scale.shape[0]} and {noise_scale.shape[0]}")
+    if target not in TARGET_CODES:
+        raise ValueError(f"{op}: target must be None or one of {TARGETS}, got {target!r}")
+    if timesteps.device.type == "cpu" and timesteps.numel():  # free on the host; on a GPU it would sync
+        lo, hi = int(timesteps.min()), int(timesteps.max())
+        if lo < 0 or hi >= signal_scale.numel():
+            raise ValueError(f"{op}: timesteps must lie in [0, {signal_scale.numel() - 1}] (the table length), "
+                             f"got values in [{lo}, {hi}]")
+    backend = _check_backend(op, backend, DISPATCH[op])
+    if _needs_grad(x0, noise, signal_scale, noise_scale):
+        z = noise if seed < 0 else _seeded_noise_like(_layout(x0), seed, x0.dtype)
+        return ref.add_noise(x0, z, timesteps.long(), signal_scale, noise_scale, target)
+    noisy, tgt = torch.ops.genfast.diffusion_add_noise(x0, noise, timesteps, signal_scale, noise_scale,
+                                                       TARGET_CODES[target], seed, backend)
+    return noisy if target is None else (noisy, tgt)
+
+
+# ----------------------------------------------------------------------------- diffusion_loss
+
+
+class _PerSampleMSE(torch.autograd.Function):
+    """(B,) mean over non-batch dims of (m - t)^2; forward one reduction pass, backward one
+    elementwise pass writing d/dm and (if needed) d/dt = -d/dm."""
+
+    @staticmethod
+    def forward(ctx, m, t, backend):
+        ctx.save_for_backward(m, t)
+        ctx.backend = backend
+        sums = torch.ops.genfast.diffusion_per_sample_sums(m, t, SUMS_LOSS, 0.0, backend)
+        per_sample = max(1, m.numel() // max(1, m.shape[0]))
+        cd = torch.float64 if m.dtype == torch.float64 else torch.float32
+        return (sums[:, 0] / per_sample).to(cd)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        m, t = ctx.saved_tensors
+        per_sample = max(1, m.numel() // max(1, m.shape[0]))
+        factor = grad * (2.0 / per_sample)
+        dm, dt = torch.ops.genfast.diffusion_per_sample_combine(
+            m, t, factor, 0.0, -1.0, bool(ctx.needs_input_grad[1]), m.dtype, t.dtype, ctx.backend)
+        return (dm if ctx.needs_input_grad[0] else None), (dt if ctx.needs_input_grad[1] else None), None
+
+
+def diffusion_loss(model_output, target, weights=None, reduction: str = "mean", *, backend: Optional[str] = None):
+    """Per-sample weighted MSE: l_b = weights[b] * mean over non-batch dims of (model_output -
+    target)^2, then the mean over the batch ("mean"), the sum ("sum") or the (B,) vector ("none").
+
+    Forward: one fused pass (per-sample sums); backward: one fused pass giving the gradient of
+    model_output and, when it requires grad, of target (weights get theirs through autograd).
+    The loss is float32 (float64 for float64 model_output).
+    """
+    op = "diffusion_loss"
+    _check_float_tensor(op, "model_output", model_output)
+    if model_output.ndim < 1:
+        raise ValueError(f"{op}: model_output needs a batch dimension, got a 0-d tensor")
+    _check_float_tensor(op, "target", target, model_output)
+    if weights is not None:
+        _check_float_tensor(op, "weights", weights)
+        if weights.device != model_output.device:
+            raise ValueError(f"{op}: weights is on {weights.device} but model_output is on {model_output.device}")
+        if weights.shape != (model_output.shape[0],):
+            raise ValueError(f"{op}: weights must have shape (B,) = ({model_output.shape[0]},), got {tuple(weights.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    backend = _check_backend(op, backend, DISPATCH["per_sample_sums"])
+    if _needs_grad(model_output, target):
+        per_sample = _PerSampleMSE.apply(model_output, target, backend)
+    else:
+        sums = torch.ops.genfast.diffusion_per_sample_sums(model_output, target, SUMS_LOSS, 0.0, backend)
+        cd = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+        per_sample = (sums[:, 0] / max(1, model_output.numel() // max(1, model_output.shape[0]))).to(cd)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.dtype)
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type: str = "epsilon"):
+    """Min-SNR-gamma weights (Hang et al. 2023) for (B,) integer timesteps, on the device (a few
+    (B,)-sized torch ops, no synchronisation): SNR = abar / (1 - abar); min(SNR, gamma) for
+    "sample", min(SNR, gamma) / SNR for "epsilon", min(SNR, gamma) / (SNR + 1) for
+    "v_prediction". Use as ``diffusion_loss(..., weights=min_snr_weights(...))``."""
+    op = "min_snr_weights"
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype.is_complex:
+        raise TypeError(f"{op}: timesteps must be an integer torch.Tensor, got {_type_name(timesteps)}")
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype not in FLOAT_DTYPES or alphas_cumprod.ndim != 1:
+        raise TypeError(f"{op}: alphas_cumprod must be a 1-D float torch.Tensor, got {_type_name(alphas_cumprod)}")
+    if alphas_cumprod.device != timesteps.device:
+        raise ValueError(f"{op}: alphas_cumprod is on {alphas_cumprod.device} but timesteps is on {timesteps.device}")
+    gamma = _check_number(op, "gamma", gamma, minimum=0.0)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{op}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if timesteps.device.type == "cpu" and timesteps.numel():
+        lo, hi = int(timesteps.min()), int(timesteps.max())
+        if lo < 0 or hi >= alphas_cumprod.numel():
+            raise ValueError(f"{op}: timesteps must lie in [0, {alphas_cumprod.numel() - 1}], got [{lo}, {hi}]")
+    return ref.min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type)
+
+
+# ----------------------------------------------------------------------------- cfg_combine
+
+
+def cfg_combine(uncond, cond, guidance_scale, guidance_rescale: float = 0.0, *, backend: Optional[str] = None):
+    """Classifier-free guidance ``uncond + g (cond - uncond)``; with ``guidance_rescale > 0``
+    diffusers' rescale_noise_cfg (std over the non-batch dims of ``cond``, the text prediction).
+    One pass without rescale; two with it (per-sample sums, then the scaled combination; the
+    (B,) factor is computed on the device in between). Returns cond's dtype and layout."""
+    op = "cfg_combine"
+    _check_float_tensor(op, "cond", cond)
+    _check_float_tensor(op, "uncond", uncond, cond)
+    g = _check_number(op, "guidance_scale", guidance_scale)
+    rescale = _check_number(op, "guidance_rescale", guidance_rescale, minimum=0.0)
+    if rescale > 0 and cond.ndim < 1:
+        raise ValueError(f"{op}: guidance_rescale needs a batch dimension")
+    backend = _check_backend(op, backend, DISPATCH["per_sample_combine"])
+    if _needs_grad(uncond, cond):
+        return ref.cfg_combine(uncond, cond, g, rescale)
+    factor = None
+    if rescale > 0:
+        sums = torch.ops.genfast.diffusion_per_sample_sums(uncond, cond, SUMS_CFG, g, backend)
+        n = max(1, cond.numel() // max(1, cond.shape[0]))
+        var_cond = (sums[:, 1] - sums[:, 0] * sums[:, 0] / n) / max(1, n - 1)
+        var_cfg = (sums[:, 3] - sums[:, 2] * sums[:, 2] / n) / max(1, n - 1)
+        factor = rescale * torch.sqrt(var_cond / var_cfg) + (1.0 - rescale)
+    out, _ = torch.ops.genfast.diffusion_per_sample_combine(uncond, cond, factor, 1.0, g, False, cond.dtype,
+                                                            cond.dtype, backend)
+    return out
+
+
+# ----------------------------------------------------------------------------- timestep_embedding
+
+
+def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1,
+                       scale: float = 1, max_period: int = 10000, *, backend: Optional[str] = None):
+    """diffusers ``get_timestep_embedding`` in one kernel: (N,) timesteps (int or float) ->
+    (N, dim) float32 embedding [sin | cos] (flip: [cos | sin]), zero-padded for odd dim."""
+    op = "timestep_embedding"
+    if not isinstance(timesteps, torch.Tensor):
+        raise TypeError(f"{op}: timesteps must be a torch.Tensor, got {_type_name(timesteps)}")
+    if timesteps.ndim != 1:
+        raise ValueError(f"{op}: timesteps must be 1-D (N,), got shape {tuple(timesteps.shape)}")
+    if timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
+        raise TypeError(f"{op}: timesteps must be an integer or float tensor, got {timesteps.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"{op}: dim must be an int >= 1, got {dim!r}")
+    if not isinstance(flip_sin_to_cos, bool):
+        raise TypeError(f"{op}: flip_sin_to_cos must be a bool, got {_type_name(flip_sin_to_cos)}")
+    shift = _check_number(op, "downscale_freq_shift", downscale_freq_shift)
+    scale = _check_number(op, "scale", scale)
+    max_period = _check_number(op, "max_period", max_period)
+    if max_period <= 0:
+        raise ValueError(f"{op}: max_period must be > 0, got {max_period}")
+    if dim // 2 > 0 and dim // 2 - shift == 0:
+        raise ValueError(f"{op}: dim // 2 - downscale_freq_shift is 0 (dim={dim}, shift={shift}): the frequencies "
+                         "would divide by zero")
+    backend = _check_backend(op, backend, DISPATCH[op])
+    if timesteps.dtype not in FLOAT_DTYPES:
+        timesteps = timesteps.to(torch.int64)
+    return torch.ops.genfast.diffusion_timestep_embedding(timesteps, int(dim), flip_sin_to_cos, shift, scale,
+                                                          max_period, backend)
+
+
+def selected_backend(op: str, device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
+    """The backend kernel ``op`` (a DISPATCH key) would run on (diagnostics and benchmarks)."""
+    return DISPATCH[op].select(backend, torch.device(device), dtype)
