@@ -1,0 +1,690 @@
+"""genfast.ops.diffusion against the float64 references: every backend that runs here (cpu,
+triton under the interpreter, reference), layouts, odd sizes, per-sample vs shared coefficients,
+every coefficient column, clamp/threshold, seeded noise, loss gradients, bad input,
+torch.library and torch.compile; GPU-marked tests for cuda and triton on a GPU."""
+import math
+
+import pytest
+import torch
+
+from genfast.ops import diffusion as ops
+from genfast.ops.diffusion import DISPATCH
+from genfast.reference import diffusion as ref
+from genfast.testing import error_vs_reference
+
+CPU = torch.device("cpu")
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+INTERP_DTYPES = [torch.float32, torch.float16]
+LAYOUTS = ["contiguous", "channels_last", "strided", "batch_inner"]
+SHAPE = (3, 5, 7, 9)  # odd sizes
+SMALL = (2, 3, 5, 7)  # for the Triton interpreter
+
+
+def require(kernel, backend, device, dtype):
+    reason = DISPATCH[kernel].unavailable_reason(backend, device, dtype)
+    if reason:
+        pytest.skip(f"{backend} cannot run here: {reason}")
+
+
+def make(shape, dtype, layout="contiguous", device=CPU, scale=1.0):
+    """Random N(0, scale^2) tensor in the given memory layout (4-D shapes)."""
+    if layout == "contiguous":
+        t = torch.randn(shape, dtype=torch.float64)
+    elif layout == "channels_last":
+        t = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
+    elif layout == "strided":  # not dense: every other element of the last dim
+        t = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
+    elif layout == "batch_inner":  # dense, batch dimension innermost in memory
+        t = torch.randn(*shape[1:], shape[0], dtype=torch.float64).permute(3, 0, 1, 2)
+    else:
+        raise AssertionError(layout)
+    assert t.shape == torch.Size(shape)
+    return (scale * t).to(device=device, dtype=dtype)
+
+
+def random_coefs(batch, per_sample, device=CPU, dtype=torch.float64):
+    """Every used column nonzero (13..15 are reserved zeros)."""
+    shape = (batch, ref.NUM_STEP_COEFS) if per_sample else (ref.NUM_STEP_COEFS,)
+    c = torch.randn(shape, dtype=torch.float64)
+    c[..., 13:] = 0
+    return c.to(device=device, dtype=dtype)
+
+
+def upcast(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def check_step(backend, dtype, layout="contiguous", per_sample=True, clamp="none", shape=SHAPE, device=CPU,
+               coefs=None, with_optional=True, out_dtype=None, aux_dtype=None, m_dtype=None):
+    x = make(shape, dtype, layout, device)
+    m = make(shape, m_dtype or dtype, layout, device)
+    h1 = make(shape, dtype, "contiguous", device) if with_optional else None
+    h2 = make(shape, dtype, layout, device) if with_optional else None
+    z = make(shape, dtype, layout, device) if with_optional else None
+    c = coefs if coefs is not None else random_coefs(shape[0], per_sample, device)
+    bound, rescale = None, False
+    if clamp == "float":
+        bound = 0.8
+    elif clamp in ("tensor", "rescale"):
+        bound = (torch.rand(shape[0], dtype=torch.float64) + 0.5).to(device)
+        rescale = clamp == "rescale"
+    got = ops.sampler_step(x, m, c, h1, h2, z, x0_clamp=bound, x0_rescale=rescale, out_dtype=out_dtype,
+                           aux_dtype=aux_dtype, backend=backend)
+    want = ref.sampler_step(upcast(x), upcast(m), c, upcast(h1), upcast(h2), upcast(z), bound, rescale)
+    lowp = ref.sampler_step(x, m, c, h1, h2, z, bound, rescale, out_dtype, aux_dtype)
+    for name, g, w, p in zip(("prev", "aux"), got, want, lowp):
+        assert g.dtype == p.dtype, f"{name}: dtype {g.dtype}, expected {p.dtype}"
+        error_vs_reference(g, w, p, name=f"{backend} {dtype} {layout} {clamp} {name}")
+    if layout in ("contiguous", "channels_last"):
+        assert got[0].stride() == x.stride(), "dense batch-outer layout not kept"
+    return got
+
+
+# ----------------------------------------------------------------------------- sampler_step
+
+
+@pytest.mark.parametrize("clamp", ["none", "float", "tensor", "rescale"])
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "shared"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sampler_step_cpu(seed, dtype, layout, per_sample, clamp):
+    require("sampler_step", "cpu", CPU, dtype)
+    check_step("cpu", dtype, layout, per_sample, clamp)
+
+
+@pytest.mark.parametrize("clamp", ["none", "tensor", "rescale"])
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "shared"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+def test_sampler_step_triton(seed, dtype, layout, per_sample, clamp):
+    require("sampler_step", "triton", CPU, dtype)
+    check_step("triton", dtype, layout, per_sample, clamp, shape=SMALL)
+
+
+@pytest.mark.parametrize("clamp", ["none", "rescale"])
+def test_sampler_step_reference_backend(seed, clamp):
+    check_step("reference", torch.float32, "channels_last", True, clamp)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("column", range(13))
+def test_every_coefficient_column(seed, backend, column):
+    """One column at a time (x0 built from both its columns), so a swapped column fails."""
+    require("sampler_step", backend, CPU, torch.float32)
+    c = torch.zeros(ref.NUM_STEP_COEFS, dtype=torch.float64)
+    c[ref.X0_FROM_SAMPLE], c[ref.X0_FROM_MODEL] = 0.7, -1.3
+    c[column] += 1.9
+    prev, aux = check_step(backend, torch.float32, "contiguous", False, "none", shape=SMALL, coefs=c)
+    target = prev if 2 <= column <= 7 else aux
+    if column >= 2:
+        assert target.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_missing_optional_tensors_count_as_zero(seed, backend):
+    require("sampler_step", backend, CPU, torch.float32)
+    check_step(backend, torch.float32, per_sample=True, clamp="float", shape=SMALL, with_optional=False,
+               coefs=random_coefs(SMALL[0], True))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_mixed_dtypes(seed, backend):
+    """fp32 sample (Euler's upcast) with an fp16 model output; prev fp16, aux fp32."""
+    require("sampler_step", backend, CPU, torch.float32)
+    check_step(backend, torch.float32, "channels_last", True, "tensor", shape=SMALL, m_dtype=torch.float16,
+               out_dtype=torch.float16, aux_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_return_aux_false_and_float64_coefs_table_row(seed, backend):
+    require("sampler_step", backend, CPU, torch.float32)
+    table = torch.randn(10, ref.NUM_STEP_COEFS, dtype=torch.float64)
+    x, m, z = (torch.randn(SMALL) for _ in range(3))
+    prev, aux = ops.sampler_step(x, m, table[4], noise=z, return_aux=False, backend=backend)
+    assert aux is None
+    want = ref.sampler_step(x.double(), m.double(), table[4], noise=z.double())[0]
+    error_vs_reference(prev, want, ref.sampler_step(x, m, table[4], noise=z)[0])
+    c32 = table[3].float()  # float32 coefficients are accepted too
+    prev32, _ = ops.sampler_step(x, m, c32, backend=backend)
+    error_vs_reference(prev32, ref.sampler_step(x.double(), m.double(), c32)[0], ref.sampler_step(x, m, c32)[0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_fused_guidance(seed, backend):
+    require("sampler_step", backend, CPU, torch.float32)
+    x, cond, uncond, h1 = (torch.randn(SMALL) for _ in range(4))
+    c = random_coefs(SMALL[0], True)
+    g = 7.5
+    got = ops.sampler_step(x, cond, c, h1, model_output_uncond=uncond, guidance_scale=g, backend=backend)
+    m64 = uncond.double() + g * (cond.double() - uncond.double())
+    want = ref.sampler_step(x.double(), m64, c, h1.double())
+    lowp = ref.sampler_step(x, ref.guided_model_output(cond, uncond, g), c, h1)
+    for gg, w, p in zip(got, want, lowp):
+        error_vs_reference(gg, w, p)
+
+
+def test_nan_propagates_through_the_clamp():
+    x = torch.tensor([[float("nan"), 2.0, -2.0, 0.3]])
+    c = torch.zeros(ref.NUM_STEP_COEFS, dtype=torch.float64)
+    c[ref.X0_FROM_SAMPLE] = 1.0
+    c[ref.PREV_X0] = 1.0
+    for backend in ["cpu", "reference"]:
+        prev, _ = ops.sampler_step(x, torch.zeros_like(x), c, x0_clamp=1.0, backend=backend)
+        assert torch.isnan(prev[0, 0]) and prev[0, 1] == 1.0 and prev[0, 2] == -1.0 and prev[0, 3] == 0.3
+
+
+def test_empty_batch():
+    for backend in ["cpu", "reference"]:
+        x = torch.empty(0, 4, 3)
+        prev, aux = ops.sampler_step(x, x, torch.zeros(0, 16), backend=backend)
+        assert prev.shape == aux.shape == (0, 4, 3)
+
+
+def test_multithreaded_large_cpu(seed):
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        check_step("cpu", torch.float32, "channels_last", True, "rescale", shape=(3, 4, 101, 103))
+        check_step("cpu", torch.bfloat16, "contiguous", False, "float", shape=(2, 4, 64, 130))
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- seeded noise
+
+
+def _noise_only_coefs():
+    c = torch.zeros(ref.NUM_STEP_COEFS, dtype=torch.float64)
+    c[ref.PREV_NOISE] = 1.0
+    return c
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_seeded_noise_is_the_philox_spec_and_deterministic(backend):
+    require("sampler_step", backend, CPU, torch.float32)
+    shape = (2, 3, 5, 7)
+    x = torch.randn(shape)
+    s = int.from_bytes(__import__("os").urandom(7), "little")
+    z1, _ = ops.sampler_step(x, x, _noise_only_coefs(), noise_seed=s, backend=backend)
+    z2, _ = ops.sampler_step(x, x, _noise_only_coefs(), noise_seed=s, backend=backend)
+    z3, _ = ops.sampler_step(x, x, _noise_only_coefs(), noise_seed=s + 1, backend=backend)
+    assert torch.equal(z1, z2), "same seed, different noise"
+    assert (z1 != z3).float().mean() > 0.99, "a new seed must give new noise"
+    spec = ref.seeded_normal(x, s, torch.float64)
+    torch.testing.assert_close(z1.double(), spec, rtol=1e-5, atol=2e-5)
+    # A pure function of (seed, element offset): per-sample coefficients (another task split)
+    # and add_noise (another kernel) draw the very same values.
+    zb, _ = ops.sampler_step(x, x, _noise_only_coefs().expand(2, -1).contiguous(), noise_seed=s, backend=backend)
+    assert torch.equal(zb, z1)
+    one = torch.ones(4)
+    zn = ops.add_noise(torch.randn(shape), None, torch.tensor([1, 2]), one * 0, one, noise_seed=s, backend=backend)
+    assert torch.equal(zn, z1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_seeded_noise_statistics(backend):
+    n = 1 << 18 if backend == "cpu" else 1 << 15
+    x = torch.zeros(2, n // 2)
+    s = int.from_bytes(__import__("os").urandom(4), "little")
+    z, _ = ops.sampler_step(x, x, _noise_only_coefs(), noise_seed=s, backend=backend)
+    z = z.double().reshape(-1)
+    mean, var = z.mean().item(), z.var().item()
+    assert abs(mean) < 5 / math.sqrt(n), f"mean {mean}"
+    assert abs(var - 1) < 5 * math.sqrt(2 / n), f"variance {var}"
+    # Tails and symmetry of a normal: P(|z| > 2) = 0.0455, P(z > 0) = 0.5.
+    assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 0.005
+    assert abs((z > 0).double().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(n)
+    # Neighbouring elements are uncorrelated.
+    assert abs((z[1:] * z[:-1]).mean().item()) < 5 / math.sqrt(n)
+
+
+def test_seeded_noise_with_float64_and_channels_last():
+    x = make((2, 3, 4, 5), torch.float64, "channels_last")
+    z, _ = ops.sampler_step(x, x, _noise_only_coefs(), noise_seed=123, backend="cpu")
+    zr, _ = ops.sampler_step(x, x, _noise_only_coefs(), noise_seed=123, backend="reference")
+    assert z.stride() == x.stride()
+    torch.testing.assert_close(z, zr, rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- add_noise
+
+
+def schedule(T=50, dtype=torch.float64):
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
+
+
+def check_add_noise(backend, dtype, layout, target, shape=SHAPE, device=CPU, table_dtype=torch.float64):
+    a, s = (t.to(device) for t in schedule(dtype=table_dtype))
+    x0 = make(shape, dtype, layout, device)
+    noise = make(shape, dtype, layout, device)
+    t = torch.randint(0, a.numel(), (shape[0],), device=device)
+    got = ops.add_noise(x0, noise, t, a, s, target, backend=backend)
+    want = ref.add_noise(upcast(x0), upcast(noise), t, a, s, target)
+    lowp = ref.add_noise(x0, noise, t, a, s, target)
+    if target is None:
+        got, want, lowp = (got,), (want,), (lowp,)
+    for g, w, p in zip(got, want, lowp):
+        assert g.dtype == dtype
+        error_vs_reference(g, w, p, name=f"{backend} {dtype} {layout} {target}")
+
+
+@pytest.mark.parametrize("target", [None] + list(ref.TARGETS))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_add_noise_cpu(seed, dtype, layout, target):
+    require("add_noise", "cpu", CPU, dtype)
+    check_add_noise("cpu", dtype, layout, target)
+
+
+@pytest.mark.parametrize("target", [None] + list(ref.TARGETS))
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+def test_add_noise_triton(seed, dtype, target):
+    require("add_noise", "triton", CPU, dtype)
+    check_add_noise("triton", dtype, "channels_last", target, shape=SMALL, table_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("target", ["v_prediction", "flow"])
+def test_add_noise_reference_backend(seed, target):
+    check_add_noise("reference", torch.float32, "strided", target)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_add_noise_scalar_timestep_and_seeded_epsilon(seed, backend):
+    require("add_noise", backend, CPU, torch.float32)
+    a, s = schedule(dtype=torch.float32)
+    x0 = torch.randn(SMALL)
+    t = torch.tensor(17)
+    noisy, eps = ops.add_noise(x0, None, t, a, s, "epsilon", noise_seed=99, backend=backend)
+    # The target is the drawn noise, and noisy is built from it.
+    error_vs_reference(noisy, ref.add_noise(x0.double(), eps.double(), t, a, s), ref.add_noise(x0, eps, t, a, s))
+    assert abs(eps.mean().item()) < 0.5 and 0.5 < eps.std().item() < 1.5
+
+
+# ----------------------------------------------------------------------------- diffusion_loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("use_weights", [True, False], ids=["weights", "noweights"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_diffusion_loss_forward_and_gradients(seed, backend, use_weights, reduction):
+    require("per_sample_sums", backend, CPU, torch.float32)
+    shape = SMALL if backend == "triton" else SHAPE
+    layout = "channels_last"
+    m = make(shape, torch.float32, layout)
+    t = make(shape, torch.float32, "batch_inner")
+    w = torch.rand(shape[0]) + 0.1 if use_weights else None
+    gout = torch.randn(shape[0]) if reduction == "none" else torch.randn(())
+
+    def run(fn, m_, t_, w_):
+        m_ = m_.detach().requires_grad_()
+        t_ = t_.detach().requires_grad_()
+        w_ = w_.detach().requires_grad_() if w_ is not None else None
+        loss = fn(m_, t_, w_, reduction)
+        inputs = [m_, t_] + ([w_] if w_ is not None else [])
+        grads = torch.autograd.grad(loss, inputs, gout.to(loss.dtype))
+        return [loss.detach()] + list(grads)
+
+    got = run(lambda *a: ops.diffusion_loss(*a, backend=backend), m, t, w)
+    want = run(ref.diffusion_loss, upcast(m), upcast(t), upcast(w))
+    lowp = run(ref.diffusion_loss, m, t, w)
+    for name, g, ww, p in zip(["loss", "dm", "dt", "dw"], got, want, lowp):
+        error_vs_reference(g, ww, p, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_diffusion_loss_cpu_dtypes(seed, dtype):
+    m = make(SHAPE, dtype).requires_grad_()
+    t = make(SHAPE, dtype)
+    w = torch.rand(SHAPE[0], dtype=dtype)
+    loss = ops.diffusion_loss(m, t, w, backend="cpu")
+    (dm,) = torch.autograd.grad(loss, m)
+    assert dm.dtype == dtype and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    m64 = m.detach().double().requires_grad_()
+    want = ref.diffusion_loss(m64, t.double(), w.double())
+    (dm64,) = torch.autograd.grad(want, m64)
+    mlow = m.detach().requires_grad_()
+    lowp = ref.diffusion_loss(mlow, t, w)
+    (dmlow,) = torch.autograd.grad(lowp, mlow)
+    error_vs_reference(loss, want, lowp)
+    error_vs_reference(dm, dm64, dmlow)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_diffusion_loss_gradcheck_float64(seed, backend):
+    m = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.diffusion_loss(a, b, c, reduction, backend=backend),
+                                        (m, t, w))
+
+
+def test_diffusion_loss_target_without_grad_gets_none(seed):
+    m = torch.randn(2, 3, requires_grad=True)
+    t = torch.randn(2, 3)
+    ops.diffusion_loss(m, t, backend="cpu").backward()
+    assert m.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights(seed, prediction_type):
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0).float()
+    t = torch.randint(0, 1000, (64,))
+    w = ops.min_snr_weights(t, abar, 5.0, prediction_type)
+    snr = abar.double()[t] / (1 - abar.double()[t])
+    base = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = {"epsilon": base / snr, "v_prediction": base / (snr + 1), "sample": base}[prediction_type]
+    torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="prediction_type"):
+        ops.min_snr_weights(t, abar, 5.0, "x0")
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        ops.min_snr_weights(torch.tensor([1000]), abar, 5.0)
+
+
+# ----------------------------------------------------------------------------- cfg_combine
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "batch_inner"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_cfg_combine_cpu(seed, dtype, layout, rescale):
+    require("per_sample_combine", "cpu", CPU, dtype)
+    u = make(SHAPE, dtype, layout)
+    c = make(SHAPE, dtype, layout, scale=1.3)
+    got = ops.cfg_combine(u, c, 7.5, rescale, backend="cpu")
+    error_vs_reference(got, ref.cfg_combine(upcast(u), upcast(c), 7.5, rescale), ref.cfg_combine(u, c, 7.5, rescale))
+    if layout in ("contiguous", "channels_last"):
+        assert got.stride() == c.stride()
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+def test_cfg_combine_other_backends(seed, backend, dtype, rescale):
+    require("per_sample_combine", backend, CPU, dtype)
+    u = make(SMALL, dtype, "channels_last")
+    c = make(SMALL, dtype, "channels_last", scale=1.3)
+    got = ops.cfg_combine(u, c, 5.0, rescale, backend=backend)
+    error_vs_reference(got, ref.cfg_combine(upcast(u), upcast(c), 5.0, rescale), ref.cfg_combine(u, c, 5.0, rescale))
+
+
+def _diffusers_rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=0.0):
+    """diffusers' rescale_noise_cfg (pipeline_stable_diffusion.py), verbatim; importing it needs
+    transformers, which the test environment does not have."""
+    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
+    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
+    noise_pred_rescaled = noise_cfg * (std_text / std_cfg)
+    noise_cfg = guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
+    return noise_cfg
+
+
+def test_cfg_rescale_matches_diffusers(seed):
+    u = torch.randn(2, 4, 8, 8)
+    c = torch.randn(2, 4, 8, 8) * 1.2 + 0.1
+    g = 6.0
+    want = _diffusers_rescale_noise_cfg(u + g * (c - u), c, guidance_rescale=0.7)
+    torch.testing.assert_close(ops.cfg_combine(u, c, g, 0.7, backend="cpu"), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- timestep_embedding
+
+
+@pytest.mark.parametrize("dim,flip,shift,scale", [(320, True, 0, 1), (256, False, 1, 1), (33, False, 1, 1000),
+                                                  (7, True, 0.5, 2.0), (1, False, 1, 1)])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_timestep_embedding(seed, backend, dim, flip, shift, scale):
+    require("timestep_embedding", backend, CPU, torch.int64)
+    for t in (torch.randint(0, 1000, (5,)), torch.rand(3) * 999):
+        got = ops.timestep_embedding(t, dim, flip, shift, scale, backend=backend)
+        want = ref.timestep_embedding(t.double(), dim, flip, shift, scale)
+        lowp = ref.timestep_embedding(t, dim, flip, shift, scale)
+        assert got.dtype == torch.float32 and got.shape == (t.shape[0], dim)
+        # float32 arguments up to ~1000 rad: the floor is the rounding of the argument.
+        error_vs_reference(got, want, lowp, floor=2e-4 * max(1.0, abs(scale)))
+
+
+def test_timestep_embedding_matches_diffusers(seed):
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    t = torch.randint(0, 1000, (8,))
+    for dim, flip, shift in ((320, True, 0), (128, False, 1), (33, True, 1)):
+        want = embeddings.get_timestep_embedding(t, dim, flip, shift)
+        # Arguments up to 1000 rad in float32 (ulp 6e-5): libm and torch's sin/exp differ by that.
+        torch.testing.assert_close(ops.timestep_embedding(t, dim, flip, shift, backend="cpu"), want,
+                                   rtol=0, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _step_args():
+    x = torch.randn(2, 3, 4)
+    return x, torch.randn(2, 3, 4), torch.zeros(16)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(model_output=torch.randn(2, 3, 5)), ValueError, r"model_output has shape \(2, 3, 5\) but the sample has shape \(2, 3, 4\)"),
+    (dict(coefs=torch.zeros(15)), ValueError, r"coefs must have shape \(16,\) or \(B, 16\)"),
+    (dict(coefs=torch.zeros(3, 16)), ValueError, r"B = sample.shape\[0\] = 2, got \(3, 16\)"),
+    (dict(coefs=torch.zeros(16, dtype=torch.float16)), TypeError, "coefs must be float32 or float64"),
+    (dict(coefs=torch.zeros(16, device="meta")), ValueError, "coefs is on meta but the sample is on cpu"),
+    (dict(coefs=[0.0] * 16), TypeError, "coefs must be a torch.Tensor"),
+    (dict(history=torch.randn(2, 3)), ValueError, "history has shape"),
+    (dict(noise=torch.randn(2, 3, 4).long()), TypeError, "noise must be float32"),
+    (dict(x0_clamp=-1.0), ValueError, "x0_clamp must be >= 0"),
+    (dict(x0_clamp=torch.ones(3)), ValueError, r"x0_clamp must have shape \(B,\)"),
+    (dict(x0_rescale=True), ValueError, "x0_rescale needs x0_clamp"),
+    (dict(noise=torch.randn(2, 3, 4), noise_seed=3), ValueError, "either noise or noise_seed"),
+    (dict(noise_seed=-1), ValueError, "noise_seed must be in"),
+    (dict(noise_seed=1.5), TypeError, "noise_seed must be an int"),
+    (dict(model_output_uncond=torch.randn(2, 3, 4)), ValueError, "needs both model_output_uncond and guidance_scale"),
+    (dict(out_dtype=torch.int32), TypeError, "out_dtype must be None or one of"),
+    (dict(backend="tpu"), ValueError, "unknown backend 'tpu'"),
+])
+def test_sampler_step_bad_input(change, error, match):
+    x, m, c = _step_args()
+    kwargs = dict(sample=x, model_output=m, coefs=c)
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        ops.sampler_step(**kwargs)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(timesteps=torch.tensor([0, 50])), ValueError, r"timesteps must lie in \[0, 49\]"),
+    (dict(timesteps=torch.tensor([-1, 3])), ValueError, r"timesteps must lie in \[0, 49\]"),
+    (dict(timesteps=torch.tensor([1.0, 2.0])), TypeError, "timesteps must be an integer tensor"),
+    (dict(timesteps=torch.tensor([1, 2, 3])), ValueError, r"timesteps must have shape \(B,\)"),
+    (dict(noise=torch.randn(2, 3)), ValueError, "noise has shape"),
+    (dict(noise=None), TypeError, "noise must be a torch.Tensor"),
+    (dict(signal_scale=torch.ones(50, 1)), ValueError, "signal_scale must be a non-empty 1-D table"),
+    (dict(noise_scale=torch.ones(49)), ValueError, "same length"),
+    (dict(target="x0"), ValueError, "target must be None or one of"),
+])
+def test_add_noise_bad_input(change, error, match):
+    a, s = schedule()
+    kwargs = dict(x0=torch.randn(2, 3, 4), noise=torch.randn(2, 3, 4), timesteps=torch.tensor([3, 4]),
+                  signal_scale=a, noise_scale=s)
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        ops.add_noise(**kwargs)
+
+
+def test_loss_cfg_embedding_bad_input():
+    m = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="target has shape"):
+        ops.diffusion_loss(m, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"weights must have shape \(B,\)"):
+        ops.diffusion_loss(m, m, torch.ones(3))
+    with pytest.raises(ValueError, match="reduction must be"):
+        ops.diffusion_loss(m, m, reduction="max")
+    with pytest.raises(ValueError, match="uncond has shape"):
+        ops.cfg_combine(torch.randn(2, 4), m, 7.5)
+    with pytest.raises(ValueError, match="guidance_rescale must be >= 0"):
+        ops.cfg_combine(m, m, 7.5, -0.1)
+    with pytest.raises(ValueError, match="timesteps must be 1-D"):
+        ops.timestep_embedding(torch.zeros(2, 2), 8)
+    with pytest.raises(ValueError, match="divide by zero"):
+        ops.timestep_embedding(torch.zeros(2), 2, downscale_freq_shift=1)
+    with pytest.raises(ValueError, match="dim must be an int >= 1"):
+        ops.timestep_embedding(torch.zeros(2), 0)
+
+
+# ----------------------------------------------------------------------------- torch.library / compile
+
+
+def test_opcheck(seed):
+    x = make((2, 3, 4, 5), torch.float32, "channels_last")
+    m = make((2, 3, 4, 5), torch.float32)
+    c = random_coefs(2, True)
+    clamp = torch.rand(2) + 0.5
+    torch.library.opcheck(torch.ops.genfast.diffusion_sampler_step.default,
+                          (x, m, c, m, None, m, None, clamp, -1.0, True, 1.0, -1, True, torch.float16,
+                           torch.float32, "cpu"))
+    torch.library.opcheck(torch.ops.genfast.diffusion_sampler_step.default,
+                          (x, m, c[0], None, None, None, m, None, 0.5, False, 3.0, 7, False, torch.float32,
+                           torch.float32, "cpu"))
+    a, s = schedule(dtype=torch.float32)
+    torch.library.opcheck(torch.ops.genfast.diffusion_add_noise.default,
+                          (x, m, torch.tensor([1, 2]), a, s, 2, -1, "cpu"))
+    torch.library.opcheck(torch.ops.genfast.diffusion_per_sample_sums.default, (x, m, 1, 3.0, "cpu"))
+    torch.library.opcheck(torch.ops.genfast.diffusion_per_sample_combine.default,
+                          (x, m, torch.rand(2), 0.0, -1.0, True, torch.float32, torch.float32, "cpu"))
+    torch.library.opcheck(torch.ops.genfast.diffusion_timestep_embedding.default,
+                          (torch.tensor([3, 999]), 9, True, 1.0, 1.0, 10000.0, "cpu"))
+
+
+def test_torch_compile_fullgraph_sampler_step_and_add_noise(seed):
+    torch._dynamo.reset()
+    a, s = schedule(dtype=torch.float32)
+    coefs = random_coefs(3, False)
+    bound = torch.rand(3) + 0.5
+
+    def step(x, m, h):
+        prev, aux = ops.sampler_step(x, m, coefs, h, x0_clamp=bound, noise_seed=5, backend="cpu")
+        return prev * 2, aux
+
+    def noising(x0, noise, t):
+        return ops.add_noise(x0, noise, t, a, s, "v_prediction", backend="cpu")
+
+    x, m, h = (torch.randn(SHAPE) for _ in range(3))
+    t = torch.randint(0, 50, (3,))
+    for fn, args in ((step, (x, m, h)), (noising, (x, m, t))):
+        compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+        for got, want in zip(compiled(*args), fn(*args)):
+            torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_loss_backward(seed):
+    torch._dynamo.reset()
+
+    def loss_fn(m, t, w):
+        return ops.diffusion_loss(m, t, w, backend="cpu")
+
+    m = torch.randn(SHAPE, requires_grad=True)
+    t, w = torch.randn(SHAPE), torch.rand(SHAPE[0])
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(m, t, w)
+    (g,) = torch.autograd.grad(loss, m)
+    m2 = m.detach().requires_grad_()
+    want = loss_fn(m2, t, w)
+    (g2,) = torch.autograd.grad(want, m2)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g, g2)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_sampler_step_and_add_noise(seed, backend, dtype, layout):
+    device = torch.device("cuda")
+    require("sampler_step", backend, device, dtype)
+    for per_sample, clamp, shape in ((True, "rescale", SHAPE), (False, "float", (4, 4, 64, 65)),
+                                     (True, "none", (16, 4, 64, 64))):
+        check_step(backend, dtype, layout, per_sample, clamp, shape=shape, device=device,
+                   coefs=random_coefs(shape[0], per_sample, device))
+    for target in [None] + list(ref.TARGETS):
+        check_add_noise(backend, dtype, layout, target, shape=(5, 4, 33, 17), device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_loss_cfg_embedding_and_noise(seed, backend):
+    device = torch.device("cuda")
+    require("per_sample_sums", backend, device, torch.float32)
+    for dtype in GPU_DTYPES:
+        u = make((3, 4, 64, 63), dtype, "channels_last", device)
+        c = make((3, 4, 64, 63), dtype, "channels_last", device, scale=1.3)
+        for rescale in (0.0, 0.7):
+            error_vs_reference(ops.cfg_combine(u, c, 7.5, rescale, backend=backend),
+                               ref.cfg_combine(u.double(), c.double(), 7.5, rescale), ref.cfg_combine(u, c, 7.5, rescale))
+        m = u.detach().requires_grad_()
+        w = torch.rand(3, device=device)
+        loss = ops.diffusion_loss(m, c, w, backend=backend)
+        (dm,) = torch.autograd.grad(loss, m)
+        m64 = u.double().requires_grad_()
+        want = ref.diffusion_loss(m64, c.double(), w.double())
+        (dm64,) = torch.autograd.grad(want, m64)
+        mlow = u.detach().requires_grad_()
+        lowp = ref.diffusion_loss(mlow, c, w)
+        (dmlow,) = torch.autograd.grad(lowp, mlow)
+        error_vs_reference(loss, want, lowp)
+        error_vs_reference(dm, dm64, dmlow)
+    t = torch.randint(0, 1000, (16,), device=device)
+    error_vs_reference(ops.timestep_embedding(t, 320, True, 0, backend=backend),
+                       ref.timestep_embedding(t.double(), 320, True, 0), ref.timestep_embedding(t, 320, True, 0),
+                       floor=2e-4)
+    x = torch.zeros(4, 1 << 16, device=device)
+    z, _ = ops.sampler_step(x, x, _noise_only_coefs().to(device), noise_seed=11, backend=backend)
+    spec = ref.seeded_normal(x, 11, torch.float64)
+    torch.testing.assert_close(z.double(), spec, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_misaligned_and_no_host_sync(backend):
+    device = torch.device("cuda")
+    require("sampler_step", backend, device, torch.float16)
+    big = torch.randn(1 + 3 * 5 * 7 * 9, device=device, dtype=torch.float16)
+    x = big[1:].view(SHAPE)  # not 16-byte aligned
+    m = torch.randn(SHAPE, device=device, dtype=torch.float16)
+    c = random_coefs(3, True, device)
+    got = ops.sampler_step(x, m, c, backend=backend)
+    want = ref.sampler_step(x.double(), m.double(), c)
+    for g, w, p in zip(got, want, ref.sampler_step(x, m, c)):
+        error_vs_reference(g, w, p)
+    a, s = (t.to(device) for t in schedule())
+    t = torch.randint(0, 50, (3,), device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.sampler_step(x, m, c, x0_clamp=torch.ones(3, device=device), noise_seed=3, backend=backend)
+        ops.add_noise(x, None, t, a, s, "v_prediction", noise_seed=4, backend=backend)
+        ops.diffusion_loss(x, m, torch.ones(3, device=device), backend=backend)
+        ops.cfg_combine(x, m, 7.5, 0.7, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_64bit_indexing(backend):
+    device = torch.device("cuda")
+    require("sampler_step", backend, device, torch.float16)
+    n = (1 << 31) + 4099
+    x = torch.ones(1, n, device=device, dtype=torch.float16)
+    c = torch.zeros(16, dtype=torch.float64, device=device)
+    c[ref.PREV_SAMPLE] = 2.0
+    prev, _ = ops.sampler_step(x, x, c, return_aux=False, backend=backend)
+    assert prev[0, -5:].eq(2).all() and prev[0, :5].eq(2).all()
+    del prev
+    a = torch.ones(1, device=device)
+    noisy = ops.add_noise(x, x, torch.zeros(1, dtype=torch.int64, device=device), a, a * 0.5, backend=backend)
+    assert noisy[0, -3:].eq(1.5).all()
