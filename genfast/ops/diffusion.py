@@ -24,8 +24,8 @@ give the same noise on every call. All backends draw the same Philox bits (the s
 log/cos only (no bit-exactness across devices is promised). Use a new seed per step.
 
 Timesteps of ``add_noise``: checked against the table length on the host when they are CPU
-tensors (free); CUDA timesteps are clamped to [0, T - 1] in the kernel (a check would need a
-device-to-host synchronisation).
+tensors in eager mode (free); CUDA timesteps (and CPU ones under torch.compile) are clamped to
+[0, T - 1] in the kernel (a check would need a device-to-host synchronisation).
 
 Layouts: elementwise ops take any dense layout whose batch dimension is outermost in memory
 (contiguous, channels_last, ...), where sample b owns a contiguous range; the outputs keep it.
@@ -635,7 +635,8 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
                          f"{signal_scale.shape[0]} and {noise_scale.shape[0]}")
     if target not in TARGET_CODES:
         raise ValueError(f"{op}: target must be None or one of {TARGETS}, got {target!r}")
-    if timesteps.device.type == "cpu" and timesteps.numel():  # free on the host; on a GPU it would sync
+    # Free on the host; on a GPU it would sync, and under torch.compile it is data-dependent.
+    if timesteps.device.type == "cpu" and timesteps.numel() and not torch.compiler.is_compiling():
         lo, hi = int(timesteps.min()), int(timesteps.max())
         if lo < 0 or hi >= signal_scale.numel():
             raise ValueError(f"{op}: timesteps must lie in [0, {signal_scale.numel() - 1}] (the table length), "
@@ -726,7 +727,7 @@ def min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type: str = "ep
     gamma = _check_number(op, "gamma", gamma, minimum=0.0)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{op}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if timesteps.device.type == "cpu" and timesteps.numel():
+    if timesteps.device.type == "cpu" and timesteps.numel() and not torch.compiler.is_compiling():
         lo, hi = int(timesteps.min()), int(timesteps.max())
         if lo < 0 or hi >= alphas_cumprod.numel():
             raise ValueError(f"{op}: timesteps must lie in [0, {alphas_cumprod.numel() - 1}], got [{lo}, {hi}]")

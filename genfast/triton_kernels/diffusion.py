@@ -50,7 +50,7 @@ def _sampler_step_kernel(prev_ptr, aux_ptr, x_ptr, m_ptr, mu_ptr, h1_ptr, h2_ptr
     x0 = tl.load(row + 0).to(cd) * x + tl.load(row + 1).to(cd) * m
     if CLAMP != 0:
         if CLAMP == 1:
-            r = clamp_value.to(cd)
+            r = clamp_value
         else:
             r = tl.load(clamp_ptr + b).to(cd)
         # Comparisons rather than min/max so that NaN propagates like torch.clamp.
@@ -153,7 +153,7 @@ def _combine_kernel(out_ptr, out2_ptr, a_ptr, b_ptr, factor_ptr, per_sample, alp
     offs = b * per_sample + local
     u = tl.load(a_ptr + offs, mask=mask, other=0.0).to(cd)
     v = tl.load(b_ptr + offs, mask=mask, other=0.0).to(cd)
-    out = alpha.to(cd) * u + beta.to(cd) * (v - u)
+    out = alpha * u + beta * (v - u)
     if HAS_FACTOR:
         out = tl.load(factor_ptr + b).to(cd) * out
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
