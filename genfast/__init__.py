@@ -11,8 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import nn, ops, reference
-from ._dispatch import BACKENDS, BackendWarning
+from . import models, nn, ops, reference
+from ._dispatch import BACKENDS, BackendWarning, use_backend
 from ._info import info
 
-__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "nn", "ops", "reference"]
+__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "models", "nn", "ops", "reference", "use_backend"]

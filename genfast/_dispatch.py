@@ -1,7 +1,7 @@
 """Backend dispatch: one registry per op, mapping a backend name to an implementation.
 
-Choice order for ``backend=None`` (automatic): the ``GENFAST_BACKEND`` environment variable if
-set, else the first backend that can run on the tensor's device and dtype, the device's native
+Choice order for ``backend=None`` (automatic): the innermost ``genfast.use_backend(...)``
+context if any, else the ``GENFAST_BACKEND`` environment variable if set, else the first backend that can run on the tensor's device and dtype, the device's native
 kernels first (``cuda`` on GPUs, ``cpu`` on CPUs), then in ``BACKENDS`` order.
 An explicit backend (argument or environment) that cannot run falls back to the next one that
 can, with one warning per (op, backend, reason). A backend that raises at run time is treated
@@ -12,6 +12,8 @@ list of ``op=name`` pairs (``GENFAST_BACKEND=bias_act=cpu,attention=triton``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import warnings
@@ -86,6 +88,40 @@ def env_backend(op: str) -> str | None:
         if name.strip() == op:
             return backend.strip()
     return None
+
+
+# The backend(s) asked for by the innermost use_backend() context: None, a name, or a dict
+# op -> name. A ContextVar, so threads and async tasks each see their own.
+_context_backend: contextvars.ContextVar = contextvars.ContextVar("genfast_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend):
+    """Run every genfast op called inside the block (that gets no explicit ``backend=``) on
+    ``backend``: a name from ``BACKENDS``, a dict ``{op: name}``, or None (automatic choice).
+
+        with genfast.use_backend("reference"):   # the plain-PyTorch specification
+            loss = model(x)
+    """
+    if isinstance(backend, dict):
+        bad = {op: name for op, name in backend.items() if name not in BACKENDS}
+    else:
+        bad = {"*": backend} if backend is not None and backend not in BACKENDS else {}
+    if bad:
+        raise ValueError(f"use_backend: unknown backend(s) {bad}; expected names from {BACKENDS}")
+    token = _context_backend.set(backend)
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def context_backend(op: str) -> str | None:
+    """The backend the innermost use_backend() context asks for this op, or None."""
+    value = _context_backend.get()
+    if isinstance(value, dict):
+        return value.get(op)
+    return value
 
 
 def strict() -> bool:
@@ -185,6 +221,8 @@ class OpDispatcher:
         raise AssertionError("unreachable")
 
     def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
+        if requested is None:
+            requested = context_backend(self.op)
         if requested is None:
             requested = env_backend(self.op)
             if requested is not None and requested not in BACKENDS:

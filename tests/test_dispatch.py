@@ -158,3 +158,22 @@ def test_cuda_kernels_were_compiled_when_nvcc_is_present():
 def test_extension_rejects_bad_sizes_instead_of_crashing():
     with pytest.raises(ValueError, match="bad sizes"):
         _ext._C.bias_act_cpu(0, 0, 0, 10, 0, 1, 0, 0, 0, 0, 0, 0, 0.0, 1.0, -1.0, 1)
+
+
+def test_use_backend_context_picks_the_backend_and_restores_it():
+    import genfast
+    from genfast.ops.bias_act import DISPATCH
+
+    x = torch.randn(3, 4)
+    assert DISPATCH._usable(None, x.device, x.dtype)[0] == "cpu"
+    with genfast.use_backend("reference"):
+        assert DISPATCH._usable(None, x.device, x.dtype)[0] == "reference"
+        with genfast.use_backend({"bias_act": "cpu", "other_op": "reference"}):
+            assert DISPATCH._usable(None, x.device, x.dtype)[0] == "cpu"
+        assert DISPATCH._usable(None, x.device, x.dtype)[0] == "reference"
+        # An explicit backend= still wins over the context.
+        assert DISPATCH._usable("cpu", x.device, x.dtype)[0] == "cpu"
+    assert DISPATCH._usable(None, x.device, x.dtype)[0] == "cpu"
+    with pytest.raises(ValueError, match="unknown backend"):
+        with genfast.use_backend("gpu"):
+            pass

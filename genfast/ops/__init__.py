@@ -2,6 +2,7 @@
 from .bias_act import bias_act, fused_leaky_relu
 from .diffusion import (add_noise, cfg_combine, diffusion_loss, min_snr_weights, sampler_step,
                         timestep_embedding)
+from .vae import kl_divergence, reparameterize, reparameterize_kl
 
-__all__ = ["bias_act", "fused_leaky_relu"]
+__all__ = ["bias_act", "fused_leaky_relu", "kl_divergence", "reparameterize", "reparameterize_kl"]
 __all__ += ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding"]

@@ -1,0 +1,6 @@
+"""genfast.models: model classes built on genfast's fast paths, each with a fast/reference
+switch (``model.set_backend(None | "reference" | ...)``, see ``FastPathModel``)."""
+from ._base import FastPathModel
+from .vae import VAE
+
+__all__ = ["FastPathModel", "VAE"]
