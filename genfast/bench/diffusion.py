@@ -15,7 +15,7 @@ only, the same for every provider; n = elements, s = element size):
                   read m, t (forward); read m, t, write dm (backward)                        5 n s
   cfg             cfg_combine: read uncond, cond; write out                                   3 n s
   cfg_rescale     cfg_combine with guidance_rescale 0.7 (two passes): 2 n s + 3 n s           5 n s
-  embedding       timestep_embedding, (B,) -> (B, 320) float32 (launch-bound)                 B 320 4
+  embedding       timestep_embedding, (B,) -> (B, 320) float32 (launch-bound; shape (B, 320)) B 320 4
 Shapes: SD latents 1x4x64x64 and 16x4x64x64 (launch-bound: the point is one launch and no
 sync), and on GPUs 16x4x1024x1024 (64M elements, bandwidth-bound).
 """
@@ -245,9 +245,12 @@ def _plan(device, quick: bool):
     plan = []
     for variant in variants:
         for shape in shapes:
-            if variant == "embedding" and math.prod(shape[1:]) > 4 * 64 * 64:
-                continue  # the embedding depends on the batch only
-            for dtype in (dtypes[:1] if variant == "embedding" else dtypes):
+            if variant == "embedding":  # (B,) timesteps -> (B, EMBED_DIM): depends on the batch only
+                if math.prod(shape[1:]) > 4 * 64 * 64:
+                    continue
+                plan.append((variant, (shape[0], EMBED_DIM), torch.float32))
+                continue
+            for dtype in dtypes:
                 plan.append((variant, shape, dtype))
     return plan
 
