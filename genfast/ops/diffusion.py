@@ -27,9 +27,11 @@ Timesteps of ``add_noise``: checked against the table length on the host when th
 tensors in eager mode (free); CUDA timesteps (and CPU ones under torch.compile) are clamped to
 [0, T - 1] in the kernel (a check would need a device-to-host synchronisation).
 
-Layouts: elementwise ops take any dense layout whose batch dimension is outermost in memory
-(contiguous, channels_last, ...), where sample b owns a contiguous range; the outputs keep it.
-Other inputs (gaps, or a batch dimension that is not outermost) are made contiguous first.
+Layouts: outputs keep the layout of the (first) input when the kernel can run in it: any dense
+layout when nothing is per sample (shared coefficients, cfg without rescale), else a dense
+layout whose batch dimension is outermost in memory (contiguous, channels_last, ...), where
+sample b owns one contiguous range. Other inputs (gaps, or a batch dimension that is not
+outermost where per-sample values are needed) are made contiguous first.
 Every input keeps its own dtype (e.g. an fp32 sample with an fp16 model output): no
 conversion pass. Arithmetic is float32, or float64 when the sample / x0 / prediction is
 float64.
@@ -51,7 +53,7 @@ from .. import _ext
 from .._dispatch import OpDispatcher
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
-from .bias_act import is_dense
+from .bias_act import _dense, is_dense
 
 __all__ = ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
            "DISPATCH", "FLOAT_DTYPES", "TARGETS", "PREDICTION_TYPES"]
@@ -78,12 +80,16 @@ def batch_outer(t: torch.Tensor) -> bool:
     return t.ndim == 0 or t.shape[0] <= 1 or t.stride(0) * t.shape[0] == t.numel()
 
 
-def _layout(t: torch.Tensor) -> torch.Tensor:
+def _layout(t: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
+    """The memory layout a kernel runs in: any dense layout when nothing is per sample, else a
+    batch-outer one; a copy (contiguous) only when ``t`` does not qualify."""
+    if not per_sample:
+        return _dense(t)
     return t if batch_outer(t) else t.contiguous()
 
 
 def _same_layout(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``t`` (its own dtype) with exactly the memory layout of the batch-outer dense ``like``."""
+    """``t`` (its own dtype) with exactly the memory layout of the dense ``like``."""
     if t is None or t.stride() == like.stride():
         return t
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
@@ -338,8 +344,12 @@ def _backend(name: str) -> Optional[str]:
     return name or None
 
 
-def _step_outputs(x, return_aux, out_dtype, aux_dtype):
-    x = _layout(x)
+def _step_per_sample(coefs, clamp) -> bool:
+    return coefs.ndim == 2 or clamp is not None
+
+
+def _step_outputs(x, per_sample, return_aux, out_dtype, aux_dtype):
+    x = _layout(x, per_sample)
     prev = torch.empty_like(x, dtype=out_dtype)
     aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else x.new_empty(0, dtype=aux_dtype)
     return prev, aux
@@ -347,12 +357,13 @@ def _step_outputs(x, return_aux, out_dtype, aux_dtype):
 
 def _step_impl(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
                x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
-    x = _layout(sample)
-    prev, aux = _step_outputs(x, return_aux, out_dtype, aux_dtype)
+    by_sample = _step_per_sample(coefs, clamp)
+    x = _layout(sample, by_sample)
+    prev, aux = _step_outputs(x, by_sample, return_aux, out_dtype, aux_dtype)
     if x.numel() == 0:
         return prev, aux
     per_sample_coefs = coefs.ndim == 2
-    per_sample = _per_sample_count(x, per_sample_coefs or clamp is not None)
+    per_sample = _per_sample_count(x, by_sample)
     tensors = [_same_layout(t, x) for t in (model_output, model_output_uncond, history, history2, noise)]
     m, mu, h1, h2, z = tensors
     coefs = coefs.contiguous()
@@ -392,7 +403,7 @@ def _sums_impl(a, b, mode, scale, backend):
 
 
 def _combine_impl(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
-    x = _layout(a)
+    x = _layout(a, factor is not None)
     out = torch.empty_like(x, dtype=out_dtype)
     out2 = torch.empty_like(x, dtype=out2_dtype) if second else x.new_empty(0, dtype=out2_dtype)
     if x.numel() == 0:
@@ -424,7 +435,7 @@ for _name, _impl in (("diffusion_sampler_step", _step_impl), ("diffusion_add_noi
 @torch.library.register_fake("genfast::diffusion_sampler_step")
 def _step_fake(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
                x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
-    return _step_outputs(sample, return_aux, out_dtype, aux_dtype)
+    return _step_outputs(sample, _step_per_sample(coefs, clamp), return_aux, out_dtype, aux_dtype)
 
 
 @torch.library.register_fake("genfast::diffusion_add_noise")
@@ -440,7 +451,7 @@ def _sums_fake(a, b, mode, scale, backend):
 
 @torch.library.register_fake("genfast::diffusion_per_sample_combine")
 def _combine_fake(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
-    x = _layout(a)
+    x = _layout(a, factor is not None)
     return (torch.empty_like(x, dtype=out_dtype),
             torch.empty_like(x, dtype=out2_dtype) if second else x.new_empty(0, dtype=out2_dtype))
 
@@ -586,7 +597,7 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
     if _needs_grad(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor):
         prev, aux = _reference_step(sample, model_output, coefs, history, history2, noise, model_output_uncond,
                                     clamp_tensor, clamp_value, x0_rescale, g, seed if seed >= 0 else None,
-                                    like=_layout(sample))
+                                    like=_layout(sample, _step_per_sample(coefs, clamp_tensor)))
         return prev.to(out_dtype), (aux.to(aux_dtype) if return_aux else None)
     prev, aux = torch.ops.genfast.diffusion_sampler_step(
         sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
