@@ -298,6 +298,8 @@ def test_add_noise_scalar_timestep_and_seeded_epsilon(seed, backend):
     x0 = torch.randn(SMALL)
     t = torch.tensor(17)
     noisy, eps = ops.add_noise(x0, None, t, a, s, "epsilon", noise_seed=99, backend=backend)
+    noisy1, eps1 = ops.add_noise(x0, None, t.reshape(1), a, s, "epsilon", noise_seed=99, backend=backend)
+    assert torch.equal(noisy1, noisy) and torch.equal(eps1, eps)
     # The target is the drawn noise, and noisy is built from it.
     error_vs_reference(noisy, ref.add_noise(x0.double(), eps.double(), t, a, s), ref.add_noise(x0, eps, t, a, s))
     assert abs(eps.mean().item()) < 0.5 and 0.5 < eps.std().item() < 1.5

@@ -614,7 +614,7 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
     noisy = signal_scale[t_b] x0 + noise_scale[t_b] noise, plus the training target
     ("epsilon", "v_prediction", "sample", "flow") when ``target`` is given.
 
-    ``timesteps``: (B,) (or 0-d) integer tensor on x0's device; CPU timesteps outside
+    ``timesteps``: (B,) integer tensor on x0's device (or one timestep, shape () or (1,)); CPU timesteps outside
     [0, T) raise ValueError, CUDA ones are clamped in the kernel (checking would synchronise).
     ``noise=None`` with ``noise_seed=int`` draws the noise in the kernel (then the target
     "epsilon" is that noise). Returns noisy, or (noisy, target), in x0's dtype.
@@ -631,9 +631,9 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
         raise TypeError(f"{op}: timesteps must be an integer tensor (indices into the tables), got {timesteps.dtype}")
     if timesteps.device != x0.device:
         raise ValueError(f"{op}: timesteps is on {timesteps.device} but x0 is on {x0.device}")
-    if timesteps.shape not in ((x0.shape[0],), ()):
-        raise ValueError(f"{op}: timesteps must have shape (B,) with B = x0.shape[0] = {x0.shape[0]}, "
-                         f"got {tuple(timesteps.shape)}")
+    if timesteps.shape not in ((x0.shape[0],), (), (1,)):
+        raise ValueError(f"{op}: timesteps must have shape (B,) with B = x0.shape[0] = {x0.shape[0]} (or one "
+                         f"timestep for the batch), got {tuple(timesteps.shape)}")
     for name, table in (("signal_scale", signal_scale), ("noise_scale", noise_scale)):
         if not isinstance(table, torch.Tensor) or table.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be a float torch.Tensor, got {_type_name(table)}")
