@@ -222,6 +222,8 @@ def add_noise(noisy, target, x0, noise, timesteps, signal, noise_scale, target_c
 def per_sample_sums(a, b, mode, scale, per_sample, width):
     """(B, width) float64 sums; a second small torch reduction adds the per-chunk partials."""
     samples = a.numel() // per_sample
+    if samples > MAX_GRID_Y:
+        raise ValueError(f"genfast diffusion (triton): batch of {samples} samples exceeds {MAX_GRID_Y}")
     iters = 4
     chunks = max(1, triton.cdiv(per_sample, BLOCK * iters))
     partial = torch.empty(samples, chunks, width, dtype=torch.float64, device=a.device)
