@@ -1,6 +1,7 @@
 """genfast.ops.diffusion: fused diffusion sampling and training kernels.
 
-Public ops (each validates its arguments before any kernel, never synchronises with the host):
+Public ops (each validates its arguments before any kernel and never synchronises a GPU with
+the host; only the reference backend's seeded noise is drawn on the host, with numpy):
 
 * ``sampler_step``: one sampler step of any scheduler (the coefficient contract of
   ``genfast.reference.diffusion``) in one pass: reads x, m and the history/noise tensors that
@@ -37,9 +38,13 @@ conversion pass. Arithmetic is float32, or float64 when the sample / x0 / predic
 float64.
 
 Backends (``DISPATCH``, one OpDispatcher per kernel: sampler_step, add_noise, per_sample_sums,
-per_sample_combine, timestep_embedding): cuda, triton, cpu (C++/OpenMP), reference. The
-ops are registered with torch.library (light form, with fake kernels), so
-torch.compile(fullgraph=True) keeps each as one opaque node.
+per_sample_combine, timestep_embedding; these are the op names for ``GENFAST_BACKEND=op=name``
+and ``genfast.use_backend({op: name})``): cuda and triton (float32/16/bf16), cpu (C++/OpenMP,
+also float64), reference (the plain-PyTorch composition; float64 GPU tensors end up there).
+The ops are registered with torch.library (light form, with fake kernels), so
+torch.compile(fullgraph=True) keeps each as one opaque node. Gradients: diffusion_loss has a
+fused backward; the other ops are inference kernels and, when an input requires grad, run the
+differentiable reference composition instead.
 """
 from __future__ import annotations
 
