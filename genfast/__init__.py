@@ -12,7 +12,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import nn, ops, reference
+from . import schedulers
 from ._dispatch import BACKENDS, BackendWarning
 from ._info import info
 
-__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "nn", "ops", "reference"]
+__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "nn", "ops", "reference", "schedulers"]

@@ -176,7 +176,8 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerB
                         d1 = alpha_t * ((em - 1.0) / h + 1.0)
                     r[PREV_X0] = d0 + d1 / r0
                     r[PREV_HIST1] = -d1 / r0
-        rows = np.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0) if np.isinf(sig[-1]) else rows
+        if sig[n] == 0.0:  # the final step is always first order then; its 2nd-order row (h = inf) is unused
+            rows[n - 1, SECOND_ORDER] = rows[n - 1, FIRST_ORDER]
         return rows if cfg.thresholding else fold_x0(rows)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
