@@ -8,7 +8,6 @@ of 1e4), the reference diffusers scheduler gets genfast's float64 alphas_cumprod
 measures the step logic and not diffusers' rounding (the schedules are tested separately).
 """
 import inspect
-import math
 
 import numpy as np
 import pytest
@@ -145,9 +144,10 @@ for c in _grid(beta_schedule=BETAS3 + ("exp",), prediction_type=PREDS, timestep_
     CASES.append(("HeunDiscreteScheduler", c))
 CASES += [("HeunDiscreteScheduler", {"use_karras_sigmas": True}), ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),
           ("HeunDiscreteScheduler", {"clip_sample": True, "prediction_type": "sample"})]
-for c in _grid(beta_schedule=BETAS3, algorithm_type=("dpmsolver++", "sde-dpmsolver++"), solver_type=("midpoint", "heun"),
-               prediction_type=PREDS, timestep_spacing=SPACINGS):
-    CASES.append(("DPMSolverMultistepScheduler", c))
+for k, c in enumerate(_grid(beta_schedule=BETAS3, algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
+                            solver_type=("midpoint", "heun"), prediction_type=PREDS)):
+    # every spacing with every (algorithm, solver, prediction) pair, rotating over beta schedules (time budget)
+    CASES.append(("DPMSolverMultistepScheduler", {**c, "timestep_spacing": SPACINGS[(k + k // 3) % 3]}))
 CASES += [("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
           ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
           ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}),
@@ -378,14 +378,12 @@ def test_half_steps_near_zero_match_float64(dtype, name, seed):
         x = s64.step(m, t, x_in).prev_sample
         xh_new = sh.step(m.to(dtype), sh.timesteps[s64.step_index - 1], xh).prev_sample
         assert xh_new.dtype == dtype
-        ref = s64.__class__.from_config(s64.config)
         err = (xh_new.double() - x).abs().max().item()
         ulp = (2 ** -10 if dtype == torch.float16 else 2 ** -7) * max(x.abs().max().item(), 1e-3)
         assert err <= 2 * ulp + 4 * (2 ** -10 if dtype == torch.float16 else 2 ** -7) * m.abs().max().item(), \
             f"{name} {dtype} t={t}: {err:.3g}"
         assert torch.isfinite(xh_new).all()
         xh = xh_new
-        del ref
 
 
 # ----------------------------------------------------------------------------- config
@@ -526,22 +524,18 @@ def test_cuda_loop_never_syncs():
 def _tiny_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+                                 block_out_channels=(4, 8), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=2)
 
 
-@pytest.mark.parametrize("pipeline,scheduler,kwargs", [
-    ("DDIMPipeline", "DDIMScheduler", {"eta": 0.5}),
-    ("DDPMPipeline", "DDPMScheduler", {}),
-    ("DDPMPipeline", "EulerAncestralDiscreteScheduler", {}),
-])
+@pytest.mark.parametrize("pipeline,scheduler,kwargs", [("DDIMPipeline", "DDIMScheduler", {"eta": 0.5})])
 def test_drop_in_pipeline(pipeline, scheduler, kwargs):
+    """pipe.scheduler = genfast's from_config(pipe.scheduler.config): same images (the pipeline
+    inspects step's signature for eta/generator, reads order, timesteps, init_noise_sigma)."""
     unet = _tiny_unet()
     pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=getattr(diffusers, scheduler)())
     pipe.set_progress_bar_config(disable=True)
-    args = dict(batch_size=2, num_inference_steps=6, output_type="np", generator=torch.Generator().manual_seed(1), **kwargs)
-    if pipeline == "DDPMPipeline" and scheduler != "DDPMScheduler":
-        pytest.importorskip("diffusers").logging.set_verbosity_error()
+    args = dict(batch_size=1, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(1), **kwargs)
     ref = pipe(**args).images
     pipe.scheduler = getattr(G, scheduler).from_config(pipe.scheduler.config)
     args["generator"] = torch.Generator().manual_seed(1)

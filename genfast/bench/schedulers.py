@@ -156,6 +156,20 @@ def _eager_factory(kind, mode, device, step_fn, warm_up=False):
     return factory
 
 
+def _compile_factory(kind, mode, device):
+    """torch.compile of the reference step, compiled and warmed up on the first input set; a
+    failure is remembered so later cases skip it."""
+    inner = _eager_factory(kind, mode, device, torch.compile(reference_step, dynamic=False), warm_up=True)
+
+    def factory(inputs):
+        try:
+            return inner(inputs)
+        except Exception as exc:
+            _compile_failed[device.type] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            raise
+    return factory
+
+
 def host_ms_per_step(kind, library, device, shape, dtype) -> Optional[float]:
     """Host time of a step inside a 50-step loop (no synchronisation inside the loop)."""
     if library is None:
@@ -193,17 +207,7 @@ def build_case(kind: str, mode: str, shape, dtype, device="cpu", use_compile: bo
         reason = "quick mode on CPU: compile is timed in step mode only"
     if reason is None and _compile_failed.get(device.type):
         reason = f"torch.compile failed earlier in this process ({_compile_failed[device.type]})"
-    compile_factory = None
-    if reason is None:
-        compiled = torch.compile(reference_step, dynamic=False)
-        inner = _eager_factory(kind, mode, device, compiled, warm_up=True)
-
-        def compile_factory(inputs):
-            try:
-                return inner(inputs)
-            except Exception as exc:
-                _compile_failed[device.type] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-                raise
+    compile_factory = _compile_factory(kind, mode, device) if reason is None else None
     providers["compile"] = Provider("compile", BASELINE, compile_factory, reason)
     variant = ""
     if measure_host and mode == "step":
