@@ -56,18 +56,13 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerB
             raise ValueError(f"{name}: only one of use_karras_sigmas, use_exponential_sigmas can be set")
         self._init_alphas(("linear", "scaled_linear", "squaredcos_cap_v2"), num_train_timesteps, beta_start, beta_end,
                           beta_schedule, trained_betas, rescale_betas_zero_snr, terminal_fix=True)
-        self.init_noise_sigma = 1.0
         self.lower_order_nums = 0
         self._history = None
         self.timesteps = torch.linspace(num_train_timesteps - 1, 0, num_train_timesteps, dtype=torch.float32)
 
     @property
-    def init_noise_sigma(self):
-        return 1.0
-
-    @init_noise_sigma.setter
-    def init_noise_sigma(self, value):
-        pass
+    def init_noise_sigma(self) -> float:
+        return 1.0  # variance-preserving: x_T ~ N(0, 1)
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample

@@ -15,9 +15,11 @@ class SigmaStepMixin:
 
     @property
     def init_noise_sigma(self) -> float:
-        if self._rows is None:
-            return 1.0
-        sigma_max = max(self._sigmas_host)
+        if self._rows is None:  # before set_timesteps: the full training schedule, as diffusers
+            abar = getattr(self, "_abar", None)
+            sigma_max = float(((1 - abar.min()) / abar.min()) ** 0.5) if abar is not None else 1.0
+        else:
+            sigma_max = max(self._sigmas_host)
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return sigma_max
         return (sigma_max ** 2 + 1) ** 0.5
