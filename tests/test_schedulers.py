@@ -548,3 +548,11 @@ def test_package_exports():
     assert genfast.schedulers is G
     out = G.SampleOutput(prev_sample=torch.zeros(1), pred_original_sample=torch.ones(1))
     assert out[0] is out.prev_sample and len(out.to_tuple()) == 2
+
+
+def test_save_and_load_config(tmp_path):
+    ours = G.DPMSolverMultistepScheduler(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")
+    ours.save_pretrained(tmp_path)
+    back = G.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    theirs = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    assert back.config.use_karras_sigmas and theirs.config.algorithm_type == "sde-dpmsolver++"
