@@ -11,8 +11,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import models, nn, ops, reference
+from . import models, nn, ops, reference, schedulers
 from ._dispatch import BACKENDS, BackendWarning, use_backend
 from ._info import info
 
-__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "models", "nn", "ops", "reference", "use_backend"]
+__all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "models", "nn", "ops", "reference", "schedulers",
+           "use_backend"]

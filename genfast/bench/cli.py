@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from . import bias_act, diffusion, vae
+from . import bias_act, diffusion, schedulers, vae
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
-OPS = {"bias_act": bias_act, "vae": vae, "diffusion": diffusion}
+OPS = {"bias_act": bias_act, "vae": vae, "diffusion": diffusion, "schedulers": schedulers}
 
 
 def _op_name(value: str) -> str:
