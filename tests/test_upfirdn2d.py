@@ -187,6 +187,20 @@ def test_empty_batch_and_padding_only_output(backend):
     assert y.shape == (2, 3, 2, 2) and (y == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("shape, layout, case", [
+    ((1, 1, 37, 29), "contiguous", (2, 1, [6, 5], 12, True)),      # several row strips per plane
+    ((1, 2, 41, 23), "contiguous", (1, 2, [1, 2, 3, 4], 4, False)),
+    ((2, 70, 13, 11), "channels_last", (2, 1, [6, 5], 12, True)),  # channel blocks with a remainder
+    ((1, 67, 12, 9), "channels_last", ([3, 2], [2, 3], [2, 1, 0, 3], (3, 4), False)),
+])
+def test_forward_larger_planes(backend, shape, layout, case, seed):
+    require(backend, torch.float32)
+    up, down, padding, taps, separable = case
+    x = make_x(shape, torch.float32, layout)
+    check_forward(backend, torch.float32, x, make_filter(taps, separable), up, down, padding, gain=1.1)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

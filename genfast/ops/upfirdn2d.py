@@ -79,7 +79,7 @@ def prepared_filter(f: torch.Tensor, flip_filter: bool, gain: float) -> torch.Te
 # ``out`` from ``x`` with the prepared correlation filter ``g`` (see the module docstring).
 
 
-# MILESTONE1 @DISPATCH.register("cpu", FLOAT_DTYPES)
+@DISPATCH.register("cpu", FLOAT_DTYPES)
 def _upfirdn2d_cpu(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
     n, c, h, w = x.shape
     fh, fw = _filter_size(g)
