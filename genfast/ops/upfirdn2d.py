@@ -98,7 +98,7 @@ def _upfirdn2d_cuda(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady
                            _ext.stream_of(x), x.device.index)
 
 
-# MILESTONE1 @DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
+@DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
 def _upfirdn2d_triton(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
     from ..triton_kernels import upfirdn2d as kernels
 
