@@ -72,8 +72,8 @@ def _launch(out, x, g2d, upx, upy, downx, downy, padx0, pady0, channels_last):
     else:
         block_x = min(triton.next_power_of_2(ow), 128)
         block_c = max(1, min(triton.next_power_of_2(c), 512 // block_x, 4))
-    if x.device.type == "cpu":  # interpreter: keep programs small
-        block_x, block_c = min(block_x, 32), min(block_c, 8)
+    if x.device.type == "cpu":  # interpreter: few, moderately sized programs run fastest
+        block_x, block_c = min(triton.next_power_of_2(ow), 32), min(triton.next_power_of_2(c), 8)
     tiles_x, tiles_c = triton.cdiv(ow, block_x), triton.cdiv(c, block_c)
     grid = (tiles_x * tiles_c * oh * n,)
     # Offsets that make every ceil-division numerator non-negative.
