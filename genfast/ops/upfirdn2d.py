@@ -88,7 +88,7 @@ def _upfirdn2d_cpu(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1
                           upx, upy, downx, downy, padx0, padx1, pady0, pady1, torch.get_num_threads())
 
 
-# MILESTONE1 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+@DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 def _upfirdn2d_cuda(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
     n, c, h, w = x.shape
     fh, fw = _filter_size(g)
