@@ -417,10 +417,11 @@ def test_torch_compile_fullgraph(backend, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gpu_forward(backend, dtype, case, layout, seed):
+    """Odd sizes and every CASES combination: mostly the CUDA general kernel."""
     device = torch.device("cuda")
     require(backend, dtype, device)
     up, down, padding, taps, separable = case
@@ -430,6 +431,31 @@ def test_gpu_forward(backend, dtype, case, layout, seed):
     ref64 = direct(x, f, up, down, padding, True, 1.3)
     lowp = reference(x.to(device), f.to(device), up, down, padding, flip_filter=True, gain=1.3)
     error_vs_reference(y.cpu(), ref64, lowp.cpu(), name=f"{backend} {dtype}")
+
+
+# Every tiled CUDA specialisation (up or down 2; 4 taps full or separable, 6 and 12 taps
+# separable; 1x1 with 4x4 full), in both layouts, with sizes that leave partial tiles.
+TILED = [(2, 1, 4, False), (1, 2, 4, False), (1, 1, 4, False), (2, 1, 4, True), (1, 2, 4, True),
+         (2, 1, 12, True), (1, 2, 12, True), (2, 1, 6, True), (1, 2, 6, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("spec", TILED, ids=lambda s: f"up{s[0]}-down{s[1]}-f{s[2]}{'s' if s[3] else 'f'}")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 37, 45, 70), (1, 3, 133, 9)])
+def test_gpu_tiled_cases(backend, spec, layout, shape, seed):
+    device = torch.device("cuda")
+    require(backend, torch.float16, device)
+    up, down, taps, separable = spec
+    x = make_x(shape, torch.float16, layout).to(device)
+    f = make_filter(taps, separable).to(device)
+    for padding in ([(taps + up - 1) // 2 + (down - 1), (taps - up) // 2, 3, -1], 0 if taps <= 4 else taps // 2):
+        y = upfirdn2d(x, f, up, down, padding, gain=up * up, backend=backend)
+        ref64 = reference(x.double(), f, up, down, padding, gain=up * up)
+        lowp = reference(x, f, up, down, padding, gain=up * up)
+        error_vs_reference(y, ref64, lowp, name=f"{backend} padding {padding}")
+        assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
 @pytest.mark.gpu
