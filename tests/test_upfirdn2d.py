@@ -223,9 +223,8 @@ def test_gradcheck_float64(backend, case, seed):
 
 
 def test_third_order_gradient(seed):
-    """The backward is the same Function, so derivatives of any order exist; for a linear op
-    the third derivative of sum(y^3) is 6 * sum over outputs of (dy/dx)^3 products: compare
-    against the reference through autograd."""
+    """The backward is the same Function, so derivatives of any order exist: a third-order
+    derivative through a nonlinear loss, against the reference's autograd."""
     x = make_x((1, 2, 4, 5)).requires_grad_()
     f = setup_filter([1, 3, 3, 1])
 
