@@ -2,7 +2,12 @@
 from .bias_act import bias_act, fused_leaky_relu
 from .diffusion import (add_noise, cfg_combine, diffusion_loss, min_snr_weights, sampler_step,
                         timestep_embedding)
+from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 from .vae import kl_divergence, reparameterize, reparameterize_kl
 
-__all__ = ["bias_act", "fused_leaky_relu", "kl_divergence", "reparameterize", "reparameterize_kl"]
-__all__ += ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding"]
+__all__ = [
+    "bias_act", "fused_leaky_relu",
+    "sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
+    "upfirdn2d", "setup_filter", "filter2d", "upsample2d", "downsample2d",
+    "kl_divergence", "reparameterize", "reparameterize_kl",
+]

@@ -2,3 +2,6 @@
 from .bias_act import ACTIVATIONS, bias_act, bias_act_derivative
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_derivative"]
+from .upfirdn2d import upfirdn2d
+
+__all__ += ["upfirdn2d"]
