@@ -40,7 +40,7 @@ struct Columns {
 
 template <typename F>
 struct Buffers {
-  std::vector<F> xp, h1, rp, hd, yrow, tmp;
+  std::vector<F> xp, h1, rp, hd, yrow, tmp, phase;
 };
 
 // One row of the upsampling FIR: dst[t - tc_lo] (+)= sum_m xp[j0(t) + m - jx_lo] * g[k0(t) + u m]
@@ -73,21 +73,34 @@ inline void up_row(const UpAxis& ax, const Columns& col, const F* xp, const floa
   }
 }
 
-// One row of the downsampling FIR: dst[o] (+)= sum_k src[o * d + k] * g[k], o < n.
+// One row of the downsampling FIR: dst[o] (+)= sum_k src[o * d + k] * g[k], o < n. For d > 1
+// the row is first split into its d phases (src[i * d + r]) so the loops stay contiguous.
 template <typename F>
-inline void down_row(const F* src, const float* g, int64_t taps, int64_t d, int64_t n, F* dst, bool accumulate) {
+inline void down_row(const F* src, const float* g, int64_t taps, int64_t d, int64_t n, F* dst, bool accumulate,
+                     F* phase) {
   if (!accumulate)
     for (int64_t o = 0; o < n; ++o) dst[o] = F(0);
-  for (int64_t k = 0; k < taps; ++k) {
-    const F coef = F(g[k]);
-    const F* s = src + k;
-    if (d == 1) {
+  if (d == 1) {
+    for (int64_t k = 0; k < taps; ++k) {
+      const F coef = F(g[k]);
+      const F* s = src + k;
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp simd
 #endif
       for (int64_t o = 0; o < n; ++o) dst[o] += s[o] * coef;
-    } else {
-      for (int64_t o = 0; o < n; ++o) dst[o] += s[o * d] * coef;
+    }
+    return;
+  }
+  for (int64_t r = 0; r < std::min(d, taps); ++r) {
+    const int64_t len = n + (taps - 1 - r) / d;  // phase samples this filter phase reads
+    for (int64_t i = 0; i < len; ++i) phase[i] = src[i * d + r];
+    for (int64_t k = r, m = 0; k < taps; k += d, ++m) {
+      const F coef = F(g[k]);
+      const F* s = phase + m;
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp simd
+#endif
+      for (int64_t o = 0; o < n; ++o) dst[o] += s[o] * coef;
     }
   }
 }
@@ -186,11 +199,13 @@ GF_CPU_MULTIVERSION void run_band(const Args& a, const Columns& col, const Band&
 
   // 4. Downsample into the output rows.
   buf.yrow.resize(size_t(a.ow));
+  buf.phase.resize(size_t(col.rw / a.d2 + a.g2w + 1));
   F* yrow = buf.yrow.data();
   if (a.g2_sep) {
     buf.hd.resize(size_t(ntr * a.ow));
     for (int64_t i = 0; i < ntr; ++i)
-      down_row(buf.rp.data() + i * col.rw, a.g2, a.g2w, a.d2, a.ow, buf.hd.data() + i * a.ow, false);
+      down_row(buf.rp.data() + i * col.rw, a.g2, a.g2w, a.d2, a.ow, buf.hd.data() + i * a.ow, false,
+               buf.phase.data());
   }
   for (int64_t oy = band.oy_begin; oy < band.oy_end; ++oy) {
     std::fill(yrow, yrow + a.ow, F(0));
@@ -200,7 +215,8 @@ GF_CPU_MULTIVERSION void run_band(const Args& a, const Columns& col, const Band&
       if (a.g2_sep)
         axpy(yrow, buf.hd.data() + (tr - tr_lo) * a.ow, F(a.g2[k]), a.ow);
       else
-        down_row(buf.rp.data() + (tr - tr_lo) * col.rw, a.g2 + k * a.g2w, a.g2w, a.d2, a.ow, yrow, true);
+        down_row(buf.rp.data() + (tr - tr_lo) * col.rw, a.g2 + k * a.g2w, a.g2w, a.d2, a.ow, yrow, true,
+                 buf.phase.data());
     }
     T* o = out + oy * a.out_s[2];
     if (a.out_s[3] == 1)
