@@ -429,7 +429,7 @@ def _validate(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, 
     uh, uw = upsampled_size(h, w, fu, up, padding)
     fdh, fdw = _filter_size(fd)
     fuh, fuw = _filter_size(fu)
-    for axis, size, u, taps_u, taps_d in (("y", uh, None, fuh, fdh), ("x", uw, None, fuw, fdw)):
+    for axis, size, taps_u, taps_d in (("y", uh, fuh, fdh), ("x", uw, fuw, fdw)):
         if size < taps_d:
             raise ValueError(
                 f"filtered_lrelu: the output would be empty along {axis}: the upsampled, padded and fu-filtered "
