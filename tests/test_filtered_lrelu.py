@@ -1,0 +1,458 @@
+"""genfast.ops.filtered_lrelu against the float64 reference chain (bias_act + upfirdn2d):
+every backend that runs here, forward and gradients (dx, db), up/down factors, separable and
+full filters, flip, clamp, padding forms, layouts, gradcheck/gradgradcheck, bad inputs,
+torch.library and torch.compile."""
+import math
+
+import pytest
+import torch
+
+from genfast.ops import filtered_lrelu, setup_filter
+from genfast.ops.filtered_lrelu import CODE_CLAMPED, CODE_NEGATIVE, CODE_POSITIVE, DISPATCH
+from genfast.reference import filtered_lrelu as reference
+from genfast.reference.upfirdn2d import upfirdn2d as reference_upfirdn2d
+from genfast.testing import error_vs_reference
+
+CPU = torch.device("cpu")
+GAIN, SLOPE = math.sqrt(2), 0.2
+
+
+def require(backend, device, dtype):
+    reason = DISPATCH.unavailable_reason(backend, device, dtype)
+    if reason:
+        pytest.skip(f"{backend} cannot run here: {reason}")
+
+
+def make_x(shape, dtype, layout, device=CPU):
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # not dense: every other column of a wider tensor
+        x = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
+    elif layout == "permuted":  # dense, in no standard order
+        x = torch.randn(shape[2], shape[0], shape[3], shape[1], dtype=torch.float64).permute(1, 3, 0, 2)
+    assert x.shape == torch.Size(shape)
+    return x.to(device=device, dtype=dtype)
+
+
+def make_filter(kind, taps, device=CPU):
+    """A random lowpass-like float32 filter: 'sep' = 1-D [taps], 'full' = 2-D [taps, taps - 1]."""
+    if kind == "sep":
+        return setup_filter(torch.rand(taps) + 0.2, device=device)
+    f = torch.rand(taps, max(1, taps - 1)) + 0.2
+    return (f / f.sum()).to(device)
+
+
+def pre_activation(x64, b64, fu, up, padding, flip):
+    """The upsampled intermediate z (before the activation), float64."""
+    if b64 is not None:
+        x64 = x64 + b64.reshape(1, -1, 1, 1)
+    return reference_upfirdn2d(x64, fu, up=up, padding=padding, gain=up ** 2, flip_filter=flip)
+
+
+def avoid_kinks(x, b, fu, up, padding, flip, clamp, gain=GAIN, slope=SLOPE, delta=1e-4):
+    """Move x (kept in its dtype) until no upsampled pixel z lies within ``delta`` of the
+    lrelu kink (z = 0) or the clamp edges (|lrelu(z) gain| = clamp), where the derivative
+    jumps and no comparison is meaningful: pushes the bad pixels outwards along the adjoint."""
+    dtype = x.dtype
+    fu = torch.ones(1, 1) if fu is None else fu
+    b64 = None if b is None else b.double()
+    # Pixels whose footprint lies in the padding are exactly 0 (no x reaches them): every
+    # implementation agrees there, and x cannot move them.
+    # sensitivity[p] = |dz_p / dx|^2, to scale each pixel's push.
+    sensitivity = pre_activation(torch.ones(x.shape, dtype=torch.float64), None, fu.double().square(), up, padding,
+                                 flip) * up ** 2
+    reached = sensitivity > 1e-12
+    for _ in range(60):
+        x64 = x.double().requires_grad_()
+        z = pre_activation(x64, b64, fu, up, padding, flip)
+        v = torch.where(z > 0, z, z * slope) * gain
+        bad = z.abs() < delta
+        if clamp is not None:
+            bad |= (v.abs() - clamp).abs() < delta
+        bad &= reached
+        if not bad.any():
+            return x
+        # Each bad pixel moves by about 4 delta away from its kink (neighbours by less).
+        direction = torch.where(z >= 0, 1.0, -1.0).double() * bad / sensitivity.clamp_min(1e-12)
+        (g,) = torch.autograd.grad((z * direction).sum(), x64)
+        moved = (x.double() + 4 * delta * g).to(dtype)
+        # In 16-bit dtypes the push can be below one ulp: then move those elements by one ulp.
+        stuck = (moved == x) & (g != 0)
+        ulp = torch.finfo(dtype).eps * x.double().abs().clamp_min(1e-3)
+        x = torch.where(stuck, (x.double() + torch.sign(g) * ulp).to(dtype), moved)
+    raise AssertionError("could not move the inputs off the kinks")
+
+
+def default_padding(fu, fd):
+    """Enough padding for a valid output of about up/down times the input."""
+    taps = (1 if fu is None else fu[1]) + (1 if fd is None else fd[1])
+    return [taps // 2, (taps - 1) // 2]
+
+
+def run_both(fn, x, b, dy):
+    """(y, dx, db) of fn via autograd (db None without a bias)."""
+    x = x.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    y = fn(x, b)
+    grads = torch.autograd.grad(y, [x] + ([b] if b is not None else []), dy)
+    return y.detach(), grads[0], (grads[1] if b is not None else None)
+
+
+def check(backend, dtype, up=2, down=2, fu=("sep", 6), fd=("sep", 12), padding=None, flip=False, clamp=None,
+          layout="contiguous", shape=(2, 3, 9, 11), use_bias=True, gain=GAIN, slope=SLOPE, device=CPU):
+    fu_t = None if fu is None else make_filter(*fu, device=device)
+    fd_t = None if fd is None else make_filter(*fd, device=device)
+    padding = default_padding(fu, fd) if padding is None else padding
+    x = make_x(shape, dtype, layout, device)
+    b = (torch.randn(shape[1], dtype=torch.float64) * 0.5).to(device=device, dtype=dtype) if use_bias else None
+    x = avoid_kinks(x.cpu(), None if b is None else b.cpu(), None if fu_t is None else fu_t.cpu(), up, padding,
+                    flip, clamp, gain, slope).to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = x.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., : shape[-1]]  # a non-dense view holding the same values
+        assert not x.is_contiguous()
+    kwargs = dict(fu=fu_t, fd=fd_t, up=up, down=down, padding=padding, gain=gain, slope=slope, clamp=clamp,
+                  flip_filter=flip)
+
+    def fast(x_, b_):
+        return filtered_lrelu(x_, b=b_, backend=backend, **kwargs)
+
+    def ref(x_, b_):
+        return reference(x_, b=b_, **kwargs)
+
+    got_y = fast(x, b)
+    dy = torch.randn(got_y.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    got = run_both(fast, x, b, dy)
+    up64 = (lambda t: None if t is None else t.double())
+    want = run_both(ref, up64(x), up64(b), up64(dy))
+    lowp = run_both(ref, x, b, dy)
+    for name, g, w, p in zip(("y", "dx", "db"), got, want, lowp):
+        if w is None:
+            continue
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
+        error_vs_reference(g, w, p, name=f"{backend} {dtype} {name} up={up} down={down} fu={fu} fd={fd} "
+                                          f"pad={padding} flip={flip} clamp={clamp} {layout}")
+    torch.testing.assert_close(got_y, got[0], rtol=0, atol=0)  # with and without the sign record
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    return got
+
+
+# (up, down, fu, fd, padding, flip, clamp): factors {1, 2, 4}, separable/full, padding forms.
+CONFIGS = [
+    (2, 2, ("sep", 12), ("sep", 12), [10, 9, 11, 8], False, None),  # StyleGAN3's common layer
+    (2, 2, ("sep", 6), ("sep", 6), None, True, 0.8),
+    (1, 2, ("full", 3), ("sep", 5), [2, 3], False, 0.6),
+    (2, 1, ("sep", 4), ("full", 3), 3, True, None),
+    (4, 2, ("sep", 8), ("full", 4), [6, 5, 4, 7], False, 1.1),
+    (2, 4, ("full", 4), ("sep", 8), [9, 7, 8, 10], True, None),
+    (1, 1, ("full", 3), ("full", 2), [-1, 3, 2, 0], False, 0.9),  # negative padding crops
+    (4, 4, ("sep", 12), ("sep", 12), [12, 13], False, None),
+    (1, 4, None, ("sep", 8), [3, 4], False, None),  # fu = None: identity
+    (4, 1, ("sep", 8), None, [4, 3], True, 0.7),  # fd = None
+]
+CONFIG_IDS = [f"up{c[0]}-down{c[1]}-{c[2] and c[2][0]}-{c[3] and c[3][0]}-{'flip' if c[5] else 'conv'}"
+              f"-{'clamp' if c[6] else 'noclamp'}" for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_backend_matches_reference(seed, dtype, config):
+    require("cpu", CPU, dtype)
+    up, down, fu, fd, padding, flip, clamp = config
+    check("cpu", dtype, up, down, fu, fd, padding, flip, clamp, shape=(2, 3, 7, 9))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "permuted"])
+def test_cpu_backend_layouts(seed, layout):
+    require("cpu", CPU, torch.float32)
+    check("cpu", torch.float32, layout=layout, shape=(2, 5, 8, 7), clamp=0.9)
+    check("cpu", torch.float16, 1, 2, ("full", 3), ("sep", 4), [2, 1], True, None, layout=layout, shape=(3, 4, 6, 9))
+
+
+def test_cpu_backend_odd_sizes_and_no_bias(seed):
+    require("cpu", CPU, torch.float32)
+    check("cpu", torch.float32, shape=(1, 1, 1, 1), padding=[9, 8, 10, 7], use_bias=False)
+    check("cpu", torch.float32, 2, 2, ("sep", 3), ("full", 2), [1, 0, 1, 2], shape=(3, 2, 1, 13), use_bias=False)
+    check("cpu", torch.float64, shape=(1, 7, 17, 3), gain=0.7, slope=0.05, clamp=0.5)
+
+
+def test_cpu_backend_bands_on_several_threads(seed):
+    """Few planes and tall images: the C++ kernel splits planes into bands of output rows
+    (their intermediate halos overlap) across threads; signs are recorded once per pixel."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        check("cpu", torch.float32, shape=(1, 2, 61, 23), clamp=0.8)
+        check("cpu", torch.float32, 2, 4, ("full", 4), ("sep", 8), [9, 7, 8, 10], True, None, shape=(1, 1, 75, 9))
+    finally:
+        torch.set_num_threads(old)
+
+
+TRITON_CONFIGS = [CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[6]]
+
+
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=[CONFIG_IDS[CONFIGS.index(c)] for c in TRITON_CONFIGS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_backend_matches_reference(seed, dtype, config):
+    require("triton", CPU, dtype)
+    up, down, fu, fd, padding, flip, clamp = config
+    check("triton", dtype, up, down, fu, fd, padding, flip, clamp, shape=(1, 2, 6, 7))
+
+
+def test_triton_backend_layouts_and_tiles(seed):
+    """channels_last and a strided view; an output wider than one 16 x 16 tile."""
+    require("triton", CPU, torch.float32)
+    check("triton", torch.float32, layout="channels_last", shape=(1, 2, 5, 6))
+    check("triton", torch.float32, 1, 1, ("sep", 3), ("sep", 2), [1, 1], layout="strided", shape=(1, 1, 5, 21),
+          clamp=0.8)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[5]], ids=lambda c: f"up{c[0]}-down{c[1]}")
+def test_reference_backend_through_dispatch(seed, config):
+    up, down, fu, fd, padding, flip, clamp = config
+    check("reference", torch.float32, up, down, fu, fd, padding, flip, clamp, layout="channels_last",
+          shape=(2, 2, 6, 5))
+
+
+def test_backends_agree_on_the_sign_record(seed):
+    """The record the backward reads: 0 positive, 1 negative, 2 clamped, per upsampled pixel."""
+    x = torch.randn(2, 3, 6, 7)
+    b = torch.randn(3)
+    fu, fd = make_filter("sep", 6), make_filter("full", 4)
+    want = None
+    for backend in ["reference", "cpu", "triton"]:
+        if DISPATCH.unavailable_reason(backend, CPU, torch.float32):
+            continue
+        y, signs = torch.ops.genfast.filtered_lrelu(x, fu, fd, b, 2, 2, 4, 3, 5, 2, GAIN, SLOPE, 0.5, False, True,
+                                                    backend)
+        if want is None:
+            z = pre_activation(x.double(), b.double(), fu, 2, [4, 3, 5, 2], False)
+            v = torch.where(z > 0, z, z * SLOPE) * GAIN
+            expected = torch.where(z > 0, CODE_POSITIVE, CODE_NEGATIVE)
+            expected = torch.where(v.abs() > 0.5, CODE_CLAMPED, expected).to(torch.uint8)
+            assert signs.shape == expected.shape and signs.dtype == torch.uint8
+            near = (z.abs() < 1e-5) | ((v.abs() - 0.5).abs() < 1e-5)
+            assert ((signs == expected) | near).all()
+            assert (signs == CODE_CLAMPED).any() and (signs == CODE_NEGATIVE).any() and (signs == CODE_POSITIVE).any()
+            want = signs
+        else:
+            # Only pixels that some output reads are recorded by the fused kernels.
+            assert signs.shape == want.shape
+            uh, uw = signs.shape[2:]
+            oh, ow = y.shape[2:]
+            used_h, used_w = min(uh, (oh - 1) * 2 + fd.shape[0]), min(uw, (ow - 1) * 2 + fd.shape[1])
+            assert torch.equal(signs[..., :used_h, :used_w], want[..., :used_h, :used_w]), backend
+
+
+# ----------------------------------------------------------------------------- derivatives
+
+
+@pytest.mark.parametrize("backend,config", [("cpu", CONFIGS[1]), ("cpu", CONFIGS[2]), ("cpu", CONFIGS[4]),
+                                            ("cpu", CONFIGS[6]), ("reference", CONFIGS[2])],
+                         ids=lambda v: v if isinstance(v, str) else f"up{v[0]}-down{v[1]}")
+def test_gradcheck_and_gradgradcheck_float64(seed, backend, config):
+    require(backend, CPU, torch.float64)
+    up, down, fu, fd, padding, flip, clamp = config
+    fu_t, fd_t = make_filter(*fu), make_filter(*fd)
+    padding = default_padding(fu, fd) if padding is None else padding
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    b = torch.randn(2, dtype=torch.float64) * 0.3
+    x = avoid_kinks(x, b, fu_t, up, padding, flip, clamp, gain=1.3, slope=0.3, delta=1e-2)
+    x.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x_, b_):
+        return filtered_lrelu(x_, fu_t, fd_t, b_, up, down, padding, gain=1.3, slope=0.3, clamp=clamp,
+                              flip_filter=flip, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, b))
+    assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+def test_second_derivative_through_the_mask_is_zero(seed):
+    """R1-style double backward: d/dx <w, dL/dx> with L = sum(y^2) is 2 J^T J w, because the
+    backward is linear in dy with a fixed mask (its derivative in x is zero almost
+    everywhere); the reference's autograd says the same."""
+    fu = make_filter("sep", 4)
+    x = avoid_kinks(torch.randn(1, 2, 5, 5, dtype=torch.float64), None, fu, 2, [3, 3], False, None)
+    w = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    results = []
+    for fn in (lambda t: filtered_lrelu(t, fu, fu, None, 2, 2, [3, 3], backend="cpu"),
+               lambda t: reference(t, fu, fu, None, 2, 2, [3, 3])):
+        xg = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(fn(xg).square().sum(), xg, create_graph=True)
+        (ddx,) = torch.autograd.grad((dx * w).sum(), xg)
+        results.append(ddx)
+    torch.testing.assert_close(results[0], results[1])
+    assert results[0].abs().max() > 0
+
+
+def test_empty_batch_and_identity_filters():
+    for backend in ["cpu", "reference"]:
+        x = torch.empty(0, 3, 4, 4, requires_grad=True)
+        y = filtered_lrelu(x, None, None, torch.zeros(3), backend=backend)
+        assert y.shape == (0, 3, 4, 4)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    # Identity filters, up = down = 1: plain bias + lrelu * gain + clamp.
+    x = torch.randn(2, 3, 4, 5)
+    b = torch.randn(3)
+    want = (torch.nn.functional.leaky_relu(x + b.view(1, 3, 1, 1), 0.2) * GAIN).clamp(-0.5, 0.5)
+    torch.testing.assert_close(filtered_lrelu(x, b=b, clamp=0.5, backend="cpu"), want)
+
+
+def test_nan_propagates(seed):
+    x = torch.randn(1, 1, 5, 5)
+    x[0, 0, 2, 2] = float("nan")
+    f = make_filter("sep", 2)
+    for backend in ["cpu", "reference"]:
+        y = filtered_lrelu(x, f, f, None, 2, 2, [1, 1], backend=backend)
+        assert torch.isnan(y).any() and not torch.isnan(y).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(b=torch.zeros(4)), ValueError, r"b must be 1-D with x.shape\[1\] = 3 elements, got shape \(4,\)"),
+    (dict(b=torch.zeros(3, dtype=torch.float64)), TypeError, "b must have the dtype of x"),
+    (dict(b=[0.0, 0.0, 0.0]), TypeError, "b must be a torch.Tensor or None"),
+    (dict(fu=torch.ones(2, 2, 2)), ValueError, "fu must be 1-D .* or 2-D"),
+    (dict(fd=torch.ones(3, dtype=torch.float64)), TypeError, "fd must be float32"),
+    (dict(fu=torch.ones(0)), ValueError, "fu must have at least one tap"),
+    (dict(fu=[1.0, 2.0]), TypeError, "fu must be a torch.Tensor or None"),
+    (dict(up=0), ValueError, "up must be >= 1, got 0"),
+    (dict(down=1.5), TypeError, "down must be an int"),
+    (dict(up=True), TypeError, "up must be an int"),
+    (dict(padding=[1, 2, 3]), TypeError, "padding must be an int or a list/tuple of 2"),
+    (dict(fd=torch.ones(12), padding=-2), ValueError, "output would be empty along y"),
+    (dict(clamp=-1.0), ValueError, "clamp must be >= 0"),
+    (dict(gain="2"), TypeError, "gain must be a real number"),
+    (dict(slope=float("nan")), ValueError, "slope must not be NaN"),
+    (dict(flip_filter=1), TypeError, "flip_filter must be a bool"),
+    (dict(backend="tpu"), ValueError, "unknown backend 'tpu'"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    x = torch.randn(2, 3, 6, 5)
+    with pytest.raises(error, match=match):
+        filtered_lrelu(x, **kwargs)
+
+
+def test_bad_x_raises_clear_errors():
+    with pytest.raises(ValueError, match=r"x must be 4-D \[batch, channels, height, width\], got shape \(3, 4, 5\)"):
+        filtered_lrelu(torch.randn(3, 4, 5))
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64, got torch.int64"):
+        filtered_lrelu(torch.ones(1, 1, 2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        filtered_lrelu([[1.0]])
+
+
+def test_device_mismatch_and_filter_gradient_raise():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="b is on meta but x is on cpu"):
+        filtered_lrelu(x, b=torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="fu is on meta but x is on cpu"):
+        filtered_lrelu(x, fu=torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="gradients with respect to the filter fd are not supported"):
+        filtered_lrelu(x, fd=torch.ones(1, requires_grad=True))
+
+
+# ----------------------------------------------------------------------------- torch.library / compile
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(seed, backend):
+    require(backend, CPU, torch.float32)
+    x = torch.randn(2, 3, 5, 6).to(memory_format=torch.channels_last)
+    b = torch.randn(3)
+    fu, fd = make_filter("sep", 4), make_filter("full", 3)
+    geometry = (2, 2, 3, 2, 2, 3)
+    torch.library.opcheck(torch.ops.genfast.filtered_lrelu.default,
+                          (x, fu, fd, b, *geometry, GAIN, SLOPE, 0.7, False, True, backend))
+    torch.library.opcheck(torch.ops.genfast.filtered_lrelu.default,
+                          (x[..., ::2], fu, fd, None, *geometry, GAIN, SLOPE, -1.0, True, False, backend))
+    y, signs = torch.ops.genfast.filtered_lrelu(x, fu, fd, b, *geometry, GAIN, SLOPE, 0.7, False, True, backend)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.genfast.filtered_lrelu_masked.default,
+                          (dy, fu, fd, signs, *geometry, 5, 6, GAIN, SLOPE, False, True, backend))
+    torch.library.opcheck(torch.ops.genfast.filtered_lrelu_masked.default,
+                          (x, fu, fd, signs, *geometry, 5, 6, GAIN, SLOPE, False, False, backend))
+
+
+def _compiled_matches_eager(backend_name):
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    bias = torch.nn.Parameter(torch.randn(4) * 0.1)
+    fu, fd = make_filter("sep", 6), make_filter("sep", 6)
+
+    def model(x):
+        h = filtered_lrelu(conv(x), fu, fd, bias, 2, 2, [5, 4], clamp=3.0, backend="cpu")
+        return h.square().mean()
+
+    x = torch.randn(2, 3, 6, 7)
+    compiled = torch.compile(model, fullgraph=True, backend=backend_name)
+    loss_c = compiled(x)
+    loss_c.backward()
+    params = (conv.weight, conv.bias, bias)
+    grads_c = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    loss_e = model(x)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, p in zip(grads_c, params):
+        torch.testing.assert_close(gc, p.grad)
+
+
+def test_torch_compile_fullgraph_aot_eager(seed):
+    require("cpu", CPU, torch.float32)
+    torch._dynamo.reset()
+    _compiled_matches_eager("aot_eager")
+
+
+def test_torch_compile_fullgraph_inductor(seed):
+    require("cpu", CPU, torch.float32)
+    torch._dynamo.reset()
+    _compiled_matches_eager("inductor")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_backends_match_reference(seed, backend, dtype, config):
+    device = torch.device("cuda")
+    require(backend, device, dtype)
+    up, down, fu, fd, padding, flip, clamp = config
+    for layout, shape in (("contiguous", (2, 3, 7, 9)), ("channels_last", (4, 16, 36, 36)), ("strided", (2, 5, 19, 23))):
+        check(backend, dtype, up, down, fu, fd, padding, flip, clamp, layout=layout, shape=shape, device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_stylegan3_layer_shape(seed, backend):
+    """The common StyleGAN3 layer: 36x36 -> up 2 -> 12-tap filters -> down 2, 128 channels."""
+    device = torch.device("cuda")
+    require(backend, device, torch.float16)
+    check(backend, torch.float16, 2, 2, ("sep", 12), ("sep", 12), [10, 10, 10, 10], clamp=256.0,
+          shape=(4, 128, 36, 36), device=device)
+    check(backend, torch.float32, 2, 2, ("sep", 12), ("sep", 12), [10, 10, 10, 10], clamp=None,
+          shape=(2, 64, 36, 36), device=device)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_float64(seed):
+    device = torch.device("cuda")
+    require("cuda", device, torch.float64)
+    check("cuda", torch.float64, 2, 2, ("sep", 12), ("sep", 12), [10, 9, 11, 8], clamp=0.9, shape=(2, 3, 9, 11),
+          device=device)
