@@ -407,3 +407,64 @@ def test_gpu_decode(seed, dtype, D):
     graph.replay()
     torch.cuda.synchronize()
     compare("graph out", out_static, ref_out, low_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled mode without a GPU: the interpreter accepts programs the compiler rejects (types of
+# loop-carried values, dot shapes), so compile every kernel for sm_90 in a fresh process.
+# ---------------------------------------------------------------------------------------------
+COMPILE_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import genfast.triton_kernels.attention as A
+
+POINTERS = {"Q", "K", "V", "Out", "dO", "dOut", "DQ", "DK", "DV", "Lse", "Delta", "Bias", "Alibi", "CuQ", "CuK",
+            "SeqLens", "WsOut", "WsLse", "Mask"}
+FLOATS = {"qk_scale2", "softcap_scale", "softcap2", "drop_scale", "scale"}
+TYPES = {"CuQ": "*i32", "CuK": "*i32", "SeqLens": "*i32", "Mask": "*i8", "DQ": "*fp32", "Lse": "*fp32",
+         "Delta": "*fp32", "Alibi": "*fp32", "WsOut": "*fp32", "WsLse": "*fp32", "Bias": "*fp32"}
+
+def build(fn, consts, warps, stages):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = TYPES.get(name, "*fp16")
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name == "drop_state":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+
+flags = dict(IS_VARLEN=True, ALIGN_BR=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_BIAS=False, HAS_WL=True,
+             HAS_WR=True, HAS_DROPOUT=True)
+common = dict(flags, HEAD_DIM=80, BLOCK_D=128, DOT_PREC="tf32")
+build(A._fwd_kernel, dict(common, BLOCK_M=128, BLOCK_N=64), 8, 3)
+build(A._fwd_kernel, dict(common, IS_VARLEN=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=32), 4, 2)
+build(A._bwd_dkdv_kernel, dict(common, BLOCK_M=32, BLOCK_N=64, ATOMIC_DQ=True), 4, 2)
+build(A._bwd_dq_kernel, dict(common, BLOCK_M=64, BLOCK_N=32), 4, 2)
+build(A._bwd_preprocess_kernel, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64), 4, 1)
+build(A._dropout_mask_kernel, dict(IS_VARLEN=True, BLOCK_M=16, BLOCK_N=128), 4, 1)
+build(A._decode_split_kernel, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, HAS_SOFTCAP=True,
+                                   HAS_ALIBI=True, HAS_WL=True, HAS_WR=True, DOT_PREC="tf32"), 4, 2)
+build(A._decode_combine_kernel, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=16), 4, 1)
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("GENFAST_TRITON_COMPILE_CHECK") != "1":
+        pytest.skip("set GENFAST_TRITON_COMPILE_CHECK=1 (about 40 s of CPU: compiles every kernel for sm_90)")
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]
