@@ -288,7 +288,7 @@ def test_dropout_matches_reference_module(seed):
     assert torch.equal(keep[0].cpu(), ref.dropout_keep_mask(seed, 0, 2, 9, 9, 0.2).cpu())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float16])
 def test_deterministic_backward_bitwise(seed, dtype):
     q, k, v = rand(1, 4, 26, 40, dtype=dtype), rand(1, 2, 31, 40, dtype=dtype), rand(1, 2, 31, 40, dtype=dtype)
     kw = dict(scale=0.2, window_left=-1, window_right=0, align_bottom_right=True, dropout_p=0.1, seed=seed)
@@ -314,8 +314,7 @@ def decode_spec(q, kc, vc, lens, scale, **kw):
     return torch.cat(outs), torch.cat(lses)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("Sq, group", [(1, 4), (3, 2)])
+@pytest.mark.parametrize("dtype, Sq, group", [(torch.float16, 1, 4), (torch.float32, 3, 2)])
 def test_decode(seed, dtype, Sq, group):
     B, Hk, S_max, D = 3, 2, 70, 16
     q = rand(B, Hk * group, Sq, D, dtype=dtype, strided=True)
