@@ -1,0 +1,1012 @@
+"""Fused attention in Triton: FlashAttention-2-style forward / backward and flash-decoding.
+
+Implements the internal kernel contract (forward, backward, decode; see the attention
+front end, genfast/ops/attention.py, and the reference genfast/reference/attention.py).
+
+Design (after the Triton fused-attention tutorial, FlashAttention-2 and flash-decoding):
+- Scores are kept in the log2 domain: log2(e) is folded into the scale so the online softmax
+  uses exp2; accumulation is fp32; lse is stored in natural log (fp32).
+- One program per (query block, batch x head); GQA maps query head h to key head h // group,
+  k/v are never repeated. Any strides (stride(-1) == 1); head dims 16..256 (multiples of 8)
+  are padded to a power-of-two BLOCK_D with masked loads.
+- The key loop of a query block is split into three ranges: masked blocks before, unmasked
+  full blocks, masked blocks after (boundary, diagonal, window edges). Blocks that are
+  entirely outside a causal/local window are never visited.
+- Dropout is the counter-based hash of the reference (``dropout_keep_mask``: lowbias32 of
+  (seed, b, h, i, j)), so every backend drops the same elements; the backward regenerates it.
+- Backward: delta = rowsum(out * dout); a key-block-parallel kernel computes dk/dv, looping
+  over the query heads of a GQA group inside the program (no atomics for dk/dv). dq either
+  with fp32 atomics from that kernel (deterministic=False) or in its own query-block-parallel
+  kernel (deterministic=True; bitwise reproducible).
+- Decode: the key range is split over programs (partial out + lse in fp32 workspaces, then a
+  combine kernel); the query heads of a kv head share one program; cache_seqlens is read on
+  the device, the grid depends only on shapes (CUDA-graph capturable).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MASK32 = 0xFFFFFFFF
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(z):
+    """Cephes tanhf (no libdevice in the interpreter): odd polynomial near 0, exp form elsewhere."""
+    a = tl.abs(z)
+    z2 = z * z
+    small = ((((-5.70498872745e-3 * z2 + 2.06390887954e-2) * z2 - 5.37397155531e-2) * z2
+              + 1.33314422036e-1) * z2 - 3.33332819422e-1) * z2 * z + z
+    large = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(z < 0, -large, large))
+
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 integer hash on uint32 (wrapping multiplies), as the reference's _mix32."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_row_state(state, b, h, num_heads, rows):
+    """Hash state after mixing (b, h) and the query positions ``rows`` (any shape)."""
+    bh = ((b * num_heads + h) & 0xFFFFFFFF).to(tl.uint32)
+    x = _mix32(bh ^ state.to(tl.uint32))
+    return _mix32(x ^ rows.to(tl.uint32))
+
+
+@triton.jit
+def _dropout_keep(row_state, cols, threshold):
+    """Keep iff (mix(row_state ^ j) >> 8) >= threshold (row_state and cols broadcast)."""
+    x = _mix32(row_state ^ cols.to(tl.uint32))
+    return (x >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Scores in the log2 domain from the raw dot products ``qk``; ``diag`` = i + off - j.
+    Returns (s2, t) where t = tanh(scale * qk / softcap) (for the backward; qk when unused)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * softcap_scale)
+        s2 = t * softcap2
+    else:
+        t = qk
+        s2 = qk * qk_scale2
+    if HAS_ALIBI:
+        s2 = s2 - slope2 * tl.abs(diag).to(tl.float32)
+    if HAS_BIAS:
+        s2 = s2 + bias * 1.4426950408889634
+    return s2, t
+
+
+@triton.jit
+def _allowed(i, j, diag, q_len, k_len, window_left, window_right, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Contract mask for positions (i, j) (broadcast tensors), bounds included."""
+    ok = (i < q_len) & (j < k_len)
+    if HAS_WL:
+        ok = ok & (diag <= window_left)  # j >= i + off - window_left
+    if HAS_WR:
+        ok = ok & (diag >= -window_right)  # j <= i + off + window_right
+    return ok
+
+
+@triton.jit
+def _key_ranges(m_start, q_len, k_len, off, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """For query rows [m_start, m_start + BLOCK_M): key block ranges (lo, full_lo, full_hi, hi).
+    [lo, full_lo) and [full_hi, hi) need the mask; [full_lo, full_hi) is fully allowed for
+    every valid row. Keys outside [lo, hi) are masked for every row and never visited."""
+    m_last = tl.minimum(m_start + BLOCK_M, q_len) - 1
+    lo = m_start * 0
+    hi = k_len
+    full_lo = lo
+    full_hi = k_len
+    if HAS_WL:
+        lo = tl.maximum(m_start + off - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        first_full = tl.maximum(m_last + off - window_left, 0)
+        full_lo = ((first_full + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    if HAS_WR:
+        hi = tl.minimum(tl.maximum(m_last + off + window_right + 1, 0), k_len)
+        full_hi = tl.minimum(tl.maximum(m_start + off + window_right + 1, 0), k_len)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_ranges(n_start, q_len, k_len, off, window_left, window_right,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """For key columns [n_start, n_start + BLOCK_N): query block ranges (lo, full_lo, full_hi, hi)
+    (the transpose of _key_ranges; full blocks also need every row and column in bounds)."""
+    n_last = tl.minimum(n_start + BLOCK_N, k_len) - 1
+    lo = n_start * 0
+    hi = q_len
+    full_lo = lo
+    full_hi = q_len
+    if HAS_WR:  # i >= j - off - window_right
+        lo = tl.maximum(n_start - off - window_right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        first_full = tl.maximum(n_last - off - window_right, 0)
+        full_lo = ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_WL:  # i <= j - off + window_left
+        hi = tl.minimum(tl.maximum(n_last - off + window_left + 1, 0), q_len)
+        full_hi = tl.minimum(tl.maximum(n_start - off + window_left + 1, 0), q_len)
+    full_hi = (full_hi // BLOCK_M) * BLOCK_M
+    if n_start + BLOCK_N > k_len:  # a partial key block: every query block needs the column mask
+        full_hi = lo
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _sequence(Cu, idx, total, IS_VARLEN: tl.constexpr):
+    """(start, length) of batch row / varlen sequence ``idx``."""
+    if IS_VARLEN:
+        first = tl.load(Cu + idx)
+        length = tl.load(Cu + idx + 1) - first
+        start = first.to(tl.int64)
+    else:
+        start = idx * 0
+        length = (idx * 0).to(tl.int32) + total
+    return start, length
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, end,
+                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                     window_left, window_right, row_state, drop_threshold, drop_scale,
+                     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            col_ok = cols < k_len
+        else:
+            col_ok = cols >= 0
+        kt = tl.load(K + (k_start + cols)[None, :] * skn + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        diag = rows[:, None] + off - cols[None, :]
+        bias = qk
+        if HAS_BIAS:
+            bias = tl.load(Bias + rows[:, None] * sbm + cols[None, :] * sbn,
+                           mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
+        s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        if MASKED:
+            ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+            s2 = tl.where(ok, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet: no NaN
+        p = tl.math.exp2(s2 - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(row_state[:, None], cols[None, :], drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
+                sbb, sbh, sbm, sbn, sab, sah,
+                num_heads, group, Sq_total, Sk_total,
+                qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                drop_state, drop_threshold, drop_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
+    k_start, k_len = _sequence(CuK, b, Sk_total, IS_VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    if IS_VARLEN:
+        batch = b * 0  # tensors hold one batch row; b is the sequence index
+    else:
+        batch = b
+    if ALIGN_BR:
+        off = k_len - q_len
+    else:
+        off = k_len * 0
+
+    rows = m_start + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row_ok = rows < q_len
+    q = tl.load(Q + batch * sqb + h * sqh + (q_start + rows)[:, None] * sqm + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    Kh = K + batch * skb + hk * skh
+    Vh = V + batch * svb + hk * svh
+    Bh = Bias + b * sbb + h * sbh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * sab + h * sah).to(tl.float32) * 1.4426950408889634
+    row_state = rows.to(tl.uint32)
+    if HAS_DROPOUT:
+        row_state = _dropout_row_state(drop_state, b, h, num_heads, rows)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_ranges(m_start, q_len, k_len, off, window_left, window_right,
+                                           BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, lo, full_lo,
+                                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                     window_left, window_right, row_state, drop_threshold, drop_scale,
+                                     True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+    acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, full_lo, full_hi,
+                                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                     window_left, window_right, row_state, drop_threshold, drop_scale,
+                                     False, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+    acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, full_hi, hi,
+                                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                     window_left, window_right, row_state, drop_threshold, drop_scale,
+                                     True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+    empty = l_i == 0.0  # no allowed key (or all -inf): out 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + batch * sob + h * soh + (q_start + rows)[:, None] * som + d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + batch * slb + h * slh + q_start + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_total, drop_state, drop_threshold,
+                         IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep mask of one (row block, b/sequence x head) over all its keys."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
+    k_start, k_len = _sequence(CuK, b, Sk_total, IS_VARLEN)
+    if IS_VARLEN:
+        batch = b * 0
+    else:
+        batch = b
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_state = _dropout_row_state(drop_state, b, h, num_heads, rows)
+    for n0 in range(0, k_len, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(row_state[:, None], cols[None, :], drop_threshold)
+        tl.store(Mask + batch * smb + h * smh + (q_start + rows)[:, None] * smm + (k_start + cols)[None, :],
+                 keep.to(tl.int8), mask=(rows[:, None] < q_len) & (cols[None, :] < k_len))
+
+
+def _fwd_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit shared memory / registers for large head dims, and pair
+    8 warps with 128-row tiles, 4 warps with 64-row tiles (halves the first-call tuning time)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if c.num_warps != (8 if bm == 128 else 4) and block_d < 256:
+            continue
+        if block_d >= 256 and (bn > 64 or c.num_stages > 2 or (bm == 128 and c.num_warps == 4)):
+            continue
+        if block_d >= 128 and bn > 64 and c.num_stages > 3:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+_fwd = triton.autotune(
+    configs=_fwd_configs(),
+    key=["HEAD_DIM", "IS_VARLEN", "ALIGN_BR", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_WL", "HAS_WR",
+         "HAS_DROPOUT"],
+    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_fwd_configs},
+)(_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess_kernel(Out, dOut, Delta, sob, soh, som, sdb, sdh, sdm, num_heads, S,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d out * dout (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < S) & (d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * sob + h * soh + rows[:, None].to(tl.int64) * som + d[None, :], mask=mask, other=0.0)
+    do = tl.load(dOut + b * sdb + h * sdh + rows[:, None].to(tl.int64) * sdm + d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * S + rows, delta, mask=rows < S)
+
+
+@triton.jit
+def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DQ, Lse, Delta, Bias, sqm, sdm, sqm_dq, sbm, sbn, start, end,
+                          cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2, scale,
+                          window_left, window_right, drop_state, drop_b, drop_h, num_heads, drop_threshold, drop_scale,
+                          MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulates dk, dv (BLOCK_N, BLOCK_D) over query blocks [start, end) of one query head;
+    the score tile is kept transposed (keys x queries)."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = rows < q_len
+        else:
+            row_ok = rows >= 0
+        ld_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + (q_start + rows)[:, None] * sqm + d[None, :], mask=ld_mask, other=0.0)
+        do = tl.load(dO + (q_start + rows)[:, None] * sdm + d[None, :], mask=ld_mask, other=0.0)
+        lse = tl.load(Lse + q_start + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + q_start + rows, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        diagT = rows[None, :] + off - cols[:, None]
+        bias = qkT
+        if HAS_BIAS:
+            bias = tl.load(Bias + rows[None, :] * sbm + cols[:, None] * sbn,
+                           mask=row_ok[None, :] & (cols[:, None] < k_len), other=0.0).to(tl.float32)
+        s2, t = _scores_log2(qkT, diagT, slope2, bias, qk_scale2, softcap_scale, softcap2,
+                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        if MASKED:
+            ok = _allowed(rows[None, :], cols[:, None], diagT, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+            s2 = tl.where(ok, s2, float("-inf"))
+        pT = tl.math.exp2(s2 - lse2[None, :])
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dO . v_j
+        if HAS_DROPOUT:
+            row_state = _dropout_row_state(drop_state, drop_b, drop_h, num_heads, rows)
+            keep = _dropout_keep(row_state[None, :], cols[:, None], drop_threshold)
+            p_drop = tl.where(keep, pT * drop_scale, 0.0)
+            dpT = tl.where(keep, dpT * drop_scale, 0.0)
+        else:
+            p_drop = pT
+        dv += tl.dot(p_drop.to(do.dtype), do, input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * scale
+            tl.atomic_add(DQ + (q_start + rows)[:, None] * sqm_dq + d[None, :], dq_part,
+                          mask=(rows[:, None] < q_len) & d_ok[None, :])
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
+                     sqb_dq, sqh_dq, sqm_dq, skb_dk, skh_dk, skn_dk, slb, slh,
+                     sbb, sbh, sbm, sbn, sab, sah,
+                     num_heads, num_kv_heads, group, Sq_total, Sk_total,
+                     qk_scale2, softcap_scale, softcap2, scale, window_left, window_right,
+                     drop_state, drop_threshold, drop_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
+    k_start, k_len = _sequence(CuK, b, Sk_total, IS_VARLEN)
+    n_start = pid_n * BLOCK_N
+    if n_start >= k_len:
+        return
+    if IS_VARLEN:
+        batch = b * 0
+    else:
+        batch = b
+    if ALIGN_BR:
+        off = k_len - q_len
+    else:
+        off = k_len * 0
+    cols = n_start + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
+    k = tl.load(K + batch * skb + hk * skh + (k_start + cols)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * svb + hk * svh + (k_start + cols)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _query_ranges(n_start, q_len, k_len, off, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    for g in range(0, group):  # the query heads of this kv head: dk/dv stay in registers
+        h = hk * group + g
+        Qh = Q + batch * sqb + h * sqh
+        dOh = dO + batch * sdb + h * sdh
+        DQh = DQ + batch * sqb_dq + h * sqh_dq
+        Lh = Lse + batch * slb + h * slh
+        Dh = Delta + batch * slb + h * slh
+        Bh = Bias + b * sbb + h * sbh
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Alibi + b * sab + h * sah).to(tl.float32) * 1.4426950408889634
+        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, lo, full_lo,
+                                       cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                       scale, window_left, window_right, drop_state, b, h, num_heads, drop_threshold,
+                                       drop_scale, True, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC)
+        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, full_lo,
+                                       full_hi, cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale,
+                                       softcap2, scale, window_left, window_right, drop_state, b, h, num_heads,
+                                       drop_threshold, drop_scale, False, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
+                                       HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC)
+        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, full_hi, hi,
+                                       cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                       scale, window_left, window_right, drop_state, b, h, num_heads, drop_threshold,
+                                       drop_scale, True, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC)
+    out_mask = (cols[:, None] < k_len) & d_ok[None, :]
+    tl.store(DK + batch * skb_dk + hk * skh_dk + (k_start + cols)[:, None] * skn_dk + d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + batch * skb_dk + hk * skh_dk + (k_start + cols)[:, None] * skn_dk + d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, start, end,
+                        rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                        window_left, window_right, row_state, drop_threshold, drop_scale,
+                        MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            col_ok = cols < k_len
+        else:
+            col_ok = cols >= 0
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + (k_start + cols)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        diag = rows[:, None] + off - cols[None, :]
+        bias = qk
+        if HAS_BIAS:
+            bias = tl.load(Bias + rows[:, None] * sbm + cols[None, :] * sbn,
+                           mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
+        s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        if MASKED:
+            ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+            s2 = tl.where(ok, s2, float("-inf"))
+        p = tl.math.exp2(s2 - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(row_state[:, None], cols[None, :], drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sqb_dq, sqh_dq, sqm_dq, slb, slh,
+                   sbb, sbh, sbm, sbn, sab, sah,
+                   num_heads, group, Sq_total, Sk_total,
+                   qk_scale2, softcap_scale, softcap2, scale, window_left, window_right,
+                   drop_state, drop_threshold, drop_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
+    k_start, k_len = _sequence(CuK, b, Sk_total, IS_VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    if IS_VARLEN:
+        batch = b * 0
+    else:
+        batch = b
+    if ALIGN_BR:
+        off = k_len - q_len
+    else:
+        off = k_len * 0
+    rows = m_start + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row_ok = rows < q_len
+    ld_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + batch * sqb + h * sqh + (q_start + rows)[:, None] * sqm + d[None, :], mask=ld_mask, other=0.0)
+    do = tl.load(dO + batch * sdb + h * sdh + (q_start + rows)[:, None] * sdm + d[None, :], mask=ld_mask, other=0.0)
+    lse = tl.load(Lse + batch * slb + h * slh + q_start + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + batch * slb + h * slh + q_start + rows, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    Kh = K + batch * skb + hk * skh
+    Vh = V + batch * svb + hk * svh
+    Bh = Bias + b * sbb + h * sbh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * sab + h * sah).to(tl.float32) * 1.4426950408889634
+    row_state = rows.to(tl.uint32)
+    if HAS_DROPOUT:
+        row_state = _dropout_row_state(drop_state, b, h, num_heads, rows)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_ranges(m_start, q_len, k_len, off, window_left, window_right,
+                                           BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, lo, full_lo, rows, off, q_len,
+                             k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                             row_state, drop_threshold, drop_scale, True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
+                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, full_lo, full_hi, rows, off,
+                             q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left,
+                             window_right, row_state, drop_threshold, drop_scale, False, BLOCK_N, BLOCK_D, HEAD_DIM,
+                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, full_hi, hi, rows, off, q_len,
+                             k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                             row_state, drop_threshold, drop_scale, True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
+                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+    tl.store(DQ + batch * sqb_dq + h * sqh_dq + (q_start + rows)[:, None] * sqm_dq + d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=ld_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode (flash-decoding)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse,
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sab, sah,
+                         num_heads, num_kv_heads, group, Sq, split_size,
+                         qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr,
+                         HAS_WR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key chunk of one kv head for BLOCK_M (query head, position) rows of its GQA group.
+    Writes the normalised partial output and its lse (-inf for an empty chunk) to fp32
+    workspaces (split, b, h, i, d) / (split, b, h, i)."""
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    num_splits = tl.num_programs(0)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    batch_size = tl.num_programs(2) // num_kv_heads
+    k_len = tl.load(SeqLens + b).to(tl.int64)
+    off = k_len - Sq
+    r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < group * Sq
+    g = r // Sq
+    i = r % Sq
+    h = (hk * group + g).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * sab + h * sah, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    n_lo = pid_s * split_size
+    n_hi = tl.minimum(n_lo + split_size, k_len)
+    if HAS_WL:  # first key any row of this chunk may see: row 0
+        n_lo = tl.maximum(n_lo, ((tl.maximum(off - window_left, 0)) // BLOCK_N) * BLOCK_N)
+    if HAS_WR:
+        n_hi = tl.minimum(n_hi, tl.maximum(Sq - 1 + off + window_right + 1, 0))
+    Kh = K + b * skb + hk * skh
+    Vh = V + b * svb + hk * svh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_hi
+        kt = tl.load(Kh + cols[None, :] * skn + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        diag = i[:, None] + off - cols[None, :]
+        s2, _t = _scores_log2(qk, diag, slope2[:, None], qk, qk_scale2, softcap_scale, softcap2,
+                              HAS_SOFTCAP, HAS_ALIBI, False)
+        ok = _allowed(i[:, None], cols[None, :], diag, Sq, n_hi, window_left, window_right, HAS_WL, HAS_WR)
+        s2 = tl.where(ok, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s2 - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vh + cols[:, None] * svn + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # workspace index ((split * B + b) * H + h) * Sq + i
+    row_index = ((pid_s * batch_size + b) * num_heads + h) * Sq + i
+    tl.store(WsOut + row_index[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(WsLse + row_index, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(WsOut, WsLse, Out, Lse, sob, soh, som, num_heads, Sq, rows_total, num_splits,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s, for one (b, h, i) row."""
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * Sq + i
+    b = row // (num_heads * Sq)
+    h = (row // Sq) % num_heads
+    i = row % Sq
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    lse_s = tl.load(WsLse + s * rows_total + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    parts = tl.load(WsOut + (s[:, None] * rows_total + row) * HEAD_DIM + d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
+    tl.store(Out + b * sob + h * soh + i * som + d, out.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + row, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention (triton): {name} must be a 4-D tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"attention (triton): {name} must be fp16, bf16 or fp32, got {t.dtype}")
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"attention (triton): {name} must have stride(-1) == 1, got strides {t.stride()}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention (triton): q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"attention (triton): q, k, v need one head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if D < 16 or D > 256 or D % 8:
+        raise ValueError(f"attention (triton): head dim must be a multiple of 8 in [16, 256], got {D}")
+    if k.shape != v.shape[:3] + (D,) or k.shape[0] != q.shape[0]:
+        raise ValueError(f"attention (triton): k {tuple(k.shape)} and v {tuple(v.shape)} must match, batch as q "
+                         f"{tuple(q.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention (triton): query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products (no TF32), so fp32 results meet the fp32 error bound.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dropout_params(dropout_p, seed):
+    """(hash state, 24-bit threshold, keep scale) of the reference's dropout_keep_mask."""
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"attention (triton): dropout_p must be in [0, 1), got {dropout_p}")
+    seed = int(seed) & ((1 << 64) - 1)
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & _MASK32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & _MASK32
+        return x ^ (x >> 16)
+
+    state = mix(mix((seed & _MASK32) ^ 0x9E3779B9) ^ (seed >> 32))
+    threshold = int(math.ceil(dropout_p * (1 << 24)))
+    return state, threshold, 1.0 / (1.0 - dropout_p)
+
+
+def _score_params(scale, softcap):
+    scale = float(scale)
+    softcap = float(softcap or 0.0)
+    if softcap > 0:
+        return scale * _LOG2E, scale / softcap, softcap * _LOG2E
+    return scale * _LOG2E, 1.0, 1.0
+
+
+def _alibi_args(alibi_slopes, B, H, dummy):
+    if alibi_slopes is None:
+        return dummy, 0, 0
+    a = alibi_slopes
+    if a.dim() == 1:
+        if a.shape[0] != H:
+            raise ValueError(f"attention (triton): alibi_slopes must be (H,) or (B, H) with H={H}, got {tuple(a.shape)}")
+        return a, 0, a.stride(0)
+    if a.dim() != 2 or a.shape[1] != H or a.shape[0] not in (1, B):
+        raise ValueError(f"attention (triton): alibi_slopes must be (H,) or (B, H) = ({B}, {H}), got {tuple(a.shape)}")
+    return a, (a.stride(0) if a.shape[0] > 1 else 0), a.stride(1)
+
+
+def _bias_args(bias, B, H, Sq, Sk, dummy):
+    if bias is None:
+        return dummy, (0, 0, 0, 0)
+    if bias.dim() != 4:
+        raise ValueError(f"attention (triton): bias must be a 4-D view broadcastable to {(B, H, Sq, Sk)}, "
+                         f"got {tuple(bias.shape)}")
+    b = bias.expand(B, H, Sq, Sk)  # broadcast dims get stride 0
+    return b, tuple(b.stride())
+
+
+def _varlen_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias):
+    """(is_varlen, number of batch rows / sequences, max Sq, CuQ, CuK)."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("attention (triton): cu_seqlens_q and cu_seqlens_k must be given together")
+    if cu_seqlens_q is None:
+        return False, q.shape[0], q.shape[2], None, None
+    if q.shape[0] != 1:
+        raise ValueError(f"attention (triton): varlen needs batch 1 (packed sequences), got batch {q.shape[0]}")
+    if bias is not None:
+        raise ValueError("attention (triton): an additive bias cannot be combined with varlen")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+            raise ValueError(f"attention (triton): {name} must be a 1-D int32 tensor on {q.device}, "
+                             f"got {cu.dtype} {tuple(cu.shape)} on {cu.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"attention (triton): cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+                         f"{tuple(cu_seqlens_k.shape)} must have the same length")
+    nseq = cu_seqlens_q.shape[0] - 1
+    if max_seqlen_q is None:  # a host sync; the front end passes it
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if nseq > 0 else 0
+    return True, nseq, int(max_seqlen_q), cu_seqlens_q, cu_seqlens_k
+
+
+def _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen):
+    return dict(IS_VARLEN=is_varlen, ALIGN_BR=bool(align_bottom_right), HAS_SOFTCAP=bool(softcap and softcap > 0),
+                HAS_ALIBI=alibi_slopes is not None, HAS_BIAS=bias is not None,
+                HAS_WL=window_left is not None and window_left >= 0,
+                HAS_WR=window_right is not None and window_right >= 0, HAS_DROPOUT=dropout_p > 0)
+
+
+def _window(w):
+    return -1 if w is None else int(w)
+
+
+def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_right=True, softcap=0.0,
+            alibi_slopes=None, bias=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, return_dropout_mask=False):
+    """Contract forward: (out (B, H, Sq, D) contiguous in q's dtype, lse fp32 (B, H, Sq)[, bool keep mask])."""
+    _check_qkv(q, k, v)
+    B, H, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    window_left, window_right = _window(window_left), _window(window_right)
+    is_varlen, nseq, max_q, cu_q, cu_k = _varlen_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias)
+    drop_state, drop_threshold, drop_scale = _dropout_params(dropout_p, seed)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    keep = None
+    if return_dropout_mask:
+        keep = torch.zeros((B, H, Sq, Sk), dtype=torch.int8, device=q.device)
+    if q.numel() == 0 or nseq == 0:
+        lse.fill_(float("-inf"))
+        out.zero_()
+        return (out, lse, keep.bool()) if return_dropout_mask else (out, lse)
+    dummy = lse
+    alibi, sab, sah = _alibi_args(alibi_slopes, nseq, H, dummy)
+    bias_t, (sbb, sbh, sbm, sbn) = _bias_args(bias, B, H, Sq, Sk, dummy)
+    flags = _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen)
+    qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), nseq * H)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _fwd[grid](q, k, v, out, lse, bias_t, alibi, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
+                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                   lse.stride(0), lse.stride(1), sbb, sbh, sbm, sbn, sab, sah,
+                   H, H // Hk, Sq, Sk, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                   drop_state, drop_threshold, drop_scale,
+                   HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), **flags)
+        if return_dropout_mask and dropout_p > 0:
+            _dropout_mask_kernel[(triton.cdiv(max_q, 16), nseq * H)](
+                keep, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
+                keep.stride(0), keep.stride(1), keep.stride(2), H, Sq, Sk, drop_state, drop_threshold,
+                IS_VARLEN=is_varlen, BLOCK_M=16, BLOCK_N=32 if _INTERPRET else 128)
+    if return_dropout_mask:
+        if dropout_p == 0:
+            keep.fill_(1)
+        return out, lse, keep.bool()
+    return out, lse
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bwd_blocks(D, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels (no autotune: the
+    atomic dq path cannot be re-run by a benchmark)."""
+    if _INTERPRET:
+        return 16, 16, 4, 1
+    if D <= 64:
+        return 64, 64, 4, 3
+    if D <= 128:
+        return 32, 64, 4, 2 if dtype == torch.float32 else 3
+    if dtype == torch.float32:  # fp32 tiles at head dim 256 overflow an A100's 164 KB of shared memory
+        return 16, 32, 8, 1
+    return 16, 64, 8, 2
+
+
+def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1, align_bottom_right=True,
+             softcap=0.0, alibi_slopes=None, bias=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q=None, max_seqlen_k=None, deterministic=False, return_dropout_mask=False):
+    """Contract backward: (dq, dk, dv) with the shapes and dtypes of q, k, v."""
+    _check_qkv(q, k, v)
+    B, H, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, Sq):
+        raise ValueError(f"attention (triton) backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must be "
+                         f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {(B, H, Sq)}")
+    if dout.stride(-1) != 1 or out.stride(-1) != 1:
+        dout, out = dout.contiguous(), out.contiguous()
+    window_left, window_right = _window(window_left), _window(window_right)
+    is_varlen, nseq, max_q, cu_q, cu_k = _varlen_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias)
+    if is_varlen and max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if nseq > 0 else 0
+    max_k = int(max_seqlen_k) if is_varlen else Sk
+    drop_state, drop_threshold, drop_scale = _dropout_params(dropout_p, seed)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0 or nseq == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
+    lse = lse.float().contiguous()
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    dummy = delta
+    alibi, sab, sah = _alibi_args(alibi_slopes, nseq, H, dummy)
+    bias_t, (sbb, sbh, sbm, sbn) = _bias_args(bias, B, H, Sq, Sk, dummy)
+    flags = _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen)
+    qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype)
+    prec = _dot_precision(q.dtype)
+    atomic_dq = not deterministic
+    if atomic_dq:
+        dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq_buf = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    cu_q_arg = cu_q if is_varlen else dummy
+    cu_k_arg = cu_k if is_varlen else dummy
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        pre_block = 16 if _INTERPRET else 64
+        _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_block), B * H)](
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), H, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block)
+        common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                          v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+        _bwd_dkdv_kernel[(triton.cdiv(max_k, block_n), nseq * Hk)](
+            q, k, v, dout, dq_buf, dk, dv, lse, delta, bias_t, alibi, cu_q_arg, cu_k_arg,
+            *common_strides, dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), lse.stride(0), lse.stride(1),
+            sbb, sbh, sbm, sbn, sab, sah, H, Hk, H // Hk, Sq, Sk,
+            qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
+            drop_state, drop_threshold, drop_scale,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, DOT_PREC=prec,
+            num_warps=warps, num_stages=stages, **flags)
+        if not atomic_dq:
+            dq_block_m, dq_block_n = (block_n, block_m) if not _INTERPRET else (16, 16)
+            _bwd_dq_kernel[(triton.cdiv(max_q, dq_block_m), nseq * H)](
+                q, k, v, dout, dq_buf, lse, delta, bias_t, alibi, cu_q_arg, cu_k_arg,
+                *common_strides, dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), lse.stride(0), lse.stride(1),
+                sbb, sbh, sbm, sbn, sab, sah, H, H // Hk, Sq, Sk,
+                qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
+                drop_state, drop_threshold, drop_scale,
+                HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, DOT_PREC=prec,
+                num_warps=warps, num_stages=stages, **flags)
+    dq = dq_buf.to(q.dtype) if atomic_dq else dq_buf
+    return dq, dk, dv
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def decode_num_splits(batch, num_kv_heads, row_blocks, max_keys, device, block_n=64):
+    """Heuristic: enough programs to fill the GPU twice over, each split >= 4 key blocks, at most 64."""
+    programs = max(1, batch * num_kv_heads * row_blocks)
+    sms = _num_sms(device)
+    if programs >= sms:
+        return 1
+    by_length = max(1, triton.cdiv(max_keys, 4 * block_n))
+    return max(1, min(triton.cdiv(2 * sms, programs), by_length, 64))
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_right=-1, softcap=0.0,
+           alibi_slopes=None, num_splits=0):
+    """Contract decode (flash-decoding): (out (B, H, Sq, D) in q's dtype, lse fp32 (B, H, Sq))."""
+    _check_qkv(q, k_cache, v_cache)
+    B, H, Sq, D = q.shape
+    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,) or cache_seqlens.device != q.device:
+        raise ValueError(f"attention (triton) decode: cache_seqlens must be int32 ({B},) on {q.device}, got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if num_splits < 0:
+        raise ValueError(f"attention (triton) decode: num_splits must be >= 0, got {num_splits}")
+    window_left, window_right = _window(window_left), _window(window_right)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    group = H // Hk
+    rows = group * Sq
+    block_m = max(16, min(triton.next_power_of_2(rows), 64))
+    block_n = 16 if _INTERPRET else (64 if D <= 128 else 32)
+    row_blocks = triton.cdiv(rows, block_m)
+    if num_splits == 0:
+        num_splits = decode_num_splits(B, Hk, row_blocks, S_max, q.device, block_n)
+    num_splits = max(1, min(num_splits, max(1, triton.cdiv(S_max, block_n))))
+    split_size = triton.cdiv(triton.cdiv(max(S_max, 1), num_splits), block_n) * block_n
+    ws_out = torch.empty((num_splits, B, H, Sq, D), dtype=torch.float32, device=q.device)
+    ws_lse = torch.empty((num_splits, B, H, Sq), dtype=torch.float32, device=q.device)
+    alibi, sab, sah = _alibi_args(alibi_slopes, B, H, ws_lse)
+    qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
+    block_d = max(16, triton.next_power_of_2(D))
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _decode_split_kernel[(num_splits, row_blocks, B * Hk)](
+            q, k_cache, v_cache, cache_seqlens, alibi, ws_out, ws_lse,
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sab, sah,
+            H, Hk, group, Sq, split_size, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_ALIBI=alibi_slopes is not None,
+            HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=_dot_precision(q.dtype),
+            num_warps=4, num_stages=1 if _INTERPRET else 2)
+        _decode_combine_kernel[(B * H * Sq,)](
+            ws_out, ws_lse, out, lse, out.stride(0), out.stride(1), out.stride(2), H, Sq, B * H * Sq, num_splits,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out, lse
