@@ -15,9 +15,11 @@ import time
 import torch
 
 from . import bias_act
+from . import gan
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
 OPS = {"bias_act": bias_act}
+OPS["gan"] = gan
 
 
 def _op_name(value: str) -> str:
