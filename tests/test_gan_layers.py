@@ -43,7 +43,7 @@ def test_equalized_conv2d(seed, up, down):
         layer.bias.normal_()
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     w = layer.weight / math.sqrt(4 * 9)
-    y = reference.conv2d_resample(x, w, layer.resample_filter, up, down, 1, flip_weight=up == 1)
+    y = reference.conv2d_resample(x, w, layer.resample_filter.float(), up, down, 1, flip_weight=up == 1)
     expected = ref_bias_act(y, layer.bias, act="lrelu", gain=math.sqrt(2) * 0.5, clamp=0.5 * 0.5)
     torch.testing.assert_close(layer(x, gain=0.5), expected)
     assert layer(x).shape == (2, 6, 8 * up // down, 8 * up // down)
@@ -108,7 +108,7 @@ def test_modulated_conv2d_layer(seed, up, noise_mode):
     styles = w @ (layer.affine.weight / math.sqrt(6)).t() + layer.affine.bias
     noise = layer.noise_const * 0.7 if noise_mode == "const" else None
     y = reference.modulated_conv2d(x, layer.weight, styles, noise, up=up, padding=1,
-                                   resample_filter=layer.resample_filter, flip_weight=up == 1)
+                                   resample_filter=layer.resample_filter.float(), flip_weight=up == 1)
     expected = ref_bias_act(y, layer.bias, act="lrelu", clamp=256)
     for fused in (True, False):
         torch.testing.assert_close(layer(x, w, noise_mode=noise_mode, fused_modconv=fused), expected)
@@ -156,7 +156,7 @@ def run_discriminator(d, x):
 def run_discriminator_reference(d, x):
     """The same network with the reference ops only."""
     def conv(layer, x):
-        y = reference.conv2d_resample(x, layer.weight * layer.weight_gain, layer.resample_filter, layer.up,
+        y = reference.conv2d_resample(x, layer.weight * layer.weight_gain, layer.resample_filter.float(), layer.up,
                                       layer.down, layer.padding, flip_weight=layer.up == 1)
         return ref_bias_act(y, layer.bias, act=layer.activation, clamp=layer.conv_clamp)
 
@@ -182,10 +182,11 @@ def test_r1_penalty_second_order(seed):
                 p.normal_(0, 0.3)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     ours = r1_penalty(run_discriminator, d, x)
-    grads = torch.autograd.grad(ours, list(d.parameters()))
+    grads = torch.autograd.grad(ours, list(d.parameters()), allow_unused=True, materialize_grads=True)
     ref = r1_penalty(run_discriminator_reference, d, x)
-    ref_grads = torch.autograd.grad(ref, list(d.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(d.parameters()), allow_unused=True, materialize_grads=True)
     torch.testing.assert_close(ours, ref)
+    assert all(g.abs().sum() > 0 for g in grads[:3]), "the R1 penalty must reach the conv weights and bias"
     for (name, _), g, r in zip(d.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10, msg=f"R1 gradient of {name}")
     # float32 against the float64 reference

@@ -91,6 +91,7 @@ class EqualizedConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.activation = _check_activation(activation, owner="EqualizedConv2d")
         self.up, self.down, self.conv_clamp = up, down, conv_clamp
+        # A buffer (moves with .to(device)); used as float32 even after .double() / .half().
         self.register_buffer("resample_filter", setup_filter(list(resample_filter)))
         self.padding = kernel_size // 2
         self.weight_gain = lr_multiplier / math.sqrt(in_channels * kernel_size ** 2)
@@ -106,7 +107,7 @@ class EqualizedConv2d(nn.Module):
         b = self.bias
         if b is not None:
             b = b.to(x.dtype) * self.bias_gain if self.bias_gain != 1 else b.to(x.dtype)
-        x = conv2d_resample(x, w.to(x.dtype), f=self.resample_filter, up=self.up, down=self.down,
+        x = conv2d_resample(x, w.to(x.dtype), f=self.resample_filter.float(), up=self.up, down=self.down,
                             padding=self.padding, flip_weight=self.up == 1)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
@@ -190,7 +191,7 @@ class ModulatedConv2d(nn.Module):
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
         x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-                             resample_filter=self.resample_filter, flip_weight=self.up == 1,
+                             resample_filter=self.resample_filter.float(), flip_weight=self.up == 1,
                              fused_modconv=fused_modconv)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=clamp)
