@@ -156,7 +156,7 @@ def test_minibatch_stddev(seed, n, group_size, num_channels):
     error_vs_reference(minibatch_stddev(x32, group_size, num_channels), expected,
                        reference.minibatch_stddev(x32, min(group_size, n), num_channels))
     xs = torch.randn(4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: minibatch_stddev(t, 2, 1), (xs,))
+    assert torch.autograd.gradgradcheck(lambda t: minibatch_stddev(t, 2, 1), (xs,), fast_mode=True)
 
 
 def test_minibatch_stddev_bad_input():
@@ -225,8 +225,8 @@ def test_conv2d_resample_gradgradcheck(seed):
     f = setup_filter([1, 3, 3, 1])
     for up, down in ((2, 1), (1, 2)):
         x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradgradcheck(lambda a, b: conv2d_resample(a, b, f, up, down, 1), (x, w))
+        w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda a, b: conv2d_resample(a, b, f, up, down, 1), (x, w), fast_mode=True)
 
 
 def test_conv2d_resample_bad_input():
@@ -303,12 +303,11 @@ def test_modulated_conv2d_gradgradcheck(seed):
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     styles = (torch.randn(2, 2, dtype=torch.float64) + 1).requires_grad_()
-    for fused in (True, False):
-        for up in (1, 2):
-            def fn(a, b, c):
-                return modulated_conv2d(a, b, c, up=up, padding=1, resample_filter=f, flip_weight=up == 1,
-                                        fused_modconv=fused)
-            assert torch.autograd.gradgradcheck(fn, (x, weight, styles))
+    for fused, up in ((True, 2), (False, 1)):
+        def fn(a, b, c):
+            return modulated_conv2d(a, b, c, up=up, padding=1, resample_filter=f, flip_weight=up == 1,
+                                    fused_modconv=fused)
+        assert torch.autograd.gradgradcheck(fn, (x, weight, styles), fast_mode=True)
 
 
 def test_modulated_conv2d_bad_input():
