@@ -36,19 +36,19 @@ MODES = ("fwd", "fwd+bwd")
 
 PIXEL_NORM_CPU_SHAPES = ((16, 512, 32, 32),)  # 8M elements
 PIXEL_NORM_GPU_SHAPES = ((64, 512, 32, 32), (256, 512, 16, 16))
-PIXEL_NORM_QUICK_CPU = ((8, 512, 16, 16),)
+PIXEL_NORM_QUICK_CPU = ((8, 512, 16, 16),)  # 1M elements
 
 MLP_NETS = {
     "mlp-G": ((100, 256, "lrelu"), (256, 512, "lrelu"), (512, 1024, "lrelu"), (1024, 784, "tanh")),
     "mlp-D": ((784, 1024, "lrelu"), (1024, 512, "lrelu"), (512, 256, "lrelu"), (256, 1, "sigmoid")),
 }
 MLP_BATCHES = (64, 256, 1024)
-MLP_QUICK_BATCHES = (256,)
+MLP_QUICK_BATCHES = (64,)
 
 # (N, in, out, resolution_in, up): StyleGAN2-ADA paper256 synthesis layers at 256^2.
 MODCONV_GPU = ((8, 128, 64, 128, 2), (8, 64, 64, 256, 1))
 MODCONV_CPU = ((2, 64, 64, 64, 1),)
-MODCONV_QUICK_CPU = ((2, 32, 32, 32, 2),)
+MODCONV_QUICK_CPU = ((2, 32, 32, 16, 2),)
 
 _compile_failed: dict = {}
 
@@ -263,7 +263,7 @@ def _plan(device, quick: bool, use_compile: bool = True) -> list:
     for net in MLP_NETS:
         for batch in (MLP_QUICK_BATCHES if quick else MLP_BATCHES):
             for dtype in mlp_dtypes:
-                for mode in (("fwd+bwd",) if quick else MODES):
+                for mode in (("fwd",) if quick else MODES):
                     plan.append(lambda n=net, b=batch, d=dtype, m=mode: mlp_case(m, n, b, d, device, use_compile))
     mc_shapes = MODCONV_GPU if gpu else (MODCONV_QUICK_CPU if quick else MODCONV_CPU)
     mc_dtypes = (torch.float32, torch.float16) if gpu else (torch.float32,)

@@ -251,7 +251,7 @@ class FusedLinearAct(nn.Linear):
             raise ValueError(f"FusedLinearAct: expected x with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if self.activation == "linear":
             return F.linear(x, self.weight, self.bias)
-        y = torch.matmul(x, self.weight.t())
+        y = F.linear(x, self.weight)
         b = self.bias.to(y.dtype) if self.bias is not None else None
         alpha = self.negative_slope if self.activation == "lrelu" else None
         return bias_act(y, b, dim=-1, act=self.activation, alpha=alpha, gain=1.0)
