@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.models import VAE
+from genfast.models import VAE, DCGANDiscriminator, DCGANGenerator, MLPGAN
 
 
 def grads(model):
@@ -57,3 +57,63 @@ def test_model_backend_switch_is_validated():
     with pytest.raises(ValueError, match="multiple of 4"):
         VAE(image_size=10)
     assert genfast.models.VAE(backend="reference").backend == "reference"
+
+
+# ----------------------------------------------------------------------------- GANs
+
+
+def test_mlpgan_fast_matches_reference(seed):
+    gan = MLPGAN(latent_dim=12, image_dim=20, hidden_g=(16, 24, 32), hidden_d=(32, 24, 16), dropout=0.0)
+    z = torch.randn(5, 12)
+    x = torch.rand(5, 20) * 2 - 1
+    assert_fast_matches_reference(gan, lambda m: (m.discriminator(m.generator(z)) - m.discriminator(x)).square().mean())
+
+
+def test_mlpgan_shapes_and_ranges_are_the_classic_ones():
+    gan = MLPGAN()
+    dims = [m.out_features for m in gan.generator.modules() if isinstance(m, torch.nn.Linear)]
+    assert dims == [256, 512, 1024, 784]
+    dims = [m.out_features for m in gan.discriminator.modules() if isinstance(m, torch.nn.Linear)]
+    assert dims == [1024, 512, 256, 1]
+    img = gan(torch.randn(3, 100))
+    assert img.shape == (3, 784) and img.abs().max() <= 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dcgan_fast_matches_reference(train, seed):
+    g = DCGANGenerator(latent_dim=8, channels=4, image_channels=3, image_size=16)
+    d = DCGANDiscriminator(channels=4, image_channels=3, image_size=16)
+    g.train(train)
+    d.train(train)
+    z = torch.randn(4, 8)
+
+    class Pair(genfast.models.FastPathModel):
+        def __init__(self):
+            super().__init__()
+            self.g, self.d = g, d
+
+    assert_fast_matches_reference(Pair(), lambda m: m.d(m.g(z)).square().mean())
+    assert g(z).shape == (4, 3, 16, 16) and d(g(z)).shape == (4,)
+
+
+def test_gan_discriminator_training_lowers_its_loss(seed):
+    import torch.nn.functional as F
+
+    gan = MLPGAN(latent_dim=8, image_dim=16, hidden_g=(16, 16, 16), hidden_d=(32, 16, 8), dropout=0.0)
+    real = torch.rand(64, 16) * 0.5 + 0.5
+    fake = gan.generator(torch.randn(64, 8)).detach()
+    opt = torch.optim.Adam(gan.discriminator.parameters(), lr=1e-2)
+
+    def loss():
+        return F.softplus(-gan.discriminator(real)).mean() + F.softplus(gan.discriminator(fake)).mean()
+    first = loss().item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.7 * first
+
+
+def test_dcgan_rejects_bad_image_size():
+    with pytest.raises(ValueError, match="image_size"):
+        DCGANGenerator(image_size=48)
