@@ -73,9 +73,10 @@ GENFAST_REGISTER_BINDINGS(group_norm) {
   m.def(
       "group_norm_fwd_cuda",
       [](int dtype, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_last, uintptr_t x, uintptr_t w,
-         uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, bool silu, uintptr_t stream,
-         int device) {
+         uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, bool silu, uintptr_t workspace,
+         uintptr_t stream, int device) {
         auto a = make_forward(dtype, N, C, S, G, channels_last, x, w, b, y, mean, rstd, eps, silu);
+        a.workspace = mptr(workspace);
         a.stream = stream;
         a.device = device;
         py::gil_scoped_release release;
@@ -83,7 +84,14 @@ GENFAST_REGISTER_BINDINGS(group_norm) {
       },
       py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"), py::arg("channels_last"),
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
-      py::arg("eps"), py::arg("silu"), py::arg("stream"), py::arg("device"));
+      py::arg("eps"), py::arg("silu"), py::arg("workspace"), py::arg("stream"), py::arg("device"));
+  m.def(
+      "group_norm_cuda_workspace",
+      [](int dtype, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_last) {
+        return group_norm::forward_workspace_floats(make_shape(dtype, N, C, S, G, channels_last));
+      },
+      "Floats of workspace group_norm_fwd_cuda needs", py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("S"),
+      py::arg("G"), py::arg("channels_last"));
   m.def(
       "group_norm_bwd_cuda",
       [](int dtype, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_last, uintptr_t dy, uintptr_t x,

@@ -30,6 +30,7 @@ struct ForwardArgs {
   double eps;
   bool silu;
   int num_threads;   // CPU only
+  void* workspace;   // CUDA only: forward_workspace_floats(shape) floats for the partial moments
   uintptr_t stream;  // CUDA only: the cudaStream_t to launch on
   int device;        // CUDA only
 };
@@ -46,8 +47,8 @@ struct BackwardArgs {
   // CPU: dweight / dbias (C elements of x's dtype; null: not wanted).
   void* dweight;
   void* dbias;
-  // CUDA: 2 x N x C floats receiving A = sum(dz * xhat) and B = sum(dz) per (n, c); the caller
-  // sums them over n for dweight and dbias.
+  // CUDA: 2 N C + 2 N G floats: first [2, N, C] receiving A = sum(dz * xhat) and B = sum(dz)
+  // per (n, c) (the caller sums them over n for dweight and dbias), then scratch.
   void* sums;
   bool silu;
   int num_threads;
@@ -58,6 +59,7 @@ struct BackwardArgs {
 void group_norm_forward_cpu(const ForwardArgs& a);
 void group_norm_backward_cpu(const BackwardArgs& a);
 #ifdef GENFAST_WITH_CUDA
+int64_t forward_workspace_floats(const Shape& shape);
 void group_norm_forward_cuda(const ForwardArgs& a);  // throw std::runtime_error on a CUDA error
 void group_norm_backward_cuda(const BackwardArgs& a);
 #endif

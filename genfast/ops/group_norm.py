@@ -128,17 +128,22 @@ def _group_norm_cuda(mode, *args):
     C_ = _ext._C
     if mode == FORWARD:
         x, w, b, y, mean, rstd, geo, eps, silu = args
-        C_.group_norm_fwd_cuda(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
+        code = _ext.DTYPE_CODES[x.dtype]
+        work = torch.empty(C_.group_norm_cuda_workspace(code, geo.N, geo.C, geo.S, geo.G, geo.channels_last),
+                           dtype=torch.float32, device=x.device)
+        C_.group_norm_fwd_cuda(code, geo.N, geo.C, geo.S, geo.G, geo.channels_last,
                                x.data_ptr(), _ext.address(w), _ext.address(b), y.data_ptr(), mean.data_ptr(),
-                               rstd.data_ptr(), float(eps), bool(silu), _ext.stream_of(x), x.device.index)
+                               rstd.data_ptr(), float(eps), bool(silu), work.data_ptr(), _ext.stream_of(x),
+                               x.device.index)
     else:
         dy, x, mean, rstd, w, b, dx, dw, db, geo, silu = args
-        # Per-(n, c) partial sums of the backward, reduced over n here (small: N x C floats).
-        sums = torch.empty(2, geo.N, geo.C, dtype=torch.float32, device=x.device)
+        # Per-(n, c) partial sums of the backward (reduced over n here: N x C floats), then scratch.
+        work = torch.empty(2 * geo.N * geo.C + 2 * geo.N * geo.G, dtype=torch.float32, device=x.device)
         C_.group_norm_bwd_cuda(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
                                dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ext.address(w),
-                               _ext.address(b), dx.data_ptr(), sums.data_ptr(), bool(silu),
+                               _ext.address(b), dx.data_ptr(), work.data_ptr(), bool(silu),
                                _ext.stream_of(x), x.device.index)
+        sums = work[:2 * geo.N * geo.C].view(2, geo.N, geo.C)
         if dw is not None:
             torch.sum(sums[0], dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(sums[0].sum(0))
         if db is not None:
