@@ -2,8 +2,9 @@
 // genfast/ops/group_norm.py for the algorithm). No libtorch: raw pointers, sizes, a stream.
 //
 // Forward, three launches:
-//   1. partial moments: (mean, M2) of pieces of every group, merged inside a block with
-//      Chan's formula (exact two-pass per 16-byte vector, or Welford per element):
+//   1. partial moments: (mean, M2) of x - shift (shift: one element of the group) for pieces
+//      of every group, merged inside a block with Chan's formula (corrected two-pass per
+//      16-byte vector, or Welford per element):
 //        NCHW: a group is one contiguous run of D * S elements; grid (chunk, n * G)
 //        NHWC: block (32 x 8): x = channels (a 16-byte vector each), y = rows; grid
 //              (row chunk, channel block, n); one partial per (n, c, row chunk)
@@ -152,6 +153,7 @@ __global__ void __launch_bounds__(kThreads) moments_nchw(const T* __restrict__ x
   const int64_t group = int64_t(blockIdx.x) / K, k = int64_t(blockIdx.x) % K;
   const int64_t begin = k * chunk, end = min(len, begin + chunk);
   const T* base = x + group * len;
+  const float shift = Cvt<T>::to(base[0]);  // see finalize: moments of x - shift
   Moments m{0.f, 0.f, 0.f};
   if (vector_ok) {  // len, chunk multiples of VEC and x 16-byte aligned
     for (int64_t i = begin + int64_t(threadIdx.x) * VEC; i < end; i += int64_t(kThreads) * VEC) {
@@ -159,16 +161,24 @@ __global__ void __launch_bounds__(kThreads) moments_nchw(const T* __restrict__ x
       load_vec<T, VEC>(v, base + i);
       float s = 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s += v[j];
-      const float mean = s * (1.f / VEC);
-      float m2 = 0.f;
+      for (int j = 0; j < VEC; ++j) {
+        v[j] -= shift;
+        s += v[j];
+      }
+      const float mean0 = s * (1.f / VEC);
+      // Corrected two-pass: the deviations' sum repairs the rounding of the first mean.
+      float d1 = 0.f, d2 = 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) m2 += (v[j] - mean) * (v[j] - mean);
-      m = merge(m, Moments{float(VEC), mean, m2});
+      for (int j = 0; j < VEC; ++j) {
+        const float d = v[j] - mean0;
+        d1 += d;
+        d2 += d * d;
+      }
+      m = merge(m, Moments{float(VEC), mean0 + d1 * (1.f / VEC), fmaxf(d2 - d1 * d1 * (1.f / VEC), 0.f)});
     }
   } else {
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-      const float v = Cvt<T>::to(base[i]);
+      const float v = Cvt<T>::to(base[i]) - shift;
       m.count += 1.f;
       const float delta = v - m.mean;
       m.mean += delta / m.count;
@@ -186,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) moments_nchw(const T* __restrict__ x
 template <typename T>
 __global__ void __launch_bounds__(32 * kLanesY) moments_nhwc(const T* __restrict__ x, float* __restrict__ pmean,
                                                             float* __restrict__ pm2, int64_t S, int64_t C,
-                                                            bool vector_ok) {
+                                                            int64_t D, bool vector_ok) {
   constexpr int VEC = vec_of<T>();
   constexpr int WIDTH = 32 * VEC;
   __shared__ float sh_mean[kLanesY][WIDTH], sh_m2[kLanesY][WIDTH];
@@ -194,9 +204,13 @@ __global__ void __launch_bounds__(32 * kLanesY) moments_nhwc(const T* __restrict
   const int64_t n = blockIdx.z, k = blockIdx.x, K = gridDim.x;
   const int64_t c0 = int64_t(blockIdx.y) * WIDTH + int64_t(threadIdx.x) * VEC;
   const int64_t r_begin = k * kRowsNHWC, r_end = min(S, r_begin + kRowsNHWC);
-  float mean[VEC], m2[VEC], count = 0.f;
+  float mean[VEC], m2[VEC], shift[VEC], count = 0.f;
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) mean[j] = m2[j] = 0.f;
+  for (int j = 0; j < VEC; ++j) {
+    mean[j] = m2[j] = 0.f;
+    const int64_t c = c0 + j < C ? c0 + j : C - 1;
+    shift[j] = Cvt<T>::to(x[n * S * C + (c / D) * D]);  // see finalize: moments of x - shift
+  }
   for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kLanesY) {
     const T* row = x + (n * S + r) * C;
     float v[VEC];
@@ -210,9 +224,10 @@ __global__ void __launch_bounds__(32 * kLanesY) moments_nhwc(const T* __restrict
     const float inv = 1.f / count;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {  // Welford
-      const float delta = v[j] - mean[j];
+      const float value = v[j] - shift[j];
+      const float delta = value - mean[j];
       mean[j] += delta * inv;
-      m2[j] += delta * (v[j] - mean[j]);
+      m2[j] += delta * (value - mean[j]);
     }
   }
 #pragma unroll
@@ -235,20 +250,23 @@ __global__ void __launch_bounds__(32 * kLanesY) moments_nhwc(const T* __restrict
 
 // One block per (n, group): merge its P partials, contiguous from ng * P. Partial p covers
 // min(chunk, len - (p % K) * chunk) elements (NCHW: of the group; NHWC: rows of one channel).
-__global__ void __launch_bounds__(kThreads) finalize(const float* __restrict__ pmean, const float* __restrict__ pm2,
-                                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                                     int64_t P, int64_t K, int64_t chunk, int64_t len, float M,
-                                                     float eps) {
-  const int64_t ng = blockIdx.x;
+// The partials are moments of x - shift, shift = x[n, first channel of the group, s = 0]:
+// values of the size of the data's spread, so float32 partial means lose nothing to a large mean.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) finalize(const T* __restrict__ x, const float* __restrict__ pmean,
+                                                     const float* __restrict__ pm2, float* __restrict__ mean_out,
+                                                     float* __restrict__ rstd_out, int64_t P, int64_t K,
+                                                     int64_t chunk, int64_t len, float M, float eps, int64_t G,
+                                                     int64_t D, int64_t S, int64_t C, bool channels_last) {
+  const int64_t ng = blockIdx.x, n = ng / G, g = ng % G;
   const float* pmv = pmean + ng * P;
   const float* pm2v = pm2 + ng * P;
-  const float shift = pmv[0];  // deviations from any partial mean stay small
+  const float shift = Cvt<T>::to(x[channels_last ? n * S * C + g * D : ng * D * S]);
   float acc = 0.f;
-  for (int64_t p = threadIdx.x; p < P; p += kThreads)
-    acc += float(min(chunk, len - (p % K) * chunk)) * (pmv[p] - shift);
+  for (int64_t p = threadIdx.x; p < P; p += kThreads) acc += float(min(chunk, len - (p % K) * chunk)) * pmv[p];
   __shared__ float mean_sh;
   acc = block_sum(acc);
-  if (threadIdx.x == 0) mean_sh = shift + acc / M;
+  if (threadIdx.x == 0) mean_sh = acc / M;
   __syncthreads();
   const float mean = mean_sh;
   acc = 0.f;
@@ -258,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) finalize(const float* __restrict__ p
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) {
-    mean_out[ng] = mean;
+    mean_out[ng] = shift + mean;
     rstd_out[ng] = rsqrtf(acc / M + eps);
   }
 }
@@ -546,13 +564,13 @@ void forward(const ForwardArgs& a) {
     check_grid((s.C + width - 1) / width, s.N);
     const bool vector_ok = aligned16(x) && s.C % VEC == 0;
     dim3 grid(unsigned(plan.K), unsigned((s.C + width - 1) / width), unsigned(s.N));
-    moments_nhwc<T><<<grid, dim3(32, kLanesY), 0, stream>>>(x, pmean, pm2, s.S, s.C, vector_ok);
+    moments_nhwc<T><<<grid, dim3(32, kLanesY), 0, stream>>>(x, pmean, pm2, s.S, s.C, D, vector_ok);
   }
   check(cudaGetLastError(), "moments launch");
   // NHWC partials of one group: D channels x K chunks of rows; NCHW: K chunks of the group.
-  finalize<<<unsigned(s.N * s.G), kThreads, 0, stream>>>(pmean, pm2, static_cast<float*>(a.mean),
-                                                         static_cast<float*>(a.rstd), plan.partials_per_group,
-                                                         plan.K, plan.chunk, plan.len, float(D * s.S), float(a.eps));
+  finalize<T><<<unsigned(s.N * s.G), kThreads, 0, stream>>>(
+      x, pmean, pm2, static_cast<float*>(a.mean), static_cast<float*>(a.rstd), plan.partials_per_group, plan.K,
+      plan.chunk, plan.len, float(D * s.S), float(a.eps), s.G, D, s.S, s.C, s.channels_last);
   check(cudaGetLastError(), "finalize launch");
 
   ElementArgs<T> p{};

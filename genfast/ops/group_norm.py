@@ -165,11 +165,15 @@ def _group_norm_reference(mode, *args):
     if mode == FORWARD:
         x, w, b, y, mean, rstd, geo, eps, silu = args
         y.copy_(reference.group_norm(x, geo.G, w, b, eps, "silu" if silu else None))
-        xs = x.reshape(geo.N, geo.G, -1).to(mean.dtype)
-        mean.copy_(xs.mean(dim=2))
-        rstd.copy_(torch.rsqrt(xs.var(dim=2, unbiased=False) + eps))
+        m, r = reference.group_stats(x, geo.G, eps)  # in float64, then rounded
+        mean.copy_(m)
+        rstd.copy_(r)
     else:
         dy, x, mean, rstd, w, b, dx, dw, db, geo, silu = args
+        # The reference recomputes the mean in float64 rather than use the rounded saved one (a
+        # float32 mean of large-mean data is off by up to half an ulp of the mean; the rounding
+        # of rstd is relative, hence harmless).
+        mean = reference.group_stats(x, geo.G, dtype=torch.float64)[0]
         grads = backward_formula(dy, x, mean, rstd, w, b, geo.G, silu)
         dx.copy_(grads[0])
         if dw is not None:
@@ -179,11 +183,12 @@ def _group_norm_reference(mode, *args):
 
 
 def backward_formula(dy, x, mean, rstd, w, b, num_groups, silu):
-    """(dx, dweight, dbias) written out in plain torch, in the statistics' precision: the
-    algorithm every backend implements (autograd cannot record inside torch.library impls)."""
+    """(dx, dweight, dbias) written out in plain torch (in float64): the algorithm every
+    backend implements (autograd cannot record inside torch.library impls)."""
     N, C = x.shape[0], x.shape[1]
     G, D = num_groups, C // num_groups
-    work = mean.dtype
+    work = torch.float64
+    mean, rstd = mean.to(work), rstd.to(work)
     xs = x.reshape(N, G, D, -1).to(work)
     dys = dy.reshape(N, G, D, -1).to(work)
     m, r = mean[:, :, None, None], rstd[:, :, None, None]

@@ -27,16 +27,19 @@ def group_norm(
 
     Arguments are assumed valid (``genfast.ops.group_norm`` validates them).
     """
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    # On contiguous memory: torch's CPU channels_last kernel computes the variance as
+    # E[x^2] - E[x]^2, which loses every digit when the mean is large (even in float64).
+    y = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
 
 
-def group_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> tuple:
+def group_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-5, dtype: Optional[torch.dtype] = None) -> tuple:
     """(mean, rstd), each (N, num_groups), computed in float64 from ``x`` (N, C, *) and
-    returned in float32 (float64 for float64 input), as the fast backends save them."""
+    returned in ``dtype``, by default float32 (float64 for float64 input), as the fast
+    backends save them."""
     n = x.shape[0]
     groups = x.detach().reshape(n, num_groups, -1).double()
     mean = groups.mean(dim=2)
     var = (groups - mean[:, :, None]).square().mean(dim=2)
-    out = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     return mean.to(out), torch.rsqrt(var + eps).to(out)

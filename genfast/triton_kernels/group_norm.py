@@ -3,8 +3,9 @@
 
 Work is split into programs over (n, block of channels, chunk of spatial rows), so a small
 batch still fills the GPU. Every program walks its chunk in [BLOCK_S, BLOCK_C] tiles:
-  forward:  _partial_moments: exact two-pass (mean, M2) per tile and channel, merged over
-            the chunk's tiles with Chan's formula -> partials [N, C, K]
+  forward:  _partial_moments: corrected two-pass (mean, M2) of x - shift (shift: one element
+            of the group) per tile and channel, merged over the chunk's tiles with Chan's
+            formula -> partials [N, C, K]
             _finalize: per (n, group), merge the group's D * K partials -> mean, rstd
             _normalize: y = (x - mean) * rstd * w + b (then SiLU)
   backward: _partial_grad_sums: A = sum(dz * xhat), B = sum(dz) per (n, c, chunk)
@@ -37,11 +38,20 @@ def _tile(n, s0, c_ids, S, C, stride_n, stride_c, stride_s, BLOCK_S: tl.constexp
 
 
 @triton.jit
-def _partial_moments(x_ptr, pmean_ptr, pm2_ptr, S, C, K, ROWS, stride_n, stride_c, stride_s,
+def _group_shift(x_ptr, n, c_ids, C, D, stride_n, stride_c):
+    """x[n, first channel of the group of c, s = 0]: every statistic is computed on x - shift,
+    whose magnitude is the data's spread, so float32 partial means lose nothing to a large mean."""
+    first = (c_ids // D) * D
+    return tl.load(x_ptr + n * stride_n + first * stride_c, mask=c_ids < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _partial_moments(x_ptr, pmean_ptr, pm2_ptr, S, C, D, K, ROWS, stride_n, stride_c, stride_s,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     c_ids = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     k = tl.program_id(2).to(tl.int64)
+    shift = _group_shift(x_ptr, n, c_ids, C, D, stride_n, stride_c)
     start = k * ROWS
     end = tl.minimum(start + ROWS, S)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -49,11 +59,15 @@ def _partial_moments(x_ptr, pmean_ptr, pm2_ptr, S, C, K, ROWS, stride_n, stride_
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_S):
         offsets, mask = _tile(n, s0, c_ids, end, C, stride_n, stride_c, stride_s, BLOCK_S)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - shift[None, :], 0.0)
         rows = tl.minimum(end - s0, BLOCK_S).to(tl.float32)
         tile_mean = tl.sum(x, axis=0) / rows
         d = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(d * d, axis=0)
+        # Corrected two-pass: the sum of deviations repairs the rounding of the first mean
+        # (about ulp(tile sum) / rows, which is not small next to the spread of a large-mean tile).
+        dsum = tl.sum(d, axis=0)
+        tile_mean = tile_mean + dsum / rows
+        tile_m2 = tl.maximum(tl.sum(d * d, axis=0) - dsum * dsum / rows, 0.0)
         # Chan et al.: merge (count, mean, m2) with the tile's (rows, tile_mean, tile_m2).
         total = count + rows
         delta = tile_mean - mean
@@ -66,20 +80,23 @@ def _partial_moments(x_ptr, pmean_ptr, pm2_ptr, S, C, K, ROWS, stride_n, stride_
 
 
 @triton.jit
-def _finalize(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, S, D, K, ROWS, M, eps, BLOCK_P: tl.constexpr):
-    """One program per (n, group): merge the group's D * K partials (contiguous in [N, C, K])."""
+def _finalize(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, S, D, G, K, ROWS, M, eps, stride_n, stride_c,
+              BLOCK_P: tl.constexpr):
+    """One program per (n, group): merge the group's D * K partials (contiguous in [N, C, K]),
+    which are moments of x - shift (see _group_shift)."""
     ng = tl.program_id(0).to(tl.int64)
+    n = ng // G
+    shift = tl.load(x_ptr + n * stride_n + (ng % G) * D * stride_c).to(tl.float32)
     P = D * K
     base = ng * P
-    shift = tl.load(pmean_ptr + base)  # any partial mean: deviations from it stay small
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         valid = p < P
         cnt = tl.minimum(ROWS, S - (p % K) * ROWS).to(tl.float32)
         pm = tl.load(pmean_ptr + base + p, mask=valid, other=0.0)
-        acc += tl.where(valid, cnt * (pm - shift), 0.0)
-    mean = shift + tl.sum(acc, axis=0) / M
+        acc += tl.where(valid, cnt * pm, 0.0)
+    mean = tl.sum(acc, axis=0) / M  # of x - shift
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -90,7 +107,7 @@ def _finalize(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, S, D, K, ROWS, M, eps, BLO
         d = pm - mean
         acc += tl.where(valid, pm2 + cnt * d * d, 0.0)
     var = tl.sum(acc, axis=0) / M
-    tl.store(mean_ptr + ng, mean)
+    tl.store(mean_ptr + ng, shift + mean)
     tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(var + eps))
 
 
@@ -210,11 +227,11 @@ def forward(x, w, b, y, mean, rstd, geo, eps, silu):
     grid = (geo.N, cblocks, K)
     pmean = torch.empty(geo.N, geo.C, K, dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
-    _partial_moments[grid](x, pmean, pm2, geo.S, geo.C, K, rows, stride_n, stride_c, stride_s,
+    _partial_moments[grid](x, pmean, pm2, geo.S, geo.C, geo.D, K, rows, stride_n, stride_c, stride_s,
                            BLOCK_S=block_s, BLOCK_C=block_c)
     P = geo.D * K
-    _finalize[(geo.N * geo.G,)](pmean, pm2, mean, rstd, geo.S, geo.D, K, rows, float(geo.D * geo.S), float(eps),
-                                BLOCK_P=min(triton.next_power_of_2(P), 1024))
+    _finalize[(geo.N * geo.G,)](x, pmean, pm2, mean, rstd, geo.S, geo.D, geo.G, K, rows, float(geo.D * geo.S),
+                                float(eps), stride_n, stride_c, BLOCK_P=min(triton.next_power_of_2(P), 1024))
     dummy = x
     _normalize[grid](x, y, mean, rstd, w if w is not None else dummy, b if b is not None else dummy,
                      geo.S, geo.C, geo.G, geo.D, rows, stride_n, stride_c, stride_s,
