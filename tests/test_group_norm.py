@@ -124,10 +124,13 @@ def test_spatial_dims(seed, backend, shape, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_large_mean_does_not_cancel(seed, backend, layout):
-    """Inputs with mean 1e4 and std 1: E[x^2] - E[x]^2 in float32 would lose every digit of the
-    variance (1e8 +- 1 in float32); a sound algorithm keeps it."""
+    """Inputs with mean 2e3 and std 1: E[x^2] - E[x]^2 in float32 has an error of about
+    ulp(4e6) = 0.25 per term, a quarter of the variance or more; a sound algorithm keeps it.
+    (Not much larger: the saved float32 mean itself is then off by half an ulp of the mean,
+    which is the same for every algorithm; test_large_mean_statistics_are_accurate checks the
+    statistics themselves at 3e4.)"""
     require(backend, CPU, torch.float32)
-    got = check(backend, torch.float32, (2, 8, 6, 5), 2, layout, silu=True, mean=1e4, scale=1.0)
+    got = check(backend, torch.float32, (2, 8, 6, 5), 2, layout, silu=True, mean=2e3, scale=1.0)
     assert got[0].std() > 0.1  # not collapsed to the bias
     if DISPATCH.unavailable_reason(backend, CPU, torch.float64) is None:
         # In float64 the reference run "in low precision" is the float64 reference itself (error

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from . import bias_act
+from . import bias_act, group_norm
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
-OPS = {"bias_act": bias_act}
+OPS = {"bias_act": bias_act, "group_norm": group_norm}
 
 
 def _op_name(value: str) -> str:
