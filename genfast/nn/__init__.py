@@ -1,10 +1,10 @@
 """genfast.nn: drop-in modules built on genfast.ops. One module per op family."""
 from .bias_act import BiasAct, FusedLeakyReLU
-
-__all__ = ["BiasAct", "FusedLeakyReLU"]
 from .gan import (AdaIN, BatchNorm2dAct, ConditionalBatchNorm2d, EqualizedConv2d, EqualizedLinear, FusedLinearAct,
                   MinibatchStd, ModulatedConv2d, PixelNorm, SpectralNorm, ToRGB, fuse_conv_bn, spectral_norm_all)
+from .group_norm import GroupNorm, GroupNormSiLU
 
-__all__ += ["EqualizedLinear", "EqualizedConv2d", "FusedLinearAct", "PixelNorm", "MinibatchStd", "ModulatedConv2d",
-            "ToRGB", "SpectralNorm", "spectral_norm_all", "ConditionalBatchNorm2d", "AdaIN", "BatchNorm2dAct",
-            "fuse_conv_bn"]
+__all__ = ["BiasAct", "FusedLeakyReLU", "GroupNorm", "GroupNormSiLU",
+           "EqualizedLinear", "EqualizedConv2d", "FusedLinearAct", "PixelNorm", "MinibatchStd", "ModulatedConv2d",
+           "ToRGB", "SpectralNorm", "spectral_norm_all", "ConditionalBatchNorm2d", "AdaIN", "BatchNorm2dAct",
+           "fuse_conv_bn"]
