@@ -2,7 +2,8 @@
 switch (``model.set_backend(None | "reference" | ...)``, see ``FastPathModel``)."""
 from ._base import FastPathModel
 from .gan import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGAN, MLPGenerator
+from .stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator, r1_penalty
 from .vae import VAE
 
 __all__ = ["FastPathModel", "VAE", "MLPGAN", "MLPGenerator", "MLPDiscriminator", "DCGANGenerator",
-           "DCGANDiscriminator"]
+           "DCGANDiscriminator", "StyleGAN2Generator", "StyleGAN2Discriminator", "r1_penalty"]
