@@ -14,5 +14,8 @@ __version__ = "0.1.0"
 from . import nn, ops, reference
 from ._dispatch import BACKENDS, BackendWarning
 from ._info import info
+from .ops.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                            scaled_dot_product_attention)
 
 __all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "nn", "ops", "reference"]
+__all__ += ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from . import bias_act
+from . import attention, bias_act
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
-OPS = {"bias_act": bias_act}
+OPS = {"bias_act": bias_act, "attention": attention}
 
 
 def _op_name(value: str) -> str:

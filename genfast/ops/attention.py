@@ -504,12 +504,12 @@ def _sdpa_mask_to_bias(fn: str, attn_mask, q: torch.Tensor, target: tuple):
         raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
     if attn_mask.dtype == torch.bool:
         bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, -math.inf)
-    elif attn_mask.dtype == q.dtype:
+    elif attn_mask.dtype in (q.dtype, torch.float32):  # torch accepts float32 masks with any query dtype
         if attn_mask.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{fn}: gradients with respect to attn_mask are not supported; pass attn_mask.detach()")
-        bias = attn_mask
+        bias = attn_mask.to(q.dtype)
     else:
-        raise TypeError(f"{fn}: attn_mask must be bool or have the query's dtype ({q.dtype}), got {attn_mask.dtype}")
+        raise TypeError(f"{fn}: attn_mask must be bool, float32 or the query's dtype ({q.dtype}), got {attn_mask.dtype}")
     try:
         return torch.broadcast_to(bias, target)
     except RuntimeError:
