@@ -67,13 +67,21 @@ struct BackwardWork {
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define GF_ATTN_FMA 1  // GCC does not define __FMA__ inside a target pragma in C++
 #include "attention_cpu_kernels.inc"
+#undef GF_ATTN_FMA
 #pragma GCC pop_options
 }  // namespace avx2
 #endif
 
 namespace base {
+#ifdef __FMA__
+#define GF_ATTN_FMA 1
+#else
+#define GF_ATTN_FMA 0
+#endif
 #include "attention_cpu_kernels.inc"
+#undef GF_ATTN_FMA
 }  // namespace base
 
 namespace {
