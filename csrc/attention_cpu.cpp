@@ -11,6 +11,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -110,10 +111,27 @@ void forward_typed(const Params& p) {
   const int64_t nseq = num_sequences(p);
   const int64_t tiles = (max_query_len(p) + BM - 1) / BM;
   const int64_t items = nseq * p.H * tiles;
+  // Dense problems whose heads span several query tiles: transpose every K tile once.
+  const bool pretranspose = p.cu_q == nullptr && p.seqused_k == nullptr && tiles > 1;
+  const int64_t key_items = pretranspose ? p.B * p.Hk * ((p.Sk + BN - 1) / BN) : 0;
+  std::vector<F> kt_blocks(size_t(key_items * p.D * BN));
+  F* kt = pretranspose ? kt_blocks.data() : nullptr;
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
 #endif
   {
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t item = 0; item < key_items; ++item) {
+#ifdef GF_ATTN_DUAL_ISA
+      if (AVX2) {
+        avx2::transpose_key_tile<T, F>(p, kt, item);
+        continue;
+      }
+#endif
+      base::transpose_key_tile<T, F>(p, kt, item);
+    }  // implicit barrier: every tile is ready before the queries start
     ForwardWork<F> w(p.D);
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -125,11 +143,11 @@ void forward_typed(const Params& p) {
       if (i0 >= sq.sq) continue;
 #ifdef GF_ATTN_DUAL_ISA
       if (AVX2) {
-        avx2::forward_tile<T, F>(p, sq, h, i0, w);
+        avx2::forward_tile<T, F>(p, sq, h, i0, w, kt);
         continue;
       }
 #endif
-      base::forward_tile<T, F>(p, sq, h, i0, w);
+      base::forward_tile<T, F>(p, sq, h, i0, w, kt);
     }
   }
 }
