@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 from . import models, nn, ops, reference, schedulers
 from ._dispatch import BACKENDS, BackendWarning, use_backend
 from ._info import info
+from .ops.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                            scaled_dot_product_attention)
 
 __all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "models", "nn", "ops", "reference", "schedulers",
            "use_backend"]
+__all__ += ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]

@@ -139,8 +139,9 @@ def format_table(rows: Sequence[dict]) -> str:
     could not run (status n/a) with the reason."""
     bases = baseline_names(rows)
     header = ["op", "mode", "dtype", "shape", "numel", "act", "provider", "ms", "p20-p80 ms", "GB/s", "% copy"]
-    header += [f"vs {b}" for b in bases] + ["status"]
-    right = {"numel", "ms", "p20-p80 ms", "GB/s", "% copy"} | {f"vs {b}" for b in bases}
+    with_tflops = any(row.get("tflops") for row in rows)  # compute-bound ops (attention)
+    header += (["TFLOP/s"] if with_tflops else []) + [f"vs {b}" for b in bases] + ["status"]
+    right = {"numel", "ms", "p20-p80 ms", "GB/s", "% copy", "TFLOP/s"} | {f"vs {b}" for b in bases}
     lines, notes = [], {}
     body = []
     prev_case = None
@@ -159,6 +160,7 @@ def format_table(rows: Sequence[dict]) -> str:
             status += f": {row['detail'][:70]}"
         cells = [row["op"], row["mode"], row["dtype"], row["shape"], _numel(row["numel"]), act, row["provider"],
                  _num(row["median_ms"], ".3f"), spread, _num(row["gbps"], ".1f"), _num(row["pct_copy"], ".1f")]
+        cells += [_num(row.get("tflops"), ".3f")] if with_tflops else []
         cells += [("-" if row.get(f"vs_{b}") is None else f"{row[f'vs_{b}']:.2f}x") for b in bases]
         cells.append(status)
         body.append(cells)

@@ -388,7 +388,10 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
             row["gbps"] = case.bytes_moved / seconds / 1e9 if seconds > 0 else None
             if copy_gbps and row["gbps"] is not None:
                 row["pct_copy"] = 100.0 * row["gbps"] / copy_gbps
-            log(f"    {name:<8} {stats['median_ms']:9.3f} ms  {row['gbps'] or 0:8.1f} GB/s")
+            if case.extra.get("flops"):  # compute-bound ops (attention) also report TFLOP/s
+                row["tflops"] = case.extra["flops"] / seconds / 1e12 if seconds > 0 else None
+            log(f"    {name:<8} {stats['median_ms']:9.3f} ms  {row['gbps'] or 0:8.1f} GB/s"
+                + (f"  {row['tflops']:8.3f} TFLOP/s" if row.get("tflops") else ""))
         for name in case.providers:
             row = results[name]
             for base in case.baselines:

@@ -1,4 +1,7 @@
 """genfast.ops: the functional ops. One module per op family."""
+from . import attention
+from .attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                        scaled_dot_product_attention)
 from .bias_act import bias_act, fused_leaky_relu
 from .diffusion import (add_noise, cfg_combine, diffusion_loss, min_snr_weights, sampler_step,
                         timestep_embedding)
@@ -16,3 +19,5 @@ __all__ = [
     "pixel_norm", "minibatch_stddev", "conv2d_resample", "modulated_conv2d",
     "kl_divergence", "reparameterize", "reparameterize_kl",
 ]
+__all__ += ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
+            "flash_attn_with_kvcache"]

@@ -1,0 +1,260 @@
+// Fused attention on the CPU: tiled online-softmax forward (FlashAttention-2 order, fp32 or
+// fp64 accumulation, 16-bit storage converted on load) and a backward that recomputes P from
+// the LSE. Parallel over (sequence, head, query tile) in the forward and (sequence, head) in
+// the backward, so every sum has one owner: deterministic by construction, no atomics.
+// The kernel bodies are in attention_cpu_kernels.inc, compiled once per instruction set.
+#include "attention_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#ifdef GENFAST_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#define GF_ATTN_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GF_ATTN_DUAL_ISA 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace genfast {
+namespace attention {
+
+// Shared by both instruction-set variants of the kernels.
+constexpr int BM = 64;  // queries per tile
+constexpr int BN = 64;  // keys per tile
+
+// One sequence of the problem: which batch row its pointers use, where its queries and keys
+// start, their counts, and its index for the dropout hash and ALiBi (b, or the sequence).
+struct Seq {
+  int64_t b, q0, sq, k0, sk, index;
+};
+
+inline Seq sequence(const Params& p, int64_t s) {
+  if (p.cu_q != nullptr) {
+    const int64_t q0 = p.cu_q[s], k0 = p.cu_k[s];
+    return Seq{0, q0, p.cu_q[s + 1] - q0, k0, p.cu_k[s + 1] - k0, s};
+  }
+  const int64_t sk = p.seqused_k != nullptr ? int64_t(p.seqused_k[s]) : p.Sk;
+  return Seq{s, 0, p.Sq, 0, sk, s};
+}
+
+template <typename F>
+struct ForwardWork {
+  std::vector<F> q, kt, v, s, z, o, m, l;
+  explicit ForwardWork(int64_t D)
+      : q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), z(BN), o(BM * D), m(BM), l(BM) {}
+};
+
+template <typename F>
+struct BackwardWork {
+  std::vector<F> q, dout, k, kt, vt, s, dp, t, tanh_s, z, dk, dv, dq, delta, lse;
+  explicit BackwardWork(int64_t D)
+      : q(BM * D), dout(BM * D), k(BN * D), kt(D * BN), vt(D * BN), s(BM * BN), dp(BM * BN), t(BN * BM),
+        tanh_s(BN), z(BN), dk(BN * D), dv(BN * D) {}
+};
+
+#ifdef GF_ATTN_DUAL_ISA
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define GF_ATTN_FMA 1  // GCC does not define __FMA__ inside a target pragma in C++
+#include "attention_cpu_kernels.inc"
+#undef GF_ATTN_FMA
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+
+namespace base {
+#ifdef __FMA__
+#define GF_ATTN_FMA 1
+#else
+#define GF_ATTN_FMA 0
+#endif
+#include "attention_cpu_kernels.inc"
+#undef GF_ATTN_FMA
+}  // namespace base
+
+namespace {
+
+bool use_avx2() {
+#ifdef GF_ATTN_DUAL_ISA
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+int64_t num_sequences(const Params& p) { return p.cu_q != nullptr ? p.nseq : p.B; }
+
+int64_t max_query_len(const Params& p) {
+  if (p.cu_q == nullptr) return p.Sq;
+  int64_t most = 0;
+  for (int64_t s = 0; s < p.nseq; ++s) most = std::max<int64_t>(most, p.cu_q[s + 1] - p.cu_q[s]);
+  return most;
+}
+
+template <typename T, bool AVX2>
+void forward_typed(const Params& p) {
+  using F = typename Compute<T>::type;
+  const int64_t nseq = num_sequences(p);
+  const int64_t tiles = (max_query_len(p) + BM - 1) / BM;
+  const int64_t items = nseq * p.H * tiles;
+  // Dense problems whose heads span several query tiles: transpose every K tile once.
+  const bool pretranspose = p.cu_q == nullptr && p.seqused_k == nullptr && tiles > 1;
+  const int64_t key_items = pretranspose ? p.B * p.Hk * ((p.Sk + BN - 1) / BN) : 0;
+  std::vector<F> kt_blocks(size_t(key_items * p.D * BN));
+  F* kt = pretranspose ? kt_blocks.data() : nullptr;
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#endif
+  {
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t item = 0; item < key_items; ++item) {
+#ifdef GF_ATTN_DUAL_ISA
+      if (AVX2) {
+        avx2::transpose_key_tile<T, F>(p, kt, item);
+        continue;
+      }
+#endif
+      base::transpose_key_tile<T, F>(p, kt, item);
+    }  // implicit barrier: every tile is ready before the queries start
+    ForwardWork<F> w(p.D);
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t s = item / (p.H * tiles), h = item / tiles % p.H, tile = item % tiles;
+      const Seq sq = sequence(p, s);
+      const int64_t i0 = tile * BM;
+      if (i0 >= sq.sq) continue;
+#ifdef GF_ATTN_DUAL_ISA
+      if (AVX2) {
+        avx2::forward_tile<T, F>(p, sq, h, i0, w, kt);
+        continue;
+      }
+#endif
+      base::forward_tile<T, F>(p, sq, h, i0, w, kt);
+    }
+  }
+}
+
+template <typename T, bool AVX2>
+void backward_typed(const Params& p) {
+  using F = typename Compute<T>::type;
+  const int64_t nseq = num_sequences(p);
+  const int64_t G = p.H / p.Hk;
+  const int64_t D = p.D;
+  // GQA: each query head writes its own dK/dV rows (in F), summed over the group afterwards
+  // in a fixed order.
+  std::vector<F> dk_heads, dv_heads;
+  if (G > 1) {
+    dk_heads.resize(size_t(p.B * p.H * p.Sk * D));
+    dv_heads.resize(size_t(p.B * p.H * p.Sk * D));
+  }
+  const int64_t items = nseq * p.H;
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#endif
+  {
+    BackwardWork<F> w(D);
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t s = item / p.H, h = item % p.H;
+      const Seq sq = sequence(p, s);
+      if (sq.sq == 0 && sq.sk == 0) continue;
+      const int64_t rows = (sq.b * (G > 1 ? p.H : p.Hk) + (G > 1 ? h : h / G)) * p.Sk + sq.k0;
+      auto run = [&](auto* dk, auto* dv) {
+#ifdef GF_ATTN_DUAL_ISA
+        if (AVX2) {
+          avx2::backward_head<T, F>(p, sq, h, w, dk, dv);
+          return;
+        }
+#endif
+        base::backward_head<T, F>(p, sq, h, w, dk, dv);
+      };
+      if (G > 1)
+        run(dk_heads.data() + rows * D, dv_heads.data() + rows * D);
+      else
+        run(static_cast<T*>(p.dk) + rows * D, static_cast<T*>(p.dv) + rows * D);
+    }
+  }
+  if (G > 1) {
+    const int64_t rows = p.B * p.Hk * p.Sk;
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp parallel for schedule(static) num_threads(std::max(1, p.num_threads))
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / (p.Hk * p.Sk), hk = r / p.Sk % p.Hk, j = r % p.Sk;
+      T* dk = static_cast<T*>(p.dk) + r * D;
+      T* dv = static_cast<T*>(p.dv) + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        F a = 0, c = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t src = ((b * p.H + hk * G + g) * p.Sk + j) * D + d;
+          a += dk_heads[size_t(src)];
+          c += dv_heads[size_t(src)];
+        }
+        dk[d] = from_compute<T>(a);
+        dv[d] = from_compute<T>(c);
+      }
+    }
+  }
+}
+
+template <typename Fn>
+void by_dtype(int dtype, const char* what, Fn&& fn) {
+  switch (dtype) {
+    case F32: return fn(float{});
+    case F64: return fn(double{});
+    case F16: return fn(half_t{});
+    case BF16: return fn(bf16_t{});
+  }
+  throw std::invalid_argument(std::string(what) + ": unsupported dtype " + dtype_name(dtype));
+}
+
+}  // namespace
+
+void forward_cpu(const Params& p) {
+  if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0) throw std::invalid_argument("attention_forward_cpu: bad sizes");
+  by_dtype(p.dtype, "attention_forward_cpu", [&](auto tag) {
+    using T = decltype(tag);
+    if (use_avx2())
+      forward_typed<T, true>(p);
+    else
+      forward_typed<T, false>(p);
+  });
+}
+
+void backward_cpu(const Params& p) {
+  if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0) throw std::invalid_argument("attention_backward_cpu: bad sizes");
+  by_dtype(p.dtype, "attention_backward_cpu", [&](auto tag) {
+    using T = decltype(tag);
+    if (use_avx2())
+      backward_typed<T, true>(p);
+    else
+      backward_typed<T, false>(p);
+  });
+}
+
+}  // namespace attention
+}  // namespace genfast
+
+#ifdef GF_ATTN_DUAL_ISA
+#pragma GCC diagnostic pop
+#endif

@@ -1,0 +1,749 @@
+"""genfast.ops.attention: fused attention with the APIs of torch's SDPA and of flash-attn 2.
+
+Layers of this module (the pattern every op family follows):
+  1. Public functions: ``scaled_dot_product_attention`` (torch.nn.functional semantics, plus
+     ``return_lse``), ``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``
+     (flash-attn 2 semantics). They validate every argument (clear ValueError/TypeError before any
+     kernel) and translate it into ONE canonical problem (ATTENTION_CONTRACT: q (B, H, Sq, D),
+     k/v (B, Hk, Sk, D) views, window, alignment, softcap, ALiBi, additive bias, dropout, varlen).
+  2. ``_AttentionFunction`` (autograd) around the torch.library ops
+     ``genfast::attention_forward``/``attention_backward``/``attention_decode``/
+     ``attention_kvcache_append`` (light form: define + impl + fake), so torch.compile(fullgraph=True)
+     sees opaque nodes. The decode path never synchronises with the device (CUDA-graph safe).
+  3. ``FORWARD``, ``BACKWARD``, ``DECODE``: the backends' tables. ``register_backend(name, dtypes,
+     module)`` registers one backend's forward/backward/decode in all three; the choice is made at
+     run time inside the op impls (``backend=`` argument, GENFAST_BACKEND, or automatic).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _ext
+from .._dispatch import OpDispatcher
+from ..reference import attention as reference
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "register_backend",
+    "available_backends",
+    "FORWARD",
+    "BACKWARD",
+    "DECODE",
+    "FLOAT_DTYPES",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+# One table per contract function; every table uses the op name "attention", so
+# GENFAST_BACKEND=attention=cpu selects all three.
+FORWARD = OpDispatcher("attention")
+BACKWARD = OpDispatcher("attention")
+DECODE = OpDispatcher("attention")
+
+
+def _kwargs_adapter(fn):
+    """Backends implement the contract's keyword signature; the dispatcher passes positionals."""
+
+    def call(args, kwargs):
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _lazy(module: str, name: str):
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = f"{module}.{name}"
+    return call
+
+
+def register_backend(name: str, dtypes, module=None, *, forward=None, backward=None, decode=None) -> None:
+    """Registers a backend of the attention contract in FORWARD, BACKWARD and DECODE.
+
+    ``module``: a module object or an absolute module name (imported lazily, at the first call)
+    with functions ``forward``, ``backward`` and ``decode``; or pass the three functions."""
+    if module is not None:
+        if isinstance(module, str):
+            forward, backward, decode = (_lazy(module, n) for n in ("forward", "backward", "decode"))
+        else:
+            forward, backward, decode = module.forward, module.backward, module.decode
+    for table, fn in ((FORWARD, forward), (BACKWARD, backward), (DECODE, decode)):
+        if fn is not None:
+            table.register(name, dtypes, _kwargs_adapter(fn))
+
+
+def available_backends(device, dtype: torch.dtype, table: OpDispatcher = FORWARD) -> list:
+    """Backends of ``table`` that can run on ``device`` with ``dtype`` (tests iterate over these)."""
+    device = torch.device(device)
+    return [b for b in table.backends if table.unavailable_reason(b, device, dtype) is None]
+
+
+# ----------------------------------------------------------------------------- cpu backend
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The LSE is fp32 (the contract), fp64 for fp64 inputs (cpu and reference only), so fp64
+    gradients recomputed from it keep fp64 accuracy."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _strides3(t: torch.Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _cpu_params(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
+                dropout_p, seed, cu_seqlens_q, cu_seqlens_k, seqused_k=None) -> dict:
+    B, H, Sq, D = q.shape
+    p = dict(dtype=_ext.DTYPE_CODES[q.dtype], B=B, H=H, Hk=k.shape[1], Sq=Sq, Sk=k.shape[2], D=D,
+             q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), scale=float(scale), softcap=float(softcap),
+             window_left=int(window_left), window_right=int(window_right),
+             align_bottom_right=bool(align_bottom_right), dropout_p=float(dropout_p),
+             seed=int(seed) & ((1 << 64) - 1), num_threads=torch.get_num_threads())
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        p[f"{name}_sb"], p[f"{name}_sh"], p[f"{name}_ss"] = _strides3(t)
+    if cu_seqlens_q is not None:
+        p.update(cu_q=cu_seqlens_q.data_ptr(), cu_k=cu_seqlens_k.data_ptr(), nseq=cu_seqlens_q.numel() - 1)
+    if seqused_k is not None:
+        p["seqused_k"] = seqused_k.data_ptr()
+    if alibi_slopes is not None:
+        p.update(alibi=alibi_slopes.data_ptr(), alibi_sb=0 if alibi_slopes.ndim == 1 else alibi_slopes.stride(0))
+    if bias is not None:
+        p.update(bias=bias.data_ptr(), bias_sb=bias.stride(0), bias_sh=bias.stride(1), bias_si=bias.stride(2),
+                 bias_sj=bias.stride(3))
+    return p
+
+
+def _cpu_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The C++ kernels read rows with unit stride in the last dimension; ALiBi and cu_seqlens densely."""
+    if t is None:
+        return None
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cpu_forward(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
+                 dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                 return_dropout_mask=False):
+    q, k, v = _cpu_ready(q), _cpu_ready(k), _cpu_ready(v)
+    alibi_slopes = alibi_slopes.contiguous() if alibi_slopes is not None else None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+    params = _cpu_params(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
+                         align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
+                         dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    params.update(out=out.data_ptr(), lse=lse.data_ptr())
+    keep = None
+    if return_dropout_mask:
+        keep = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+        if dropout_p > 0:
+            params["keep_mask"] = keep.data_ptr()
+        else:
+            keep.fill_(True)
+    if q.numel() > 0:
+        _ext._C.attention_forward_cpu(params)
+    return (out, lse, keep) if return_dropout_mask else (out, lse)
+
+
+def _cpu_backward(dout, q, k, v, out, lse, *, scale, window_left, window_right, align_bottom_right, softcap,
+                  alibi_slopes, bias, dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                  max_seqlen_k=None, deterministic=False):
+    q, k, v, dout = _cpu_ready(q), _cpu_ready(k), _cpu_ready(v), _cpu_ready(dout)
+    out, lse = out.contiguous(), lse.contiguous()
+    alibi_slopes = alibi_slopes.contiguous() if alibi_slopes is not None else None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk, dv
+    params = _cpu_params(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
+                         align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
+                         dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    params.update(out=out.data_ptr(), lse=lse.data_ptr(), dout=dout.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(),
+                  dv=dv.data_ptr())
+    params["do_sb"], params["do_sh"], params["do_ss"] = _strides3(dout)
+    _ext._C.attention_backward_cpu(params)
+    return dq, dk, dv
+
+
+def _cpu_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, window_right, softcap, alibi_slopes,
+                num_splits=0):
+    # The forward kernel with a per-row key count; queries are the last Sq positions. Split-KV
+    # is not needed on the CPU: (batch, head) pairs already give every core work.
+    q, k_cache, v_cache = _cpu_ready(q), _cpu_ready(k_cache), _cpu_ready(v_cache)
+    alibi_slopes = alibi_slopes.contiguous() if alibi_slopes is not None else None
+    seqused = cache_seqlens.to(torch.int32).contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+    params = _cpu_params(q, k_cache, v_cache, scale=scale, window_left=window_left, window_right=window_right,
+                         align_bottom_right=True, softcap=softcap, alibi_slopes=alibi_slopes, bias=None, dropout_p=0.0,
+                         seed=0, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=seqused)
+    params.update(out=out.data_ptr(), lse=lse.data_ptr())
+    if q.numel() > 0:
+        _ext._C.attention_forward_cpu(params)
+    return out, lse
+
+
+register_backend("cpu", FLOAT_DTYPES, forward=_cpu_forward, backward=_cpu_backward, decode=_cpu_decode)
+register_backend("reference", FLOAT_DTYPES, reference)
+# The Triton kernels (genfast/triton_kernels/attention.py) register themselves here when the
+# module is present; they are imported at their first call.
+if importlib.util.find_spec("genfast.triton_kernels.attention") is not None:
+    register_backend("triton", GPU_DTYPES, "genfast.triton_kernels.attention")
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+_lib = torch.library.Library("genfast", "FRAGMENT")
+_PROBLEM = ("Tensor? bias, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seed, "
+            "float scale, int window_left, int window_right, bool align_bottom_right, float softcap, "
+            "float dropout_p, int max_seqlen_q, int max_seqlen_k")
+# Returns (out, lse, keep_mask); keep_mask is empty unless return_dropout_mask.
+_lib.define(f"attention_forward(Tensor q, Tensor k, Tensor v, {_PROBLEM}, bool return_dropout_mask, str backend)"
+            " -> (Tensor, Tensor, Tensor)")
+_lib.define(f"attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PROBLEM}, "
+            "bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
+_lib.define("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? alibi_slopes, "
+            "float scale, int window_left, int window_right, float softcap, int num_splits, str backend)"
+            " -> (Tensor, Tensor)")
+_lib.define("attention_kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+            "Tensor cache_seqlens) -> ()")
+
+
+def _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+                     align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k) -> dict:
+    return dict(scale=scale, window_left=window_left, window_right=window_right,
+                align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
+                dropout_p=dropout_p, seed=int(seed.item()) if seed is not None else 0, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else None,
+                max_seqlen_k=max_seqlen_k if cu_seqlens_q is not None else None)
+
+
+def _forward_impl(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+                  align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, return_dropout_mask, backend):
+    kw = _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+                          align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    if return_dropout_mask:
+        kw["return_dropout_mask"] = True
+    result = FORWARD.run(backend or None, q.device, q.dtype, (q, k, v), kw)
+    out, lse = result[0], result[1]
+    keep = result[2] if return_dropout_mask else q.new_empty(0, dtype=torch.bool)
+    return out, lse, keep
+
+
+def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left,
+                   window_right, align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic,
+                   backend):
+    kw = _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+                          align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    kw["deterministic"] = deterministic
+    dq, dk, dv = BACKWARD.run(backend or None, q.device, q.dtype, (dout, q, k, v, out, lse), kw)
+    return dq, dk, dv
+
+
+def _decode_impl(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
+                 num_splits, backend):
+    kw = dict(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
+              alibi_slopes=alibi_slopes, num_splits=num_splits)
+    out, lse = DECODE.run(backend or None, q.device, q.dtype, (q, k_cache, v_cache, cache_seqlens), kw)
+    return out, lse
+
+
+def _append_impl(k_cache, v_cache, k, v, cache_seqlens):
+    # k_cache (B, S_max, Hk, D), k (B, S_new, Hk, D): rows cache_seqlens[b] + t of batch b.
+    # Indexing with device tensors: no host synchronisation (CUDA-graph capturable).
+    B, S_new = k.shape[0], k.shape[1]
+    rows = cache_seqlens.to(torch.int64)[:, None] + torch.arange(S_new, device=k.device)[None, :]
+    batch = torch.arange(B, device=k.device)[:, None].expand(B, S_new)
+    k_cache.index_put_((batch, rows), k.to(k_cache.dtype))
+    v_cache.index_put_((batch, rows), v.to(v_cache.dtype))
+
+
+for _name, _impl in (("attention_forward", _forward_impl), ("attention_backward", _backward_impl),
+                     ("attention_decode", _decode_impl), ("attention_kvcache_append", _append_impl)):
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_name, _impl, _key)
+
+
+@torch.library.register_fake("genfast::attention_forward")
+def _forward_fake(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+                  align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, return_dropout_mask, backend):
+    keep_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if return_dropout_mask else (0,)
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype)),
+            q.new_empty(keep_shape, dtype=torch.bool))
+
+
+@torch.library.register_fake("genfast::attention_backward")
+def _backward_fake(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left,
+                   window_right, align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic,
+                   backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("genfast::attention_decode")
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
+                 num_splits, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+
+
+@torch.library.register_fake("genfast::attention_kvcache_append")
+def _append_fake(k_cache, v_cache, k, v, cache_seqlens):
+    return None
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """out, lse[, keep] = attention(q, k, v); gradients for q, k, v (not for the bias or ALiBi)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, problem, return_dropout_mask,
+                deterministic, backend):
+        out, lse, keep = torch.ops.genfast.attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                                             seed, *problem, return_dropout_mask, backend)
+        ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
+        ctx.problem, ctx.deterministic, ctx.backend = problem, deterministic, backend
+        ctx.mark_non_differentiable(lse, keep)
+        return out, lse, keep
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dkeep):
+        q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+        dq, dk, dv = torch.ops.genfast.attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q,
+                                                          cu_seqlens_k, seed, *ctx.problem, ctx.deterministic,
+                                                          ctx.backend)
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 9
+
+
+def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+               max_seqlen_k=0, scale, window_left=-1, window_right=-1, align_bottom_right=False, softcap=0.0,
+               dropout_p=0.0, return_dropout_mask=False, deterministic=False, backend=None):
+    """Canonical problem (contract layout) -> (out (B, H, Sq, D), lse, keep mask or empty)."""
+    # A fresh seed per call from torch's generator (reproducible under torch.manual_seed); a
+    # tensor, so torch.compile traces it instead of specialising on its value.
+    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_p > 0 else None
+    problem = (float(scale), int(window_left), int(window_right), bool(align_bottom_right), float(softcap),
+               float(dropout_p), int(max_seqlen_q or 0), int(max_seqlen_k or 0))
+    backend = backend or ""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad:
+        return _AttentionFunction.apply(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, problem,
+                                        return_dropout_mask, deterministic, backend)
+    return torch.ops.genfast.attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+                                               *problem, return_dropout_mask, backend)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _type_name(v) -> str:
+    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: value checks that read device
+    data (and would synchronise or break the graph) are skipped then."""
+    try:
+        if torch.compiler.is_compiling():
+            return True
+    except AttributeError:  # pragma: no cover - old torch
+        pass
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_tensor(fn: str, name: str, t, ndim: Optional[int] = None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(t)}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_qkv(fn: str, q, k, v, head_dim_axis: int = -1):
+    """dtype, device and head-dim checks shared by every API (after shapes are known)."""
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: query must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but query has {q.dtype}; q, k and v must have one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}; they must be on one device")
+    D = q.shape[head_dim_axis]
+    if k.shape[head_dim_axis] != D:
+        raise ValueError(f"{fn}: key head dim {k.shape[head_dim_axis]} != query head dim {D}; they must match")
+    if v.shape[head_dim_axis] != D:
+        raise ValueError(f"{fn}: value head dim {v.shape[head_dim_axis]} != query head dim {D}; genfast requires "
+                         "the value head dim to equal the query/key head dim")
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % 8 == 0):
+        raise ValueError(f"{fn}: unsupported head dim {D}; expected a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    if q.dtype == torch.float64 and q.device.type == "cuda":
+        raise TypeError(f"{fn}: float64 attention runs on the CPU only (cpu and reference backends)")
+
+
+def _check_heads(fn: str, H: int, Hk: int, Hv: int):
+    if Hv != Hk:
+        raise ValueError(f"{fn}: key has {Hk} heads but value has {Hv}; they must match")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"{fn}: the number of query heads ({H}) must be a multiple of the number of key/value "
+                         f"heads ({Hk})")
+
+
+def _check_scalar(fn: str, name: str, value, minimum=None, maximum=None, max_inclusive=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {_type_name(value)}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{fn}: {name} must not be NaN")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    if maximum is not None and (value > maximum or (not max_inclusive and value == maximum)):
+        raise ValueError(f"{fn}: {name} must be {'<=' if max_inclusive else '<'} {maximum}, got {value}")
+    return value
+
+
+def _check_dropout(fn: str, dropout_p) -> float:
+    return _check_scalar(fn, "dropout_p", dropout_p, 0.0, 1.0, max_inclusive=False)
+
+
+def _check_scale(fn: str, scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    return _check_scalar(fn, "softmax_scale" if fn.startswith("flash") else "scale", scale)
+
+
+def _check_window(fn: str, window_size) -> tuple:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"{fn}: window_size must be a pair (left, right), got {window_size!r}")
+    left, right = window_size
+    for side, w in (("left", left), ("right", right)):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"{fn}: window_size {side} must be an int (-1 for unbounded), got {_type_name(w)}")
+        if w < -1:
+            raise ValueError(f"{fn}: window_size {side} must be >= -1 (-1 = unbounded), got {w}")
+    return int(left), int(right)
+
+
+def _flash_window(fn: str, causal: bool, window_size) -> tuple:
+    left, right = _check_window(fn, window_size)
+    if causal:  # flash-attn: causal is window (left, 0)
+        right = 0
+    return left, right
+
+
+def _check_softcap(fn: str, softcap) -> float:
+    return _check_scalar(fn, "softcap", softcap, 0.0)
+
+
+def _check_alibi(fn: str, alibi_slopes, B: int, H: int, device, varlen: bool = False):
+    if alibi_slopes is None:
+        return None
+    _check_tensor(fn, "alibi_slopes", alibi_slopes)
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"{fn}: alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"{fn}: alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+    rows = "number of sequences" if varlen else "batch size"
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"{fn}: alibi_slopes must have shape ({H},) or ({B}, {H}) (heads, or {rows} x heads), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: gradients with respect to alibi_slopes are not supported; pass alibi_slopes.detach()")
+    return alibi_slopes.contiguous()
+
+
+def _check_backend(fn: str, backend):
+    if backend is not None and backend not in FORWARD.backends:
+        raise ValueError(f"{fn}: unknown backend {backend!r}; expected one of {', '.join(FORWARD.backends)} or None")
+    return backend
+
+
+def _check_cu_seqlens(fn: str, name: str, cu, total: int, max_seqlen, max_name: str, device, check_values: bool):
+    _check_tensor(fn, name, cu, ndim=1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name} must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{fn}: {name} is on {cu.device} but the inputs are on {device}")
+    if cu.numel() < 1:
+        raise ValueError(f"{fn}: {name} must have at least one element (0)")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"{fn}: {max_name} must be a non-negative int, got {max_seqlen!r}")
+    if not check_values:
+        return
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{fn}: {name}[0] must be 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{fn}: {name} must be non-decreasing (sequence lengths >= 0), got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{fn}: {name}[-1] = {values[-1]} but the tensor holds {total} tokens; they must match")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{fn}: {max_name} = {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+
+
+# ----------------------------------------------------------------------------- SDPA API
+
+
+def _sdpa_mask_to_bias(fn: str, attn_mask, q: torch.Tensor, target: tuple):
+    """attn_mask (bool: True = attend; or additive in query's dtype) -> additive 4-D view of ``target``."""
+    if attn_mask is None:
+        return None
+    _check_tensor(fn, "attn_mask", attn_mask)
+    if attn_mask.device != q.device:
+        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, -math.inf)
+    elif attn_mask.dtype in (q.dtype, torch.float32):  # torch accepts float32 masks with any query dtype
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{fn}: gradients with respect to attn_mask are not supported; pass attn_mask.detach()")
+        bias = attn_mask.to(q.dtype)
+    else:
+        raise TypeError(f"{fn}: attn_mask must be bool, float32 or the query's dtype ({q.dtype}), got {attn_mask.dtype}")
+    try:
+        return torch.broadcast_to(bias, target)
+    except RuntimeError:
+        raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                         f"{target} (batch, heads, L, S)") from None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, return_lse=False, backend=None):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query (N, ..., Hq, L, E), key/value (N, ..., H, S, E) (or 3-D (N, L, E)); ``attn_mask``
+    bool (True = take part) or additive in query's dtype, broadcastable to (N, ..., Hq, L, S);
+    ``is_causal``: top-left aligned lower triangle (not combined with attn_mask); ``scale``
+    defaults to 1/sqrt(E); ``enable_gqa``: Hq a multiple of H. A query row with no allowed key
+    gives 0, as torch does. genfast extras: ``return_lse=True`` returns (out, lse) with lse
+    (N, ..., Hq, L) fp32 (-inf for such rows); ``backend`` picks the implementation.
+    Differentiable with respect to query, key and value (not the mask).
+    """
+    fn = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(fn, name, t)
+        if t.ndim < 3:
+            raise ValueError(f"{fn}: {name} must have at least 3 dimensions (N, ..., L, E), got shape {tuple(t.shape)}")
+    if not (query.ndim == key.ndim == value.ndim):
+        raise ValueError(f"{fn}: query, key and value must have the same number of dimensions, got "
+                         f"{query.ndim}, {key.ndim}, {value.ndim}")
+    _check_qkv(fn, query, key, value)
+    _check_backend(fn, backend)
+    dropout_p = _check_dropout(fn, dropout_p)
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"{fn}: key has {key.shape[-2]} positions but value has {value.shape[-2]}")
+    lead = query.shape[:-3] if query.ndim > 3 else query.shape[:-2]
+    if key.shape[:len(lead)] != lead or value.shape[:len(lead)] != lead:
+        raise ValueError(f"{fn}: batch dimensions differ: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    D = query.shape[-1]
+    scale = _check_scale(fn, scale, D)
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both")
+    # (N, ..., H, L, E) -> (B, H, L, E) views (3-D inputs get one head).
+    q4 = query.unsqueeze(-3) if query.ndim == 3 else query.reshape(-1, *query.shape[-3:])
+    k4 = key.unsqueeze(-3) if key.ndim == 3 else key.reshape(-1, *key.shape[-3:])
+    v4 = value.unsqueeze(-3) if value.ndim == 3 else value.reshape(-1, *value.shape[-3:])
+    H, Hk = q4.shape[1], k4.shape[1]
+    if Hk != H and not enable_gqa:
+        raise ValueError(f"{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped-query attention")
+    _check_heads(fn, H, Hk, v4.shape[1])
+    B, L, S = q4.shape[0], q4.shape[2], k4.shape[2]
+    bias = None
+    if attn_mask is not None:
+        full = tuple(query.shape[:-1]) + (S,)
+        bias = _sdpa_mask_to_bias(fn, attn_mask, query, full)
+        bias = bias.unsqueeze(-3) if query.ndim == 3 else bias.reshape(-1, *bias.shape[-3:])
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+    out, lse, _ = _attention(q4, k4, v4, bias=bias, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
+                             align_bottom_right=False, dropout_p=dropout_p, backend=backend)
+    out = out.reshape(query.shape)
+    if return_lse:
+        return out, lse.reshape(query.shape[:-1])
+    return out
+
+
+# ----------------------------------------------------------------------------- flash-attn API
+
+
+def _flash_qkv(fn: str, q, k, v, ndim: int):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(fn, name, t, ndim=ndim)
+    _check_qkv(fn, q, k, v)
+
+
+def _flash_result(out, lse, keep, return_attn_probs: bool, dropout_p: float):
+    if not return_attn_probs:
+        return out
+    return out, lse, (keep if dropout_p > 0 else None)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, backend=None):
+    """Drop-in for flash-attn 2's ``flash_attn_func``.
+
+    q (B, Sq, H, D), k/v (B, Sk, Hk, D) with H a multiple of Hk (GQA/MQA). ``causal`` is aligned
+    to the bottom-right corner (query i sees keys j <= i + Sk - Sq); ``window_size=(left, right)``
+    (-1 = unbounded); ``softcap``: scores become softcap * tanh(scores / softcap); ``alibi_slopes``
+    fp32 (H,) or (B, H): scores -= slope * |i + Sk - Sq - j|. Returns out (B, Sq, H, D); with
+    ``return_attn_probs=True``, (out, softmax_lse (B, H, Sq) fp32, keep mask (B, H, Sq, Sk) bool
+    when dropout_p > 0 else None). ``deterministic=True``: bitwise reproducible backward.
+    """
+    fn = "flash_attn_func"
+    _flash_qkv(fn, q, k, v, 4)
+    _check_backend(fn, backend)
+    B, Sq, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{fn}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{fn}: k has {k.shape[1]} positions but v has {v.shape[1]}")
+    _check_heads(fn, H, k.shape[2], v.shape[2])
+    dropout_p = _check_dropout(fn, dropout_p)
+    scale = _check_scale(fn, softmax_scale, D)
+    left, right = _flash_window(fn, causal, window_size)
+    softcap = _check_softcap(fn, softcap)
+    alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
+    qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse, keep = _attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), alibi_slopes=alibi,
+                                scale=scale, window_left=left, window_right=right, align_bottom_right=True,
+                                softcap=softcap, dropout_p=dropout_p, return_dropout_mask=return_attn_probs and dropout_p > 0,
+                                deterministic=bool(deterministic), backend=backend)
+    return _flash_result(out.transpose(1, 2).contiguous(), lse, keep, return_attn_probs, dropout_p)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, backend=None):
+    """Drop-in for flash-attn 2's ``flash_attn_varlen_func``: q (total_q, H, D), k/v
+    (total_k, Hk, D), sequences delimited by int32 ``cu_seqlens_q``/``cu_seqlens_k``
+    (nseq + 1, starting at 0, non-decreasing; empty sequences allowed); ``max_seqlen_*`` at least
+    the longest sequence. Masking as ``flash_attn_func`` per sequence (causal bottom-right).
+    Returns out (total_q, H, D); with ``return_attn_probs``, (out, lse (H, total_q), keep mask or None).
+    The cu_seqlens values are checked on the host (one device sync on GPUs) unless compiling or
+    capturing a CUDA graph.
+    """
+    fn = "flash_attn_varlen_func"
+    _flash_qkv(fn, q, k, v, 3)
+    _check_backend(fn, backend)
+    total_q, H, D = q.shape
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"{fn}: k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    _check_heads(fn, H, k.shape[1], v.shape[1])
+    check_values = not _compiling()
+    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q", q.device, check_values)
+    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device, check_values)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{fn}: cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel()}; both are (number of sequences + 1)")
+    dropout_p = _check_dropout(fn, dropout_p)
+    scale = _check_scale(fn, softmax_scale, D)
+    left, right = _flash_window(fn, causal, window_size)
+    softcap = _check_softcap(fn, softcap)
+    alibi = _check_alibi(fn, alibi_slopes, cu_seqlens_q.numel() - 1, H, q.device, varlen=True)
+    qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (qt, kt, vt))
+    out, lse, keep = _attention(q4, k4, v4, alibi_slopes=alibi, cu_seqlens_q=cu_seqlens_q.contiguous(),
+                                cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q,
+                                max_seqlen_k=max_seqlen_k, scale=scale, window_left=left, window_right=right,
+                                align_bottom_right=True, softcap=softcap, dropout_p=dropout_p,
+                                return_dropout_mask=return_attn_probs and dropout_p > 0,
+                                deterministic=bool(deterministic), backend=backend)
+    out = out[0].transpose(0, 1).contiguous()
+    return _flash_result(out, lse[0], keep, return_attn_probs, dropout_p)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, num_splits=0, return_softmax_lse=False, backend=None,
+                            alibi_slopes=None):
+    """Drop-in for flash-attn 2's ``flash_attn_with_kvcache`` (inference; no gradients).
+
+    q (B, Sq, H, D); k_cache/v_cache (B, S_max, Hk, D); optional new k/v (B, S_new, Hk, D) are
+    written into the caches IN PLACE at rows cache_seqlens[b] .. + S_new; then row b attends to its
+    first cache_seqlens[b] + S_new keys, queries being the last Sq positions (causal/window are
+    bottom-right aligned). ``cache_seqlens``: int or int32 (B,) tensor (None: the whole cache).
+    ``num_splits``: 0 = heuristic, n > 1 = split each row's keys into n chunks (flash-decoding).
+    Returns out (B, Sq, H, D), and softmax_lse (B, H, Sq) if ``return_softmax_lse``.
+    Launches no host synchronisation when compiling or capturing a CUDA graph (the cache-size
+    check, which reads cache_seqlens, runs only outside those).
+    """
+    fn = "flash_attn_with_kvcache"
+    _flash_qkv(fn, q, k_cache, v_cache, 4)
+    _check_backend(fn, backend)
+    B, Sq, H, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
+    if k_cache.shape[0] != B:
+        raise ValueError(f"{fn}: k_cache has batch {k_cache.shape[0]} but q has {B}")
+    S_max, Hk = k_cache.shape[1], k_cache.shape[2]
+    _check_heads(fn, H, Hk, v_cache.shape[2])
+    if (k is None) != (v is None):
+        raise ValueError(f"{fn}: pass both k and v to append to the cache, or neither")
+    S_new = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            _check_tensor(fn, name, t, ndim=4)
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{fn}: {name} must have q's dtype and device ({q.dtype}, {q.device}), got "
+                                f"{t.dtype} on {t.device}")
+            if tuple(t.shape[:1]) + tuple(t.shape[2:]) != (B, Hk, D):
+                raise ValueError(f"{fn}: {name} must have shape ({B}, S_new, {Hk}, {D}), got {tuple(t.shape)}")
+        if v.shape[1] != k.shape[1]:
+            raise ValueError(f"{fn}: k has {k.shape[1]} new tokens but v has {v.shape[1]}")
+        S_new = k.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError(f"{fn}: cache_seqlens is required when appending k/v (where do they go?)")
+        cache_seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= S_max:
+            raise ValueError(f"{fn}: cache_seqlens = {cache_seqlens} must be in [0, {S_max}]")
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    else:
+        _check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1)
+        if cache_seqlens.dtype != torch.int32:
+            raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+        if cache_seqlens.shape[0] != B:
+            raise ValueError(f"{fn}: cache_seqlens must have {B} entries (one per batch row), got {cache_seqlens.shape[0]}")
+    if not _compiling():
+        lo, hi = cache_seqlens.min().item(), cache_seqlens.max().item()
+        if lo < 0:
+            raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {lo}")
+        if hi + S_new > S_max:
+            raise ValueError(f"{fn}: the cache holds {S_max} positions but cache_seqlens (max {hi}) + {S_new} new "
+                             f"tokens needs {hi + S_new}; the cache is too small")
+    scale = _check_scale(fn, softmax_scale, D)
+    left, right = _flash_window(fn, causal, window_size)
+    softcap = _check_softcap(fn, softcap)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
+    if k is not None and S_new > 0:
+        torch.ops.genfast.attention_kvcache_append(k_cache, v_cache, k, v, cache_seqlens)
+        seqlens = cache_seqlens + S_new
+    else:
+        seqlens = cache_seqlens
+    qt = q if q.stride(-1) == 1 else q.contiguous()
+    kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
+    vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    out, lse = torch.ops.genfast.attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                                  seqlens, alibi, scale, left, right, softcap, int(num_splits),
+                                                  backend or "")
+    out = out.transpose(1, 2).contiguous()
+    return (out, lse) if return_softmax_lse else out
+
+
+def selected_backend(q: torch.Tensor, backend: Optional[str] = None) -> str:
+    """The backend the attention ops would run on for ``q`` (diagnostics, benchmarks)."""
+    return FORWARD.select(backend, q.device, q.dtype)
