@@ -14,9 +14,10 @@ __version__ = "0.1.0"
 from . import models, nn, ops, reference, schedulers
 from ._dispatch import BACKENDS, BackendWarning, use_backend
 from ._info import info
+from .optimize import optimize, revert
 from .ops.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                             scaled_dot_product_attention)
 
 __all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "models", "nn", "ops", "reference", "schedulers",
-           "use_backend"]
+           "use_backend", "optimize", "revert"]
 __all__ += ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]

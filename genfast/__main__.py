@@ -1,4 +1,5 @@
-"""Command line: ``python -m genfast info`` and ``python -m genfast bench [OPS] [--quick]``."""
+"""Command line: ``python -m genfast demo [--quick]``, ``python -m genfast bench [OPS] [--quick]``
+and ``python -m genfast info``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="genfast", description="Fast kernels for generative models.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, and which backends can run here")
+    demo = sub.add_parser("demo", help="train a DDPM and a GAN on real digits, sample, time fast vs reference")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     bench = sub.add_parser("bench", help="benchmark ops against their baselines")
     from .bench.cli import add_arguments
 
@@ -19,6 +24,10 @@ def main(argv=None) -> int:
 
         info()
         return 0
+    if args.command == "demo":
+        from .demo import run as run_demo
+
+        return run_demo(args)
     from .bench.cli import run
 
     return run(args)

@@ -8,6 +8,7 @@ import torch
 import genfast
 from genfast.models import VAE, DCGANDiscriminator, DCGANGenerator, MLPGAN, StyleGAN2Discriminator, StyleGAN2Generator
 from genfast.models.stylegan2 import r1_penalty
+from genfast.models import GPT, GPTConfig, DiffusionPipeline, UNet2D
 
 
 def grads(model):
@@ -155,7 +156,7 @@ def test_stylegan2_shapes_and_training_step(seed):
     img = g(z)
     assert img.shape == (4, 3, 8, 8) and torch.isfinite(img).all()
     assert d(img).shape == (4,)
-    opt = torch.optim.Adam(d.parameters(), lr=2e-3, betas=(0, 0.99))
+    opt = torch.optim.Adam(d.parameters(), lr=2e-3, betas=(0.0, 0.99))
     real = torch.randn(4, 3, 8, 8).tanh()
     fake = img.detach()
 
@@ -169,3 +170,97 @@ def test_stylegan2_shapes_and_training_step(seed):
     assert d_loss().item() < first
     with pytest.raises(ValueError, match="power of two"):
         StyleGAN2Generator(img_resolution=12)
+
+
+# ----------------------------------------------------------------------------- GPT
+
+
+def small_gpt(**kw):
+    cfg = dict(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_gpt_fast_matches_reference(position, seed):
+    model = small_gpt(position=position)
+    idx = torch.randint(0, 37, (3, 17))
+    targets = torch.randint(0, 37, (3, 17))
+    assert_fast_matches_reference(model, lambda m: m(idx, targets)[1])
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_gpt_generate_with_cache_equals_without(position, seed):
+    model = small_gpt(position=position).eval()
+    idx = torch.randint(0, 37, (2, 5))
+    cached = model.generate(idx, 9, temperature=0, use_cache=True)
+    plain = model.generate(idx, 9, temperature=0, use_cache=False)
+    assert cached.shape == (2, 14)
+    assert torch.equal(cached, plain)
+    gen = torch.Generator().manual_seed(seed)
+    sampled = model.generate(idx, 4, temperature=0.8, top_k=5, top_p=0.9, generator=gen)
+    assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], idx)
+
+
+def test_gpt_training_lowers_the_loss(seed):
+    model = small_gpt()
+    data = torch.arange(0, 33).remainder(37).repeat(4, 1)  # a learnable sequence
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(data[:, :-1], data[:, 1:])[1].item()
+    for _ in range(20):
+        opt.zero_grad()
+        model(data[:, :-1], data[:, 1:])[1].backward()
+        opt.step()
+    assert model(data[:, :-1], data[:, 1:])[1].item() < 0.7 * first
+    with pytest.raises(ValueError, match="exceed"):
+        model.generate(data[:, :30], 5)
+
+
+def test_gpt_default_config_is_gpt2_small():
+    with torch.device("meta"):
+        model = GPT()
+    n = sum(p.numel() for p in model.parameters())
+    assert 123e6 < n < 125e6, n
+
+
+# ----------------------------------------------------------------------------- UNet / DDPM
+
+
+def small_unet():
+    return UNet2D(in_channels=1, sample_size=8, block_channels=(8, 16), attention_levels=(False, True),
+                  norm_groups=4, attention_heads=1)
+
+
+def test_unet_fast_matches_reference(seed):
+    unet = small_unet()
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.randint(0, 1000, (3,))
+    assert_fast_matches_reference(unet, lambda m: m(x, t).square().mean())
+
+
+def test_ddpm_training_lowers_the_loss_and_pipeline_samples(seed):
+    from genfast.ops import add_noise, diffusion_loss
+    from genfast.schedulers import DDIMScheduler, DDPMScheduler
+
+    unet = small_unet()
+    sched = DDPMScheduler(num_train_timesteps=100)
+    ac = sched.alphas_cumprod.float()
+    x0 = torch.zeros(16, 1, 8, 8)
+    x0[:, :, 2:6, 3:5] = 1.0  # a bar: structure the model can learn
+    opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss():
+        t = torch.randint(0, 100, (16,), generator=gen)
+        noisy, target = add_noise(x0, torch.randn(x0.shape, generator=gen), t, ac.sqrt(), (1 - ac).sqrt(),
+                                  target="epsilon")
+        return diffusion_loss(unet(noisy, t), target)
+    first = sum(loss().item() for _ in range(4))
+    for _ in range(40):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert sum(loss().item() for _ in range(4)) < first
+    images = DiffusionPipeline(unet, DDIMScheduler.from_config(sched.config))(
+        batch_size=2, num_inference_steps=5, generator=gen, progress=False)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()

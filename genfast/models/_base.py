@@ -23,7 +23,9 @@ class FastPathModel(nn.Module):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{type(self).__name__}.set_backend: unknown backend {backend!r}; "
                              f"expected None or one of {BACKENDS}")
-        self.backend = backend
+        for module in self.modules():  # sub-models (e.g. a GAN's generator) follow the switch
+            if isinstance(module, FastPathModel):
+                module.backend = backend
         return self
 
     def backend_scope(self):

@@ -1,0 +1,155 @@
+"""genfast.optimize / genfast.revert on stock PyTorch models: same outputs and gradients,
+training still works, the report says what was swapped and why not, revert restores."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+
+
+def outputs_and_grads(model, run):
+    model.zero_grad(set_to_none=True)
+    out = run(model)
+    out.float().square().mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def check_same(original, optimized, run, rtol=1e-4, atol=1e-5):
+    out_a, grads_a = outputs_and_grads(original, run)
+    out_b, grads_b = outputs_and_grads(optimized, run)
+    torch.testing.assert_close(out_b, out_a, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_transformer_encoder_stack(seed):
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    x = torch.randn(3, 11, 64)
+    mask = nn.Transformer.generate_square_subsequent_mask(11)
+    reference = copy.deepcopy(model)
+    report = genfast.optimize(model)
+    assert sum("MultiheadAttention" in old for _, old, _ in report.swapped) == 2, str(report)
+    assert isinstance(model.layers[0].self_attn, genfast.nn.MultiheadAttention)
+    check_same(reference, model, lambda m: m(x, mask=mask, is_causal=True))
+    check_same(reference, model, lambda m: m(x))
+    genfast.revert(model)
+    assert type(model.layers[0].self_attn) is nn.MultiheadAttention
+    check_same(reference, model, lambda m: m(x))
+
+
+def test_model_with_multihead_attention_trains_through_the_swap(seed):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 2, batch_first=False)
+            self.head = nn.Linear(32, 1)
+
+        def forward(self, x, key_padding_mask=None):
+            y, _ = self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)
+            return self.head(y)
+
+    model = Net()
+    reference = copy.deepcopy(model)
+    x = torch.randn(7, 3, 32)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    genfast.optimize(model)
+    check_same(reference, model, lambda m: m(x, kpm))
+    # Training the swapped model trains the original parameters, which revert hands back.
+    weight = model.attn.in_proj_weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    genfast.revert(model)
+    assert model.attn.in_proj_weight is weight
+
+
+def test_mlp_with_leaky_relu_and_other_activations(seed):
+    model = nn.Sequential(nn.Linear(10, 32), nn.LeakyReLU(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16),
+                          nn.GELU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())
+    reference = copy.deepcopy(model)
+    report = genfast.optimize(model)
+    text = str(report)
+    assert len([s for s in report.swapped if s[2] == "FusedLinearAct"]) == 4, text
+    assert any("GELU" in reason for _, _, reason in report.skipped), text
+    assert isinstance(model[0], genfast.nn.FusedLinearAct) and isinstance(model[1], nn.Identity)
+    x = torch.randn(5, 10)
+    check_same(reference, model, lambda m: m(x))
+    genfast.revert(model)
+    assert [type(m) for m in model] == [type(m) for m in reference]
+
+
+def test_conv_groupnorm_silu_block_and_conv_bn_folding(seed):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        model[4].running_mean.normal_()
+        model[4].running_var.uniform_(0.5, 2)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 9, 7)
+
+    report = genfast.optimize(model)  # training mode: the BatchNorm stays (with a reason)
+    assert isinstance(model[1], genfast.nn.GroupNormSiLU), str(report)
+    assert any("training mode" in reason for _, _, reason in report.skipped), str(report)
+    check_same(reference, model, lambda m: m(x))
+    genfast.revert(model)
+
+    model.eval()
+    reference.eval()
+    report = genfast.optimize(model)
+    assert isinstance(model[4], nn.Identity), str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    genfast.revert(model)
+    assert type(model[4]) is nn.BatchNorm2d and type(model[1]) is nn.GroupNorm
+
+
+def test_sdpa_calls_in_user_code_are_routed_to_genfast(seed, monkeypatch):
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(32, 96)
+
+        def forward(self, x, heads=2):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, heads, 32 // heads).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
+
+    model = Attn()
+    reference = copy.deepcopy(model)
+    calls = []
+    import genfast.ops.attention as attention_ops
+    real = attention_ops.scaled_dot_product_attention
+    monkeypatch.setattr(attention_ops, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = genfast.optimize(model)
+    assert any("scaled_dot_product_attention" in old for _, old, _ in report.swapped), str(report)
+    x = torch.randn(2, 9, 32)
+    check_same(reference, model, lambda m: m(x))
+    # Head dim 8 is outside genfast's kernels: torch's own function runs, same result.
+    check_same(reference, model, lambda m: m(x, heads=4))
+    assert calls and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    genfast.revert(model)
+    calls.clear()
+    model(x)
+    assert not calls
+
+
+def test_unsupported_attention_is_left_alone_with_a_reason():
+    model = nn.Sequential(nn.MultiheadAttention(16, 4))  # head dim 4
+    report = genfast.optimize(model)
+    assert not report.swapped and "head dim 4" in str(report)
+
+
+def test_optimize_not_inplace_and_bad_input():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    report = genfast.optimize(model, inplace=False)
+    assert report.model is not model and type(model[0]) is nn.Linear
+    assert isinstance(report.model[0], genfast.nn.FusedLinearAct)
+    with pytest.raises(TypeError, match="nn.Module"):
+        genfast.optimize(lambda x: x)
