@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import genfast
 from genfast.ops import attention as A
 from genfast.reference import attention as R
-from genfast.testing import error_vs_reference
+from genfast.testing import error_vs_reference, rounding_floor
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 LOWP = (torch.float32, torch.float16) if DEVICE.type == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
@@ -26,11 +26,15 @@ def backends(dtype, table=A.FORWARD):
 
 
 def backend_params(dtypes=LOWP, table=A.FORWARD):
-    return [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for d in dtypes for b in backends(d, table)]
+    # Under the interpreter, triton's fp16 paths are covered by tests/test_attention_triton.py.
+    return [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for d in dtypes for b in backends(d, table)
+            if not (b == "triton" and INTERPRETED and d != torch.float32)]
 
 
 def skip_big_for_interpreter(backend, *sizes):
-    if backend == "triton" and INTERPRETED and math.prod(sizes) > 2 * 128 * 128:
+    # The kernels themselves are tested at tiny sizes in tests/test_attention_triton.py; here the
+    # interpreter only covers the API paths, at sizes that keep CI short.
+    if backend == "triton" and INTERPRETED and math.prod(sizes) > 2 * 17 * 128:
         pytest.skip("too large for the Triton interpreter")
 
 
@@ -58,9 +62,17 @@ def check(fast_fn, ref_fn, inputs, dtype, grads=True, name="", out_index=0):
     gf = torch.autograd.grad(out, xs, g)
     g64 = torch.autograd.grad(ref, x64, g.double())
     gl = torch.autograd.grad(lowp, xl, g)
+    # dq and dk come from P * (dP - delta), a difference of terms of size ~|dout| |v| |q or k|:
+    # when it cancels to ~0 (e.g. one allowed key, where PyTorch's own error is exactly 0), a
+    # correct kernel is left with rounding of those terms, so the floor is sized to them.
+    q, k, v = (t.detach().float() for t in inputs[:3])
+    cancel = g.float().abs().max().item() * v.abs().max().item() * max(q.abs().max().item(), k.abs().max().item())
     for which, a, b, c in zip("qkv", gf, g64, gl):
         assert a.dtype == dtype and a.shape == b.shape
-        error_vs_reference(a, b, c, name=f"{name} d{which}")
+        floor = None
+        if which in "qk":
+            floor = max(rounding_floor(a.dtype, b.abs().max().item()), 2 * torch.finfo(a.dtype).eps * cancel)
+        error_vs_reference(a, b, c, name=f"{name} d{which}", floor=floor)
 
 
 def flash_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, softmax_scale=None,
@@ -310,6 +322,7 @@ def test_dropout_mask_matches_reference_hash(seed):
 
 @pytest.mark.parametrize("backend", backends(torch.float32, A.BACKWARD))
 def test_deterministic_backward_is_bitwise_reproducible(backend, seed):
+    skip_big_for_interpreter(backend, 70 * 8, 90)
     q, k, v = rand(2, 70, 8, 32), rand(2, 90, 2, 32), rand(2, 90, 2, 32)
     g = rand(2, 70, 8, 32)
     grads = []
