@@ -64,13 +64,15 @@ def check(fast_fn, ref_fn, inputs, dtype, grads=True, name="", out_index=0):
     gl = torch.autograd.grad(lowp, xl, g)
     # dq and dk come from P * (dP - delta), a difference of terms of size ~|dout| |v| |q or k|:
     # when it cancels to ~0 (e.g. one allowed key, where PyTorch's own error is exactly 0), a
-    # correct kernel is left with rounding of those terms, so the floor is sized to them.
+    # correct kernel is left with rounding of those terms, so the floor is sized to them. dv
+    # uses P recomputed from the saved LSE (exp2 of a rounded score), whose relative error
+    # grows with the score size; in fp32 that, not PyTorch's error, sets the floor.
     q, k, v = (t.detach().float() for t in inputs[:3])
     cancel = g.float().abs().max().item() * v.abs().max().item() * max(q.abs().max().item(), k.abs().max().item())
     for which, a, b, c in zip("qkv", gf, g64, gl):
         assert a.dtype == dtype and a.shape == b.shape
         floor = None
-        if which in "qk":
+        if which in "qk" or a.dtype == torch.float32:
             floor = max(rounding_floor(a.dtype, b.abs().max().item()), 2 * torch.finfo(a.dtype).eps * cancel)
         error_vs_reference(a, b, c, name=f"{name} d{which}", floor=floor)
 
