@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 QUICK = dict(ddpm_steps=150, gan_steps=300, timing_steps=5, sample_steps=25, batch=128, num_train_timesteps=200)
+# CI's end-to-end check of the whole pipeline (seconds); not a useful result.
+SMOKE = dict(ddpm_steps=8, gan_steps=8, timing_steps=2, sample_steps=3, batch=32, num_train_timesteps=50)
 FULL = dict(ddpm_steps=6000, gan_steps=8000, timing_steps=20, sample_steps=50, batch=128, num_train_timesteps=1000)
 
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_results", metavar="DIR", help="output folder (default: demo_results)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything (the CI test)")
 
 
 def load_digits_tensor(device) -> torch.Tensor:
@@ -193,13 +196,13 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("genfast demo: --device cuda but no CUDA GPU is visible to torch", flush=True)
         return 2
-    settings = QUICK if args.quick else FULL
+    settings = SMOKE if getattr(args, "smoke", False) else QUICK if args.quick else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     data = load_digits_tensor(device)
-    print(f"genfast demo on {device}: {data.shape[0]} digits (8x8), {'quick' if args.quick else 'full'} run, "
+    print(f"genfast demo on {device}: {data.shape[0]} digits (8x8), {'smoke' if settings is SMOKE else 'quick' if args.quick else 'full'} run, "
           f"output in {out}", flush=True)
     batch = settings["batch"]
 

@@ -17,7 +17,17 @@ import torch
 from . import attention, bias_act, diffusion, filtered_lrelu, gan, group_norm, schedulers, upfirdn2d, vae
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
-OPS = {"attention": attention, "bias_act": bias_act, "diffusion": diffusion, "filtered_lrelu": filtered_lrelu, "gan": gan, "group_norm": group_norm, "schedulers": schedulers, "upfirdn2d": upfirdn2d, "vae": vae}
+OPS = {
+    "attention": attention,
+    "bias_act": bias_act,
+    "diffusion": diffusion,
+    "filtered_lrelu": filtered_lrelu,
+    "gan": gan,
+    "group_norm": group_norm,
+    "schedulers": schedulers,
+    "upfirdn2d": upfirdn2d,
+    "vae": vae,
+}
 
 
 def _op_name(value: str) -> str:
