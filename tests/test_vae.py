@@ -3,7 +3,6 @@ backend that runs here: values, gradients, reductions, layouts, bad input, torch
 import pytest
 import torch
 
-import genfast
 from genfast.ops import kl_divergence, reparameterize, reparameterize_kl
 from genfast.ops.vae import CHUNK_COLS, DISPATCH
 from genfast.reference import vae as reference

@@ -20,7 +20,7 @@ import importlib
 import importlib.util
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -558,7 +558,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if Hk != H and not enable_gqa:
         raise ValueError(f"{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped-query attention")
     _check_heads(fn, H, Hk, v4.shape[1])
-    B, L, S = q4.shape[0], q4.shape[2], k4.shape[2]
+    S = k4.shape[2]
     bias = None
     if attn_mask is not None:
         full = tuple(query.shape[:-1]) + (S,)

@@ -22,7 +22,6 @@ This module materialises the score matrix: it is the spec and the test oracle, n
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

@@ -615,7 +615,6 @@ def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse,
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
-    num_splits = tl.num_programs(0)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
     batch_size = tl.num_programs(2) // num_kv_heads

@@ -10,7 +10,6 @@ Products run in float32 (input_precision="ieee": no TF32 rounding). Offsets are 
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
