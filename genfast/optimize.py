@@ -168,7 +168,10 @@ def _sdpa_hooks(module: nn.Module, backend: Optional[str]) -> list:
         if depth[0] == 0:
             F.scaled_dot_product_attention = original
 
-    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+    for handle in handles:
+        handle.module = module  # lets a second optimize() see the module is already hooked
+    return handles
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
@@ -227,7 +230,7 @@ def optimize(model: nn.Module, backend: Optional[str] = None, inplace: bool = Tr
                             i += 1
                         break
                 i += 1
-        if _uses_sdpa(module):
+        if _uses_sdpa(module) and not any(h.module is module for h in getattr(model, _HOOKS)):
             handles = _sdpa_hooks(module, backend)
             getattr(model, _HOOKS).extend(handles)
             report.swapped.append((path, f"{_type(module)} calls F.scaled_dot_product_attention",

@@ -129,6 +129,7 @@ def test_sdpa_calls_in_user_code_are_routed_to_genfast(seed, monkeypatch):
     monkeypatch.setattr(attention_ops, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     report = genfast.optimize(model)
     assert any("scaled_dot_product_attention" in old for _, old, _ in report.swapped), str(report)
+    assert not genfast.optimize(model).swapped  # a second call finds nothing new to do
     x = torch.randn(2, 9, 32)
     check_same(reference, model, lambda m: m(x))
     # Head dim 8 is outside genfast's kernels: torch's own function runs, same result.
