@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from genfast.bench import filtered_lrelu as suite
-from genfast.bench.timing import GENFAST, dtype_name, outputs_close, strict_dispatch
+from genfast.bench.pytest_support import benchmark_case
+from genfast.bench.timing import dtype_name, strict_dispatch
 
 if torch.cuda.is_available():
     DEVICE = torch.device("cuda", torch.cuda.current_device())
@@ -35,37 +36,4 @@ def strict():
 @pytest.mark.parametrize("provider", suite.PROVIDERS)
 def test_filtered_lrelu(benchmark, provider, mode):
     case = suite.build_case(mode, SHAPE, DTYPE, DEVICE)
-    spec = case.providers[provider]
-    if spec.unavailable:
-        pytest.skip(f"{provider}: {spec.unavailable}")
-    try:
-        inputs = case.make_inputs(0)
-        try:
-            thunk = spec.factory(inputs)  # compiles and warms up the torch.compile baseline
-        except Exception as exc:
-            if spec.kind == GENFAST:
-                raise
-            pytest.skip(f"{provider} cannot run here: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        if spec.kind == GENFAST:
-            ref = case.providers[case.reference].factory(inputs)()
-            ok, err = outputs_close(thunk(), ref, DTYPE)
-            assert ok, f"{provider} {mode}: output differs from {case.reference} (max error {err:.3g} x max|ref|)"
-            del ref
-
-        if DEVICE.type == "cuda":
-            def run():
-                out = thunk()
-                torch.cuda.synchronize(DEVICE)
-                return out
-        else:
-            run = thunk
-
-        benchmark.group = f"filtered_lrelu {mode} {dtype_name(DTYPE)} {'x'.join(map(str, SHAPE))}"
-        benchmark.extra_info["bytes"] = case.bytes_moved
-        benchmark(run)
-        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-        if stats is not None and getattr(stats, "median", 0):
-            benchmark.extra_info["gbps"] = case.bytes_moved / stats.median / 1e9
-    finally:
-        if case.cleanup is not None:
-            case.cleanup()
+    benchmark_case(benchmark, case, provider, group=f"filtered_lrelu {mode} {dtype_name(DTYPE)} {'x'.join(map(str, SHAPE))}")

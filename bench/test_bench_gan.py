@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from genfast.bench import gan as suite
-from genfast.bench.timing import GENFAST, dtype_name, outputs_close, strict_dispatch
+from genfast.bench.pytest_support import benchmark_case
+from genfast.bench.timing import dtype_name, strict_dispatch
 
 if torch.cuda.is_available():
     DEVICE = torch.device("cuda", torch.cuda.current_device())
@@ -37,35 +38,7 @@ def strict():
 
 
 def _run(benchmark, case, provider, group):
-    spec = case.providers[provider]
-    if spec.unavailable:
-        pytest.skip(f"{provider}: {spec.unavailable}")
-    try:
-        inputs = case.make_inputs(0)
-        try:
-            thunk = spec.factory(inputs)
-        except Exception as exc:
-            if spec.kind == GENFAST:
-                raise
-            pytest.skip(f"{provider} cannot run here: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        if spec.kind == GENFAST:
-            ref = case.providers[case.reference].factory(inputs)()
-            ok, err = outputs_close(thunk(), ref, case.dtype)
-            assert ok, f"{provider}: output differs from {case.reference} (max error {err:.3g} x max|ref|)"
-            del ref
-        if DEVICE.type == "cuda":
-            def run():
-                out = thunk()
-                torch.cuda.synchronize(DEVICE)
-                return out
-        else:
-            run = thunk
-        benchmark.group = group
-        benchmark.extra_info["bytes"] = case.bytes_moved
-        benchmark(run)
-    finally:
-        if case.cleanup is not None:
-            case.cleanup()
+    benchmark_case(benchmark, case, provider, group=group)
 
 
 @pytest.mark.parametrize("mode", suite.MODES)

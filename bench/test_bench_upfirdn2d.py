@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from genfast.bench import upfirdn2d as suite
-from genfast.bench.timing import GENFAST, dtype_name, outputs_close, strict_dispatch
+from genfast.bench.pytest_support import benchmark_case
+from genfast.bench.timing import dtype_name, strict_dispatch
 
 if torch.cuda.is_available():
     DEVICE = torch.device("cuda", torch.cuda.current_device())
@@ -37,37 +38,4 @@ def strict():
 def test_upfirdn2d(benchmark, provider, case, mode):
     variant, shape = case
     bench_case = suite.build_case(mode, variant, shape, DTYPE, DEVICE)
-    spec = bench_case.providers[provider]
-    if spec.unavailable:
-        pytest.skip(f"{provider}: {spec.unavailable}")
-    try:
-        inputs = bench_case.make_inputs(0)
-        try:
-            thunk = spec.factory(inputs)  # compiles and warms up the torch.compile baseline
-        except Exception as exc:
-            if spec.kind == GENFAST:
-                raise
-            pytest.skip(f"{provider} cannot run here: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        if spec.kind == GENFAST:
-            ref = bench_case.providers[bench_case.reference].factory(inputs)()
-            ok, err = outputs_close(thunk(), ref, DTYPE)
-            assert ok, f"{provider} {mode}: output differs from {bench_case.reference} (max error {err:.3g} x max|ref|)"
-            del ref
-
-        if DEVICE.type == "cuda":
-            def run():
-                out = thunk()
-                torch.cuda.synchronize(DEVICE)
-                return out
-        else:
-            run = thunk
-
-        benchmark.group = f"upfirdn2d {mode} {dtype_name(DTYPE)} {'x'.join(map(str, shape))} {variant.label}"
-        benchmark.extra_info["bytes"] = bench_case.bytes_moved
-        benchmark(run)
-        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-        if stats is not None and getattr(stats, "median", 0):
-            benchmark.extra_info["gbps"] = bench_case.bytes_moved / stats.median / 1e9
-    finally:
-        if bench_case.cleanup is not None:
-            bench_case.cleanup()
+    benchmark_case(benchmark, bench_case, provider, group=f"upfirdn2d {mode} {dtype_name(DTYPE)} {'x'.join(map(str, shape))} {variant.label}")

@@ -12,7 +12,7 @@ import torch
 from .timing import GENFAST, dtype_name, outputs_close
 
 
-def benchmark_case(benchmark, case, provider: str) -> None:
+def benchmark_case(benchmark, case, provider: str, group: str = None) -> None:
     spec = case.providers[provider]
     if spec.unavailable:
         pytest.skip(f"{provider}: {spec.unavailable}")
@@ -40,12 +40,17 @@ def benchmark_case(benchmark, case, provider: str) -> None:
             run = thunk
 
         shape = "x".join(map(str, case.shape))
-        benchmark.group = f"{case.op} {case.mode} {dtype_name(case.dtype)} {shape} {case.act}"
+        benchmark.group = group or f"{case.op} {case.mode} {dtype_name(case.dtype)} {shape} {case.act}"
         benchmark.extra_info["bytes"] = case.bytes_moved
+        flops = case.extra.get("flops")
+        if flops:
+            benchmark.extra_info["flops"] = flops
         benchmark(run)
         stats = getattr(getattr(benchmark, "stats", None), "stats", None)
         if stats is not None and getattr(stats, "median", 0):
             benchmark.extra_info["gbps"] = case.bytes_moved / stats.median / 1e9
+            if flops:
+                benchmark.extra_info["tflops"] = flops / stats.median / 1e12
     finally:
         if case.cleanup is not None:
             case.cleanup()
