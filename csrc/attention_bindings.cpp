@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention.h"
 #include "attention_cpu.h"
 #include "bindings.h"
 #include "common.h"
@@ -93,4 +94,27 @@ GENFAST_REGISTER_BINDINGS(attention) {
         attention::backward_cpu(p);
       },
       py::arg("params"));
+
+#ifdef GENFAST_WITH_CUDA
+  // Forward and split-KV decode on tensor cores: the same dict plus max_seqlen_q, pack_gqa,
+  // num_splits (with the fp32 workspaces out_partial / lse_partial), stream and device.
+  m.def(
+      "attention_forward_cuda",
+      [](const py::dict& d) {
+        attention::CudaArgs a;
+        a.p = make_params(d);
+        if (a.p.out == nullptr || a.p.lse == nullptr)
+          throw std::invalid_argument("attention_forward_cuda: out and lse are required");
+        a.max_seqlen_q = get<int64_t>(d, "max_seqlen_q", 0);
+        a.pack_gqa = get<bool>(d, "pack_gqa", false);
+        a.num_splits = get<int>(d, "num_splits", 1);
+        a.out_partial = ptr<void>(d, "out_partial");
+        a.lse_partial = ptr<void>(d, "lse_partial");
+        a.stream = get<uintptr_t>(d, "stream", 0);
+        a.device = get<int>(d, "device", 0);
+        py::gil_scoped_release release;
+        attention::forward_cuda(a);
+      },
+      py::arg("params"));
+#endif
 }

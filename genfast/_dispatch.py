@@ -27,6 +27,12 @@ from . import _ext
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 
+class Unsupported(NotImplementedError):
+    """Raised by a backend (before launching anything) for a call whose features it does not
+    implement, e.g. the CUDA attention kernels with dropout: the dispatcher moves on to the next
+    backend without marking this one broken (even under GENFAST_STRICT)."""
+
+
 class BackendWarning(UserWarning):
     """A requested or preferred backend could not run and another one was used."""
 
@@ -213,6 +219,12 @@ class OpDispatcher:
                 return self.backends[name].fn(*args)
             except (ValueError, TypeError):
                 raise  # argument errors are the caller's, not a broken backend
+            except Unsupported as exc:
+                if i == len(usable) - 1:
+                    raise RuntimeError(f"genfast.{self.op}: no backend supports this call ({exc})") from exc
+                if i == 0 and self._explicit(requested) == name:
+                    warn_once((self.op, name, str(exc)), f"genfast.{self.op}: backend {name!r} does not support "
+                              f"this call ({exc}); using {usable[i + 1]!r}.")
             except Exception as exc:
                 if strict() or i == len(usable) - 1:
                     raise
@@ -220,13 +232,18 @@ class OpDispatcher:
                 warn_once((self.op, name, "broken"), f"genfast.{self.op}: backend {name!r} failed ({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
         raise AssertionError("unreachable")
 
-    def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
+    def _explicit(self, requested: str | None) -> str | None:
+        """The backend asked for by the argument, a use_backend context or GENFAST_BACKEND."""
         if requested is None:
             requested = context_backend(self.op)
         if requested is None:
             requested = env_backend(self.op)
             if requested is not None and requested not in BACKENDS:
                 raise ValueError(f"GENFAST_BACKEND asks {self.op} for backend {requested!r}; expected one of {BACKENDS}")
+        return requested
+
+    def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
+        requested = self._explicit(requested)
         if requested is not None and strict():
             reason = self.unavailable_reason(requested, device, dtype) if requested in BACKENDS else None
             if reason:

@@ -370,6 +370,17 @@ def test_kvcache_append_and_decode(backend, dtype, num_splits, s_new, sq, seed):
     assert torch.all(torch.isneginf(lse[1])) == (s_new == 0)
 
 
+def test_cuda_decode_split_heuristic():
+    """Flash-decoding splits (CUDA backend): from shapes only (no host sync), enough blocks for
+    two per SM, at least 256 keys per split, at most 128, the caller's choice when given."""
+    assert A.cuda_decode_splits(1, 8, 4, 16384, 132) == 33  # 8 blocks -> 33 splits fill 132 SMs twice
+    assert A.cuda_decode_splits(64, 8, 4, 16384, 132) == 1  # the batch already fills the GPU
+    assert A.cuda_decode_splits(1, 1, 1, 100, 132) == 1  # a short cache is not split
+    assert A.cuda_decode_splits(1, 1, 1, 1 << 20, 132) == 128
+    assert A.cuda_decode_splits(1, 8, 4, 16384, 132, num_splits=5) == 5
+    assert A.cuda_decode_splits(1, 8, 4, 16384, 132, num_splits=500) == 128
+
+
 @pytest.mark.parametrize("backend", backends(torch.float32, A.DECODE))
 def test_kvcache_window_softcap_alibi(backend, seed):
     B, H, D = 2, 4, 32

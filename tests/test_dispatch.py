@@ -103,6 +103,36 @@ def test_argument_errors_are_not_mistaken_for_a_broken_backend(monkeypatch):
         op.run(None, torch.device("cpu"), torch.float32, torch.zeros(1))
 
 
+def test_unsupported_call_moves_on_without_marking_the_backend_broken(monkeypatch):
+    """A backend that lacks a feature of this call raises Unsupported: the next backend runs,
+    even under GENFAST_STRICT, and the backend stays usable for other calls."""
+    from genfast._dispatch import Unsupported
+
+    _fresh_warnings(monkeypatch)
+    monkeypatch.setenv("GENFAST_STRICT", "1")
+
+    def partial(x, feature):
+        if feature:
+            raise Unsupported("feature not implemented here")
+        return x + 2
+
+    op = OpDispatcher("toy")
+    op.register("cpu", [torch.float32], partial)
+    op.register("reference", [torch.float32], lambda x, feature: x + 1)
+    x = torch.zeros(2)
+    torch.testing.assert_close(op.run(None, x.device, x.dtype, x, True), x + 1)
+    torch.testing.assert_close(op.run(None, x.device, x.dtype, x, False), x + 2)
+    assert not op.broken
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op.run("cpu", x.device, x.dtype, x, True)
+    assert any("does not support" in str(w.message) for w in caught)
+    only = OpDispatcher("toy")
+    only.register("cpu", [torch.float32], partial)
+    with pytest.raises(RuntimeError, match="no backend supports"):
+        only.run(None, x.device, x.dtype, x, True)
+
+
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="unknown backend"):
         OpDispatcher("toy").register("tpu", [torch.float32], lambda x: x)

@@ -16,6 +16,7 @@ Layers of this module (the pattern every op family follows):
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
+from .._dispatch import OpDispatcher, Unsupported
 from ..reference import attention as reference
 
 __all__ = [
@@ -195,6 +196,105 @@ def _cpu_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, windo
 
 
 register_backend("cpu", FLOAT_DTYPES, forward=_cpu_forward, backward=_cpu_backward, decode=_cpu_decode)
+
+
+# ----------------------------------------------------------------------------- cuda backend
+# kernels/attention.cu: forward and split-KV decode on tensor cores (fp16/bf16, sm_80+). Calls
+# with an additive bias or dropout raise Unsupported and go on to the next backend (triton);
+# there is no CUDA backward: autograd then runs the next backend's backward on this forward's
+# output and LSE (one contract, one LSE convention).
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_DECODE_MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its bandwidth
+CUDA_MAX_SPLITS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_info(index: int) -> tuple:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _cuda_check_call(q, bias, dropout_p, return_dropout_mask):
+    if bias is not None:
+        raise Unsupported("an additive bias / attn_mask is not implemented in the CUDA kernels")
+    if dropout_p > 0 or return_dropout_mask:
+        raise Unsupported("dropout is not implemented in the CUDA kernels")
+    capability, _ = _cuda_device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if capability < (8, 0):
+        raise Unsupported(f"the CUDA attention kernels need compute capability 8.0+, this GPU has {capability}")
+
+
+def _cuda_ready(t: torch.Tensor) -> torch.Tensor:
+    """16-byte vector loads: unit stride in the head dim, other strides multiples of 8 elements
+    and a 16-byte aligned start; anything else is copied once."""
+    ok = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+    return t if ok else t.contiguous()
+
+
+def _cuda_launch(q, k, v, out, lse, *, extra: dict, **problem):
+    params = _cpu_params(q, k, v, **problem)
+    params.update(out=out.data_ptr(), lse=lse.data_ptr(), stream=_ext.stream_of(q),
+                  device=q.device.index if q.device.index is not None else torch.cuda.current_device())
+    params.update(extra)
+    _ext._C.attention_forward_cuda(params)
+
+
+def _cuda_forward(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
+                  dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                  return_dropout_mask=False):
+    _cuda_check_call(q, bias, dropout_p, return_dropout_mask)
+    q, k, v = _cuda_ready(q), _cuda_ready(k), _cuda_ready(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if q.numel() > 0:
+        _cuda_launch(q, k, v, out, lse, extra=dict(max_seqlen_q=int(max_seqlen_q or 0)),
+                     scale=scale, window_left=window_left, window_right=window_right,
+                     align_bottom_right=align_bottom_right, softcap=softcap,
+                     alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None, bias=None,
+                     dropout_p=0.0, seed=0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return out, lse
+
+
+def cuda_decode_splits(batch: int, kv_heads: int, group_rows: int, cache_len: int, num_sms: int,
+                       num_splits: int = 0) -> int:
+    """Chunks per row of the KV cache (flash-decoding). ``num_splits`` > 0 is the caller's
+    choice (clamped to 128); 0 picks enough chunks to give every SM two blocks, keeping at
+    least CUDA_DECODE_MIN_KEYS_PER_SPLIT keys per chunk. From shapes only: no host sync."""
+    if num_splits > 0:
+        return min(num_splits, CUDA_MAX_SPLITS)
+    blocks = batch * kv_heads * -(-group_rows // 64)
+    wanted = -(-2 * num_sms // max(blocks, 1))
+    return max(1, min(wanted, cache_len // CUDA_DECODE_MIN_KEYS_PER_SPLIT, CUDA_MAX_SPLITS))
+
+
+def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, window_right, softcap, alibi_slopes,
+                 num_splits=0):
+    _cuda_check_call(q, None, 0.0, False)
+    q, k_cache, v_cache = _cuda_ready(q), _cuda_ready(k_cache), _cuda_ready(v_cache)
+    B, H, Sq, D = q.shape
+    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return out, lse
+    _, num_sms = _cuda_device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    # The G query heads of one key head share a block, so the cache is read once per group.
+    splits = cuda_decode_splits(B, Hk, (H // Hk) * Sq, S_max, num_sms, num_splits)
+    extra = dict(pack_gqa=H > Hk, num_splits=splits)
+    if splits > 1:
+        out_partial = torch.empty((splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
+        lse_partial = torch.empty((splits,) + tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
+        extra.update(out_partial=out_partial.data_ptr(), lse_partial=lse_partial.data_ptr())
+    _cuda_launch(q, k_cache, v_cache, out, lse, extra=extra, scale=scale, window_left=window_left,
+                 window_right=window_right, align_bottom_right=True, softcap=softcap,
+                 alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None, bias=None,
+                 dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None,
+                 seqused_k=cache_seqlens.to(torch.int32).contiguous())
+    return out, lse
+
+
+register_backend("cuda", CUDA_DTYPES, forward=_cuda_forward, decode=_cuda_decode)
 register_backend("reference", FLOAT_DTYPES, reference)
 # The Triton kernels (genfast/triton_kernels/attention.py) register themselves here when the
 # module is present; they are imported at their first call.
@@ -247,6 +347,8 @@ def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu
     kw = _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                           align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     kw["deterministic"] = deterministic
+    if backend and backend not in BACKWARD.backends:
+        backend = ""  # a forward-only backend (cuda): its gradients come from the automatic choice
     dq, dk, dv = BACKWARD.run(backend or None, q.device, q.dtype, (dout, q, k, v, out, lse), kw)
     return dq, dk, dv
 

@@ -1,0 +1,52 @@
+// Helpers shared by the CUDA kernel families: error checks that throw (the bindings turn them
+// into Python exceptions), a guard that switches to the tensors' device for one launch, and
+// float <-> storage-type conversion. Header-only, device code compiled by nvcc only.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace genfast {
+namespace cuda {
+
+// Throws std::runtime_error("genfast <family> (CUDA): <what>: <CUDA's message>").
+inline void check(cudaError_t err, const char* family, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("genfast ") + family + " (CUDA): " + what + ": " + cudaGetErrorString(err));
+}
+
+// Makes `device` current for the scope (launches go to the current device), then restores.
+struct DeviceGuard {
+  int previous = -1;
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous), "device guard", "cudaGetDevice");
+    if (previous != device) check(cudaSetDevice(device), "device guard", "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+};
+
+// Storage type <-> float (all arithmetic is done in float).
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+}  // namespace cuda
+}  // namespace genfast

@@ -1,0 +1,234 @@
+"""The CUDA attention kernels (kernels/attention.cu: tensor-core forward and split-KV decode)
+against the float64 contract (genfast/reference/attention.py), in the flash-attn criterion:
+error <= 2x PyTorch's own error in the same low precision + a rounding floor. The backend is
+called directly (no fallback can hide it). GPU only: these tests are skipped without one."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import genfast
+from genfast import _ext
+from genfast.ops import attention as A
+from genfast.reference import attention as R
+from genfast.testing import error_vs_reference
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    reason = _ext.cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"CUDA kernels unavailable: {reason}")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the CUDA attention kernels need sm_80+")
+
+
+def rand(*shape, dtype, strided=False):
+    """~N(0, 1) on the GPU; strided=True gives a (B, H, S, D) view of a (B, S, H, D) tensor."""
+    if strided:
+        B, H, S, D = shape
+        return torch.randn(B, S, H, D, dtype=torch.float64).to("cuda", dtype).transpose(1, 2)
+    return torch.randn(*shape, dtype=torch.float64).to("cuda", dtype)
+
+
+def problem(**kw):
+    base = dict(window_left=-1, window_right=-1, align_bottom_right=False, softcap=0.0, alibi_slopes=None, bias=None,
+                dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None)
+    base.update(kw)
+    return base
+
+
+def lowp_dense(q, k, v, kw):
+    """The contract's math in PyTorch, in the inputs' dtype (the 'same ops in low precision')."""
+    dense_kw = {key: kw[key] for key in ("scale", "window_left", "window_right", "align_bottom_right", "softcap")}
+    cu_q, cu_k = kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")
+    slopes = kw.get("alibi_slopes")
+    if cu_q is None:
+        out, lse, _ = R.attention_dense(q, k, v, alibi_slopes=slopes, **dense_kw)
+        return out, lse
+    outs, lses = [], []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for s in range(len(cq) - 1):
+        sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[s:s + 1])
+        o, l, _ = R.attention_dense(q[:, :, cq[s]:cq[s + 1]], k[:, :, ck[s]:ck[s + 1]], v[:, :, ck[s]:ck[s + 1]],
+                                    alibi_slopes=sl, **dense_kw)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def compare_lse(name, fast, ref64, lowp):
+    assert torch.equal(torch.isinf(fast.cpu()), torch.isinf(ref64.cpu())), f"{name}: -inf pattern differs"
+    keep = torch.isfinite(ref64.cpu())
+    error_vs_reference(fast.cpu()[keep], ref64.cpu()[keep], lowp.float().cpu()[keep], name)
+
+
+def check_forward(q, k, v, **kw):
+    dtype = q.dtype
+    out, lse = A._cuda_forward(q, k, v, **problem(**kw))
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    to64 = {key: (val.cpu().double() if isinstance(val, torch.Tensor) and val.is_floating_point() else
+                  (val.cpu() if isinstance(val, torch.Tensor) else val)) for key, val in problem(**kw).items()}
+    ref_out, ref_lse = R.forward(q.cpu().double(), k.cpu().double(), v.cpu().double(), **to64)
+    low_out, low_lse = lowp_dense(q, k, v, problem(**kw))
+    error_vs_reference(out.cpu(), ref_out, low_out.cpu(), "out")
+    compare_lse("lse", lse, ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [16, 24, 32, 40, 64, 80, 96, 128, 160, 192, 256])
+def test_forward_head_dims(seed, dtype, D):
+    q = rand(2, 4, 133, D, dtype=dtype, strided=True)
+    k, v = rand(2, 2, 257, D, dtype=dtype), rand(2, 2, 257, D, dtype=dtype)
+    check_forward(q, k, v, scale=1 / math.sqrt(D))
+    check_forward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (1000, 1000), (300, 77), (77, 300)])
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_forward_lengths_gqa_causal(seed, dtype, sq, sk, group):
+    q = rand(2, 8, sq, 64, dtype=dtype)
+    k, v = rand(2, 8 // group, sk, 64, dtype=dtype), rand(2, 8 // group, sk, 64, dtype=dtype)
+    check_forward(q, k, v, scale=0.125)
+    check_forward(q, k, v, scale=0.125, window_right=0, align_bottom_right=True)  # flash-attn causal
+    check_forward(q, k, v, scale=0.125, window_right=0)  # torch's top-left causal (rows may see nothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_window_softcap_alibi(seed, dtype):
+    B, H, Hk, Sq, Sk, D = 2, 8, 2, 300, 377, 128
+    q, k, v = rand(B, H, Sq, D, dtype=dtype), rand(B, Hk, Sk, D, dtype=dtype), rand(B, Hk, Sk, D, dtype=dtype)
+    check_forward(q, k, v, scale=0.1, window_left=100, window_right=7, align_bottom_right=True)
+    check_forward(q, k, v, scale=0.1, softcap=5.0)
+    check_forward(q, k, v, scale=0.1, alibi_slopes=torch.rand(H, device="cuda"), window_right=0,
+                  align_bottom_right=True)
+    check_forward(q, k, v, scale=0.1, alibi_slopes=torch.rand(B, H, device="cuda"), softcap=30.0, window_left=64,
+                  window_right=0, align_bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_varlen(seed, dtype):
+    lens_q, lens_k = [300, 0, 1, 129, 64], [300, 5, 0, 200, 64]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    H, Hk, D = 4, 2, 80
+    q = rand(1, H, sum(lens_q), D, dtype=dtype)
+    k, v = rand(1, Hk, sum(lens_k), D, dtype=dtype), rand(1, Hk, sum(lens_k), D, dtype=dtype)
+    for causal in (False, True):
+        check_forward(q, k, v, scale=0.11, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                      max_seqlen_k=max(lens_k), window_right=0 if causal else -1, align_bottom_right=True)
+
+
+def decode_reference(q, kc, vc, lens, **kw):
+    ref = R.decode(q.cpu().double(), kc.cpu().double(), vc.cpu().double(), lens.cpu(),
+                   **{key: (val.cpu().double() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()})
+    outs, lses = [], []
+    for b, n in enumerate(lens.tolist()):
+        slopes = kw.get("alibi_slopes")
+        if slopes is not None and slopes.ndim == 2:
+            slopes = slopes[b:b + 1]
+        o, l = lowp_dense(q[b:b + 1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n],
+                          dict(problem(**{key: val for key, val in kw.items() if key != "alibi_slopes"}),
+                               alibi_slopes=slopes, align_bottom_right=True))
+        outs.append(o)
+        lses.append(l)
+    return ref, (torch.cat(outs), torch.cat(lses))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("H,Hk,Sq", [(32, 8, 1), (8, 8, 1), (16, 1, 3)])
+def test_decode_split_kv(seed, dtype, D, H, Hk, Sq):
+    B, S_max = 4, 4099
+    q = rand(B, H, Sq, D, dtype=dtype)
+    kc, vc = rand(B, Hk, S_max, D, dtype=dtype), rand(B, Hk, S_max, D, dtype=dtype)
+    lens = torch.tensor([4099, 1, 2048, 77], dtype=torch.int32, device="cuda")
+    (ref_out, ref_lse), (low_out, low_lse) = decode_reference(q, kc, vc, lens, scale=0.125, window_right=0)
+    for splits in (0, 1, 7, 32):
+        out, lse = A._cuda_decode(q, kc, vc, lens, scale=0.125, window_left=-1, window_right=0, softcap=0.0,
+                                  alibi_slopes=None, num_splits=splits)
+        error_vs_reference(out.cpu(), ref_out, low_out.cpu(), f"out (splits={splits})")
+        compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_window_softcap_alibi_and_empty_rows(seed, dtype):
+    B, H, Hk, D, S_max = 3, 8, 2, 96, 1500
+    q = rand(B, H, 2, D, dtype=dtype)
+    kc, vc = rand(B, Hk, S_max, D, dtype=dtype), rand(B, Hk, S_max, D, dtype=dtype)
+    lens = torch.tensor([1500, 0, 700], dtype=torch.int32, device="cuda")
+    kw = dict(scale=0.1, window_left=300, window_right=0, softcap=20.0, alibi_slopes=torch.rand(B, H, device="cuda"))
+    (ref_out, ref_lse), (low_out, low_lse) = decode_reference(q, kc, vc, lens, **kw)
+    for splits in (1, 5):
+        out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=splits, **kw)
+        error_vs_reference(out.cpu(), ref_out, low_out.cpu(), f"out (splits={splits})")
+        compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+        assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))  # an empty cache row
+
+
+def test_decode_in_cuda_graph(seed):
+    B, H, Hk, D, S_max = 2, 16, 4, 128, 8192
+    q = rand(B, 1, H, D, dtype=torch.bfloat16)
+    kc, vc = rand(B, S_max, Hk, D, dtype=torch.bfloat16), rand(B, S_max, Hk, D, dtype=torch.bfloat16)
+    k_new, v_new = rand(B, 1, Hk, D, dtype=torch.bfloat16), rand(B, 1, Hk, D, dtype=torch.bfloat16)
+    lens = torch.tensor([5000, 8000], dtype=torch.int32, device="cuda")
+    kc2, vc2 = kc.clone(), vc.clone()
+    expected = genfast.flash_attn_with_kvcache(q, kc2, vc2, k_new, v_new, cache_seqlens=lens, causal=True,
+                                               backend="cuda")
+    static_out = torch.empty_like(q)
+    genfast.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k_new, v_new, cache_seqlens=lens, causal=True,
+                                    backend="cuda")  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(genfast.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lens, causal=True,
+                                                         backend="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(kc, kc2) and torch.equal(static_out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_api_with_gradients(seed, dtype):
+    """backend="cuda" through flash_attn_func: the forward runs the CUDA kernel, the backward the
+    automatic backward on its output and LSE; output and gradients match the float64 reference."""
+    B, S, H, Hk, D = 2, 257, 8, 2, 64
+    q, k, v = (rand(B, S, h, D, dtype=dtype).requires_grad_() for h in (H, Hk, Hk))
+    out = genfast.flash_attn_func(q, k, v, causal=True, backend="cuda")
+    kw = dict(scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
+    low, _ = lowp_dense(*(t.detach().transpose(1, 2) for t in (q, k, v)), problem(**kw))
+    ref = genfast.flash_attn_func(*(t.detach().cpu().double() for t in (q, k, v)), causal=True, backend="reference")
+    error_vs_reference(out.detach().cpu(), ref, low.transpose(1, 2).cpu(), "out")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    x64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(genfast.flash_attn_func(*x64, causal=True, backend="reference"), x64,
+                                    dout.cpu().double())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.shape == r.shape and torch.isfinite(g).all(), name
+        # The backward kernel itself is tested in test_attention_triton.py; here: it ran on
+        # this forward's LSE (a wrong LSE gives errors of order |r|).
+        assert (g.cpu().double() - r).abs().max() <= 0.05 * r.abs().max() + 0.05, name
+
+
+def test_unsupported_features_fall_back(seed):
+    """Dropout and additive masks are not in the CUDA kernels: the call goes to the next backend."""
+    q, k, v = (rand(1, 64, 4, 64, dtype=torch.float16) for _ in range(3))
+    with pytest.raises(A.Unsupported):
+        A._cuda_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **problem(scale=0.1, dropout_p=0.1))
+    out = genfast.flash_attn_func(q, k, v, dropout_p=0.1, backend="cuda")  # warns once, runs triton
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_unaligned_inputs_are_copied(seed):
+    base = rand(1, 4, 130 * 64 + 1, dtype=torch.float16).reshape(-1)
+    q = base[1:1 + 4 * 130 * 64].view(1, 4, 130, 64)  # a 2-byte offset: not 16-byte aligned
+    assert q.data_ptr() % 16 != 0
+    k, v = rand(1, 4, 130, 64, dtype=torch.float16), rand(1, 4, 130, 64, dtype=torch.float16)
+    check_forward(q, k, v, scale=0.125)
