@@ -55,6 +55,8 @@ template <> struct Mma<__half> {
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(GENFAST_CUDA_EMULATION)
+    gf_emu::mma_m16n8k16<__half>(d, a, b0, b1);
 #else
     __trap();  // the host refuses devices below sm_80 before launching
 #endif
@@ -71,6 +73,8 @@ template <> struct Mma<__nv_bfloat16> {
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(GENFAST_CUDA_EMULATION)
+    gf_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
 #else
     __trap();
 #endif
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   constexpr int kNB = kBN / 8;   // n8 blocks of scores
   constexpr int kND = kDP / 8;   // n8 blocks of the output / 16-byte chunks per row
   constexpr int kKD = kDP / 16;  // k16 steps over the head dim
-  extern __shared__ __align__(16) uint16_t smem[];
+  GF_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* sQ = smem;
   uint16_t* sK = sQ + kBM * kLD;
   uint16_t* sV = sK + kBN * kLD;
@@ -345,6 +349,21 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CudaArgs a) {
   if (lane == 0) static_cast<float*>(p.lse)[row] = lse;
 }
 
+template <typename Kernel>
+void run_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const CudaArgs& a, const char* what) {
+#ifdef GENFAST_CUDA_EMULATION
+  gf_emu::launch(kernel, grid, dim3(kThreads), smem, a);
+#else
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (once per device would do; the
+  // call is cheap and legal during CUDA-graph capture).
+  if (smem > 48 * 1024)
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), kFamily,
+                "cudaFuncSetAttribute");
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  cuda::check(cudaGetLastError(), kFamily, what);
+#endif
+}
+
 template <typename T, int kDP>
 void launch(const CudaArgs& a, cudaStream_t stream) {
   const Params& p = a.p;
@@ -357,19 +376,12 @@ void launch(const CudaArgs& a, cudaStream_t stream) {
     throw std::invalid_argument("genfast attention (CUDA): grid too large (query tiles " + std::to_string(gx) +
                                 ", head groups " + std::to_string(gy) + ", batch x splits " + std::to_string(gz) + ")");
   constexpr size_t smem = smem_bytes(kDP);
-  auto kernel = forward_kernel<T, kDP>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (once per device is enough,
-  // but the call is cheap and legal during CUDA-graph capture).
-  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), kFamily,
-              "cudaFuncSetAttribute");
-  kernel<<<dim3(unsigned(gx), unsigned(gy), unsigned(gz)), kThreads, smem, stream>>>(a);
-  cuda::check(cudaGetLastError(), kFamily, "forward launch");
+  run_kernel(forward_kernel<T, kDP>, dim3(unsigned(gx), unsigned(gy), unsigned(gz)), smem, stream, a, "forward launch");
   if (a.num_splits > 1) {
     const int64_t rows_total = p.B * p.H * p.Sq;
     const int64_t blocks = (rows_total + kWarps - 1) / kWarps;
     if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast attention (CUDA): too many rows to combine");
-    combine_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(a);
-    cuda::check(cudaGetLastError(), kFamily, "combine launch");
+    run_kernel(combine_kernel<T>, dim3(unsigned(blocks)), 0, stream, a, "combine launch");
   }
 }
 
@@ -408,7 +420,9 @@ void forward_cuda(const CudaArgs& a) {
   for (const void* ptr : {p.q, p.k, p.v})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
       throw std::invalid_argument("genfast attention (CUDA): q/k/v must be 16-byte aligned");
+#ifndef GENFAST_CUDA_EMULATION
   cuda::DeviceGuard guard(a.device);
+#endif
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (p.dtype == F16)
     launch_for_head_dim<__half>(a, stream);

@@ -9,6 +9,15 @@
 #include <stdexcept>
 #include <string>
 
+#ifdef GENFAST_CUDA_EMULATION
+#include "cuda_emulation.h"  // tests/cuda_emulation: the kernels' source run on the CPU
+#endif
+
+// Dynamic shared memory of a kernel (the emulator supplies its own definition).
+#ifndef GF_DYNAMIC_SHARED
+#define GF_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace genfast {
 namespace cuda {
 

@@ -215,12 +215,16 @@ def _cuda_device_info(index: int) -> tuple:
     return (props.major, props.minor), props.multi_processor_count
 
 
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 def _cuda_check_call(q, bias, dropout_p, return_dropout_mask):
     if bias is not None:
         raise Unsupported("an additive bias / attn_mask is not implemented in the CUDA kernels")
     if dropout_p > 0 or return_dropout_mask:
         raise Unsupported("dropout is not implemented in the CUDA kernels")
-    capability, _ = _cuda_device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    capability, _ = _cuda_device_info(_device_index(q))
     if capability < (8, 0):
         raise Unsupported(f"the CUDA attention kernels need compute capability 8.0+, this GPU has {capability}")
 
@@ -228,14 +232,15 @@ def _cuda_check_call(q, bias, dropout_p, return_dropout_mask):
 def _cuda_ready(t: torch.Tensor) -> torch.Tensor:
     """16-byte vector loads: unit stride in the head dim, other strides multiples of 8 elements
     and a 16-byte aligned start; anything else is copied once."""
-    ok = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
-    return t if ok else t.contiguous()
+    if t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # a fresh (aligned) allocation even when contiguous
 
 
 def _cuda_launch(q, k, v, out, lse, *, extra: dict, **problem):
     params = _cpu_params(q, k, v, **problem)
     params.update(out=out.data_ptr(), lse=lse.data_ptr(), stream=_ext.stream_of(q),
-                  device=q.device.index if q.device.index is not None else torch.cuda.current_device())
+                  device=_device_index(q))
     params.update(extra)
     _ext._C.attention_forward_cuda(params)
 
@@ -278,7 +283,7 @@ def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, wind
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
-    _, num_sms = _cuda_device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    _, num_sms = _cuda_device_info(_device_index(q))
     # The G query heads of one key head share a block, so the cache is read once per group.
     splits = cuda_decode_splits(B, Hk, (H // Hk) * Sq, S_max, num_sms, num_splits)
     extra = dict(pack_gqa=H > Hk, num_splits=splits)

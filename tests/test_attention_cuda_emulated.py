@@ -1,0 +1,172 @@
+"""The CUDA attention kernels' exact source (kernels/attention.cu), run on the CPU.
+
+CI has nvcc but no GPU, so the kernels and their real bindings are compiled as host C++ over
+a SIMT emulator (tests/cuda_emulation: one fiber per thread, __syncthreads / shuffles / mma.sync
+as warp and block barriers exchanging registers in the PTX ISA's fragment layouts) and called
+through genfast's own CUDA launcher code (genfast/ops/attention.py _cuda_forward/_cuda_decode).
+This checks the indexing, masking, online softmax, split-KV and combine logic numerically; it
+cannot check what only hardware shows (timing, races between real warps, the asm itself).
+The same checks run on a real GPU in tests/test_attention_cuda.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_attention_cuda as gpu_tests
+from genfast.ops import attention as A
+from genfast.testing import error_vs_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "tests" / "cuda_emulation" / "attention_emulated.cpp"
+SOURCES = [HARNESS, ROOT / "tests" / "cuda_emulation" / "cuda_emulation.h", ROOT / "kernels" / "attention.cu",
+           ROOT / "kernels" / "attention.h", ROOT / "kernels" / "cuda_common.cuh", ROOT / "csrc" / "attention_bindings.cpp",
+           ROOT / "csrc" / "attention_cpu.h", ROOT / "csrc" / "bindings.h", ROOT / "csrc" / "common.h"]
+
+
+def build_emulated_module():
+    """Compiles the emulation module once per source version (about 20 s) into the temp dir."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA emulation tests compile the kernels' source with it")
+    try:
+        import pybind11
+    except ImportError:
+        pytest.skip("pybind11 not installed (it is in the test extra)")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    out_dir = Path(tempfile.gettempdir()) / f"genfast-cuda-emulation-{digest}"
+    target = out_dir / f"attention_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not target.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".building")
+        cmd = [nvcc, "-x", "c++", "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
+               f"-I{ROOT / 'kernels'}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_emulation'}",
+               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", str(HARNESS), "-o", str(partial)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, f"building the CUDA emulation failed:\n{run.stderr[-4000:]}"
+        partial.replace(target)
+    spec = importlib.util.spec_from_file_location("attention_emulated", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return build_emulated_module()
+
+
+@pytest.fixture(autouse=True)
+def _launch_on_the_emulator(emulated, monkeypatch):
+    """genfast's CUDA launcher code, unchanged, pointed at the emulated kernels and CPU memory."""
+    monkeypatch.setattr(A._ext, "_C", types.SimpleNamespace(attention_forward_cuda=emulated.attention_forward_cuda))
+    monkeypatch.setattr(A._ext, "stream_of", lambda t: 0)
+    monkeypatch.setattr(A, "_device_index", lambda t: 0)
+    monkeypatch.setattr(A, "_cuda_device_info", lambda index: ((9, 0), 132))
+
+
+def rand(*shape, dtype=torch.float16, strided=False):
+    if strided:
+        B, H, S, D = shape
+        return torch.randn(B, S, H, D, dtype=torch.float64).to(dtype).transpose(1, 2)
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("D", [16, 24, 40, 64, 80, 96, 128, 160, 192, 256])
+def test_forward_head_dims(seed, D):
+    q = rand(1, 2, 70, D, strided=True)
+    k, v = rand(1, 1, 93, D), rand(1, 1, 93, D)
+    gpu_tests.check_forward(q, k, v, scale=1 / math.sqrt(D))
+    gpu_tests.check_forward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (130, 70), (70, 130)])
+def test_forward_lengths_gqa_causal(seed, dtype, sq, sk):
+    q = rand(1, 4, sq, 32, dtype=dtype)
+    k, v = rand(1, 2, sk, 32, dtype=dtype), rand(1, 2, sk, 32, dtype=dtype)
+    gpu_tests.check_forward(q, k, v, scale=0.2)
+    gpu_tests.check_forward(q, k, v, scale=0.2, window_right=0, align_bottom_right=True)
+    gpu_tests.check_forward(q, k, v, scale=0.2, window_right=0)  # top-left: some rows see no key
+
+
+def test_forward_window_softcap_alibi(seed):
+    B, H, Hk, Sq, Sk, D = 2, 2, 1, 100, 150, 32
+    q, k, v = rand(B, H, Sq, D), rand(B, Hk, Sk, D), rand(B, Hk, Sk, D)
+    gpu_tests.check_forward(q, k, v, scale=0.1, window_left=40, window_right=7, align_bottom_right=True)
+    gpu_tests.check_forward(q, k, v, scale=0.3, softcap=2.0)
+    gpu_tests.check_forward(q, k, v, scale=0.1, alibi_slopes=torch.rand(B, H), softcap=30.0, window_left=64,
+                            window_right=0, align_bottom_right=True)
+
+
+def test_forward_varlen(seed):
+    lens_q, lens_k = [70, 0, 1, 33], [70, 5, 0, 80]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q = rand(1, 2, sum(lens_q), 40)
+    k, v = rand(1, 1, sum(lens_k), 40), rand(1, 1, sum(lens_k), 40)
+    for causal in (False, True):
+        gpu_tests.check_forward(q, k, v, scale=0.15, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                                max_seqlen_k=max(lens_k), window_right=0 if causal else -1, align_bottom_right=True,
+                                alibi_slopes=torch.rand(4, 2))
+
+
+@pytest.mark.parametrize("H,Hk,Sq", [(4, 1, 1), (2, 2, 1), (4, 2, 3)])
+def test_decode_split_kv(seed, H, Hk, Sq):
+    B, S_max, D = 3, 300, 64
+    q = rand(B, H, Sq, D)
+    kc, vc = rand(B, Hk, S_max, D), rand(B, Hk, S_max, D)
+    lens = torch.tensor([300, 0, 129], dtype=torch.int32)
+    kw = dict(scale=0.125, window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None)
+    (ref_out, ref_lse), (low_out, low_lse) = gpu_tests.decode_reference(q, kc, vc, lens, **kw)
+    for splits in (1, 3, 7):
+        out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=splits, **kw)
+        error_vs_reference(out, ref_out, low_out, f"out (splits={splits})")
+        gpu_tests.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+        assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))  # an empty cache row
+
+
+def test_decode_window_softcap_alibi(seed):
+    B, H, Hk, D, S_max = 2, 4, 2, 48, 200
+    q = rand(B, H, 2, D, dtype=torch.bfloat16)
+    kc, vc = rand(B, Hk, S_max, D, dtype=torch.bfloat16), rand(B, Hk, S_max, D, dtype=torch.bfloat16)
+    lens = torch.tensor([200, 77], dtype=torch.int32)
+    kw = dict(scale=0.1, window_left=50, window_right=0, softcap=20.0, alibi_slopes=torch.rand(B, H))
+    (ref_out, ref_lse), (low_out, low_lse) = gpu_tests.decode_reference(q, kc, vc, lens, **kw)
+    for splits in (1, 4):
+        out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=splits, **kw)
+        error_vs_reference(out, ref_out, low_out, f"out (splits={splits})")
+        gpu_tests.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+
+
+def test_unaligned_inputs_are_copied(seed):
+    base = rand(2 * 40 * 32 + 1)
+    q = base[1:].view(1, 2, 40, 32)  # a 2-byte offset: not 16-byte aligned
+    assert q.data_ptr() % 16 != 0
+    k, v = rand(1, 2, 40, 32), rand(1, 2, 40, 32)
+    gpu_tests.check_forward(q, k, v, scale=0.125)
+
+
+def test_kernel_rejects_what_python_should_have_caught(emulated):
+    """The C++ entry point checks its own preconditions (never an out-of-bounds access)."""
+    q = rand(1, 1, 8, 32)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 8)
+    params = A._cpu_params(q, q, q, scale=1.0, window_left=-1, window_right=-1, align_bottom_right=False, softcap=0.0,
+                           alibi_slopes=None, bias=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None)
+    params.update(out=out.data_ptr(), lse=lse.data_ptr(), stream=0, device=0)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        emulated.attention_forward_cuda(dict(params, dtype=0))
+    with pytest.raises(ValueError, match="strides must be multiples of 8"):
+        emulated.attention_forward_cuda(dict(params, q_ss=36))
+    with pytest.raises(ValueError, match="split-KV needs"):
+        emulated.attention_forward_cuda(dict(params, num_splits=2))
