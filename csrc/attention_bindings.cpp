@@ -72,6 +72,25 @@ attention::Params make_params(const py::dict& d) {
   return p;
 }
 
+#ifdef GENFAST_WITH_CUDA
+// The CUDA kernels' arguments: the common dict plus max_seqlen_q/k, pack_gqa, num_splits (with
+// the fp32 workspaces out_partial / lse_partial), delta (backward), stream and device.
+attention::CudaArgs make_cuda_args(const py::dict& d) {
+  attention::CudaArgs a;
+  a.p = make_params(d);
+  a.max_seqlen_q = get<int64_t>(d, "max_seqlen_q", 0);
+  a.max_seqlen_k = get<int64_t>(d, "max_seqlen_k", 0);
+  a.pack_gqa = get<bool>(d, "pack_gqa", false);
+  a.num_splits = get<int>(d, "num_splits", 1);
+  a.out_partial = ptr<void>(d, "out_partial");
+  a.lse_partial = ptr<void>(d, "lse_partial");
+  a.delta = ptr<const void>(d, "delta");
+  a.stream = get<uintptr_t>(d, "stream", 0);
+  a.device = get<int>(d, "device", 0);
+  return a;
+}
+#endif
+
 }  // namespace
 
 GENFAST_REGISTER_BINDINGS(attention) {
@@ -96,24 +115,21 @@ GENFAST_REGISTER_BINDINGS(attention) {
       py::arg("params"));
 
 #ifdef GENFAST_WITH_CUDA
-  // Forward and split-KV decode on tensor cores: the same dict plus max_seqlen_q, pack_gqa,
-  // num_splits (with the fp32 workspaces out_partial / lse_partial), stream and device.
+  // Tensor-core forward / split-KV decode and backward (kernels/attention.cu).
   m.def(
       "attention_forward_cuda",
       [](const py::dict& d) {
-        attention::CudaArgs a;
-        a.p = make_params(d);
-        if (a.p.out == nullptr || a.p.lse == nullptr)
-          throw std::invalid_argument("attention_forward_cuda: out and lse are required");
-        a.max_seqlen_q = get<int64_t>(d, "max_seqlen_q", 0);
-        a.pack_gqa = get<bool>(d, "pack_gqa", false);
-        a.num_splits = get<int>(d, "num_splits", 1);
-        a.out_partial = ptr<void>(d, "out_partial");
-        a.lse_partial = ptr<void>(d, "lse_partial");
-        a.stream = get<uintptr_t>(d, "stream", 0);
-        a.device = get<int>(d, "device", 0);
+        attention::CudaArgs a = make_cuda_args(d);
         py::gil_scoped_release release;
         attention::forward_cuda(a);
+      },
+      py::arg("params"));
+  m.def(
+      "attention_backward_cuda",
+      [](const py::dict& d) {
+        attention::CudaArgs a = make_cuda_args(d);
+        py::gil_scoped_release release;
+        attention::backward_cuda(a);
       },
       py::arg("params"));
 #endif

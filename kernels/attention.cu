@@ -93,13 +93,140 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// ---- fragments (see the layout table at the top); smem matrices are 16-bit, row pitch kLD.
+// A operand, 16 rows from row m0, 16 columns from k0 of a row-major matrix.
+template <int kLD>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* s, int m0, int k0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (m0 + g) * kLD + k0 + 2 * t;
+  a[0] = load_pair(p);
+  a[1] = load_pair(p + 8 * kLD);
+  a[2] = load_pair(p + 8);
+  a[3] = load_pair(p + 8 * kLD + 8);
+}
+// B operand (16 x 8) stored transposed: row n of `s` is column n of B (K in Q K^T).
+template <int kLD>
+__device__ __forceinline__ void frag_b_transposed(uint32_t (&b)[2], const uint16_t* s, int n0, int k0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (n0 + g) * kLD + k0 + 2 * t;
+  b[0] = load_pair(p);
+  b[1] = load_pair(p + 8);
+}
+// B operand (16 x 8) stored as is: row k of `s` is row k of B (V in P V).
+template <int kLD>
+__device__ __forceinline__ void frag_b(uint32_t (&b)[2], const uint16_t* s, int k0, int n0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (k0 + 2 * t) * kLD + n0 + g;
+  b[0] = make_pair(p[0], p[kLD]);
+  b[1] = make_pair(p[8 * kLD], p[9 * kLD]);
+}
+// The accumulators of two n8 blocks (2kk, 2kk + 1) as the A operand of the next product.
+template <typename T, int kN>
+__device__ __forceinline__ void accumulator_as_a(uint32_t (&a)[4], const float (&c)[kN][4], int kk) {
+  a[0] = Mma<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = Mma<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = Mma<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = Mma<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Mma<T>::run(d, a, b[0], b[1]);
+}
+
+// Rows [row0, row0 + kRows) of a row-major (n_rows, D) matrix -> shared memory, as 16-byte
+// vectors; rows past n_rows and the head-dim padding become 0 (finite: 0-weight rows must not
+// meet NaN garbage).
+template <int kRows, int kDP, typename T>
+__device__ __forceinline__ void load_rows(uint16_t* dst, const T* src, int64_t row_stride, int64_t row0,
+                                          int64_t n_rows, int64_t D) {
+  constexpr int kChunks = kDP / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, d = (c % kChunks) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row0 + r < n_rows && d < D) v = *reinterpret_cast<const uint4*>(src + (row0 + r) * row_stride + d);
+    *reinterpret_cast<uint4*>(dst + r * row_pitch(kDP) + d) = v;
+  }
+}
+
+// One sequence of the problem: offsets into the packed tokens (varlen), its lengths (decode:
+// the used cache length), and its index into the batch strides.
+struct Extent {
+  int64_t q_off = 0, k_off = 0, Sq = 0, Sk = 0, batch = 0;
+};
+__device__ __forceinline__ Extent extent_of(const Params& p, int64_t seq) {
+  Extent e;
+  e.Sq = p.Sq;
+  e.Sk = p.Sk;
+  e.batch = seq;
+  if (p.cu_q != nullptr) {
+    e.q_off = p.cu_q[seq];
+    e.Sq = p.cu_q[seq + 1] - e.q_off;
+    e.k_off = p.cu_k[seq];
+    e.Sk = p.cu_k[seq + 1] - e.k_off;
+    e.batch = 0;
+  }
+  if (p.seqused_k != nullptr) e.Sk = p.seqused_k[seq];
+  return e;
+}
+
+// The contract's score of (query i, key j) from the raw q.k: scale, softcap, ALiBi, window and
+// end masks; in log2 units (the kernels use exp2).
+struct ScoreRules {
+  float scale, scale_log2, cap_in, cap_out;
+  bool softcapped;
+  int64_t window_left, window_right, off, Sk;
+
+  __device__ __forceinline__ bool allowed(int64_t i, int64_t j) const {
+    const int64_t rel = j - (i + off);
+    return j < Sk && (window_left < 0 || rel >= -window_left) && (window_right < 0 || rel <= window_right);
+  }
+  // Whether any pair of queries [i_lo, i_hi] x keys [j0, j1) is masked (else skip the checks).
+  __device__ __forceinline__ bool any_masked(int64_t i_lo, int64_t i_hi, int64_t j0, int64_t j1) const {
+    return j1 > Sk || (window_left >= 0 && j0 < i_hi + off - window_left) ||
+           (window_right >= 0 && j1 - 1 > i_lo + off + window_right);
+  }
+  // Score in log2 units (-inf where masked); dscore_draw = d(score in natural units)/d(raw q.k).
+  __device__ __forceinline__ float log2_score(float raw, int64_t i, int64_t j, float slope_log2, bool check_mask,
+                                              float& dscore_draw) const {
+    float x;
+    if (softcapped) {
+      const float th = tanhf(raw * cap_in);
+      x = cap_out * th;
+      dscore_draw = scale * (1.0f - th * th);
+    } else {
+      x = raw * scale_log2;
+      dscore_draw = scale;
+    }
+    if (slope_log2 != 0.0f) x -= slope_log2 * fabsf(float(i + off - j));
+    if (check_mask && !allowed(i, j)) x = -INFINITY;
+    return x;
+  }
+};
+__device__ __forceinline__ ScoreRules score_rules(const Params& p, const Extent& e) {
+  ScoreRules r;
+  r.softcapped = p.softcap > 0;
+  r.scale = float(p.scale);
+  r.scale_log2 = float(p.scale) * kLog2e;
+  r.cap_in = r.softcapped ? float(p.scale / p.softcap) : 0.0f;
+  r.cap_out = float(p.softcap) * kLog2e;
+  r.window_left = p.window_left;
+  r.window_right = p.window_right;
+  r.off = p.align_bottom_right ? e.Sk - e.Sq : 0;
+  r.Sk = e.Sk;
+  return r;
+}
+// ALiBi slope of head h in log2 units (0 without ALiBi).
+__device__ __forceinline__ float alibi_slope_log2(const Params& p, int64_t seq, int64_t h) {
+  return p.alibi != nullptr ? p.alibi[seq * p.alibi_sb + h] * kLog2e : 0.0f;
+}
+
 // Grid: x = tiles of kBM rows, y = head groups (query heads, or key heads when pack_gqa),
 // z = (batch row or varlen sequence) * num_splits + split.
 template <typename T, int kDP>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   constexpr int kBN = block_n(kDP), kLD = row_pitch(kDP);
   constexpr int kNB = kBN / 8;   // n8 blocks of scores
-  constexpr int kND = kDP / 8;   // n8 blocks of the output / 16-byte chunks per row
+  constexpr int kND = kDP / 8;   // n8 blocks of the output
   constexpr int kKD = kDP / 16;  // k16 steps over the head dim
   GF_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* sQ = smem;
@@ -114,17 +241,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   const int64_t seq = blockIdx.z / unsigned(a.num_splits);
   const int64_t hg = blockIdx.y;
   const int64_t hk = a.pack_gqa ? hg : hg / G;
-
-  // This sequence's extent (varlen: offsets into the packed tokens; decode: used cache length).
-  int64_t q_off = 0, k_off = 0, Sq = p.Sq, Sk = p.Sk, batch = seq;
-  if (p.cu_q != nullptr) {
-    q_off = p.cu_q[seq];
-    Sq = p.cu_q[seq + 1] - q_off;
-    k_off = p.cu_k[seq];
-    Sk = p.cu_k[seq + 1] - k_off;
-    batch = 0;
-  }
-  if (p.seqused_k != nullptr) Sk = p.seqused_k[seq];
+  const Extent ext = extent_of(p, seq);
+  const int64_t Sq = ext.Sq, Sk = ext.Sk;
   const int64_t rows = Sq * Gp;  // packed rows: m = (head in group) * Sq + query position
   const int64_t m0 = int64_t(blockIdx.x) * kBM;
   if (m0 >= rows) return;
@@ -138,22 +256,23 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
     const int64_t m = m0 + r;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (m < rows && d < p.D)
-      v = *reinterpret_cast<const uint4*>(q + batch * p.q_sb + head_of(m) * p.q_sh + (q_off + pos_of(m)) * p.q_ss + d);
+      v = *reinterpret_cast<const uint4*>(q + ext.batch * p.q_sb + head_of(m) * p.q_sh +
+                                          (ext.q_off + pos_of(m)) * p.q_ss + d);
     *reinterpret_cast<uint4*>(sQ + r * kLD + d) = v;
   }
 
   // Keys any row of this block may see: the window's union over the block's query positions,
   // intersected with this split's chunk (a whole number of tiles, so no tile straddles two).
+  const ScoreRules rules = score_rules(p, ext);
   const int64_t m_last = min(m0 + kBM, rows) - 1;
   int64_t i_lo = pos_of(m0), i_hi = pos_of(m_last);
   if (a.pack_gqa && m0 / Sq != m_last / Sq) {
     i_lo = 0;
     i_hi = Sq - 1;
   }
-  const int64_t off = p.align_bottom_right ? Sk - Sq : 0;
   int64_t j_begin = 0, j_end = Sk;
-  if (p.window_left >= 0) j_begin = max(j_begin, i_lo + off - p.window_left);
-  if (p.window_right >= 0) j_end = min(j_end, i_hi + off + p.window_right + 1);
+  if (p.window_left >= 0) j_begin = max(j_begin, i_lo + rules.off - p.window_left);
+  if (p.window_right >= 0) j_end = min(j_end, i_hi + rules.off + p.window_right + 1);
   if (a.num_splits > 1) {
     const int64_t tiles = (p.Sk + kBN - 1) / kBN;  // p.Sk: the cache length, the same for every row
     const int64_t chunk = (tiles + a.num_splits - 1) / a.num_splits * kBN;
@@ -165,13 +284,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   const int r_a = warp * 16 + g;
   bool valid[2];
   int64_t pos[2];
-  float slope[2] = {0.0f, 0.0f};  // ALiBi slope, in log2 units
+  float slope[2];
   for (int rr = 0; rr < 2; ++rr) {
     const int64_t m = m0 + r_a + 8 * rr;
     valid[rr] = m < rows;
     const int64_t safe_m = valid[rr] ? m : m0;
     pos[rr] = pos_of(safe_m);
-    if (p.alibi != nullptr) slope[rr] = p.alibi[seq * p.alibi_sb + head_of(safe_m)] * kLog2e;
+    slope[rr] = alibi_slope_log2(p, seq, head_of(safe_m));
   }
   const bool warp_active = m0 + warp * 16 < rows;  // warp-uniform
 
@@ -180,27 +299,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   for (int nd = 0; nd < kND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only; reduced at the end
-  const bool softcapped = p.softcap > 0;
-  const float scale_log2 = float(p.scale) * kLog2e;
-  const float cap_in = softcapped ? float(p.scale / p.softcap) : 0.0f;
-  const float cap_out = float(p.softcap) * kLog2e;
 
-  const T* k_base = static_cast<const T*>(p.k) + batch * p.k_sb + hk * p.k_sh + k_off * p.k_ss;
-  const T* v_base = static_cast<const T*>(p.v) + batch * p.v_sb + hk * p.v_sh + k_off * p.v_ss;
+  const T* k_base = static_cast<const T*>(p.k) + ext.batch * p.k_sb + hk * p.k_sh + ext.k_off * p.k_ss;
+  const T* v_base = static_cast<const T*>(p.v) + ext.batch * p.v_sb + hk * p.v_sh + ext.k_off * p.v_ss;
 
   for (int64_t n0 = j_begin / kBN * kBN; n0 < j_end; n0 += kBN) {
     __syncthreads();  // every warp is done with the previous K/V tile (and, first time, Q is stored)
-    for (int c = tid; c < kBN * kND; c += kThreads) {
-      const int r = c / kND, d = (c % kND) * 8;
-      const int64_t j = n0 + r;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (j < Sk && d < p.D) {  // zeros past the end: 0-probability keys must not meet NaN garbage in V
-        kv = *reinterpret_cast<const uint4*>(k_base + j * p.k_ss + d);
-        vv = *reinterpret_cast<const uint4*>(v_base + j * p.v_ss + d);
-      }
-      *reinterpret_cast<uint4*>(sK + r * kLD + d) = kv;
-      *reinterpret_cast<uint4*>(sV + r * kLD + d) = vv;
-    }
+    load_rows<kBN, kDP>(sK, k_base, p.k_ss, n0, Sk, p.D);
+    load_rows<kBN, kDP>(sV, v_base, p.v_ss, n0, Sk, p.D);
     __syncthreads();
     if (!warp_active) continue;
 
@@ -211,35 +317,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
 #pragma unroll
     for (int kd = 0; kd < kKD; ++kd) {
       if (kd * 16 >= p.D) break;  // the padding is zero: skip it
-      const uint16_t* qa = sQ + r_a * kLD + kd * 16 + 2 * t;
-      const uint32_t af[4] = {load_pair(qa), load_pair(qa + 8 * kLD), load_pair(qa + 8), load_pair(qa + 8 * kLD + 8)};
+      uint32_t qf[4];
+      frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
-        const uint16_t* kb = sK + (nb * 8 + g) * kLD + kd * 16 + 2 * t;
-        Mma<T>::run(s[nb], af, load_pair(kb), load_pair(kb + 8));
+        uint32_t kf[2];
+        frag_b_transposed<kLD>(kf, sK, nb * 8, kd * 16);
+        mma<T>(s[nb], qf, kf);
       }
     }
 
     // Scores in log2 units; masks only on tiles that cross the end or a window edge.
-    const bool need_mask = n0 + kBN > Sk || (p.window_left >= 0 && n0 < i_hi + off - p.window_left) ||
-                           (p.window_right >= 0 && n0 + kBN - 1 > i_lo + off + p.window_right);
+    const bool need_mask = rules.any_masked(i_lo, i_hi, n0, n0 + kBN);
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int rr = e >> 1;
-        const int64_t j = n0 + nb * 8 + 2 * t + (e & 1);
-        float x = softcapped ? cap_out * tanhf(s[nb][e] * cap_in) : s[nb][e] * scale_log2;
-        if (p.alibi != nullptr) x -= slope[rr] * fabsf(float(pos[rr] + off - j));
-        if (need_mask) {
-          const int64_t rel = j - (pos[rr] + off);
-          const bool allowed = j < Sk && (p.window_left < 0 || rel >= -p.window_left) &&
-                               (p.window_right < 0 || rel <= p.window_right);
-          if (!allowed) x = -INFINITY;
-        }
-        s[nb][e] = x;
-        tile_max[rr] = fmaxf(tile_max[rr], x);
+        float unused_grad;
+        s[nb][e] = rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope[rr], need_mask, unused_grad);
+        tile_max[rr] = fmaxf(tile_max[rr], s[nb][e]);
       }
     }
 
@@ -270,18 +368,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
       acc[nd][3] *= alpha[1];
     }
 
-    // O += P V: two n8 score blocks form one k16 A fragment.
+    // O += P V: P stays in registers (two n8 score blocks form one k16 A fragment).
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pf[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                              Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const uint16_t* vb = sV + (kk * 16 + 2 * t) * kLD + g;
+      uint32_t pf[4];
+      accumulator_as_a<T>(pf, s, kk);
 #pragma unroll
       for (int nd = 0; nd < kND; ++nd) {
         if (nd * 8 >= p.D) break;
-        const uint16_t* col = vb + nd * 8;
-        Mma<T>::run(acc[nd], pf, make_pair(col[0], col[kLD]), make_pair(col[8 * kLD], col[9 * kLD]));
+        uint32_t vf[2];
+        frag_b<kLD>(vf, sV, kk * 16, nd * 8);
+        mma<T>(acc[nd], pf, vf);
       }
     }
   }
@@ -293,7 +390,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
     const float sum = quad_sum(row_sum[rr]);  // all lanes take part: the shuffles need the full warp
     if (!valid[rr]) continue;
     const int64_t m = m0 + r_a + 8 * rr;
-    const int64_t row = (batch * p.H + head_of(m)) * p.Sq + q_off + pos_of(m);
+    const int64_t row = (ext.batch * p.H + head_of(m)) * p.Sq + ext.q_off + pos_of(m);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // no allowed key: out = 0, lse = -inf
     const float lse = sum > 0.0f ? row_max[rr] * kLn2 + logf(sum) : -INFINITY;
     if (a.num_splits > 1) {
@@ -349,6 +446,267 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CudaArgs a) {
   if (lane == 0) static_cast<float*>(p.lse)[row] = lse;
 }
 
+// ---- backward (FlashAttention-2 recomputation; deterministic: no atomics).
+// With P = exp(s - lse), dP = dO V^T, delta = rowsum(dO o O) (from the caller) and
+// dS = P o (dP - delta) o dscore/draw (the softcap's chain rule, the scale):
+//   dQ = dS K        (backward_dq_kernel: one block per query tile, over the key tiles)
+//   dK = dS^T Q, dV = P^T dO   (backward_dkdv_kernel: one block per key tile, over the query
+//                               tiles and the G query heads of its key head)
+// S and dP are recomputed in each kernel. Rows whose lse is -inf (no allowed key) have P = 0.
+
+// lse in log2 units, +inf for rows with no allowed key or past the end, so exp2(x - it) = 0.
+__device__ __forceinline__ float lse_log2(const float* lse, int64_t row, bool valid) {
+  if (!valid) return INFINITY;
+  const float l = lse[row];
+  return l == -INFINITY ? INFINITY : l * kLog2e;
+}
+
+// Grid: x = query tiles of kBM rows, y = query heads, z = batch rows / varlen sequences.
+template <typename T, int kDP>
+__global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a) {
+  constexpr int kBN = block_n(kDP), kLD = row_pitch(kDP);
+  constexpr int kNB = kBN / 8, kND = kDP / 8, kKD = kDP / 16;
+  GF_DYNAMIC_SHARED(uint16_t, smem);
+  uint16_t* sQ = smem;
+  uint16_t* sdO = sQ + kBM * kLD;
+  uint16_t* sK = sdO + kBM * kLD;
+  uint16_t* sV = sK + kBN * kLD;
+
+  const Params& p = a.p;
+  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  const int64_t h = blockIdx.y, seq = blockIdx.z, hk = h / (p.H / p.Hk);
+  const Extent ext = extent_of(p, seq);
+  const int64_t i0 = int64_t(blockIdx.x) * kBM;
+  if (i0 >= ext.Sq) return;
+  const ScoreRules rules = score_rules(p, ext);
+  load_rows<kBM, kDP>(sQ, static_cast<const T*>(p.q) + ext.batch * p.q_sb + h * p.q_sh + ext.q_off * p.q_ss, p.q_ss,
+                      i0, ext.Sq, p.D);
+  load_rows<kBM, kDP>(sdO, static_cast<const T*>(p.dout) + ext.batch * p.do_sb + h * p.do_sh + ext.q_off * p.do_ss,
+                      p.do_ss, i0, ext.Sq, p.D);
+
+  const int64_t i_hi = min(i0 + kBM, ext.Sq) - 1;
+  int64_t j_begin = 0, j_end = ext.Sk;
+  if (p.window_left >= 0) j_begin = max(j_begin, i0 + rules.off - p.window_left);
+  if (p.window_right >= 0) j_end = min(j_end, i_hi + rules.off + p.window_right + 1);
+
+  const int64_t stats = (ext.batch * p.H + h) * p.Sq + ext.q_off;  // row 0 of this sequence in lse / delta
+  const float slope = alibi_slope_log2(p, seq, h);
+  int64_t pos[2];
+  float lse2[2], delta[2];
+  for (int rr = 0; rr < 2; ++rr) {
+    pos[rr] = i0 + warp * 16 + g + 8 * rr;
+    const bool valid = pos[rr] < ext.Sq;
+    lse2[rr] = lse_log2(static_cast<const float*>(p.lse), stats + pos[rr], valid);
+    delta[rr] = valid ? static_cast<const float*>(a.delta)[stats + pos[rr]] : 0.0f;
+  }
+  const bool warp_active = i0 + warp * 16 < ext.Sq;
+
+  float dq[kND][4];
+#pragma unroll
+  for (int nd = 0; nd < kND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+  const T* k_base = static_cast<const T*>(p.k) + ext.batch * p.k_sb + hk * p.k_sh + ext.k_off * p.k_ss;
+  const T* v_base = static_cast<const T*>(p.v) + ext.batch * p.v_sb + hk * p.v_sh + ext.k_off * p.v_ss;
+
+  for (int64_t n0 = j_begin / kBN * kBN; n0 < j_end; n0 += kBN) {
+    __syncthreads();
+    load_rows<kBN, kDP>(sK, k_base, p.k_ss, n0, ext.Sk, p.D);
+    load_rows<kBN, kDP>(sV, v_base, p.v_ss, n0, ext.Sk, p.D);
+    __syncthreads();
+    if (!warp_active) continue;
+
+    // S = Q K^T and dP = dO V^T (the warp's 16 queries x kBN keys).
+    float s[kNB][4], dp[kNB][4];
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb)
+      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
+#pragma unroll
+    for (int kd = 0; kd < kKD; ++kd) {
+      if (kd * 16 >= p.D) break;
+      uint32_t qf[4], of[4];
+      frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
+      frag_a<kLD>(of, sdO, warp * 16, kd * 16);
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        uint32_t kf[2], vf[2];
+        frag_b_transposed<kLD>(kf, sK, nb * 8, kd * 16);
+        frag_b_transposed<kLD>(vf, sV, nb * 8, kd * 16);
+        mma<T>(s[nb], qf, kf);
+        mma<T>(dp[nb], of, vf);
+      }
+    }
+    // dS with respect to the raw q.k, in place of S.
+    const bool need_mask = rules.any_masked(i0, i_hi, n0, n0 + kBN);
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = e >> 1;
+        float dscore_draw;
+        const float x = rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope, need_mask, dscore_draw);
+        const float prob = exp2f(x - lse2[rr]);
+        s[nb][e] = prob * (dp[nb][e] - delta[rr]) * dscore_draw;
+      }
+    }
+    // dQ += dS K.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t sf[4];
+      accumulator_as_a<T>(sf, s, kk);
+#pragma unroll
+      for (int nd = 0; nd < kND; ++nd) {
+        if (nd * 8 >= p.D) break;
+        uint32_t kf[2];
+        frag_b<kLD>(kf, sK, kk * 16, nd * 8);
+        mma<T>(dq[nd], sf, kf);
+      }
+    }
+  }
+
+  if (!warp_active) return;
+  for (int rr = 0; rr < 2; ++rr) {
+    if (pos[rr] >= ext.Sq) continue;
+    T* o = static_cast<T*>(p.dq) + ((ext.batch * p.H + h) * p.Sq + ext.q_off + pos[rr]) * p.D;
+#pragma unroll
+    for (int nd = 0; nd < kND; ++nd) {
+      if (nd * 8 >= p.D) break;
+      *reinterpret_cast<uint32_t*>(o + nd * 8 + 2 * t) = Mma<T>::pack(dq[nd][2 * rr], dq[nd][2 * rr + 1]);
+    }
+  }
+}
+
+constexpr int kBK = 16 * kWarps;  // keys per dK/dV block (16 per warp: the mma rows)
+constexpr int kBQ = 32;           // query rows per step of the dK/dV block
+constexpr size_t dkdv_smem_bytes(int dp) {
+  return size_t(2 * kBK + 2 * kBQ) * row_pitch(dp) * sizeof(uint16_t) + 2 * kBQ * sizeof(float);
+}
+
+// Per warp the products are transposed so that its 16 keys are the mma rows:
+// S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
+// Grid: x = key tiles of kBK keys, y = key heads, z = batch rows / varlen sequences.
+template <typename T, int kDP>
+__global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const CudaArgs a) {
+  constexpr int kLD = row_pitch(kDP);
+  constexpr int kNQ = kBQ / 8, kND = kDP / 8, kKD = kDP / 16;
+  GF_DYNAMIC_SHARED(uint16_t, smem);
+  uint16_t* sK = smem;
+  uint16_t* sV = sK + kBK * kLD;
+  uint16_t* sQ = sV + kBK * kLD;
+  uint16_t* sdO = sQ + kBQ * kLD;
+  float* s_lse2 = reinterpret_cast<float*>(sdO + kBQ * kLD);
+  float* s_delta = s_lse2 + kBQ;
+
+  const Params& p = a.p;
+  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  const int64_t hk = blockIdx.y, seq = blockIdx.z, G = p.H / p.Hk;
+  const Extent ext = extent_of(p, seq);
+  const int64_t j0 = int64_t(blockIdx.x) * kBK;
+  if (j0 >= ext.Sk) return;
+  const ScoreRules rules = score_rules(p, ext);
+  load_rows<kBK, kDP>(sK, static_cast<const T*>(p.k) + ext.batch * p.k_sb + hk * p.k_sh + ext.k_off * p.k_ss, p.k_ss,
+                      j0, ext.Sk, p.D);
+  load_rows<kBK, kDP>(sV, static_cast<const T*>(p.v) + ext.batch * p.v_sb + hk * p.v_sh + ext.k_off * p.v_ss, p.v_ss,
+                      j0, ext.Sk, p.D);
+
+  // Queries that may see a key of this tile: i + off - window_left <= j <= i + off + window_right.
+  const int64_t j_hi = min(j0 + kBK, ext.Sk) - 1;
+  int64_t q_begin = 0, q_end = ext.Sq;
+  if (p.window_right >= 0) q_begin = max(q_begin, j0 - rules.off - p.window_right);
+  if (p.window_left >= 0) q_end = min(q_end, j_hi - rules.off + p.window_left + 1);
+
+  int64_t key[2];
+  for (int rr = 0; rr < 2; ++rr) key[rr] = j0 + warp * 16 + g + 8 * rr;
+  const bool warp_active = j0 + warp * 16 < ext.Sk;
+  float dk[kND][4], dv[kND][4];
+#pragma unroll
+  for (int nd = 0; nd < kND; ++nd)
+    for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.0f;
+
+  for (int64_t gh = 0; gh < G; ++gh) {
+    const int64_t h = hk * G + gh;
+    const float slope = alibi_slope_log2(p, seq, h);
+    const T* q_base = static_cast<const T*>(p.q) + ext.batch * p.q_sb + h * p.q_sh + ext.q_off * p.q_ss;
+    const T* do_base = static_cast<const T*>(p.dout) + ext.batch * p.do_sb + h * p.do_sh + ext.q_off * p.do_ss;
+    const int64_t stats = (ext.batch * p.H + h) * p.Sq + ext.q_off;
+    for (int64_t i0 = q_begin / kBQ * kBQ; i0 < q_end; i0 += kBQ) {
+      __syncthreads();  // every warp is done with the previous Q / dO tile (first time: K, V are stored)
+      load_rows<kBQ, kDP>(sQ, q_base, p.q_ss, i0, ext.Sq, p.D);
+      load_rows<kBQ, kDP>(sdO, do_base, p.do_ss, i0, ext.Sq, p.D);
+      for (int r = tid; r < kBQ; r += kThreads) {
+        const bool valid = i0 + r < ext.Sq;
+        s_lse2[r] = lse_log2(static_cast<const float*>(p.lse), stats + i0 + r, valid);
+        s_delta[r] = valid ? static_cast<const float*>(a.delta)[stats + i0 + r] : 0.0f;
+      }
+      __syncthreads();
+      if (!warp_active) continue;
+
+      // S^T = K Q^T and dP^T = V dO^T (the warp's 16 keys x kBQ queries).
+      float st[kNQ][4], dpt[kNQ][4];
+#pragma unroll
+      for (int nq = 0; nq < kNQ; ++nq)
+        for (int e = 0; e < 4; ++e) st[nq][e] = dpt[nq][e] = 0.0f;
+#pragma unroll
+      for (int kd = 0; kd < kKD; ++kd) {
+        if (kd * 16 >= p.D) break;
+        uint32_t kf[4], vf[4];
+        frag_a<kLD>(kf, sK, warp * 16, kd * 16);
+        frag_a<kLD>(vf, sV, warp * 16, kd * 16);
+#pragma unroll
+        for (int nq = 0; nq < kNQ; ++nq) {
+          uint32_t qf[2], of[2];
+          frag_b_transposed<kLD>(qf, sQ, nq * 8, kd * 16);
+          frag_b_transposed<kLD>(of, sdO, nq * 8, kd * 16);
+          mma<T>(st[nq], kf, qf);
+          mma<T>(dpt[nq], vf, of);
+        }
+      }
+      // P^T in place of S^T, dS^T (with respect to the raw q.k) in place of dP^T.
+      const bool need_mask = rules.any_masked(i0, min(i0 + kBQ, ext.Sq) - 1, j0, j0 + kBK);
+#pragma unroll
+      for (int nq = 0; nq < kNQ; ++nq) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nq * 8 + 2 * t + (e & 1);
+          float dscore_draw;
+          const float x = rules.log2_score(st[nq][e], i0 + col, key[e >> 1], slope, need_mask, dscore_draw);
+          const float prob = exp2f(x - s_lse2[col]);
+          st[nq][e] = prob;
+          dpt[nq][e] = prob * (dpt[nq][e] - s_delta[col]) * dscore_draw;
+        }
+      }
+      // dV += P^T dO, dK += dS^T Q (the queries are the k dimension).
+#pragma unroll
+      for (int kk = 0; kk < kBQ / 16; ++kk) {
+        uint32_t pf[4], sf[4];
+        accumulator_as_a<T>(pf, st, kk);
+        accumulator_as_a<T>(sf, dpt, kk);
+#pragma unroll
+        for (int nd = 0; nd < kND; ++nd) {
+          if (nd * 8 >= p.D) break;
+          uint32_t of[2], qf[2];
+          frag_b<kLD>(of, sdO, kk * 16, nd * 8);
+          frag_b<kLD>(qf, sQ, kk * 16, nd * 8);
+          mma<T>(dv[nd], pf, of);
+          mma<T>(dk[nd], sf, qf);
+        }
+      }
+    }
+  }
+
+  if (!warp_active) return;
+  for (int rr = 0; rr < 2; ++rr) {
+    if (key[rr] >= ext.Sk) continue;
+    const int64_t row = ((ext.batch * p.Hk + hk) * p.Sk + ext.k_off + key[rr]) * p.D;
+    T* dk_row = static_cast<T*>(p.dk) + row;
+    T* dv_row = static_cast<T*>(p.dv) + row;
+#pragma unroll
+    for (int nd = 0; nd < kND; ++nd) {
+      if (nd * 8 >= p.D) break;
+      *reinterpret_cast<uint32_t*>(dk_row + nd * 8 + 2 * t) = Mma<T>::pack(dk[nd][2 * rr], dk[nd][2 * rr + 1]);
+      *reinterpret_cast<uint32_t*>(dv_row + nd * 8 + 2 * t) = Mma<T>::pack(dv[nd][2 * rr], dv[nd][2 * rr + 1]);
+    }
+  }
+}
+
 template <typename Kernel>
 void run_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const CudaArgs& a, const char* what) {
 #ifdef GENFAST_CUDA_EMULATION
@@ -385,6 +743,33 @@ void launch(const CudaArgs& a, cudaStream_t stream) {
   }
 }
 
+template <typename T, int kDP>
+void launch_backward(const CudaArgs& a, cudaStream_t stream) {
+  const Params& p = a.p;
+  const int64_t seqs = p.cu_q != nullptr ? p.nseq : p.B;
+  const int64_t max_q = p.cu_q != nullptr ? a.max_seqlen_q : p.Sq;
+  const int64_t max_k = p.cu_q != nullptr ? a.max_seqlen_k : p.Sk;
+  const int64_t q_tiles = (max_q + kBM - 1) / kBM, k_tiles = (max_k + kBK - 1) / kBK;
+  if (seqs == 0) return;
+  if (q_tiles > 0x7fffffffLL || k_tiles > 0x7fffffffLL || p.H > 65535 || seqs > 65535)
+    throw std::invalid_argument("genfast attention (CUDA): backward grid too large");
+  if (q_tiles > 0)
+    run_kernel(backward_dq_kernel<T, kDP>, dim3(unsigned(q_tiles), unsigned(p.H), unsigned(seqs)),
+               size_t(2 * kBM + 2 * block_n(kDP)) * row_pitch(kDP) * sizeof(uint16_t), stream, a, "backward dq launch");
+  if (k_tiles > 0)
+    run_kernel(backward_dkdv_kernel<T, kDP>, dim3(unsigned(k_tiles), unsigned(p.Hk), unsigned(seqs)),
+               dkdv_smem_bytes(kDP), stream, a, "backward dk/dv launch");
+}
+
+template <typename T>
+void launch_backward_for_head_dim(const CudaArgs& a, cudaStream_t stream) {
+  const int64_t D = a.p.D;
+  if (D <= 32) launch_backward<T, 32>(a, stream);
+  else if (D <= 64) launch_backward<T, 64>(a, stream);
+  else if (D <= 96) launch_backward<T, 96>(a, stream);
+  else launch_backward<T, 128>(a, stream);
+}
+
 template <typename T>
 void launch_for_head_dim(const CudaArgs& a, cudaStream_t stream) {
   // Head dims are padded (with zeros in shared memory) to the next instantiated size.
@@ -397,9 +782,8 @@ void launch_for_head_dim(const CudaArgs& a, cudaStream_t stream) {
   else launch<T, 256>(a, stream);
 }
 
-}  // namespace
-
-void forward_cuda(const CudaArgs& a) {
+// Checks shared by both entry points (the Python side checks first; these guard the kernels).
+void check_common(const CudaArgs& a) {
   const Params& p = a.p;
   if (p.dtype != F16 && p.dtype != BF16)
     throw std::invalid_argument(std::string("genfast attention (CUDA): q, k, v must be float16 or bfloat16, got ") +
@@ -409,17 +793,25 @@ void forward_cuda(const CudaArgs& a) {
                                 std::to_string(p.D));
   if (p.bias != nullptr || p.dropout_p > 0 || p.keep_mask != nullptr)
     throw std::invalid_argument("genfast attention (CUDA): additive bias and dropout are not supported here");
-  if (p.out == nullptr || p.lse == nullptr) throw std::invalid_argument("genfast attention (CUDA): out and lse are required");
-  if (a.num_splits < 1) throw std::invalid_argument("genfast attention (CUDA): num_splits must be >= 1");
-  if (a.num_splits > 1 && (a.out_partial == nullptr || a.lse_partial == nullptr || p.cu_q != nullptr))
-    throw std::invalid_argument("genfast attention (CUDA): split-KV needs both workspaces and no varlen");
-  if (a.pack_gqa && p.cu_q != nullptr) throw std::invalid_argument("genfast attention (CUDA): pack_gqa is for decode only");
+  if (p.lse == nullptr) throw std::invalid_argument("genfast attention (CUDA): lse is required");
   // 16-byte vector loads: every row start must be 16-byte aligned (checked by the caller too).
   for (int64_t stride : {p.q_sb, p.q_sh, p.q_ss, p.k_sb, p.k_sh, p.k_ss, p.v_sb, p.v_sh, p.v_ss})
     if (stride % 8 != 0) throw std::invalid_argument("genfast attention (CUDA): q/k/v strides must be multiples of 8");
   for (const void* ptr : {p.q, p.k, p.v})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
       throw std::invalid_argument("genfast attention (CUDA): q/k/v must be 16-byte aligned");
+}
+
+}  // namespace
+
+void forward_cuda(const CudaArgs& a) {
+  const Params& p = a.p;
+  check_common(a);
+  if (p.out == nullptr) throw std::invalid_argument("genfast attention (CUDA): out is required");
+  if (a.num_splits < 1) throw std::invalid_argument("genfast attention (CUDA): num_splits must be >= 1");
+  if (a.num_splits > 1 && (a.out_partial == nullptr || a.lse_partial == nullptr || p.cu_q != nullptr))
+    throw std::invalid_argument("genfast attention (CUDA): split-KV needs both workspaces and no varlen");
+  if (a.pack_gqa && p.cu_q != nullptr) throw std::invalid_argument("genfast attention (CUDA): pack_gqa is for decode only");
 #ifndef GENFAST_CUDA_EMULATION
   cuda::DeviceGuard guard(a.device);
 #endif
@@ -428,6 +820,30 @@ void forward_cuda(const CudaArgs& a) {
     launch_for_head_dim<__half>(a, stream);
   else
     launch_for_head_dim<__nv_bfloat16>(a, stream);
+}
+
+void backward_cuda(const CudaArgs& a) {
+  const Params& p = a.p;
+  check_common(a);
+  if (p.D > kBackwardMaxHeadDim)
+    throw std::invalid_argument("genfast attention (CUDA): the backward supports head dims up to " +
+                                std::to_string(kBackwardMaxHeadDim) + ", got " + std::to_string(p.D));
+  if (p.dout == nullptr || p.dq == nullptr || p.dk == nullptr || p.dv == nullptr || a.delta == nullptr)
+    throw std::invalid_argument("genfast attention (CUDA): dout, delta, dq, dk and dv are required");
+  if (p.seqused_k != nullptr || a.num_splits != 1 || a.pack_gqa)
+    throw std::invalid_argument("genfast attention (CUDA): the backward has no decode options");
+  for (int64_t stride : {p.do_sb, p.do_sh, p.do_ss})
+    if (stride % 8 != 0) throw std::invalid_argument("genfast attention (CUDA): dout strides must be multiples of 8");
+  if (reinterpret_cast<uintptr_t>(p.dout) % 16 != 0)
+    throw std::invalid_argument("genfast attention (CUDA): dout must be 16-byte aligned");
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
+  auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  if (p.dtype == F16)
+    launch_backward_for_head_dim<__half>(a, stream);
+  else
+    launch_backward_for_head_dim<__nv_bfloat16>(a, stream);
 }
 
 }  // namespace attention

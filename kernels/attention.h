@@ -11,6 +11,9 @@
 //     one pass over the cache); with num_splits > 1 (flash-decoding) every block also takes one
 //     contiguous chunk of the keys, writes an fp32 partial output and LSE, and a combine kernel
 //     merges the chunks by their LSEs.
+// The backward (head dims up to kBackwardMaxHeadDim) is two kernels without atomics, so it is
+// deterministic: dQ per query tile, dK/dV per key tile (looping over the G query heads of the
+// key head), both recomputing P from the forward's LSE.
 #pragma once
 #include <cstdint>
 
@@ -19,19 +22,24 @@
 namespace genfast {
 namespace attention {
 
+constexpr int kBackwardMaxHeadDim = 128;  // genfast/ops/attention.py CUDA_BACKWARD_MAX_HEAD_DIM
+
 struct CudaArgs {
   Params p;                  // q/k/v/out/lse/strides/masking; dtype F16 or BF16
-  int64_t max_seqlen_q = 0;  // varlen: the longest query sequence (sizes the grid)
+  int64_t max_seqlen_q = 0;  // varlen: the longest query / key sequences (size the grids)
+  int64_t max_seqlen_k = 0;
   bool pack_gqa = false;     // rows of the H / Hk query heads of a key head share one block
   int num_splits = 1;        // > 1: split the keys into chunks (needs the two workspaces)
   void* out_partial = nullptr;  // fp32 (num_splits, B, H, Sq, D)
   void* lse_partial = nullptr;  // fp32 (num_splits, B, H, Sq)
+  const void* delta = nullptr;  // backward: fp32 (B, H, Sq) rowsum(dout * out)
   uintptr_t stream = 0;
   int device = 0;
 };
 
 #ifdef GENFAST_WITH_CUDA
-void forward_cuda(const CudaArgs& a);
+void forward_cuda(const CudaArgs& a);   // p.out, p.lse (and the split workspaces)
+void backward_cuda(const CudaArgs& a);  // p.dout, p.lse, delta -> p.dq, p.dk, p.dv (contiguous)
 #endif
 
 }  // namespace attention

@@ -69,7 +69,8 @@ def emulated():
 @pytest.fixture(autouse=True)
 def _launch_on_the_emulator(emulated, monkeypatch):
     """genfast's CUDA launcher code, unchanged, pointed at the emulated kernels and CPU memory."""
-    monkeypatch.setattr(A._ext, "_C", types.SimpleNamespace(attention_forward_cuda=emulated.attention_forward_cuda))
+    monkeypatch.setattr(A._ext, "_C", types.SimpleNamespace(attention_forward_cuda=emulated.attention_forward_cuda,
+                                                            attention_backward_cuda=emulated.attention_backward_cuda))
     monkeypatch.setattr(A._ext, "stream_of", lambda t: 0)
     monkeypatch.setattr(A, "_device_index", lambda t: 0)
     monkeypatch.setattr(A, "_cuda_device_info", lambda index: ((9, 0), 132))
@@ -147,6 +148,34 @@ def test_decode_window_softcap_alibi(seed):
         out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=splits, **kw)
         error_vs_reference(out, ref_out, low_out, f"out (splits={splits})")
         gpu_tests.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("D", [16, 40, 64, 128])
+def test_backward_head_dims(seed, D):
+    q = rand(1, 2, 70, D, strided=True)
+    k, v = rand(1, 1, 93, D), rand(1, 1, 93, D)
+    gpu_tests.check_backward(q, k, v, scale=1 / math.sqrt(D))
+    gpu_tests.check_backward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_features(seed, dtype):
+    B, H, Hk, Sq, Sk, D = 1, 4, 2, 75, 110, 32
+    q, k, v = rand(B, H, Sq, D, dtype=dtype), rand(B, Hk, Sk, D, dtype=dtype), rand(B, Hk, Sk, D, dtype=dtype)
+    gpu_tests.check_backward(q, k, v, scale=0.2, softcap=3.0, alibi_slopes=torch.rand(H), window_left=40,
+                             window_right=5, align_bottom_right=True)
+    gpu_tests.check_backward(q, k, v, scale=0.2, window_right=0)  # top-left causal: rows with no key
+    gpu_tests.check_backward(k[:, :, :Sq].repeat_interleave(2, 1), k, v, scale=0.2)  # dq/dk sums over query heads
+
+
+def test_backward_varlen(seed):
+    lens_q, lens_k = [40, 0, 1, 33], [40, 5, 0, 70]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q = rand(1, 2, sum(lens_q), 24)
+    k, v = rand(1, 1, sum(lens_k), 24), rand(1, 1, sum(lens_k), 24)
+    gpu_tests.check_backward(q, k, v, scale=0.2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                             max_seqlen_k=max(lens_k), window_right=0, align_bottom_right=True)
 
 
 def test_unaligned_inputs_are_copied(seed):

@@ -199,12 +199,13 @@ register_backend("cpu", FLOAT_DTYPES, forward=_cpu_forward, backward=_cpu_backwa
 
 
 # ----------------------------------------------------------------------------- cuda backend
-# kernels/attention.cu: forward and split-KV decode on tensor cores (fp16/bf16, sm_80+). Calls
-# with an additive bias or dropout raise Unsupported and go on to the next backend (triton);
-# there is no CUDA backward: autograd then runs the next backend's backward on this forward's
-# output and LSE (one contract, one LSE convention).
+# kernels/attention.cu: forward, split-KV decode and backward on tensor cores (fp16/bf16,
+# sm_80+). Calls with an additive bias or dropout, and backwards with head dims above 128, raise
+# Unsupported and go on to the next backend (triton): one contract, one LSE convention, so a
+# forward on one backend and a backward on another agree.
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_BACKWARD_MAX_HEAD_DIM = 128  # kernels/attention.h kBackwardMaxHeadDim
 CUDA_DECODE_MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its bandwidth
 CUDA_MAX_SPLITS = 128
 
@@ -261,6 +262,33 @@ def _cuda_forward(q, k, v, *, scale, window_left, window_right, align_bottom_rig
     return out, lse
 
 
+def _cuda_backward(dout, q, k, v, out, lse, *, scale, window_left, window_right, align_bottom_right, softcap,
+                   alibi_slopes, bias, dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                   max_seqlen_k=None, deterministic=False):
+    # Always deterministic: no atomics (dQ and dK/dV come from separate kernels).
+    _cuda_check_call(q, bias, dropout_p, False)
+    if q.shape[-1] > CUDA_BACKWARD_MAX_HEAD_DIM:
+        raise Unsupported(f"the CUDA backward supports head dims up to {CUDA_BACKWARD_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    q, k, v, dout = (_cuda_ready(t) for t in (q, k, v, dout))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (dout.float() * out.float()).sum(-1)  # (B, H, Sq) fp32: the softmax backward's row term
+    lse = lse.contiguous()
+    params = _cpu_params(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
+                         align_bottom_right=align_bottom_right, softcap=softcap,
+                         alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None, bias=None,
+                         dropout_p=0.0, seed=0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    params.update(lse=lse.data_ptr(), dout=dout.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+                  delta=delta.data_ptr(), max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0),
+                  stream=_ext.stream_of(q), device=_device_index(q))
+    params["do_sb"], params["do_sh"], params["do_ss"] = _strides3(dout)
+    _ext._C.attention_backward_cuda(params)
+    return dq, dk, dv
+
+
 def cuda_decode_splits(batch: int, kv_heads: int, group_rows: int, cache_len: int, num_sms: int,
                        num_splits: int = 0) -> int:
     """Chunks per row of the KV cache (flash-decoding). ``num_splits`` > 0 is the caller's
@@ -299,7 +327,7 @@ def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, wind
     return out, lse
 
 
-register_backend("cuda", CUDA_DTYPES, forward=_cuda_forward, decode=_cuda_decode)
+register_backend("cuda", CUDA_DTYPES, forward=_cuda_forward, backward=_cuda_backward, decode=_cuda_decode)
 register_backend("reference", FLOAT_DTYPES, reference)
 # The Triton kernels (genfast/triton_kernels/attention.py) register themselves here when the
 # module is present; they are imported at their first call.
@@ -352,8 +380,6 @@ def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu
     kw = _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                           align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     kw["deterministic"] = deterministic
-    if backend and backend not in BACKWARD.backends:
-        backend = ""  # a forward-only backend (cuda): its gradients come from the automatic choice
     dq, dk, dv = BACKWARD.run(backend or None, q.device, q.dtype, (dout, q, k, v, out, lse), kw)
     return dq, dk, dv
 
