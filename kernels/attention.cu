@@ -40,7 +40,8 @@ constexpr const char* kFamily = "attention";
 // takes kDP / 2 floats per thread).
 __host__ __device__ constexpr int block_n(int dp) { return dp <= 128 ? 64 : 32; }
 __host__ __device__ constexpr int row_pitch(int dp) { return dp + 8; }  // in 16-bit elements
-constexpr size_t smem_bytes(int dp) { return size_t(kBM + 2 * block_n(dp)) * row_pitch(dp) * sizeof(uint16_t); }
+// Forward: Q, and two stages of K and V (the next tile is copied while this one is used).
+constexpr size_t smem_bytes(int dp) { return size_t(kBM + 4 * block_n(dp)) * row_pitch(dp) * sizeof(uint16_t); }
 
 template <typename T> struct Mma;
 template <> struct Mma<__half> {
@@ -93,32 +94,89 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// ---- fragments (see the layout table at the top); smem matrices are 16-bit, row pitch kLD.
-// A operand, 16 rows from row m0, 16 columns from k0 of a row-major matrix.
+// ---- ldmatrix (four 8x8 16-bit matrices per instruction: lanes 8i..8i+7 give the row
+// addresses of matrix i, each lane receives one register per matrix in the mma fragment order)
+// and cp.async (16-byte global -> shared copies that bypass the registers), both sm_80+.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row_address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#elif defined(GENFAST_CUDA_EMULATION)
+  gf_emu::ldmatrix<4, false>(r, row_address);
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row_address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#elif defined(GENFAST_CUDA_EMULATION)
+  gf_emu::ldmatrix<4, true>(r, row_address);
+#else
+  __trap();
+#endif
+}
+// Copies 16 bytes, or writes 16 zero bytes when !fill (src must still be a valid address).
+__device__ __forceinline__ void cp_async_16(uint16_t* dst, const void* src, bool fill) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(fill ? 16 : 0));
+#elif defined(GENFAST_CUDA_EMULATION)
+  gf_emu::cp_async_16(dst, src, fill ? 16 : 0);
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(GENFAST_CUDA_EMULATION)
+  gf_emu::cp_async_commit();
+#endif
+}
+// Waits until at most kPending of this thread's committed copy groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#elif defined(GENFAST_CUDA_EMULATION)
+  gf_emu::cp_async_wait(kPending);
+#endif
+}
+
+// ---- fragments (see the layout table at the top) of 16-bit shared-memory matrices, row pitch kLD.
+// A operand: rows m0..m0+15, columns k0..k0+15 of a row-major matrix.
 template <int kLD>
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* s, int m0, int k0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (m0 + g) * kLD + k0 + 2 * t;
-  a[0] = load_pair(p);
-  a[1] = load_pair(p + 8 * kLD);
-  a[2] = load_pair(p + 8);
-  a[3] = load_pair(p + 8 * kLD + 8);
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(a, s + (m0 + (lane & 15)) * kLD + k0 + (lane >> 4) * 8);
 }
-// B operand (16 x 8) stored transposed: row n of `s` is column n of B (K in Q K^T).
+// B operands of two n8 blocks (n0, n0 + 8) x k16 from k0, stored transposed: row n of `s` is
+// column n of B (K in Q K^T).
 template <int kLD>
-__device__ __forceinline__ void frag_b_transposed(uint32_t (&b)[2], const uint16_t* s, int n0, int k0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (n0 + g) * kLD + k0 + 2 * t;
-  b[0] = load_pair(p);
-  b[1] = load_pair(p + 8);
+__device__ __forceinline__ void frag_b_transposed_pair(uint32_t (&b)[2][2], const uint16_t* s, int n0, int k0) {
+  const int lane = threadIdx.x & 31, i = lane >> 3;
+  uint32_t r[4];
+  ldmatrix_x4(r, s + (n0 + (lane & 7) + 8 * (i >> 1)) * kLD + k0 + 8 * (i & 1));
+  b[0][0] = r[0];
+  b[0][1] = r[1];
+  b[1][0] = r[2];
+  b[1][1] = r[3];
 }
-// B operand (16 x 8) stored as is: row k of `s` is row k of B (V in P V).
+// B operands of two n8 blocks (n0, n0 + 8) x k16 from k0, stored as is: row k of `s` is row k
+// of B (V in P V).
 template <int kLD>
-__device__ __forceinline__ void frag_b(uint32_t (&b)[2], const uint16_t* s, int k0, int n0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (k0 + 2 * t) * kLD + n0 + g;
-  b[0] = make_pair(p[0], p[kLD]);
-  b[1] = make_pair(p[8 * kLD], p[9 * kLD]);
+__device__ __forceinline__ void frag_b_pair(uint32_t (&b)[2][2], const uint16_t* s, int k0, int n0) {
+  const int lane = threadIdx.x & 31, i = lane >> 3;
+  uint32_t r[4];
+  ldmatrix_x4_trans(r, s + (k0 + (lane & 7) + 8 * (i & 1)) * kLD + n0 + 8 * (i >> 1));
+  b[0][0] = r[0];
+  b[0][1] = r[1];
+  b[1][0] = r[2];
+  b[1][1] = r[3];
 }
 // The accumulators of two n8 blocks (2kk, 2kk + 1) as the A operand of the next product.
 template <typename T, int kN>
@@ -145,6 +203,18 @@ __device__ __forceinline__ void load_rows(uint16_t* dst, const T* src, int64_t r
     uint4 v = make_uint4(0, 0, 0, 0);
     if (row0 + r < n_rows && d < D) v = *reinterpret_cast<const uint4*>(src + (row0 + r) * row_stride + d);
     *reinterpret_cast<uint4*>(dst + r * row_pitch(kDP) + d) = v;
+  }
+}
+
+// load_rows with cp.async: issued here, landed by cp_async_wait (zero fill needs no source).
+template <int kRows, int kDP, typename T>
+__device__ __forceinline__ void load_rows_async(uint16_t* dst, const T* src, int64_t row_stride, int64_t row0,
+                                                int64_t n_rows, int64_t D) {
+  constexpr int kChunks = kDP / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, d = (c % kChunks) * 8;
+    const bool fill = row0 + r < n_rows && d < D;
+    cp_async_16(dst + r * row_pitch(kDP) + d, fill ? src + (row0 + r) * row_stride + d : src, fill);
   }
 }
 
@@ -230,8 +300,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   constexpr int kKD = kDP / 16;  // k16 steps over the head dim
   GF_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* sQ = smem;
-  uint16_t* sK = sQ + kBM * kLD;
-  uint16_t* sV = sK + kBN * kLD;
+  uint16_t* sK_stages = sQ + kBM * kLD;         // [2][kBN][kLD]
+  uint16_t* sV_stages = sK_stages + 2 * kBN * kLD;
 
   const Params& p = a.p;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -303,84 +373,101 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   const T* k_base = static_cast<const T*>(p.k) + ext.batch * p.k_sb + hk * p.k_sh + ext.k_off * p.k_ss;
   const T* v_base = static_cast<const T*>(p.v) + ext.batch * p.v_sb + hk * p.v_sh + ext.k_off * p.v_ss;
 
-  for (int64_t n0 = j_begin / kBN * kBN; n0 < j_end; n0 += kBN) {
-    __syncthreads();  // every warp is done with the previous K/V tile (and, first time, Q is stored)
-    load_rows<kBN, kDP>(sK, k_base, p.k_ss, n0, Sk, p.D);
-    load_rows<kBN, kDP>(sV, v_base, p.v_ss, n0, Sk, p.D);
-    __syncthreads();
-    if (!warp_active) continue;
+  // Two-stage pipeline: while the warps work on tile n (stage n % 2), cp.async brings tile
+  // n + 1 into the other stage.
+  const int64_t n_first = j_begin / kBN * kBN;
+  if (n_first < j_end) {
+    load_rows_async<kBN, kDP>(sK_stages, k_base, p.k_ss, n_first, Sk, p.D);
+    load_rows_async<kBN, kDP>(sV_stages, v_base, p.v_ss, n_first, Sk, p.D);
+  }
+  cp_async_commit();
+  int stage = 0;
+  for (int64_t n0 = n_first; n0 < j_end; n0 += kBN, stage ^= 1) {
+    const uint16_t* sK = sK_stages + stage * kBN * kLD;
+    const uint16_t* sV = sV_stages + stage * kBN * kLD;
+    if (n0 + kBN < j_end) {  // the other stage was released by the barrier ending the last iteration
+      load_rows_async<kBN, kDP>(sK_stages + (stage ^ 1) * kBN * kLD, k_base, p.k_ss, n0 + kBN, Sk, p.D);
+      load_rows_async<kBN, kDP>(sV_stages + (stage ^ 1) * kBN * kLD, v_base, p.v_ss, n0 + kBN, Sk, p.D);
+    }
+    cp_async_commit();  // (possibly empty: keeps one group per iteration)
+    cp_async_wait<1>();  // this tile's group has landed; the next one may still be in flight
+    __syncthreads();     // ... for every thread's copies (and, first time, Q is stored)
+    if (warp_active) {
+      // S = Q K^T for the warp's 16 rows x kBN keys.
+      float s[kNB][4];
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+      for (int kd = 0; kd < kKD; ++kd) {
+        if (kd * 16 >= p.D) break;  // the padding is zero: skip it
+        uint32_t qf[4];
+        frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
+#pragma unroll
+        for (int nb = 0; nb < kNB; nb += 2) {
+          uint32_t kf[2][2];
+          frag_b_transposed_pair<kLD>(kf, sK, nb * 8, kd * 16);
+          mma<T>(s[nb], qf, kf[0]);
+          mma<T>(s[nb + 1], qf, kf[1]);
+        }
+      }
 
-    // S = Q K^T for the warp's 16 rows x kBN keys.
-    float s[kNB][4];
-#pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-    for (int kd = 0; kd < kKD; ++kd) {
-      if (kd * 16 >= p.D) break;  // the padding is zero: skip it
-      uint32_t qf[4];
-      frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
+      // Scores in log2 units; masks only on tiles that cross the end or a window edge.
+      const bool need_mask = rules.any_masked(i_lo, i_hi, n0, n0 + kBN);
+      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
-        uint32_t kf[2];
-        frag_b_transposed<kLD>(kf, sK, nb * 8, kd * 16);
-        mma<T>(s[nb], qf, kf);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int rr = e >> 1;
+          float unused_grad;
+          s[nb][e] = rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope[rr], need_mask, unused_grad);
+          tile_max[rr] = fmaxf(tile_max[rr], s[nb][e]);
+        }
       }
-    }
 
-    // Scores in log2 units; masks only on tiles that cross the end or a window edge.
-    const bool need_mask = rules.any_masked(i_lo, i_hi, n0, n0 + kBN);
-    float tile_max[2] = {-INFINITY, -INFINITY};
+      // Online softmax: new running max, rescale the accumulators, P = exp2(S - max).
+      float base[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rr = e >> 1;
-        float unused_grad;
-        s[nb][e] = rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope[rr], need_mask, unused_grad);
-        tile_max[rr] = fmaxf(tile_max[rr], s[nb][e]);
+      for (int rr = 0; rr < 2; ++rr) {
+        const float m_new = fmaxf(row_max[rr], quad_max(tile_max[rr]));
+        base[rr] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing allowed yet: p = 0, no NaN
+        alpha[rr] = exp2f(row_max[rr] - base[rr]);
+        row_max[rr] = m_new;
       }
-    }
-
-    // Online softmax: new running max, rescale the accumulators, P = exp2(S - max).
-    float base[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const float m_new = fmaxf(row_max[rr], quad_max(tile_max[rr]));
-      base[rr] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing allowed yet: p = 0, no NaN
-      alpha[rr] = exp2f(row_max[rr] - base[rr]);
-      row_max[rr] = m_new;
-    }
+      for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nb][e] = exp2f(s[nb][e] - base[e >> 1]);
-        tile_sum[e >> 1] += s[nb][e];
+        for (int e = 0; e < 4; ++e) {
+          s[nb][e] = exp2f(s[nb][e] - base[e >> 1]);
+          tile_sum[e >> 1] += s[nb][e];
+        }
       }
-    }
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) row_sum[rr] = row_sum[rr] * alpha[rr] + tile_sum[rr];
-#pragma unroll
-    for (int nd = 0; nd < kND; ++nd) {
-      acc[nd][0] *= alpha[0];
-      acc[nd][1] *= alpha[0];
-      acc[nd][2] *= alpha[1];
-      acc[nd][3] *= alpha[1];
-    }
-
-    // O += P V: P stays in registers (two n8 score blocks form one k16 A fragment).
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t pf[4];
-      accumulator_as_a<T>(pf, s, kk);
+      for (int rr = 0; rr < 2; ++rr) row_sum[rr] = row_sum[rr] * alpha[rr] + tile_sum[rr];
 #pragma unroll
       for (int nd = 0; nd < kND; ++nd) {
-        if (nd * 8 >= p.D) break;
-        uint32_t vf[2];
-        frag_b<kLD>(vf, sV, kk * 16, nd * 8);
-        mma<T>(acc[nd], pf, vf);
+        acc[nd][0] *= alpha[0];
+        acc[nd][1] *= alpha[0];
+        acc[nd][2] *= alpha[1];
+        acc[nd][3] *= alpha[1];
+      }
+
+      // O += P V: P stays in registers (two n8 score blocks form one k16 A fragment).
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t pf[4];
+        accumulator_as_a<T>(pf, s, kk);
+#pragma unroll
+        for (int nd = 0; nd < kND; nd += 2) {
+          if (nd * 8 >= p.D) break;
+          uint32_t vf[2][2];
+          frag_b_pair<kLD>(vf, sV, kk * 16, nd * 8);
+          mma<T>(acc[nd], pf, vf[0]);
+          mma<T>(acc[nd + 1], pf, vf[1]);
+        }
       }
     }
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
   if (!warp_active) return;
@@ -526,12 +613,14 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a)
       frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
       frag_a<kLD>(of, sdO, warp * 16, kd * 16);
 #pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-        uint32_t kf[2], vf[2];
-        frag_b_transposed<kLD>(kf, sK, nb * 8, kd * 16);
-        frag_b_transposed<kLD>(vf, sV, nb * 8, kd * 16);
-        mma<T>(s[nb], qf, kf);
-        mma<T>(dp[nb], of, vf);
+      for (int nb = 0; nb < kNB; nb += 2) {
+        uint32_t kf[2][2], vf[2][2];
+        frag_b_transposed_pair<kLD>(kf, sK, nb * 8, kd * 16);
+        frag_b_transposed_pair<kLD>(vf, sV, nb * 8, kd * 16);
+        for (int h = 0; h < 2; ++h) {
+          mma<T>(s[nb + h], qf, kf[h]);
+          mma<T>(dp[nb + h], of, vf[h]);
+        }
       }
     }
     // dS with respect to the raw q.k, in place of S.
@@ -553,11 +642,12 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a)
       uint32_t sf[4];
       accumulator_as_a<T>(sf, s, kk);
 #pragma unroll
-      for (int nd = 0; nd < kND; ++nd) {
+      for (int nd = 0; nd < kND; nd += 2) {
         if (nd * 8 >= p.D) break;
-        uint32_t kf[2];
-        frag_b<kLD>(kf, sK, kk * 16, nd * 8);
-        mma<T>(dq[nd], sf, kf);
+        uint32_t kf[2][2];
+        frag_b_pair<kLD>(kf, sK, kk * 16, nd * 8);
+        mma<T>(dq[nd], sf, kf[0]);
+        mma<T>(dq[nd + 1], sf, kf[1]);
       }
     }
   }
@@ -651,12 +741,14 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const CudaArgs 
         frag_a<kLD>(kf, sK, warp * 16, kd * 16);
         frag_a<kLD>(vf, sV, warp * 16, kd * 16);
 #pragma unroll
-        for (int nq = 0; nq < kNQ; ++nq) {
-          uint32_t qf[2], of[2];
-          frag_b_transposed<kLD>(qf, sQ, nq * 8, kd * 16);
-          frag_b_transposed<kLD>(of, sdO, nq * 8, kd * 16);
-          mma<T>(st[nq], kf, qf);
-          mma<T>(dpt[nq], vf, of);
+        for (int nq = 0; nq < kNQ; nq += 2) {
+          uint32_t qf[2][2], of[2][2];
+          frag_b_transposed_pair<kLD>(qf, sQ, nq * 8, kd * 16);
+          frag_b_transposed_pair<kLD>(of, sdO, nq * 8, kd * 16);
+          for (int h = 0; h < 2; ++h) {
+            mma<T>(st[nq + h], kf, qf[h]);
+            mma<T>(dpt[nq + h], vf, of[h]);
+          }
         }
       }
       // P^T in place of S^T, dS^T (with respect to the raw q.k) in place of dP^T.
@@ -680,13 +772,15 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const CudaArgs 
         accumulator_as_a<T>(pf, st, kk);
         accumulator_as_a<T>(sf, dpt, kk);
 #pragma unroll
-        for (int nd = 0; nd < kND; ++nd) {
+        for (int nd = 0; nd < kND; nd += 2) {
           if (nd * 8 >= p.D) break;
-          uint32_t of[2], qf[2];
-          frag_b<kLD>(of, sdO, kk * 16, nd * 8);
-          frag_b<kLD>(qf, sQ, kk * 16, nd * 8);
-          mma<T>(dv[nd], pf, of);
-          mma<T>(dk[nd], sf, qf);
+          uint32_t of[2][2], qf[2][2];
+          frag_b_pair<kLD>(of, sdO, kk * 16, nd * 8);
+          frag_b_pair<kLD>(qf, sQ, kk * 16, nd * 8);
+          for (int h = 0; h < 2; ++h) {
+            mma<T>(dv[nd + h], pf, of[h]);
+            mma<T>(dk[nd + h], sf, qf[h]);
+          }
         }
       }
     }

@@ -30,12 +30,23 @@ namespace gf_emu {
 
 constexpr size_t kFiberStack = 256 * 1024;
 
+// cp.async: a 16-byte global -> shared copy that lands only when its group is waited for (the
+// latest moment the hardware allows), so a missing wait reads stale shared memory.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int src_bytes;  // 16, or 0 = zero fill
+  int group;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   uint3 thread_idx;
   int linear = 0;
   bool done = false;
+  std::vector<AsyncCopy> async_copies;  // issued, not yet landed
+  int async_groups = 0;                 // committed groups so far
 };
 
 struct Warp {
@@ -149,6 +160,57 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
       d[e] += sum;
     }
   });
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lanes 8i..8i+7 give the row addresses
+// of matrix i; lane l receives, per matrix, the pair M[l/4][2(l%4)], M[l/4][2(l%4)+1] (without
+// .trans) or M[2(l%4)][l/4], M[2(l%4)+1][l/4] (with .trans).
+template <int kMatrices, bool kTrans>
+void ldmatrix(uint32_t* regs, const uint16_t* row_address) {
+  uint32_t mine[2];
+  std::memcpy(mine, &row_address, sizeof(row_address));
+  warp_exchange(mine, 2, [&](uint32_t (*slots)[8], int lane) {
+    auto row = [&](int l) {
+      const uint16_t* p;
+      std::memcpy(&p, slots[l], sizeof(p));
+      return p;
+    };
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < kMatrices; ++i) {
+      uint16_t lo, hi;
+      if (kTrans) {
+        lo = row(8 * i + 2 * t)[g];
+        hi = row(8 * i + 2 * t + 1)[g];
+      } else {
+        lo = row(8 * i + g)[2 * t];
+        hi = row(8 * i + g)[2 * t + 1];
+      }
+      regs[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+  });
+}
+
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  Fiber& f = self();
+  f.async_copies.push_back(AsyncCopy{dst, src, src_bytes, f.async_groups});
+}
+inline void cp_async_commit() { ++self().async_groups; }
+// Lands every copy of the committed groups except the newest `pending`.
+inline void cp_async_wait(int pending) {
+  Fiber& f = self();
+  const int landed = f.async_groups - pending;
+  std::vector<AsyncCopy> keep;
+  for (const AsyncCopy& c : f.async_copies) {
+    if (c.group < landed) {
+      if (c.src_bytes == 16)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  f.async_copies.swap(keep);
 }
 
 inline void fiber_entry() {
