@@ -1,19 +1,22 @@
-// Fused attention forward and split-KV decode on tensor cores (see attention.h).
+// Fused attention on tensor cores (see attention.h): forward, split-KV decode, backward.
 //
-// FlashAttention-2 structure: a block holds 64 query rows (4 warps x 16 rows) in shared memory
-// and walks the key/value tiles; each warp computes its 16 x kBN score tile with
-// mma.sync.m16n8k16 (fp16/bf16 operands, fp32 accumulators), applies scale / softcap / ALiBi /
+// FlashAttention-2 structure: a forward block holds 64 query rows (4 warps x 16 rows) in shared
+// memory and walks the key/value tiles, the next tile arriving by cp.async while the current
+// one is used (two stages); each warp computes its 16 x kBN score tile with mma.sync.m16n8k16
+// (fp16/bf16 operands from ldmatrix, fp32 accumulators), applies scale / softcap / ALiBi /
 // masks, updates the online softmax (exp2, running max and sum per row) and multiplies the
 // probabilities by V straight from registers: the score accumulator's layout is the A operand's
-// layout, so P never goes back to shared memory.
+// layout, so P never goes back to shared memory. The backward kernels reuse the same pieces.
 //
 // Register fragments of mma.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
 // lane = 4 g + t:
 //   A (16x16, row): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
 //   B (16x8, col):  reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
 //   C (16x8, fp32): c0, c1 = C[g][2t], C[g][2t+1]; c2, c3 = C[g+8][2t], C[g+8][2t+1]
-// Shared-memory rows are padded by 8 elements so that these 32-bit fragment loads (8 rows x 4
-// words per warp) hit 32 different banks.
+// Shared-memory rows are padded by 8 elements (16 bytes) so that the 8 row addresses of each
+// ldmatrix phase fall in 8 different groups of 4 banks.
+//
+// tests/test_attention_cuda_emulated.py runs this file on the CPU (tests/cuda_emulation).
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
