@@ -23,6 +23,9 @@ Providers (the same weights, copied from one model built per case, and the same 
              torch.library custom ops, opaque to Inductor: it fuses the code around them, and
              the reference ops inside run as their eager PyTorch code. Where compiling fails
              (e.g. R1's double backward) the row says why.
+  sdpa-compile  GPT training only: ``torch.compile`` of the SDPA model, all plain PyTorch (the
+             usual nanoGPT setup, and the compile baseline Inductor can fuse end to end)
+The compile providers are skipped with ``--quick`` on a CPU (compiling takes minutes there).
 Every step is a training step of its own model copy, so the first call of each provider
 starts from the same weights: that call's output is what the genfast row is checked against.
 Random draws (dropout, StyleGAN2 noise) are reseeded at the start of every step, so every
@@ -48,8 +51,9 @@ from ..models import (DCGANDiscriminator, DCGANGenerator, GPT, GPTConfig, MLPGAN
 from .timing import BASELINE, GENFAST, CHECK_TOLERANCE, Case, Provider, outputs_close
 
 NAME = "models"
-PROVIDERS = ("genfast", "reference", "sdpa", "compile")
-BASELINES = ("reference", "sdpa", "compile")
+PROVIDERS = ("genfast", "reference", "sdpa", "compile", "sdpa-compile")
+BASELINES = PROVIDERS[1:]
+COMPILED = ("compile", "sdpa-compile")
 CASES = ("gpt-train", "gpt-generate", "unet-ddpm", "stylegan2", "dcgan", "mlpgan", "vae")
 STEP_SEED = 1234  # reseeded at the start of every step: the same dropout masks and noise everywhere
 
@@ -163,6 +167,11 @@ def _scope(provider: str):
     return use_backend("reference" if provider in ("reference", "compile") else None)
 
 
+def _other_providers(compile_reason: Optional[str]) -> dict:
+    """Reasons for the providers a non-GPT case does not have or cannot run."""
+    return {"sdpa": "GPT only", "sdpa-compile": "GPT only", "compile": compile_reason}
+
+
 def _finish(provider: str, thunk: Callable, warm_up: bool) -> Callable:
     def scoped():
         with _scope(provider):
@@ -172,10 +181,13 @@ def _finish(provider: str, thunk: Callable, warm_up: bool) -> Callable:
     return scoped
 
 
-def _compile_unavailable(use_compile: bool, reason: Optional[str] = None) -> Optional[str]:
+def compile_unavailable(device, quick: bool, use_compile: bool) -> Optional[str]:
+    """Why the torch.compile providers do not run (None: they do)."""
     if not use_compile:
         return "disabled (--no-compile)"
-    return reason
+    if torch.device(device).type == "cpu" and quick:
+        return "skipped with --quick on a CPU (compiling the models takes minutes there)"
+    return None
 
 
 def _reset_compile() -> None:
@@ -196,7 +208,7 @@ def _gpt_models(config: dict, device, dtype):
     base = GPT(GPTConfig(**config)).to(device=device, dtype=dtype)
 
     def variant(provider: str):
-        if provider == "sdpa":
+        if provider in ("sdpa", "sdpa-compile"):
             model = GPT(dataclasses.replace(base.config, attention="sdpa")).to(device=device, dtype=dtype)
             model.load_state_dict(base.state_dict())
             return model
@@ -204,7 +216,7 @@ def _gpt_models(config: dict, device, dtype):
     return base, variant
 
 
-def build_gpt_train_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_gpt_train_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     device = _device(device)
     dtype = _dtype_for("gpt-train", device)
     base, variant = _gpt_models(spec["config"], device, dtype)
@@ -219,7 +231,7 @@ def build_gpt_train_case(spec: dict, device, use_compile: bool = True) -> Case:
     def factory_for(provider):
         def factory(inputs):
             model = variant(provider).train()
-            forward = torch.compile(model) if provider == "compile" else model
+            forward = torch.compile(model) if provider in COMPILED else model
             opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                     **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
@@ -230,15 +242,15 @@ def build_gpt_train_case(spec: dict, device, use_compile: bool = True) -> Case:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 return loss.detach(), norm
-            return _finish(provider, step, warm_up=provider == "compile")
+            return _finish(provider, step, warm_up=provider in COMPILED)
         return factory
 
     n_params = sum(p.numel() for p in base.parameters())
-    reasons = {"compile": _compile_unavailable(use_compile)}
+    reasons = {"compile": compile_reason, "sdpa-compile": compile_reason}
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     return _case("train", "gpt", (B, S), dtype, device, make_inputs, providers, items=B * S, unit="tok/s",
                  variant=_params_label(base), flops=gpt_flops_per_token(base.config, n_params, S) * B * S,
-                 compiled=reasons["compile"] is None)
+                 compiled=compile_reason is None)
 
 
 def greedy_choice_check(model, prompt_len: int):
@@ -261,7 +273,7 @@ def greedy_choice_check(model, prompt_len: int):
     return check
 
 
-def build_gpt_generate_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_gpt_generate_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     device = _device(device)
     dtype = _dtype_for("gpt-generate", device)
     base, variant = _gpt_models(spec["config"], device, dtype)
@@ -279,7 +291,8 @@ def build_gpt_generate_case(spec: dict, device, use_compile: bool = True) -> Cas
             return _finish(provider, lambda: model.generate(inputs["prompt"], N, temperature=0), warm_up=False)
         return factory
 
-    reasons = {"compile": "generation is not compiled: GPT.generate's KV cache grows every token"}
+    not_compiled = "generation is not compiled: GPT.generate's KV cache grows every token"
+    reasons = {"compile": not_compiled, "sdpa-compile": not_compiled}
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     return _case("generate", "gpt", (B, P, N), dtype, device, make_inputs, providers, items=B * N, unit="tok/s",
                  variant=_params_label(base), check=greedy_choice_check(base.set_backend("reference"), P))
@@ -288,7 +301,7 @@ def build_gpt_generate_case(spec: dict, device, use_compile: bool = True) -> Cas
 # ----------------------------------------------------------------------------- UNet / DDPM
 
 
-def build_unet_ddpm_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_unet_ddpm_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     from ..schedulers import DDPMScheduler
 
     device = _device(device)
@@ -309,17 +322,17 @@ def build_unet_ddpm_case(spec: dict, device, use_compile: bool = True) -> Case:
             return _finish(provider, sample, warm_up=provider == "compile")
         return factory
 
-    reasons = {"compile": _compile_unavailable(use_compile), "sdpa": "GPT only"}
+    reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     shape = (B, base.in_channels, base.sample_size, base.sample_size)
     return _case("sample", "unet-ddpm", shape, torch.float32, device, lambda i: {}, providers, items=B,
-                 unit="img/s", variant=f"{_params_label(base)}, {steps} steps", compiled=reasons["compile"] is None)
+                 unit="img/s", variant=f"{_params_label(base)}, {steps} steps", compiled=compile_reason is None)
 
 
 # ----------------------------------------------------------------------------- GANs
 
 
-def build_stylegan2_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_stylegan2_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     device = _device(device)
     torch.manual_seed(0)
     base_g = StyleGAN2Generator(**spec["g"]).to(device)
@@ -356,11 +369,11 @@ def build_stylegan2_case(spec: dict, device, use_compile: bool = True) -> Case:
             return _finish(provider, step, warm_up=provider == "compile")
         return factory
 
-    reasons = {"compile": _compile_unavailable(use_compile), "sdpa": "GPT only"}
+    reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     return _case("train", "stylegan2", (B, 3, res, res), torch.float32, device, make_inputs, providers, items=B,
                  unit="img/s", variant=f"G+D+R1, {_params_label(base_g, base_d)}",
-                 compiled=reasons["compile"] is None)
+                 compiled=compile_reason is None)
 
 
 def _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, z, real):
@@ -384,7 +397,7 @@ def _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, z, real):
     return step
 
 
-def build_dcgan_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_dcgan_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     device = _device(device)
     torch.manual_seed(0)
     base_g, base_d = DCGANGenerator(**spec["g"]).to(device), DCGANDiscriminator(**spec["d"]).to(device)
@@ -405,13 +418,13 @@ def build_dcgan_case(spec: dict, device, use_compile: bool = True) -> Case:
             return _finish(provider, step, warm_up=provider == "compile")
         return factory
 
-    reasons = {"compile": _compile_unavailable(use_compile), "sdpa": "GPT only"}
+    reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     return _case("train", "dcgan", (B, 3, res, res), torch.float32, device, make_inputs, providers, items=B,
-                 unit="img/s", variant=f"G+D, {_params_label(base_g, base_d)}", compiled=reasons["compile"] is None)
+                 unit="img/s", variant=f"G+D, {_params_label(base_g, base_d)}", compiled=compile_reason is None)
 
 
-def build_mlpgan_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_mlpgan_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     device = _device(device)
     torch.manual_seed(0)
     base = MLPGAN(**spec["model"]).to(device)
@@ -433,16 +446,16 @@ def build_mlpgan_case(spec: dict, device, use_compile: bool = True) -> Case:
             return _finish(provider, step, warm_up=provider == "compile")
         return factory
 
-    reasons = {"compile": _compile_unavailable(use_compile), "sdpa": "GPT only"}
+    reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     return _case("train", "mlpgan", (B, base.image_dim), torch.float32, device, make_inputs, providers, items=B,
-                 unit="img/s", variant=f"G+D, {_params_label(base)}", compiled=reasons["compile"] is None)
+                 unit="img/s", variant=f"G+D, {_params_label(base)}", compiled=compile_reason is None)
 
 
 # ----------------------------------------------------------------------------- VAE
 
 
-def build_vae_case(spec: dict, device, use_compile: bool = True) -> Case:
+def build_vae_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     device = _device(device)
     torch.manual_seed(0)
     base = VAE(**spec["model"]).to(device)
@@ -469,10 +482,10 @@ def build_vae_case(spec: dict, device, use_compile: bool = True) -> Case:
             return _finish(provider, step, warm_up=provider == "compile")
         return factory
 
-    reasons = {"compile": _compile_unavailable(use_compile), "sdpa": "GPT only"}
+    reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
     return _case("train", "vae", (B, C, S, S), torch.float32, device, make_inputs, providers, items=B,
-                 unit="img/s", variant=_params_label(base), compiled=reasons["compile"] is None)
+                 unit="img/s", variant=_params_label(base), compiled=compile_reason is None)
 
 
 # ----------------------------------------------------------------------------- suite
@@ -515,8 +528,9 @@ def build_cases(device, quick: bool = False, use_compile: bool = True, preset: O
     """One Case per model (``cases``: names from CASES), sized by ``preset`` (a key of
     PRESETS; default: by device and ``quick``). Each case builds its models when yielded."""
     specs = PRESETS[preset or preset_for(device, quick)]
+    compile_reason = compile_unavailable(device, quick, use_compile)
     for name in cases:
-        yield BUILDERS[name](specs[name], device, use_compile=use_compile)
+        yield BUILDERS[name](specs[name], device, compile_reason=compile_reason)
 
 
 def count_cases(device, quick: bool = False) -> int:
