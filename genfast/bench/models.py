@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .._dispatch import use_backend
 from ..models import (DCGANDiscriminator, DCGANGenerator, GPT, GPTConfig, MLPGAN, StyleGAN2Discriminator,
                       StyleGAN2Generator, UNet2D, VAE, DiffusionPipeline, r1_penalty)
-from .timing import BASELINE, GENFAST, CHECK_TOLERANCE, Case, Provider, outputs_close
+from .timing import BASELINE, GENFAST, CHECK_TOLERANCE, Case, Provider, outputs_close, synchronize
 
 NAME = "models"
 PROVIDERS = ("genfast", "reference", "sdpa", "compile", "sdpa-compile")
@@ -156,9 +156,12 @@ def _adam(params, device, **kw):
 
 
 def _variant(base, provider: str):
-    """A copy of ``base`` with the provider's paths (the same weights)."""
+    """A copy of ``base`` with the provider's paths (the same weights). The compiled copy keeps
+    backend None: the model's own backend scope sets a ContextVar, which Dynamo cannot trace
+    (it would fall back to eager); ``_scope`` sets "reference" around the compiled call instead,
+    and the ops read it when they run."""
     model = copy.deepcopy(base)
-    return model.set_backend("reference" if provider in ("reference", "compile") else None)
+    return model.set_backend("reference" if provider == "reference" else None)
 
 
 def _scope(provider: str):
@@ -172,12 +175,31 @@ def _other_providers(compile_reason: Optional[str]) -> dict:
     return {"sdpa": "GPT only", "sdpa-compile": "GPT only", "compile": compile_reason}
 
 
-def _finish(provider: str, thunk: Callable, warm_up: bool) -> Callable:
+WARMUP_CALLS = 2
+
+
+def _prepared(provider: str, build: Callable, device: torch.device) -> Callable:
+    """The provider's factory: ``build(inputs)`` makes a fresh model copy and its step.
+
+    A throwaway copy runs WARMUP_CALLS steps first (first calls are slow: allocations, lazy
+    initialisation; torch.compile compiles there, so a failure makes the row n/a with the
+    reason). The returned step then starts from the case's initial weights, as every other
+    provider's does, so their first outputs compare."""
+
+    def factory(inputs):
+        warm = _scoped(provider, build(inputs))
+        for _ in range(WARMUP_CALLS):
+            warm()
+        synchronize(device)
+        del warm
+        return _scoped(provider, build(inputs))
+    return factory
+
+
+def _scoped(provider: str, step: Callable) -> Callable:
     def scoped():
         with _scope(provider):
-            return thunk()
-    if warm_up:  # torch.compile compiles here, so a failure makes the row n/a with the reason
-        scoped()
+            return step()
     return scoped
 
 
@@ -205,11 +227,13 @@ def gpt_flops_per_token(config: GPTConfig, n_params: int, seq: int) -> float:
 
 def _gpt_models(config: dict, device, dtype):
     torch.manual_seed(0)
-    base = GPT(GPTConfig(**config)).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised on the device: 124M parameters are slow to draw on a CPU
+        base = GPT(GPTConfig(**config)).to(dtype=dtype)
 
     def variant(provider: str):
         if provider in ("sdpa", "sdpa-compile"):
-            model = GPT(dataclasses.replace(base.config, attention="sdpa")).to(device=device, dtype=dtype)
+            with torch.device(device):
+                model = GPT(dataclasses.replace(base.config, attention="sdpa")).to(dtype=dtype)
             model.load_state_dict(base.state_dict())
             return model
         return _variant(base, provider)
@@ -242,8 +266,8 @@ def build_gpt_train_case(spec: dict, device, compile_reason: Optional[str] = Non
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 return loss.detach(), norm
-            return _finish(provider, step, warm_up=provider in COMPILED)
-        return factory
+            return step
+        return _prepared(provider, factory, device)
 
     n_params = sum(p.numel() for p in base.parameters())
     reasons = {"compile": compile_reason, "sdpa-compile": compile_reason}
@@ -288,8 +312,8 @@ def build_gpt_generate_case(spec: dict, device, compile_reason: Optional[str] = 
     def factory_for(provider):
         def factory(inputs):
             model = variant(provider).eval()
-            return _finish(provider, lambda: model.generate(inputs["prompt"], N, temperature=0), warm_up=False)
-        return factory
+            return lambda: model.generate(inputs["prompt"], N, temperature=0)
+        return _prepared(provider, factory, device)
 
     not_compiled = "generation is not compiled: GPT.generate's KV cache grows every token"
     reasons = {"compile": not_compiled, "sdpa-compile": not_compiled}
@@ -319,8 +343,8 @@ def build_unet_ddpm_case(spec: dict, device, compile_reason: Optional[str] = Non
                 gen = torch.Generator(device=device).manual_seed(300)
                 return DiffusionPipeline(model, scheduler)(batch_size=B, num_inference_steps=steps, generator=gen,
                                                            progress=False, device=device)
-            return _finish(provider, sample, warm_up=provider == "compile")
-        return factory
+            return sample
+        return _prepared(provider, factory, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -366,8 +390,8 @@ def build_stylegan2_case(spec: dict, device, compile_reason: Optional[str] = Non
                 g_loss.backward()
                 opt_g.step()
                 return d_loss.detach(), r1.detach(), g_loss.detach()
-            return _finish(provider, step, warm_up=provider == "compile")
-        return factory
+            return step
+        return _prepared(provider, factory, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -415,8 +439,8 @@ def build_dcgan_case(spec: dict, device, compile_reason: Optional[str] = None) -
             opt_g = _adam(g.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             opt_d = _adam(d.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             step = _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, inputs["z"], inputs["real"])
-            return _finish(provider, step, warm_up=provider == "compile")
-        return factory
+            return step
+        return _prepared(provider, factory, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -443,8 +467,8 @@ def build_mlpgan_case(spec: dict, device, compile_reason: Optional[str] = None) 
             opt_g = _adam(g.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             opt_d = _adam(d.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             step = _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, inputs["z"], inputs["real"])
-            return _finish(provider, step, warm_up=provider == "compile")
-        return factory
+            return step
+        return _prepared(provider, factory, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -479,8 +503,8 @@ def build_vae_case(spec: dict, device, compile_reason: Optional[str] = None) -> 
                 norm = _grad_norm(model.parameters())
                 opt.step()
                 return loss.detach(), norm
-            return _finish(provider, step, warm_up=provider == "compile")
-        return factory
+            return step
+        return _prepared(provider, factory, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
