@@ -90,7 +90,7 @@ def test_generation_check_accepts_greedy_tokens_and_rejects_others(seed):
 
 
 def test_models_suite_compile_baseline_runs():
-    rows = run_tiny(cases=("mlpgan",), use_compile=True)
+    rows = run_tiny(cases=("vae",), use_compile=True)
     compiled = next(r for r in rows if r["provider"] == "compile")
     assert compiled["status"] == "ok", compiled["detail"]
     assert compiled["median_ms"] > 0 and compiled["throughput"] > 0
