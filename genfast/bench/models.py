@@ -5,7 +5,7 @@ Cases (mode, model):
   train     gpt        zero_grad, forward, cross-entropy, backward, clip_grad_norm_(1.0), AdamW step
                        (nanoGPT's step); output (loss, grad norm); tokens/s and TFLOP/s (nanoGPT's
                        6N + 12*L*H*Q*T FLOPs per token)
-  generate  gpt        GPT.generate with its KV cache, greedy; new tokens/s
+  generate  gpt        GPT.generate with its KV cache, greedy; new tokens/s (the prompt's prefill included)
   sample    unet-ddpm  DiffusionPipeline, genfast's DDPMScheduler, a few steps; images/s
   train     stylegan2  D step (softplus loss on fakes and reals + gamma/2 * R1 every step),
                        then G step (non-saturating loss); output (D loss, R1, G loss); images/s
@@ -253,7 +253,7 @@ def build_gpt_train_case(spec: dict, device, compile_reason: Optional[str] = Non
         return {"idx": data[:, :-1].contiguous(), "targets": data[:, 1:].contiguous()}
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             model = variant(provider).train()
             forward = torch.compile(model) if provider in COMPILED else model
             opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -267,7 +267,7 @@ def build_gpt_train_case(spec: dict, device, compile_reason: Optional[str] = Non
                 opt.step()
                 return loss.detach(), norm
             return step
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     n_params = sum(p.numel() for p in base.parameters())
     reasons = {"compile": compile_reason, "sdpa-compile": compile_reason}
@@ -310,10 +310,10 @@ def build_gpt_generate_case(spec: dict, device, compile_reason: Optional[str] = 
         return {"prompt": torch.randint(0, vocab, (B, P), generator=gen, device=device)}
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             model = variant(provider).eval()
             return lambda: model.generate(inputs["prompt"], N, temperature=0)
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     not_compiled = "generation is not compiled: GPT.generate's KV cache grows every token"
     reasons = {"compile": not_compiled, "sdpa-compile": not_compiled}
@@ -334,7 +334,7 @@ def build_unet_ddpm_case(spec: dict, device, compile_reason: Optional[str] = Non
     B, steps = spec["batch"], spec["steps"]
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             unet = _variant(base, provider)
             model = torch.compile(unet) if provider == "compile" else unet
             scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -344,7 +344,7 @@ def build_unet_ddpm_case(spec: dict, device, compile_reason: Optional[str] = Non
                 return DiffusionPipeline(model, scheduler)(batch_size=B, num_inference_steps=steps, generator=gen,
                                                            progress=False, device=device)
             return sample
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -370,7 +370,7 @@ def build_stylegan2_case(spec: dict, device, compile_reason: Optional[str] = Non
                 "real": torch.randn(B, 3, res, res, generator=gen, device=device).tanh()}
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             g, d = _variant(base_g, provider), _variant(base_d, provider)
             g_fwd, d_fwd = (torch.compile(g), torch.compile(d)) if provider == "compile" else (g, d)
             opt_g = _adam(g.parameters(), device, lr=2e-3, betas=(0.0, 0.99))
@@ -391,7 +391,7 @@ def build_stylegan2_case(spec: dict, device, compile_reason: Optional[str] = Non
                 opt_g.step()
                 return d_loss.detach(), r1.detach(), g_loss.detach()
             return step
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -433,14 +433,14 @@ def build_dcgan_case(spec: dict, device, compile_reason: Optional[str] = None) -
                 "real": torch.rand(B, 3, res, res, generator=gen, device=device) * 2 - 1}
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             g, d = _variant(base_g, provider).train(), _variant(base_d, provider).train()
             g_fwd, d_fwd = (torch.compile(g), torch.compile(d)) if provider == "compile" else (g, d)
             opt_g = _adam(g.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             opt_d = _adam(d.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             step = _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, inputs["z"], inputs["real"])
             return step
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -460,7 +460,7 @@ def build_mlpgan_case(spec: dict, device, compile_reason: Optional[str] = None) 
                 "real": torch.rand(B, base.image_dim, generator=gen, device=device) * 2 - 1}
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             gan = _variant(base, provider).train()
             g, d = gan.generator, gan.discriminator
             g_fwd, d_fwd = (torch.compile(g), torch.compile(d)) if provider == "compile" else (g, d)
@@ -468,7 +468,7 @@ def build_mlpgan_case(spec: dict, device, compile_reason: Optional[str] = None) 
             opt_d = _adam(d.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
             step = _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, inputs["z"], inputs["real"])
             return step
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
@@ -491,7 +491,7 @@ def build_vae_case(spec: dict, device, compile_reason: Optional[str] = None) -> 
                 "eps": torch.randn(B, L, generator=gen, device=device)}
 
     def factory_for(provider):
-        def factory(inputs):
+        def build(inputs):
             model = _variant(base, provider).train()
             loss_fn = torch.compile(model.loss) if provider == "compile" else model.loss
             opt = _adam(model.parameters(), device, lr=1e-3)
@@ -504,7 +504,7 @@ def build_vae_case(spec: dict, device, compile_reason: Optional[str] = None) -> 
                 opt.step()
                 return loss.detach(), norm
             return step
-        return _prepared(provider, factory, device)
+        return _prepared(provider, build, device)
 
     reasons = _other_providers(compile_reason)
     providers = {name: _provider(name, factory_for, reasons.get(name)) for name in PROVIDERS}
