@@ -202,6 +202,46 @@ def test_gpt_generate_with_cache_equals_without(position, seed):
     assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], idx)
 
 
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_gpt_sdpa_attention_matches_genfast(position, seed):
+    """attention="sdpa" (the benchmark's torch baseline) computes the same model."""
+    model = small_gpt(position=position)
+    sdpa = small_gpt(position=position, attention="sdpa")
+    sdpa.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 37, (3, 17))
+    targets = torch.randint(0, 37, (3, 17))
+    loss, loss_sdpa = model(idx, targets)[1], sdpa(idx, targets)[1]
+    loss.backward()
+    loss_sdpa.backward()
+    torch.testing.assert_close(loss_sdpa, loss, rtol=1e-4, atol=1e-5)
+    g, g_sdpa = grads(model), grads(sdpa)
+    assert g.keys() == g_sdpa.keys() and g
+    for name in g:
+        torch.testing.assert_close(g_sdpa[name], g[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    prompt = torch.randint(0, 37, (2, 5))
+    cached = sdpa.eval().generate(prompt, 9, temperature=0, use_cache=True)
+    assert torch.equal(cached, sdpa.generate(prompt, 9, temperature=0, use_cache=False))
+    assert torch.equal(cached, model.eval().generate(prompt, 9, temperature=0, use_cache=True))
+
+
+def test_gpt_sdpa_cached_chunk_after_prefill_is_causal(seed):
+    """A chunk of several new tokens after a prefill (the bottom-right causal mask)."""
+    from genfast.models.gpt import _sdpa_with_cache
+
+    B, S, H, D, first = 2, 8, 2, 16, 5
+    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    k_cache, v_cache = torch.zeros(B, S, H, D), torch.zeros(B, S, H, D)
+    head = _sdpa_with_cache(q[:, :first], k[:, :first], v[:, :first], k_cache, v_cache, 0)
+    tail = _sdpa_with_cache(q[:, first:], k[:, first:], v[:, first:], k_cache, v_cache, first)
+    full = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(torch.cat([head, tail], dim=1), full)
+    torch.testing.assert_close(k_cache, k)
+    torch.testing.assert_close(v_cache, v)
+    with pytest.raises(ValueError, match="attention must be"):
+        small_gpt(attention="flash")
+
+
 def test_gpt_training_lowers_the_loss(seed):
     model = small_gpt()
     data = torch.arange(0, 33).remainder(37).repeat(4, 1)  # a learnable sequence

@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import attention, bias_act, diffusion, filtered_lrelu, gan, group_norm, schedulers, upfirdn2d, vae
+from . import models
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
 OPS = {
@@ -27,6 +28,7 @@ OPS = {
     "schedulers": schedulers,
     "upfirdn2d": upfirdn2d,
     "vae": vae,
+    "models": models,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .timing import GENFAST, dtype_name, outputs_close
+from .timing import GENFAST, dtype_name
 
 
 def benchmark_case(benchmark, case, provider: str, group: str = None) -> None:
@@ -27,7 +27,7 @@ def benchmark_case(benchmark, case, provider: str, group: str = None) -> None:
             pytest.skip(f"{provider} cannot run here: {type(exc).__name__}: {first}")
         if spec.kind == GENFAST:
             ref = case.providers[case.reference].factory(inputs)()
-            ok, err = outputs_close(thunk(), ref, case.dtype)
+            ok, err = case.check(thunk(), ref, case.dtype)
             assert ok, f"{provider} {case.mode}: output differs from {case.reference} (max error {err:.3g} x max|ref|)"
             del ref
 

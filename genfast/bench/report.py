@@ -140,8 +140,10 @@ def format_table(rows: Sequence[dict]) -> str:
     bases = baseline_names(rows)
     header = ["op", "mode", "dtype", "shape", "numel", "act", "provider", "ms", "p20-p80 ms", "GB/s", "% copy"]
     with_tflops = any(row.get("tflops") for row in rows)  # compute-bound ops (attention)
-    header += (["TFLOP/s"] if with_tflops else []) + [f"vs {b}" for b in bases] + ["status"]
-    right = {"numel", "ms", "p20-p80 ms", "GB/s", "% copy", "TFLOP/s"} | {f"vs {b}" for b in bases}
+    with_throughput = any(row.get("throughput") for row in rows)  # end-to-end cases (models)
+    header += (["TFLOP/s"] if with_tflops else []) + (["per s"] if with_throughput else [])
+    header += [f"vs {b}" for b in bases] + ["status"]
+    right = {"numel", "ms", "p20-p80 ms", "GB/s", "% copy", "TFLOP/s", "per s"} | {f"vs {b}" for b in bases}
     lines, notes = [], {}
     body = []
     prev_case = None
@@ -161,6 +163,8 @@ def format_table(rows: Sequence[dict]) -> str:
         cells = [row["op"], row["mode"], row["dtype"], row["shape"], _numel(row["numel"]), act, row["provider"],
                  _num(row["median_ms"], ".3f"), spread, _num(row["gbps"], ".1f"), _num(row["pct_copy"], ".1f")]
         cells += [_num(row.get("tflops"), ".3f")] if with_tflops else []
+        if with_throughput:
+            cells.append("-" if row.get("throughput") is None else f"{row['throughput']:.4g} {row.get('unit', '')}".strip())
         cells += [("-" if row.get(f"vs_{b}") is None else f"{row[f'vs_{b}']:.2f}x") for b in bases]
         cells.append(status)
         body.append(cells)

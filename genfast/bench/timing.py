@@ -385,13 +385,17 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
             row.update(stats)
             row["status"] = "ok"
             seconds = stats["median_ms"] * 1e-3
-            row["gbps"] = case.bytes_moved / seconds / 1e9 if seconds > 0 else None
+            row["gbps"] = case.bytes_moved / seconds / 1e9 if seconds > 0 and case.bytes_moved else None
             if copy_gbps and row["gbps"] is not None:
                 row["pct_copy"] = 100.0 * row["gbps"] / copy_gbps
             if case.extra.get("flops"):  # compute-bound ops (attention) also report TFLOP/s
                 row["tflops"] = case.extra["flops"] / seconds / 1e12 if seconds > 0 else None
+            if case.extra.get("items"):  # end-to-end cases (models) also report tokens/s, images/s
+                row["throughput"] = case.extra["items"] / seconds if seconds > 0 else None
+                row["unit"] = case.extra.get("unit", "items/s")
             log(f"    {name:<8} {stats['median_ms']:9.3f} ms  {row['gbps'] or 0:8.1f} GB/s"
-                + (f"  {row['tflops']:8.3f} TFLOP/s" if row.get("tflops") else ""))
+                + (f"  {row['tflops']:8.3f} TFLOP/s" if row.get("tflops") else "")
+                + (f"  {row['throughput']:.4g} {row['unit']}" if row.get("throughput") else ""))
         for name in case.providers:
             row = results[name]
             for base in case.baselines:

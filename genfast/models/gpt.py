@@ -25,6 +25,7 @@ class GPTConfig:
     bias: bool = True
     position: str = "learned"   # "learned" (GPT-2) or "rotary"
     rotary_base: float = 10000.0
+    attention: str = "genfast"  # "genfast" (fused, follows set_backend) or "sdpa" (torch's SDPA: a baseline)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device, offset: int = 0) -> tuple:
@@ -55,6 +56,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = config.position == "rotary"
         self.rotary_base = config.rotary_base
+        self.use_sdpa = config.attention == "sdpa"
 
     def _qkv(self, x: torch.Tensor, offset: int) -> tuple:
         b, s, _ = x.shape
@@ -66,15 +68,40 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x, 0)
-        y = flash_attn_func(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               dropout_p=dropout_p, is_causal=True).transpose(1, 2)
+        else:
+            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
         return self.resid_dropout(self.c_proj(y.reshape(x.shape)))
 
     def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        cache_seqlens: torch.Tensor, offset: int) -> torch.Tensor:
         """x: the new tokens (B, S_new, C) at positions offset..; appends their k/v to the caches."""
         q, k, v = self._qkv(x, offset)
-        y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True)
+        if self.use_sdpa:
+            y = _sdpa_with_cache(q, k, v, k_cache, v_cache, offset)
+        else:
+            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True)
         return self.c_proj(y.reshape(x.shape))
+
+
+def _sdpa_with_cache(q, k, v, k_cache, v_cache, offset: int) -> torch.Tensor:
+    """The SDPA baseline of the cached step: writes k, v (B, S, H, D) at ``offset`` (every row
+    of the batch has the same length in ``GPT.generate``), then attends to the first
+    offset + S cached positions, causally aligned to the bottom right."""
+    s = q.shape[1]
+    end = offset + s
+    k_cache[:, offset:end] = k
+    v_cache[:, offset:end] = v
+    keys, values = k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    mask = None
+    if s > 1 and offset > 0:  # new token i sees the cache and new tokens up to itself
+        mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(offset)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                       is_causal=s > 1 and offset == 0)
+    return y.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -118,6 +145,8 @@ class GPT(FastPathModel):
             setattr(config, key, value)
         if config.position not in ("learned", "rotary"):
             raise ValueError(f"GPT: position must be 'learned' or 'rotary', got {config.position!r}")
+        if config.attention not in ("genfast", "sdpa"):
+            raise ValueError(f"GPT: attention must be 'genfast' or 'sdpa', got {config.attention!r}")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
