@@ -430,6 +430,25 @@ def test_torch_compile_fullgraph(seed):
     assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
 
 
+@pytest.mark.parametrize("backend", backends(torch.float32, A.BACKWARD))
+def test_backward_op_returns_the_fake_kernels_layout(backend, seed):
+    """torch.compile trusts the fake kernels: the real op must return contiguous gradients even
+    for strided inputs (the reference backend used to return q's strides)."""
+    skip_big_for_interpreter(backend, 1)
+    q, k, v = (rand(1, 16, 2, 16).transpose(1, 2) for _ in range(3))  # (B, H, S, D) views, not contiguous
+    out, lse, _ = torch.ops.genfast.attention_forward(q, k, v, None, None, None, None, None, 0.25, -1, -1, False, 0.0,
+                                                      0.0, 0, 0, False, backend)
+    grads = torch.ops.genfast.attention_backward(torch.randn_like(out), q, k, v, out, lse, None, None, None, None, None,
+                                                 0.25, -1, -1, False, 0.0, 0.0, 0, 0, False, backend)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fakes = torch.ops.genfast.attention_backward(mode.from_tensor(out), fq, fk, fv, mode.from_tensor(out),
+                                                     mode.from_tensor(lse), None, None, None, None, None, 0.25, -1, -1,
+                                                     False, 0.0, 0.0, 0, 0, False, backend)
+    for real, fake in zip(grads, fakes):
+        assert real.shape == fake.shape and real.stride() == fake.stride()
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -381,7 +381,9 @@ def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu
                           align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     kw["deterministic"] = deterministic
     dq, dk, dv = BACKWARD.run(backend or None, q.device, q.dtype, (dout, q, k, v, out, lse), kw)
-    return dq, dk, dv
+    # Contiguous, as the fake kernel promises (the reference backend returns q's own strides,
+    # which broke torch.compile of a model using it).
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def _decode_impl(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
