@@ -35,8 +35,9 @@ namespace attention {
 // Shared by both instruction-set variants of the kernels.
 constexpr int BM = 64;  // queries per tile
 constexpr int BN = 64;  // keys per tile
-// Problems with at most this many query rows per K/V head (G * Sq: decode) run one pass over
-// each K/V head for all its query heads (forward_group) instead of one per query tile.
+// Problems with at most this many queries per head (decode) run forward_group: one pass over
+// each K/V head for up to this many query rows (all its query heads, or a part of them when
+// G * Sq is larger) instead of one pass per query head.
 constexpr int GROUP_ROWS = 16;
 
 // One sequence of the problem: which batch row its pointers use, where its queries and keys
@@ -138,12 +139,14 @@ int64_t max_query_len(const Params& p) {
 }
 
 template <typename T, bool AVX2>
-void forward_groups(const Params& p) {
+void forward_groups(const Params& p, int64_t max_queries) {
   using F = typename Compute<T>::type;
-  // Too few (sequence, K/V head) pairs to keep every thread busy (one sequence, few K/V
-  // heads): split each group's query heads into parts, each reading the K/V rows once.
+  // A group's query heads are split into parts of at most GROUP_ROWS rows, and into more
+  // parts when there are too few (sequence, K/V head) pairs to keep every thread busy.
   const int64_t G = p.H / p.Hk, pairs = num_sequences(p) * p.Hk;
-  const int64_t parts = std::min<int64_t>(G, (2 * std::max(1, p.num_threads) + pairs - 1) / pairs);
+  const int64_t max_heads = std::max<int64_t>(1, GROUP_ROWS / std::max<int64_t>(1, max_queries));
+  const int64_t parts = std::max((G + max_heads - 1) / max_heads,
+                                 std::min<int64_t>(G, (2 * std::max(1, p.num_threads) + pairs - 1) / pairs));
   const int64_t heads_per_part = (G + parts - 1) / parts;
   const int64_t items = pairs * parts;
 #ifdef GENFAST_WITH_OPENMP
@@ -174,7 +177,8 @@ template <typename T, bool AVX2>
 void forward_typed(const Params& p) {
   using F = typename Compute<T>::type;
   const int64_t nseq = num_sequences(p);
-  if ((p.H / p.Hk) * max_query_len(p) <= GROUP_ROWS) return forward_groups<T, AVX2>(p);
+  const int64_t max_queries = max_query_len(p);
+  if (max_queries <= GROUP_ROWS) return forward_groups<T, AVX2>(p, max_queries);
   const int64_t tiles = (max_query_len(p) + BM - 1) / BM;
   const int64_t items = nseq * p.H * tiles;
   // Dense problems whose heads span several query tiles: transpose every K tile once.
