@@ -9,9 +9,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -33,6 +35,10 @@ namespace attention {
 // Shared by both instruction-set variants of the kernels.
 constexpr int BM = 64;  // queries per tile
 constexpr int BN = 64;  // keys per tile
+// Problems with at most this many queries per head (decode) run forward_group: one pass over
+// each K/V head for up to this many query rows (all its query heads, or a part of them when
+// G * Sq is larger) instead of one pass per query head.
+constexpr int GROUP_ROWS = 16;
 
 // One sequence of the problem: which batch row its pointers use, where its queries and keys
 // start, their counts, and its index for the dropout hash and ALiBi (b, or the sequence).
@@ -49,16 +55,43 @@ inline Seq sequence(const Params& p, int64_t s) {
   return Seq{s, 0, p.Sq, 0, sk, s};
 }
 
+// 64-byte aligned buffers: the micro-kernels' 32-byte loads then never straddle cache lines.
+template <typename F>
+struct AlignedAllocator {
+  using value_type = F;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  F* allocate(size_t n) { return static_cast<F*>(::operator new(n * sizeof(F), std::align_val_t(64))); }
+  void deallocate(F* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  // Sized construction leaves the numbers uninitialised: every buffer is written before it
+  // is read, and zeroing the pre-transposed K^T blocks (MBs) would be a serial pass.
+  template <typename U>
+  void construct(U* ptr) noexcept {
+    ::new (static_cast<void*>(ptr)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* ptr, Args&&... args) {
+    ::new (static_cast<void*>(ptr)) U(std::forward<Args>(args)...);
+  }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+template <typename F>
+using Buffer = std::vector<F, AlignedAllocator<F>>;
+
 template <typename F>
 struct ForwardWork {
-  std::vector<F> q, kt, v, s, z, o, m, l;
+  Buffer<F> q, kt, v, s, z, o, m, l;
   explicit ForwardWork(int64_t D)
       : q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), z(BN), o(BM * D), m(BM), l(BM) {}
 };
 
 template <typename F>
 struct BackwardWork {
-  std::vector<F> q, dout, k, kt, vt, s, dp, t, tanh_s, z, dk, dv, dq, delta, lse;
+  Buffer<F> q, dout, k, kt, vt, s, dp, t, tanh_s, z, dk, dv, dq, delta, lse;
   explicit BackwardWork(int64_t D)
       : q(BM * D), dout(BM * D), k(BN * D), kt(D * BN), vt(D * BN), s(BM * BN), dp(BM * BN), t(BN * BM),
         tanh_s(BN), z(BN), dk(BN * D), dv(BN * D) {}
@@ -106,15 +139,52 @@ int64_t max_query_len(const Params& p) {
 }
 
 template <typename T, bool AVX2>
+void forward_groups(const Params& p, int64_t max_queries) {
+  using F = typename Compute<T>::type;
+  // A group's query heads are split into parts of at most GROUP_ROWS rows, and into more
+  // parts when there are too few (sequence, K/V head) pairs to keep every thread busy.
+  const int64_t G = p.H / p.Hk, pairs = num_sequences(p) * p.Hk;
+  const int64_t max_heads = std::max<int64_t>(1, GROUP_ROWS / std::max<int64_t>(1, max_queries));
+  const int64_t parts = std::max((G + max_heads - 1) / max_heads,
+                                 std::min<int64_t>(G, (2 * std::max(1, p.num_threads) + pairs - 1) / pairs));
+  const int64_t heads_per_part = (G + parts - 1) / parts;
+  const int64_t items = pairs * parts;
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#endif
+  {
+    ForwardWork<F> w(p.D);
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < items; ++item) {
+      const Seq sq = sequence(p, item / (p.Hk * parts));
+      const int64_t hk = item / parts % p.Hk, part = item % parts;
+      const int64_t h0 = hk * G + std::min(G, part * heads_per_part);
+      const int64_t h1 = hk * G + std::min(G, (part + 1) * heads_per_part);
+#ifdef GF_ATTN_DUAL_ISA
+      if (AVX2) {
+        avx2::forward_group<T, F>(p, sq, h0, h1, w);
+        continue;
+      }
+#endif
+      base::forward_group<T, F>(p, sq, h0, h1, w);
+    }
+  }
+}
+
+template <typename T, bool AVX2>
 void forward_typed(const Params& p) {
   using F = typename Compute<T>::type;
   const int64_t nseq = num_sequences(p);
+  const int64_t max_queries = max_query_len(p);
+  if (max_queries <= GROUP_ROWS) return forward_groups<T, AVX2>(p, max_queries);
   const int64_t tiles = (max_query_len(p) + BM - 1) / BM;
   const int64_t items = nseq * p.H * tiles;
   // Dense problems whose heads span several query tiles: transpose every K tile once.
   const bool pretranspose = p.cu_q == nullptr && p.seqused_k == nullptr && tiles > 1;
   const int64_t key_items = pretranspose ? p.B * p.Hk * ((p.Sk + BN - 1) / BN) : 0;
-  std::vector<F> kt_blocks(size_t(key_items * p.D * BN));
+  Buffer<F> kt_blocks(size_t(key_items * p.D * BN));
   F* kt = pretranspose ? kt_blocks.data() : nullptr;
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
@@ -137,7 +207,9 @@ void forward_typed(const Params& p) {
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t s = item / (p.H * tiles), h = item / tiles % p.H, tile = item % tiles;
+      // Last query tile first: under a causal mask it sees the most keys, and starting the
+      // longest work first leaves only short tiles for the end (less idle time at the barrier).
+      const int64_t s = item / (p.H * tiles), h = item / tiles % p.H, tile = tiles - 1 - item % tiles;
       const Seq sq = sequence(p, s);
       const int64_t i0 = tile * BM;
       if (i0 >= sq.sq) continue;
@@ -160,7 +232,7 @@ void backward_typed(const Params& p) {
   const int64_t D = p.D;
   // GQA: each query head writes its own dK/dV rows (in F), summed over the group afterwards
   // in a fixed order.
-  std::vector<F> dk_heads, dv_heads;
+  Buffer<F> dk_heads, dv_heads;
   if (G > 1) {
     dk_heads.resize(size_t(p.B * p.H * p.Sk * D));
     dv_heads.resize(size_t(p.B * p.H * p.Sk * D));
