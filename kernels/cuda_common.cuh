@@ -42,6 +42,16 @@ struct DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 };
 
+// A launcher's cap on a grid dimension, beyond which its kernel's grid-stride loop covers the
+// rest. The emulation caps at 3 blocks, so that its tests run those loops on small tensors.
+constexpr long long grid_cap(long long cap) {
+#ifdef GENFAST_CUDA_EMULATION
+  return cap < 3 ? cap : 3;
+#else
+  return cap;
+#endif
+}
+
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) and checks the launch
 // ("genfast <family> (CUDA): <what>: ..."); under GENFAST_CUDA_EMULATION the kernel runs on
 // the CPU emulator instead (tests/cuda_emulation).

@@ -35,7 +35,8 @@ bool aligned(const void* p, int dtype) {
 unsigned grid_for(int64_t groups) {
   // Grid-stride: enough blocks to fill any current GPU several times, never more than needed.
   const int64_t blocks = (groups + kThreads - 1) / kThreads;
-  return unsigned(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+  const int64_t cap = cuda::grid_cap(65536);
+  return unsigned(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 // ------------------------------------------------------------------------- loads and stores

@@ -252,7 +252,7 @@ void launch_with(const KernelArgs<T>& p, cudaStream_t stream) {
                 kFamily, "cudaFuncSetAttribute");
   const int64_t tiles = int64_t(p.tiles_x) * p.tiles_y;
   if (tiles > 0x7fffffffLL) throw std::invalid_argument("genfast filtered_lrelu (CUDA): output too large");
-  dim3 grid(unsigned(tiles), unsigned(std::min<int64_t>(p.planes, 65535)));
+  dim3 grid(unsigned(tiles), unsigned(std::min<int64_t>(p.planes, cuda::grid_cap(65535))));
   cuda::launch_kernel(kernel, grid, kThreads, p.geo.smem_bytes, stream, kFamily, "kernel launch", p);
 }
 

@@ -216,7 +216,7 @@ void launch_tiled(const KernelParams& p, cudaStream_t stream) {
   const int64_t tiles_x = (p.ow + TOW - 1) / TOW, tiles_y = (p.oh + TOH - 1) / TOH;
   const int64_t planes = p.n * ((p.c + CB - 1) / CB);
   if (tiles_x * tiles_y > 0x7fffffffLL) throw std::invalid_argument("upfirdn2d: image too large for the tiled kernel");
-  const dim3 grid(unsigned(tiles_x * tiles_y), unsigned(std::min<int64_t>(planes, 65535)));
+  const dim3 grid(unsigned(tiles_x * tiles_y), unsigned(std::min<int64_t>(planes, cuda::grid_cap(65535))));
   cuda::launch_kernel(tiled_kernel<T, UP, DOWN, TAPS, SEP, NHWC, TOW, TOH, CB>, grid, kTiledThreads, 0, stream, kFamily,
                       "kernel launch", p, tiles_x, planes);
 }
@@ -278,7 +278,7 @@ void run(const Args& a) {
   if constexpr (!std::is_same<T, double>::value) launched = try_tiled<T>(a, p, stream);
   if (!launched) {
     const int64_t total = a.n * a.c * a.oh * a.ow;
-    const int64_t blocks = std::min<int64_t>((total + kGeneralThreads - 1) / kGeneralThreads, 1 << 20);
+    const int64_t blocks = std::min<int64_t>((total + kGeneralThreads - 1) / kGeneralThreads, cuda::grid_cap(1 << 20));
     cuda::launch_kernel(general_kernel<T>, unsigned(blocks), kGeneralThreads, 0, stream, kFamily, "kernel launch", p,
                         a.channels_last);
   }

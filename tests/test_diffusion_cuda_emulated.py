@@ -60,6 +60,17 @@ def test_misaligned_operands(seed):
         error_vs_reference(g, w, p)
 
 
+def test_grid_stride_loops(seed):
+    """More groups of 4 elements than the emulation's grid has threads (cuda.grid_cap: 3 blocks
+    of 256): every elementwise kernel's grid-stride loop, seeded noise included."""
+    shape = (2, 4, 24, 24)
+    cpu_tests.check_step("cuda", torch.float16, "channels_last", True, "tensor", shape=shape)
+    x = torch.randn(shape)
+    z, _ = ops.sampler_step(x, x, cpu_tests._noise_only_coefs(), noise_seed=seed, backend="cuda")
+    torch.testing.assert_close(z.double(), ref.seeded_normal(x, seed, torch.float64), rtol=1e-5, atol=2e-5)
+    cpu_tests.check_add_noise("cuda", torch.float32, "contiguous", "v_prediction", shape=shape)
+
+
 def test_seeded_noise(seed):
     cpu_tests.test_seeded_noise_is_the_philox_spec_and_deterministic("cuda")
     cpu_tests.test_add_noise_scalar_timestep_and_seeded_epsilon(seed, "cuda")

@@ -43,10 +43,11 @@ def test_forward_dtypes_and_layouts(dtype, layout, seed):
 @pytest.mark.parametrize("spec", cpu_tests.TILED, ids=lambda s: f"up{s[0]}-down{s[1]}-f{s[2]}{'s' if s[3] else 'f'}")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_tiled_cases(spec, layout, seed):
-    """Every tiled specialisation, with several tiles per axis (the last ones partial) and,
-    for NHWC, several channel blocks (the last one partial)."""
+    """Every tiled specialisation, with several tiles per axis (the last ones partial), for
+    NHWC several channel blocks (the last one partial), and more planes than the emulation's
+    grid (cuda.grid_cap): the kernel's grid-stride loop over planes."""
     up, down, taps, separable = spec
-    shape = (1, 3, 21, 40) if layout == "contiguous" else (1, 19, 13, 30)
+    shape = (2, 3, 21, 40) if layout == "contiguous" else (2, 19, 13, 30)
     x = cpu_tests.make_x(shape, torch.float16, layout)
     f = cpu_tests.make_filter(taps, separable)
     for padding in ([(taps + up - 1) // 2 + (down - 1), (taps - up) // 2, 3, -1], 0 if taps <= 4 else taps // 2):
