@@ -7,7 +7,9 @@
 // each lane deposits its registers and reads the others', exactly as the hardware exchanges
 // them. Shared memory (dynamic, and static __shared__ variables) is refilled with 0xFF bytes
 // (NaN in fp16/bf16/fp32/fp64) before every block, so a read of something never written shows
-// up as NaN in the result. Slow, and meant for small problems.
+// up as NaN in the result. Between barriers the threads run one after another in a shuffled
+// order (fixed per block), so a missing barrier (e.g. thread 0 writes, the others read) shows
+// up instead of hiding behind thread 0 always running first. Slow, and meant for small problems.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,6 +22,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -334,10 +338,14 @@ void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const A
           f.ctx.uc_link = &b.scheduler;
           makecontext(&f.ctx, fiber_entry, 0);
         }
+        std::vector<int> order(n);
+        std::iota(order.begin(), order.end(), 0);
+        std::minstd_rand shuffler(1 + bx + 65536u * (by + 65536u * bz));  // the same order for every run
         for (int live = n, stalled_rounds = 0; live > 0;) {
           const uint64_t before = b.barriers_opened;
           int finished = 0;
-          for (int i = 0; i < n; ++i) {
+          std::shuffle(order.begin(), order.end(), shuffler);
+          for (int i : order) {
             if (b.fibers[i].done) continue;
             b.current = i;
             swapcontext(&b.scheduler, &b.fibers[i].ctx);
