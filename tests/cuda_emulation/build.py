@@ -7,6 +7,11 @@ A test session usually needs every family's module, so the first call also start
 others' builds in the background, as many at a time as there are cores.
 ``route_cuda_backend(monkeypatch, module)`` then points genfast's own CUDA backend code (the
 functions registered as "cuda" in genfast/ops/<family>.py) at it, on CPU tensors.
+
+Adding a family: launch its kernels through cuda::launch_kernel (kernels/cuda_common.cuh),
+declare dynamic shared memory with GF_DYNAMIC_SHARED, skip cuda::DeviceGuard under
+GENFAST_CUDA_EMULATION; write <family>_emulated.cpp here (the .cu, the bindings, stubs for the
+CPU entry points); test with ``build(family)`` + ``route_cuda_backend`` + ``backend="cuda"``.
 """
 from __future__ import annotations
 
