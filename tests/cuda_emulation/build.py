@@ -176,4 +176,27 @@ def route_cuda_backend(monkeypatch, module) -> EmulatedExtension:
         return real_reason(backend, device)
 
     monkeypatch.setattr(_dispatch, "backend_unavailable_reason", reason)
+    _poison_new_tensors(monkeypatch)
     return extension
+
+
+def _poison_new_tensors(monkeypatch) -> None:
+    """torch.empty & co. return NaN-filled floating tensors (integer ones: their maximum), as
+    device memory is never zeroed: an output element a kernel forgets to write shows up (the
+    CPU allocator would otherwise often hand back a previous, correct result)."""
+    import torch
+
+    def poisoned(factory):
+        def make(*args, **kwargs):
+            t = factory(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype != torch.bool and not t.is_complex():
+                t.fill_(torch.iinfo(t.dtype).max)
+            return t
+
+        return make
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))

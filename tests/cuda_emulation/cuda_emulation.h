@@ -125,7 +125,7 @@ void warp_exchange(const uint32_t* words, int n, Read&& read) {
 // exist (a partial last warp) gives all-ones bits: NaN for floats.
 template <typename T, typename Source>
 T shuffle(T v, Source source) {
-  static_assert(sizeof(T) % 4 == 0 && sizeof(T) <= 8 * 4, "shuffle of a 4- or 8-byte value");
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "the emulated shuffles move 4- or 8-byte values");
   constexpr int n = sizeof(T) / 4;
   uint32_t words[n];
   std::memcpy(words, &v, sizeof(T));
