@@ -40,13 +40,13 @@ def test_matches_reference(seed, dtype, layout, silu, affine, extension):
     assert extension.calls.get("group_norm_bwd_cuda", 0) > 0
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shape,groups", [
-    ((2, 16, 33, 17), 4),  # NCHW: a group of 2244 elements in 2 chunks (float32); NHWC: 9 row chunks
-    ((1, 136, 3, 5), 8),   # NHWC: 2 blocks of channels (float32), the second one partial
-    ((2, 140, 2, 3), 7),   # C not a multiple of 8: NHWC scalar path in float16
-    ((1, 6, 2051), 2),     # a group length that is no multiple of the vector: NCHW scalar path
+@pytest.mark.parametrize("shape,groups,layout", [
+    ((2, 16, 33, 17), 4, "contiguous"),     # a group of 2244 elements in 2 chunks (float32)
+    ((2, 16, 33, 17), 4, "channels_last"),  # 9 chunks of rows
+    ((1, 136, 3, 5), 8, "channels_last"),   # 2 blocks of channels (float32), the second one partial
+    ((2, 140, 2, 3), 7, "channels_last"),   # C not a multiple of 8: the scalar path in float16
+    ((1, 6, 2051), 2, "contiguous"),        # a group length no multiple of the vector: scalar path
 ])
 def test_chunks_and_channel_blocks(seed, dtype, layout, shape, groups):
     cpu_tests.check("cuda", dtype, shape, groups, layout, silu=True)

@@ -46,6 +46,10 @@ struct Fiber {
   uint3 thread_idx;
   int linear = 0;
   bool done = false;
+  // Waiting at a barrier until *wait_on != wait_for (its generation moves on): the scheduler
+  // does not resume it before, which saves two context switches per round.
+  const unsigned* wait_on = nullptr;
+  unsigned wait_for = 0;
 };
 
 struct Warp {
@@ -86,6 +90,16 @@ inline dim3& grid_dim() {
 inline Fiber& self() { return block()->fibers[block()->current]; }
 inline void yield() { swapcontext(&self().ctx, &block()->scheduler); }
 
+// Blocks the calling fiber until the barrier's generation counter leaves `generation`.
+inline void wait_for_generation(const unsigned& counter, unsigned generation) {
+  while (counter == generation) {
+    self().wait_on = &counter;
+    self().wait_for = generation;
+    yield();
+  }
+  self().wait_on = nullptr;
+}
+
 inline void syncthreads() {
   Block& b = *block();
   const unsigned generation = b.generation;
@@ -94,7 +108,7 @@ inline void syncthreads() {
     ++b.generation;
     ++b.barriers_opened;
   } else {
-    while (b.generation == generation) yield();
+    wait_for_generation(b.generation, generation);
   }
 }
 
@@ -105,7 +119,7 @@ inline void warp_barrier(Warp& w) {
     ++w.generation;
     ++block()->barriers_opened;
   } else {
-    while (w.generation == generation) yield();
+    wait_for_generation(w.generation, generation);
   }
 }
 
@@ -346,7 +360,8 @@ void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const A
           int finished = 0;
           std::shuffle(order.begin(), order.end(), shuffler);
           for (int i : order) {
-            if (b.fibers[i].done) continue;
+            const Fiber& f = b.fibers[i];
+            if (f.done || (f.wait_on != nullptr && *f.wait_on == f.wait_for)) continue;
             b.current = i;
             swapcontext(&b.scheduler, &b.fibers[i].ctx);
             finished += b.fibers[i].done;
