@@ -85,9 +85,6 @@ template <> struct Mma<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t make_pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
-
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -806,17 +803,12 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const CudaArgs 
 
 template <typename Kernel>
 void run_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const CudaArgs& a, const char* what) {
-#ifdef GENFAST_CUDA_EMULATION
-  gf_emu::launch(kernel, grid, dim3(kThreads), smem, a);
-#else
   // Above 48 KiB of dynamic shared memory a kernel must opt in (once per device would do; the
-  // call is cheap and legal during CUDA-graph capture).
+  // call is cheap and legal during CUDA-graph capture; the emulation checks the opt-in).
   if (smem > 48 * 1024)
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), kFamily,
                 "cudaFuncSetAttribute");
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  cuda::check(cudaGetLastError(), kFamily, what);
-#endif
+  cuda::launch_kernel(kernel, grid, dim3(kThreads), smem, stream, kFamily, what, a);
 }
 
 template <typename T, int kDP>

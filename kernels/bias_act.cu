@@ -10,24 +10,14 @@
 
 #include "bias_act.h"
 #include "common.h"
+#include "cuda_common.cuh"
 
 namespace genfast {
 namespace bias_act {
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::Cvt;
+constexpr const char* kFamily = "bias_act";
 
 template <typename T>
 struct KernelArgs {
@@ -95,11 +85,6 @@ __global__ void __launch_bounds__(kThreads) bias_act_kernel(KernelArgs<T> p) {
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genfast bias_act (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
-
 template <typename T, int A, int M>
 void launch(const Args& a) {
   KernelArgs<T> p;
@@ -120,10 +105,9 @@ void launch(const Args& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   // 32-bit indexing is cheaper; 64-bit whenever an index could pass 2^31.
   if (a.n + int64_t(kThreads) * VEC < (int64_t(1) << 31))
-    bias_act_kernel<T, A, M, int32_t><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+    cuda::launch_kernel(bias_act_kernel<T, A, M, int32_t>, unsigned(blocks), kThreads, 0, stream, kFamily, "kernel launch", p);
   else
-    bias_act_kernel<T, A, M, int64_t><<<unsigned(blocks), kThreads, 0, stream>>>(p);
-  check(cudaGetLastError(), "kernel launch");
+    cuda::launch_kernel(bias_act_kernel<T, A, M, int64_t>, unsigned(blocks), kThreads, 0, stream, kFamily, "kernel launch", p);
 }
 
 template <typename T>
@@ -131,24 +115,13 @@ void by_act(const Args& a) {
   with_act_and_mode(a.act, a.mode, [&](auto act, auto mode) { launch<T, decltype(act)::value, decltype(mode)::value>(a); });
 }
 
-// Makes `device` current for the launch and restores the caller's device afterwards.
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
-
 }  // namespace
 
 void bias_act_cuda(const Args& a) {
   if (a.n == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   switch (a.dtype) {
     case F32: return by_act<float>(a);
     case F16: return by_act<__half>(a);

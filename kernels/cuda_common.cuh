@@ -42,11 +42,41 @@ struct DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 };
 
-// Storage type <-> float (all arithmetic is done in float).
+// A launcher's cap on a grid dimension, beyond which its kernel's grid-stride loop covers the
+// rest. The emulation caps at 3 blocks, so that its tests run those loops on small tensors.
+constexpr long long grid_cap(long long cap) {
+#ifdef GENFAST_CUDA_EMULATION
+  return cap < 3 ? cap : 3;
+#else
+  return cap;
+#endif
+}
+
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) and checks the launch
+// ("genfast <family> (CUDA): <what>: ..."); under GENFAST_CUDA_EMULATION the kernel runs on
+// the CPU emulator instead (tests/cuda_emulation).
+template <typename Kernel, typename... Args>
+void launch_kernel(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, const char* family,
+                   const char* what, const Args&... args) {
+#ifdef GENFAST_CUDA_EMULATION
+  (void)stream, (void)family, (void)what;
+  gf_emu::check_dynamic_shared(kernel, shared_bytes);
+  gf_emu::launch(kernel, grid, block, shared_bytes, args...);
+#else
+  kernel<<<grid, block, shared_bytes, stream>>>(args...);
+  check(cudaGetLastError(), family, what);
+#endif
+}
+
+// Storage type <-> float (all arithmetic is done in float; in double for double).
 template <typename T> struct Cvt;
 template <> struct Cvt<float> {
   static __device__ __forceinline__ float to(float v) { return v; }
   static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <> struct Cvt<double> {  // the families that also run float64 (arithmetic in double)
+  static __device__ __forceinline__ double to(double v) { return v; }
+  static __device__ __forceinline__ double from(double v) { return v; }
 };
 template <> struct Cvt<__half> {
   static __device__ __forceinline__ float to(__half v) { return __half2float(v); }

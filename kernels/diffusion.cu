@@ -13,6 +13,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "diffusion.h"
 
 namespace genfast {
@@ -23,22 +24,7 @@ constexpr int kThreads = 256;
 constexpr int kVec = 4;
 constexpr int kSumsChunk = 16384;  // genfast/ops/diffusion.py CUDA_SUMS_CHUNK
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genfast diffusion (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
-
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
+constexpr const char* kFamily = "diffusion";
 
 int itemsize(int dtype) { return dtype == F64 ? 8 : (dtype == F32 ? 4 : 2); }
 
@@ -49,7 +35,8 @@ bool aligned(const void* p, int dtype) {
 unsigned grid_for(int64_t groups) {
   // Grid-stride: enough blocks to fill any current GPU several times, never more than needed.
   const int64_t blocks = (groups + kThreads - 1) / kThreads;
-  return unsigned(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+  const int64_t cap = cuda::grid_cap(65536);
+  return unsigned(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 // ------------------------------------------------------------------------- loads and stores
@@ -365,26 +352,32 @@ __global__ void __launch_bounds__(kThreads) embedding_kernel(const EmbedArgs a, 
 
 void sampler_step_cuda(const StepArgs& a) {
   if (a.n == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   const bool vec = aligned(a.prev, a.prev_dtype) && aligned(a.aux, a.aux_dtype) && aligned(a.x.ptr, a.x.dtype) &&
                    aligned(a.m.ptr, a.m.dtype) && aligned(a.m_uncond.ptr, a.m_uncond.dtype) &&
                    aligned(a.h1.ptr, a.h1.dtype) && aligned(a.h2.ptr, a.h2.dtype) && aligned(a.z.ptr, a.z.dtype);
-  sampler_step_kernel<<<grid_for((a.n + kVec - 1) / kVec), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, vec);
-  check(cudaGetLastError(), "sampler_step launch");
+  cuda::launch_kernel(sampler_step_kernel, grid_for((a.n + kVec - 1) / kVec), kThreads, 0,
+                      reinterpret_cast<cudaStream_t>(a.stream), kFamily, "sampler_step launch", a, vec);
 }
 
 void add_noise_cuda(const NoiseArgs& a) {
   if (a.n == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   const bool vec = aligned(a.noisy, a.out_dtype) && aligned(a.target, a.out_dtype) && aligned(a.x0.ptr, a.x0.dtype) &&
                    aligned(a.noise.ptr, a.noise.dtype);
-  add_noise_kernel<<<grid_for((a.n + kVec - 1) / kVec), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, vec);
-  check(cudaGetLastError(), "add_noise launch");
+  cuda::launch_kernel(add_noise_kernel, grid_for((a.n + kVec - 1) / kVec), kThreads, 0,
+                      reinterpret_cast<cudaStream_t>(a.stream), kFamily, "add_noise launch", a, vec);
 }
 
 void per_sample_sums_cuda(const SumsArgs& a) {
   if (a.n == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   const int64_t samples = a.n / a.per_sample;
   const int64_t chunks = (a.per_sample + kSumsChunk - 1) / kSumsChunk;
   if (chunks != a.chunks) throw std::invalid_argument("per_sample_sums (CUDA): chunk count mismatch");
@@ -392,28 +385,30 @@ void per_sample_sums_cuda(const SumsArgs& a) {
   const bool vec = a.per_sample % kVec == 0 && aligned(a.a.ptr, a.a.dtype) && aligned(a.b.ptr, a.b.dtype);
   const dim3 grid{static_cast<unsigned>(chunks), static_cast<unsigned>(samples), 1u};
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
-  if (a.mode == SUMS_LOSS) sums_kernel<SUMS_LOSS><<<grid, kThreads, 0, stream>>>(a, vec);
-  else sums_kernel<SUMS_CFG><<<grid, kThreads, 0, stream>>>(a, vec);
-  check(cudaGetLastError(), "per_sample_sums launch");
+  cuda::launch_kernel(a.mode == SUMS_LOSS ? sums_kernel<SUMS_LOSS> : sums_kernel<SUMS_CFG>, grid, kThreads, 0, stream,
+                      kFamily, "per_sample_sums launch", a, vec);
 }
 
 void combine_cuda(const CombineArgs& a) {
   if (a.n == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   const bool vec = aligned(a.out, a.out_dtype) && aligned(a.out2, a.out2_dtype) && aligned(a.a.ptr, a.a.dtype) &&
                    aligned(a.b.ptr, a.b.dtype);
-  combine_kernel<<<grid_for((a.n + kVec - 1) / kVec), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, vec);
-  check(cudaGetLastError(), "combine launch");
+  cuda::launch_kernel(combine_kernel, grid_for((a.n + kVec - 1) / kVec), kThreads, 0,
+                      reinterpret_cast<cudaStream_t>(a.stream), kFamily, "combine launch", a, vec);
 }
 
 void timestep_embedding_cuda(const EmbedArgs& a) {
   if (a.count == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   const float log_period = -float(std::log(a.max_period));
   const float denominator = float(double(a.dim / 2) - a.downscale_freq_shift);
-  embedding_kernel<<<grid_for(a.count * a.dim), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
-      a, log_period, denominator);
-  check(cudaGetLastError(), "timestep_embedding launch");
+  cuda::launch_kernel(embedding_kernel, grid_for(a.count * a.dim), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream),
+                      kFamily, "timestep_embedding launch", a, log_period, denominator);
 }
 
 }  // namespace diffusion

@@ -15,33 +15,19 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "filtered_lrelu.h"
 
 namespace genfast {
 namespace filtered_lrelu {
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  using F = float;
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<double> {
-  using F = double;
-  static __device__ __forceinline__ double to(double v) { return v; }
-  static __device__ __forceinline__ double from(double v) { return v; }
-};
-template <> struct Cvt<__half> {
-  using F = float;
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  using F = float;
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::Cvt;
+constexpr const char* kFamily = "filtered_lrelu";
+
+// Arithmetic type: double for float64 data, float otherwise.
+template <typename T>
+using Arith = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
 constexpr int kThreads = 256;
 
@@ -77,8 +63,8 @@ __device__ __forceinline__ int64_t dev_ceil_div(int64_t a, int64_t b) { return a
 // U1, D2: the factors; G1, G2: separable tap counts (0: runtime values, any filter kind).
 template <typename T, int U1, int D2, int G1, int G2>
 __global__ void __launch_bounds__(kThreads) filtered_lrelu_kernel(KernelArgs<T> p) {
-  using F = typename Cvt<T>::F;
-  extern __shared__ unsigned char smem_raw[];
+  using F = Arith<T>;
+  GF_DYNAMIC_SHARED(unsigned char, smem_raw);
   F* smem = reinterpret_cast<F*>(smem_raw);
   const int64_t u1 = U1 ? U1 : p.u1;
   const int64_t d2 = D2 ? D2 : p.d2;
@@ -243,11 +229,6 @@ __global__ void __launch_bounds__(kThreads) filtered_lrelu_kernel(KernelArgs<T> 
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genfast filtered_lrelu (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
-
 Geometry make_geometry(const Args& a, int toy, int tox, size_t elem) {
   Geometry g;
   g.toy = toy;
@@ -267,18 +248,17 @@ template <typename T, int U1, int D2, int G1, int G2>
 void launch_with(const KernelArgs<T>& p, cudaStream_t stream) {
   auto kernel = filtered_lrelu_kernel<T, U1, D2, G1, G2>;
   if (p.geo.smem_bytes > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.geo.smem_bytes)),
-          "cudaFuncSetAttribute");
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.geo.smem_bytes)),
+                kFamily, "cudaFuncSetAttribute");
   const int64_t tiles = int64_t(p.tiles_x) * p.tiles_y;
   if (tiles > 0x7fffffffLL) throw std::invalid_argument("genfast filtered_lrelu (CUDA): output too large");
-  dim3 grid(unsigned(tiles), unsigned(std::min<int64_t>(p.planes, 65535)));
-  kernel<<<grid, kThreads, p.geo.smem_bytes, stream>>>(p);
-  check(cudaGetLastError(), "kernel launch");
+  dim3 grid(unsigned(tiles), unsigned(std::min<int64_t>(p.planes, cuda::grid_cap(65535))));
+  cuda::launch_kernel(kernel, grid, kThreads, p.geo.smem_bytes, stream, kFamily, "kernel launch", p);
 }
 
 template <typename T>
 void launch(const Args& a) {
-  using F = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  using F = Arith<T>;
   KernelArgs<T> p;
   p.out = static_cast<T*>(a.out);
   p.x = static_cast<const T*>(a.x);
@@ -294,7 +274,8 @@ void launch(const Args& a) {
 
   // Largest output tile (16 x 16 down to 4 x 4) whose shared tiles fit the device.
   int device_smem = 0;
-  check(cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device), "cudaDeviceGetAttribute");
+  cuda::check(cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device), kFamily,
+              "cudaDeviceGetAttribute");
   Geometry geo{};
   bool found = false;
   for (int t = 16; t >= 1; t /= 2) {
@@ -315,25 +296,14 @@ void launch(const Args& a) {
     launch_with<T, 0, 0, 0, 0>(p, stream);
 }
 
-// Makes `device` current for the launch and restores the caller's device afterwards.
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
-
 }  // namespace
 
 void filtered_lrelu_cuda(const Args& a) {
   if (a.N * a.C == 0 || a.oh <= 0 || a.ow <= 0) return;
   if (a.mode == MASK && a.signs == nullptr) throw std::invalid_argument("filtered_lrelu: MASK mode needs the sign record");
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   switch (a.dtype) {
     case F32: return launch<float>(a);
     case F64: return launch<double>(a);

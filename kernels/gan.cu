@@ -9,25 +9,15 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "gan.h"
 
 namespace genfast {
 namespace gan {
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::Cvt;
+constexpr const char* kFamily = "pixel_norm";
 
 template <typename T>
 struct KernelArgs {
@@ -137,11 +127,6 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(KernelArgs<T> p, int6
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genfast pixel_norm (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
-
 template <typename T, int M>
 void launch(const PixelNormArgs& a) {
   KernelArgs<T> p;
@@ -157,17 +142,15 @@ void launch(const PixelNormArgs& a) {
     constexpr int VEC = 16 / sizeof(T);
     auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
     const bool vec = a.C % VEC == 0 && aligned(p.out) && aligned(p.x) && (M == PN_FORWARD || aligned(p.dy));
-    if (vec)
-      rows_kernel<T, M, VEC><<<unsigned(blocks), kThreads, 0, stream>>>(p);
-    else
-      rows_kernel<T, M, 1><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+    cuda::launch_kernel(vec ? rows_kernel<T, M, VEC> : rows_kernel<T, M, 1>, unsigned(blocks), kThreads, 0, stream, kFamily,
+                        "kernel launch", p);
   } else {
     const int64_t tiles_per_outer = (a.S + 31) / 32;
     const int64_t blocks = a.outer * tiles_per_outer;
     if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast pixel_norm (CUDA): tensor too large");
-    columns_kernel<T, M><<<unsigned(blocks), dim3(32, kWarpsPerBlock), 0, stream>>>(p, tiles_per_outer);
+    cuda::launch_kernel(columns_kernel<T, M>, unsigned(blocks), dim3(32, kWarpsPerBlock), 0, stream, kFamily,
+                        "kernel launch", p, tiles_per_outer);
   }
-  check(cudaGetLastError(), "kernel launch");
 }
 
 template <typename T>
@@ -177,23 +160,13 @@ void by_mode(const PixelNormArgs& a) {
   throw std::invalid_argument("genfast pixel_norm (CUDA): unknown mode " + std::to_string(a.mode));
 }
 
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
-
 }  // namespace
 
 void pixel_norm_cuda(const PixelNormArgs& a) {
   if (a.outer * a.C * a.S == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   switch (a.dtype) {
     case F32: return by_mode<float>(a);
     case F16: return by_mode<__half>(a);

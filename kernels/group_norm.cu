@@ -21,25 +21,15 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "group_norm.h"
 
 namespace genfast {
 namespace group_norm {
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::Cvt;
+constexpr const char* kFamily = "group_norm";
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -506,23 +496,6 @@ __global__ void group_coefficients(const float* __restrict__ sums, const T* __re
 
 // ----------------------------------------------------------------------------- host
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genfast group_norm (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
-
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T, bool SILU, bool BACKWARD>
@@ -531,10 +504,11 @@ void launch_elementwise(const ElementArgs<T>& p, cudaStream_t stream) {
   const int64_t blocks = (p.total + int64_t(kThreads) * VEC - 1) / (int64_t(kThreads) * VEC);
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast group_norm (CUDA): tensor too large");
   if (p.total + int64_t(kThreads) * VEC < (int64_t(1) << 31))
-    elementwise<T, SILU, BACKWARD, int32_t><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+    cuda::launch_kernel(elementwise<T, SILU, BACKWARD, int32_t>, unsigned(blocks), kThreads, 0, stream, kFamily,
+                        "elementwise launch", p);
   else
-    elementwise<T, SILU, BACKWARD, int64_t><<<unsigned(blocks), kThreads, 0, stream>>>(p);
-  check(cudaGetLastError(), "elementwise launch");
+    cuda::launch_kernel(elementwise<T, SILU, BACKWARD, int64_t>, unsigned(blocks), kThreads, 0, stream, kFamily,
+                        "elementwise launch", p);
 }
 
 void check_grid(int64_t y, int64_t z) {
@@ -557,21 +531,20 @@ void forward(const ForwardArgs& a) {
     const int64_t blocks = s.N * s.G * plan.K;
     if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast group_norm (CUDA): tensor too large");
     const bool vector_ok = aligned16(x) && plan.len % VEC == 0;
-    moments_nchw<T><<<unsigned(blocks), kThreads, 0, stream>>>(x, pmean, pm2, plan.len, plan.chunk, plan.K,
-                                                               vector_ok);
+    cuda::launch_kernel(moments_nchw<T>, unsigned(blocks), kThreads, 0, stream, kFamily, "moments launch", x, pmean,
+                        pm2, plan.len, plan.chunk, plan.K, vector_ok);
   } else {
     const int64_t width = 32 * VEC;
     check_grid((s.C + width - 1) / width, s.N);
     const bool vector_ok = aligned16(x) && s.C % VEC == 0;
     dim3 grid(unsigned(plan.K), unsigned((s.C + width - 1) / width), unsigned(s.N));
-    moments_nhwc<T><<<grid, dim3(32, kLanesY), 0, stream>>>(x, pmean, pm2, s.S, s.C, D, vector_ok);
+    cuda::launch_kernel(moments_nhwc<T>, grid, dim3(32, kLanesY), 0, stream, kFamily, "moments launch", x, pmean, pm2,
+                        s.S, s.C, D, vector_ok);
   }
-  check(cudaGetLastError(), "moments launch");
   // NHWC partials of one group: D channels x K chunks of rows; NCHW: K chunks of the group.
-  finalize<T><<<unsigned(s.N * s.G), kThreads, 0, stream>>>(
-      x, pmean, pm2, static_cast<float*>(a.mean), static_cast<float*>(a.rstd), plan.partials_per_group, plan.K,
-      plan.chunk, plan.len, float(D * s.S), float(a.eps), s.G, D, s.S, s.C, s.channels_last);
-  check(cudaGetLastError(), "finalize launch");
+  cuda::launch_kernel(finalize<T>, unsigned(s.N * s.G), kThreads, 0, stream, kFamily, "finalize launch", x, pmean, pm2,
+                      static_cast<float*>(a.mean), static_cast<float*>(a.rstd), plan.partials_per_group, plan.K,
+                      plan.chunk, plan.len, float(D * s.S), float(a.eps), s.G, D, s.S, s.C, s.channels_last);
 
   ElementArgs<T> p{};
   p.x = x;
@@ -604,27 +577,25 @@ void backward(const BackwardArgs& a) {
   const float* rstd = static_cast<const float*>(a.rstd);
   float* sums = static_cast<float*>(a.sums);  // [2, N, C] then coef [N, G, 2]
   float* coef = sums + 2 * s.N * s.C;
-  check(cudaMemsetAsync(sums, 0, size_t(2 * s.N * s.C) * sizeof(float), stream), "cudaMemsetAsync");
+  cuda::check(cudaMemsetAsync(sums, 0, size_t(2 * s.N * s.C) * sizeof(float), stream), kFamily, "cudaMemsetAsync");
   if (!s.channels_last) {
     check_grid(s.C, s.N);
     const int64_t chunk = int64_t(kThreads) * VEC * 2;
     const bool vector_ok = aligned16(x) && aligned16(dy) && s.S % VEC == 0;
     dim3 grid(unsigned((s.S + chunk - 1) / chunk), unsigned(s.C), unsigned(s.N));
-    grad_sums_nchw<T, SILU><<<grid, kThreads, 0, stream>>>(x, dy, mean, rstd, w, b, sums, s.N, s.S, s.G, D, chunk,
-                                                           vector_ok);
+    cuda::launch_kernel(grad_sums_nchw<T, SILU>, grid, kThreads, 0, stream, kFamily, "grad sums launch", x, dy, mean,
+                        rstd, w, b, sums, s.N, s.S, s.G, D, chunk, vector_ok);
   } else {
     const int64_t width = 32 * VEC;
     check_grid((s.C + width - 1) / width, s.N);
     const bool vector_ok = aligned16(x) && aligned16(dy) && s.C % VEC == 0;
     dim3 grid(unsigned((s.S + kRowsNHWC - 1) / kRowsNHWC), unsigned((s.C + width - 1) / width), unsigned(s.N));
-    grad_sums_nhwc<T, SILU><<<grid, dim3(32, kLanesY), 0, stream>>>(x, dy, mean, rstd, w, b, sums, s.N, s.S, s.C,
-                                                                    s.G, D, vector_ok);
+    cuda::launch_kernel(grad_sums_nhwc<T, SILU>, grid, dim3(32, kLanesY), 0, stream, kFamily, "grad sums launch", x,
+                        dy, mean, rstd, w, b, sums, s.N, s.S, s.C, s.G, D, vector_ok);
   }
-  check(cudaGetLastError(), "grad sums launch");
   const int64_t groups = s.N * s.G;
-  group_coefficients<T><<<unsigned((groups + kThreads - 1) / kThreads), kThreads, 0, stream>>>(sums, w, coef, s.N,
-                                                                                              s.C, s.G);
-  check(cudaGetLastError(), "coefficients launch");
+  cuda::launch_kernel(group_coefficients<T>, unsigned((groups + kThreads - 1) / kThreads), kThreads, 0, stream, kFamily,
+                      "coefficients launch", sums, w, coef, s.N, s.C, s.G);
 
   ElementArgs<T> p{};
   p.x = x;
@@ -654,7 +625,9 @@ int64_t forward_workspace_floats(const Shape& shape) { return 2 * make_plan(shap
 
 void group_norm_forward_cuda(const ForwardArgs& a) {
   if (a.shape.N == 0 || a.shape.S == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   switch (a.shape.dtype) {
     case F32: return forward<float>(a);
     case F16: return forward<__half>(a);
@@ -665,7 +638,9 @@ void group_norm_forward_cuda(const ForwardArgs& a) {
 
 void group_norm_backward_cuda(const BackwardArgs& a) {
   if (a.shape.N == 0 || a.shape.S == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   switch (a.shape.dtype) {
     case F32: return backward_typed<float>(a);
     case F16: return backward_typed<__half>(a);

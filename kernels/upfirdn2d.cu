@@ -21,33 +21,19 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "upfirdn2d.h"
 
 namespace genfast {
 namespace upfirdn2d {
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  using acc = float;
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<double> {
-  using acc = double;
-  static __device__ __forceinline__ double to(double v) { return v; }
-  static __device__ __forceinline__ double from(double v) { return v; }
-};
-template <> struct Cvt<__half> {
-  using acc = float;
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  using acc = float;
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::Cvt;
+constexpr const char* kFamily = "upfirdn2d";
+
+// Accumulator type: double for float64 data, float otherwise.
+template <typename T>
+using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
 // Element strides of x and out ([n, c, y, x]); NCHW or NHWC, both dense.
 struct Strides {
@@ -75,7 +61,7 @@ constexpr int kGeneralThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kGeneralThreads) general_kernel(KernelParams p, bool nhwc) {
-  using A = typename Cvt<T>::acc;
+  using A = Acc<T>;
   const T* __restrict x = static_cast<const T*>(p.x);
   T* __restrict out = static_cast<T*>(p.out);
   const int64_t total = p.n * p.c * p.oh * p.ow;
@@ -225,17 +211,14 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(KernelParams p, in
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("upfirdn2d: ") + what + ": " + cudaGetErrorString(err));
-}
-
 template <typename T, int UP, int DOWN, int TAPS, bool SEP, bool NHWC, int TOW, int TOH, int CB>
 void launch_tiled(const KernelParams& p, cudaStream_t stream) {
   const int64_t tiles_x = (p.ow + TOW - 1) / TOW, tiles_y = (p.oh + TOH - 1) / TOH;
   const int64_t planes = p.n * ((p.c + CB - 1) / CB);
   if (tiles_x * tiles_y > 0x7fffffffLL) throw std::invalid_argument("upfirdn2d: image too large for the tiled kernel");
-  const dim3 grid(unsigned(tiles_x * tiles_y), unsigned(std::min<int64_t>(planes, 65535)));
-  tiled_kernel<T, UP, DOWN, TAPS, SEP, NHWC, TOW, TOH, CB><<<grid, kTiledThreads, 0, stream>>>(p, tiles_x, planes);
+  const dim3 grid(unsigned(tiles_x * tiles_y), unsigned(std::min<int64_t>(planes, cuda::grid_cap(65535))));
+  cuda::launch_kernel(tiled_kernel<T, UP, DOWN, TAPS, SEP, NHWC, TOW, TOH, CB>, grid, kTiledThreads, 0, stream, kFamily,
+                      "kernel launch", p, tiles_x, planes);
 }
 
 // Tile shapes: NCHW tiles are wide along x (coalesced rows, one channel); NHWC tiles hold a
@@ -295,30 +278,19 @@ void run(const Args& a) {
   if constexpr (!std::is_same<T, double>::value) launched = try_tiled<T>(a, p, stream);
   if (!launched) {
     const int64_t total = a.n * a.c * a.oh * a.ow;
-    const int64_t blocks = std::min<int64_t>((total + kGeneralThreads - 1) / kGeneralThreads, 1 << 20);
-    general_kernel<T><<<unsigned(blocks), kGeneralThreads, 0, stream>>>(p, a.channels_last);
+    const int64_t blocks = std::min<int64_t>((total + kGeneralThreads - 1) / kGeneralThreads, cuda::grid_cap(1 << 20));
+    cuda::launch_kernel(general_kernel<T>, unsigned(blocks), kGeneralThreads, 0, stream, kFamily, "kernel launch", p,
+                        a.channels_last);
   }
-  check(cudaGetLastError(), "kernel launch");
 }
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
 
 }  // namespace
 
 void upfirdn2d_cuda(const Args& a) {
   if (a.n * a.c * a.oh * a.ow == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   switch (a.dtype) {
     case F32: return run<float>(a);
     case F64: return run<double>(a);

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "vae.h"
 
 namespace genfast {
@@ -15,6 +16,7 @@ namespace vae {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr const char* kFamily = "vae";
 
 __device__ __forceinline__ float load(const float* p, int64_t i) { return __ldg(p + i); }
 __device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
@@ -80,36 +82,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args a) {
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genfast vae (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
-
-struct DeviceGuard {
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
-  }
-};
-
 template <bool Forward>
 void launch(const Args& a) {
   if (a.rows == 0 || a.cols == 0) return;
-  DeviceGuard guard(a.device);
+#ifndef GENFAST_CUDA_EMULATION
+  cuda::DeviceGuard guard(a.device);
+#endif
   const int64_t blocks = a.rows * num_chunks(a.cols);
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast vae (CUDA): tensor too large");
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    if (Forward)
-      forward_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(a);
-    else
-      backward_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    cuda::launch_kernel(Forward ? forward_kernel<T> : backward_kernel<T>, unsigned(blocks), kThreads, 0, stream, kFamily,
+                        "kernel launch", a);
   };
   switch (a.dtype) {
     case F32: go(float{}); break;
@@ -117,7 +102,6 @@ void launch(const Args& a) {
     case BF16: go(__nv_bfloat16{}); break;
     default: throw std::invalid_argument(std::string("genfast vae (CUDA): unsupported dtype ") + dtype_name(a.dtype));
   }
-  check(cudaGetLastError(), "kernel launch");
 }
 
 }  // namespace

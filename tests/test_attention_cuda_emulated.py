@@ -10,60 +10,21 @@ The same checks run on a real GPU in tests/test_attention_cuda.py.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import test_attention_cuda as gpu_tests
+from cuda_emulation import build
 from genfast.ops import attention as A
 from genfast.testing import error_vs_reference
-
-ROOT = Path(__file__).resolve().parents[1]
-HARNESS = ROOT / "tests" / "cuda_emulation" / "attention_emulated.cpp"
-SOURCES = [HARNESS, ROOT / "tests" / "cuda_emulation" / "cuda_emulation.h", ROOT / "kernels" / "attention.cu",
-           ROOT / "kernels" / "attention.h", ROOT / "kernels" / "cuda_common.cuh", ROOT / "csrc" / "attention_bindings.cpp",
-           ROOT / "csrc" / "attention_cpu.h", ROOT / "csrc" / "bindings.h", ROOT / "csrc" / "common.h"]
-
-
-def build_emulated_module():
-    """Compiles the emulation module once per source version (about 20 s) into the temp dir."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found: the CUDA emulation tests compile the kernels' source with it")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 not installed (it is in the test extra)")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    out_dir = Path(tempfile.gettempdir()) / f"genfast-cuda-emulation-{digest}"
-    target = out_dir / f"attention_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
-    if not target.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".building")
-        cmd = [nvcc, "-x", "c++", "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
-               f"-I{ROOT / 'kernels'}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_emulation'}",
-               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", str(HARNESS), "-o", str(partial)]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, f"building the CUDA emulation failed:\n{run.stderr[-4000:]}"
-        partial.replace(target)
-    spec = importlib.util.spec_from_file_location("attention_emulated", target)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def emulated():
-    return build_emulated_module()
+    return build.build("attention")
 
 
 @pytest.fixture(autouse=True)

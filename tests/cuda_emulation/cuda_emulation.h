@@ -5,8 +5,11 @@
 // Every thread of a block is a fiber (ucontext); one block runs at a time. __syncthreads is a
 // block barrier; warp collectives (__shfl_xor_sync, mma.sync m16n8k16) are warp barriers where
 // each lane deposits its registers and reads the others', exactly as the hardware exchanges
-// them. Shared memory starts filled with 0xFF bytes (NaN in fp16/bf16/fp32), so a read of
-// something never written shows up as NaN in the result. Slow, and meant for small problems.
+// them. Shared memory (dynamic, and static __shared__ variables) is refilled with 0xFF bytes
+// (NaN in fp16/bf16/fp32/fp64) before every block, so a read of something never written shows
+// up as NaN in the result. Between barriers the threads run one after another in a shuffled
+// order (fixed per block), so a missing barrier (e.g. thread 0 writes, the others read) shows
+// up instead of hiding behind thread 0 always running first. Slow, and meant for small problems.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,6 +21,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -29,6 +35,11 @@
 namespace gf_emu {
 
 constexpr size_t kFiberStack = 256 * 1024;
+// The emulated device: an H100's limits (what the launchers ask cudaDeviceGetAttribute).
+constexpr int kSharedPerBlockDefault = 48 * 1024;  // dynamic shared memory without an opt-in
+constexpr int kSharedPerBlockOptin = 227 * 1024;
+constexpr int kMultiProcessors = 132;
+constexpr size_t kSharedGuard = 256;  // bytes after the dynamic shared memory that must stay untouched
 
 // cp.async: a 16-byte global -> shared copy that lands only when its group is waited for (the
 // latest moment the hardware allows), so a missing wait reads stale shared memory.
@@ -41,15 +52,19 @@ struct AsyncCopy {
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
   uint3 thread_idx;
   int linear = 0;
   bool done = false;
   std::vector<AsyncCopy> async_copies;  // issued, not yet landed
   int async_groups = 0;                 // committed groups so far
+  // Waiting at a barrier until *wait_on != wait_for (its generation moves on): the scheduler
+  // does not resume it before, which saves two context switches per round.
+  const unsigned* wait_on = nullptr;
+  unsigned wait_for = 0;
 };
 
 struct Warp {
+  int size = 32;  // lanes that exist: the last warp of a block of 48 threads has 16
   int arrived = 0;
   unsigned generation = 0;
   uint32_t slots[32][8];
@@ -79,8 +94,22 @@ inline dim3& block_dim() {
   static dim3 dim;
   return dim;
 }
+inline dim3& grid_dim() {
+  static dim3 dim;
+  return dim;
+}
 inline Fiber& self() { return block()->fibers[block()->current]; }
 inline void yield() { swapcontext(&self().ctx, &block()->scheduler); }
+
+// Blocks the calling fiber until the barrier's generation counter leaves `generation`.
+inline void wait_for_generation(const unsigned& counter, unsigned generation) {
+  while (counter == generation) {
+    self().wait_on = &counter;
+    self().wait_for = generation;
+    yield();
+  }
+  self().wait_on = nullptr;
+}
 
 inline void syncthreads() {
   Block& b = *block();
@@ -90,18 +119,18 @@ inline void syncthreads() {
     ++b.generation;
     ++b.barriers_opened;
   } else {
-    while (b.generation == generation) yield();
+    wait_for_generation(b.generation, generation);
   }
 }
 
 inline void warp_barrier(Warp& w) {
   const unsigned generation = w.generation;
-  if (++w.arrived == 32) {
+  if (++w.arrived == w.size) {
     w.arrived = 0;
     ++w.generation;
     ++block()->barriers_opened;
   } else {
-    while (w.generation == generation) yield();
+    wait_for_generation(w.generation, generation);
   }
 }
 
@@ -116,12 +145,67 @@ void warp_exchange(const uint32_t* words, int n, Read&& read) {
   warp_barrier(w);  // nobody overwrites the slots before everyone has read them
 }
 
-inline float shfl_xor(float v, int lane_mask) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  float out = 0.0f;
-  warp_exchange(&bits, 1, [&](uint32_t (*slots)[8], int lane) { std::memcpy(&out, &slots[lane ^ lane_mask][0], 4); });
+// A shuffle: every lane deposits v and reads the v of lane source(lane), or keeps its own v when
+// source(lane) < 0 (the source is outside its width-segment). Reading a lane that does not
+// exist (a partial last warp) gives all-ones bits: NaN for floats.
+template <typename T, typename Source>
+T shuffle(T v, Source source) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "the emulated shuffles move 4- or 8-byte values");
+  constexpr int n = sizeof(T) / 4;
+  uint32_t words[n];
+  std::memcpy(words, &v, sizeof(T));
+  T out = v;
+  const int size = block()->warps[self().linear / 32].size;
+  warp_exchange(words, n, [&](uint32_t (*slots)[8], int lane) {
+    const int src = source(lane);
+    if (src < 0) return;
+    if (src < size) {
+      std::memcpy(&out, slots[src], sizeof(T));
+    } else {
+      std::memset(&out, 0xFF, sizeof(T));
+    }
+  });
   return out;
+}
+
+// The source lanes of __shfl_*_sync(mask, v, arg, width), per the CUDA programming guide.
+template <typename T>
+T shfl_xor(T v, int lane_mask, int width = 32) {
+  return shuffle(v, [=](int lane) { const int src = lane ^ lane_mask; return (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : -1; });
+}
+template <typename T>
+T shfl_down(T v, unsigned delta, int width = 32) {
+  return shuffle(v, [=](int lane) { return (lane & (width - 1)) + int(delta) < width ? lane + int(delta) : -1; });
+}
+template <typename T>
+T shfl_up(T v, unsigned delta, int width = 32) {
+  return shuffle(v, [=](int lane) { return (lane & (width - 1)) >= int(delta) ? lane - int(delta) : -1; });
+}
+template <typename T>
+T shfl_idx(T v, int src_lane, int width = 32) {
+  return shuffle(v, [=](int lane) { return (lane & ~(width - 1)) + (src_lane & (width - 1)); });
+}
+
+// Warp votes over the lanes named in mask (every lane of the warp must take part).
+inline unsigned ballot(unsigned mask, bool predicate) {
+  const uint32_t mine = predicate ? 1u : 0u;
+  unsigned bits = 0;
+  const int size = block()->warps[self().linear / 32].size;
+  warp_exchange(&mine, 1, [&](uint32_t (*slots)[8], int) {
+    for (int l = 0; l < size; ++l) bits |= (slots[l][0] & 1u) << l;
+  });
+  return bits & mask;
+}
+
+inline void syncwarp() { warp_barrier(block()->warps[self().linear / 32]); }
+
+// Fibers run one at a time and never in the middle of a read-modify-write: plain arithmetic is
+// atomic here.
+template <typename T>
+T atomic_add(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
 }
 
 template <typename T>
@@ -219,38 +303,127 @@ inline void fiber_entry() {
   b.fibers[b.current].done = true;
 }
 
-// Runs kernel(args) over the grid, block after block; throws on a deadlock (a barrier that
+// Dynamic shared memory: 16-byte aligned, like the hardware's.
+template <typename T>
+T* dynamic_shared(Block& b) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(b.shared.data()) + 15) & ~uintptr_t(15));
+}
+template <typename T>
+T* dynamic_shared() {
+  return dynamic_shared<T>(*block());
+}
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): the opt-ins
+// a launch with more than 48 KiB of dynamic shared memory needs, as on the hardware.
+inline std::vector<std::pair<const void*, int>>& shared_optins() {
+  static std::vector<std::pair<const void*, int>> optins;
+  return optins;
+}
+
+template <typename Kernel>
+int shared_limit(Kernel kernel) {
+  int limit = kSharedPerBlockDefault;
+  for (const auto& optin : shared_optins())
+    if (optin.first == reinterpret_cast<const void*>(kernel)) limit = std::max(limit, optin.second);
+  return limit;
+}
+
+template <typename Kernel>
+cudaError_t func_set_attribute(Kernel kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || value > kSharedPerBlockOptin) return cudaErrorInvalidValue;
+  shared_optins().emplace_back(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
+
+// What the hardware checks at launch: above 48 KiB of dynamic shared memory a kernel must have
+// opted in (up to 227 KiB). (Not checked by launch() itself: attention.cu's emulated launch
+// path skips its opt-in.)
+template <typename Kernel>
+void check_dynamic_shared(Kernel kernel, size_t shared_bytes) {
+  if (shared_bytes > size_t(shared_limit(kernel)))
+    throw std::runtime_error("cuda emulation: " + std::to_string(shared_bytes) +
+                             " bytes of dynamic shared memory, above the kernel's limit (48 KiB without a "
+                             "cudaFuncSetAttribute opt-in, 227 KiB with one)");
+}
+
+inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attribute, int /*device*/) {
+  switch (attribute) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kSharedPerBlockOptin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = kSharedPerBlockDefault; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = kMultiProcessors; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    default: throw std::runtime_error("cuda emulation: device attribute " + std::to_string(int(attribute)) + " not emulated");
+  }
+}
+
+// Fiber stacks, allocated once (not zeroed) and reused by every block of every launch.
+inline char* fiber_stack(int i) {
+  static std::vector<std::unique_ptr<char[]>> stacks;
+  while (int(stacks.size()) <= i) stacks.emplace_back(new char[kFiberStack]);
+  return stacks[i].get();
+}
+
+}  // namespace gf_emu
+
+// Static __shared__ variables are function-local statics placed in their own ELF section, so
+// that the whole section can be refilled with 0xFF before each block (blocks run one at a
+// time, so one copy serves every block). The linker defines the section's bounds.
+#define GF_EMU_SHARED_SECTION "gf_emu_shared"
+extern "C" char __start_gf_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_gf_emu_shared[] __attribute__((weak, visibility("hidden")));
+
+namespace gf_emu {
+
+inline void poison_static_shared() {
+  if (__start_gf_emu_shared != nullptr && __stop_gf_emu_shared != __start_gf_emu_shared)
+    std::memset(__start_gf_emu_shared, 0xFF, size_t(__stop_gf_emu_shared - __start_gf_emu_shared));
+}
+
+// Runs kernel(args...) over the grid, block after block; throws on a deadlock (a barrier that
 // some threads never reach).
-template <typename Kernel, typename Args>
-void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const Args& args) {
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const Args&... args) {
   const int n = int(threads.x * threads.y * threads.z);
+  if (n < 1 || n > 1024) throw std::runtime_error("cuda emulation: a block needs 1 to 1024 threads");
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("cuda emulation: invalid grid (x >= 1, 1 <= y, z <= 65535)");
+
+  grid_dim() = grid;
+  block_dim() = threads;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block b;
         b.fibers.resize(n);
         b.warps.resize((n + 31) / 32);
-        b.shared.assign(shared_bytes + 16, 0xFF);
-        b.body = [&] { kernel(args); };
+        b.warps.back().size = n - 32 * (int(b.warps.size()) - 1);
+        b.shared.assign(16 + shared_bytes + kSharedGuard, 0xFF);
+        poison_static_shared();
+        b.body = [&] { kernel(args...); };
         block() = &b;
         block_idx() = make_uint3(bx, by, bz);
-        block_dim() = threads;
         for (int i = 0; i < n; ++i) {
           Fiber& f = b.fibers[i];
           f.linear = i;
           f.thread_idx = make_uint3(i % threads.x, (i / threads.x) % threads.y, i / (threads.x * threads.y));
-          f.stack.resize(kFiberStack);
           getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_stack.ss_sp = fiber_stack(i);
+          f.ctx.uc_stack.ss_size = kFiberStack;
           f.ctx.uc_link = &b.scheduler;
           makecontext(&f.ctx, fiber_entry, 0);
         }
+        std::vector<int> order(n);
+        std::iota(order.begin(), order.end(), 0);
+        std::minstd_rand shuffler(1 + bx + 65536u * (by + 65536u * bz));  // the same order for every run
         for (int live = n, stalled_rounds = 0; live > 0;) {
           const uint64_t before = b.barriers_opened;
           int finished = 0;
-          for (int i = 0; i < n; ++i) {
-            if (b.fibers[i].done) continue;
+          std::shuffle(order.begin(), order.end(), shuffler);
+          for (int i : order) {
+            const Fiber& f = b.fibers[i];
+            if (f.done || (f.wait_on != nullptr && *f.wait_on == f.wait_for)) continue;
             b.current = i;
             swapcontext(&b.scheduler, &b.fibers[i].ctx);
             finished += b.fibers[i].done;
@@ -262,13 +435,18 @@ void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const A
           if (stalled_rounds > 10) throw std::runtime_error("cuda emulation: deadlock (a barrier some threads never reach)");
         }
         block() = nullptr;
+        const unsigned char* guard = dynamic_shared<unsigned char>(b) + shared_bytes;
+        for (size_t i = 0; i < kSharedGuard; ++i)
+          if (guard[i] != 0xFF) throw std::runtime_error("cuda emulation: a write past the end of dynamic shared memory");
       }
 }
 
-template <typename T>
-T* dynamic_shared() {
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(block()->shared.data()) + 15) & ~uintptr_t(15));
+// The stream-ordered runtime calls the launchers make, on host memory.
+inline cudaError_t memset_async(void* ptr, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
 }
+
 
 }  // namespace gf_emu
 
@@ -277,7 +455,38 @@ T* dynamic_shared() {
 #define blockIdx (gf_emu::block_idx())
 #define blockDim (gf_emu::block_dim())
 #define __syncthreads() gf_emu::syncthreads()
-#define __shfl_xor_sync(mask, value, lane_mask) gf_emu::shfl_xor((value), (lane_mask))
+#define gridDim (gf_emu::grid_dim())
+#define warpSize 32
+#define __shfl_xor_sync(mask, ...) gf_emu::shfl_xor(__VA_ARGS__)
+#define __shfl_down_sync(mask, ...) gf_emu::shfl_down(__VA_ARGS__)
+#define __shfl_up_sync(mask, ...) gf_emu::shfl_up(__VA_ARGS__)
+#define __shfl_sync(mask, ...) gf_emu::shfl_idx(__VA_ARGS__)
+#define __ballot_sync(mask, predicate) gf_emu::ballot((mask), (predicate))
+#define __any_sync(mask, predicate) (gf_emu::ballot((mask), (predicate)) != 0u)
+#define __all_sync(mask, predicate) (gf_emu::ballot((mask), (predicate)) == gf_emu::ballot((mask), true))
+#define __syncwarp(...) gf_emu::syncwarp()
+#define cudaMemsetAsync gf_emu::memset_async
+#define cudaFuncSetAttribute gf_emu::func_set_attribute
+#define cudaDeviceGetAttribute gf_emu::device_get_attribute
 #define GF_DYNAMIC_SHARED(type, name) type* name = gf_emu::dynamic_shared<type>()
+#undef __shared__
+#define __shared__ static __attribute__((section(GF_EMU_SHARED_SECTION)))
+
+// Device-only intrinsics, with their host equivalents (the fast-math ones as the accurate ones).
+template <typename T>
+T __ldg(const T* p) { return *p; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float x, float y) { return x / y; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float sinpif(float x) { return float(std::sin(3.14159265358979323846 * double(x))); }
+inline float cospif(float x) { return float(std::cos(3.14159265358979323846 * double(x))); }
+inline float atomicAdd(float* address, float value) { return gf_emu::atomic_add(address, value); }
+inline double atomicAdd(double* address, double value) { return gf_emu::atomic_add(address, value); }
+inline int atomicAdd(int* address, int value) { return gf_emu::atomic_add(address, value); }
+inline unsigned atomicAdd(unsigned* address, unsigned value) { return gf_emu::atomic_add(address, value); }
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  return gf_emu::atomic_add(address, value);
+}
 using std::max;
 using std::min;

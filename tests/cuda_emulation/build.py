@@ -1,0 +1,202 @@
+"""Builds and routes the CUDA emulation modules (see cuda_emulation.h) for the tests.
+
+``build(family)`` compiles tests/cuda_emulation/<family>_emulated.cpp (the family's
+kernels/<family>.cu and real csrc/<family>_bindings.cpp over the SIMT emulator) with
+``nvcc -x c++`` into a Python module, once per version of its sources, into the temp dir.
+A test session usually needs every family's module, so the first call also starts the
+others' builds in the background, as many at a time as there are cores.
+``route_cuda_backend(monkeypatch, module)`` then points genfast's own CUDA backend code (the
+functions registered as "cuda" in genfast/ops/<family>.py) at it, on CPU tensors.
+
+Adding a family: launch its kernels through cuda::launch_kernel (kernels/cuda_common.cuh),
+declare dynamic shared memory with GF_DYNAMIC_SHARED, skip cuda::DeviceGuard under
+GENFAST_CUDA_EMULATION; write <family>_emulated.cpp here (the .cu, the bindings, stubs for the
+CPU entry points); test with ``build(family)`` + ``route_cuda_backend`` + ``backend="cuda"``.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "tests" / "cuda_emulation"
+
+
+def families() -> list:
+    return sorted(p.name[: -len("_emulated.cpp")] for p in HERE.glob("*_emulated.cpp"))
+
+
+def sources(family: str) -> list:
+    """Every file the module's build reads (its cache key)."""
+    files = [HERE / f"{family}_emulated.cpp", ROOT / "kernels" / "cuda_common.cuh", ROOT / "csrc" / f"{family}_bindings.cpp"]
+    files += sorted(HERE.glob("*.h")) + sorted((ROOT / "kernels").glob(f"{family}*")) + sorted((ROOT / "csrc").glob("*.h"))
+    return files
+
+
+def target(family: str) -> Path:
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources(family))).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"genfast-cuda-emulation-{digest}" / f"{family}_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
+class _Job:
+    """One background compilation into a temporary file, renamed to the target when it succeeds."""
+
+    def __init__(self, family: str, nvcc: str, pybind11_include: str):
+        self.family, self.target = family, target(family)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.target.with_name(f"{self.target.name}.{os.getpid()}.building")
+        self.log = self.partial.with_suffix(".log")
+        cmd = [nvcc, "-x", "c++", "-std=c++17", "-O1", "-shared", "-Xcompiler", "-fPIC",
+               f"-I{ROOT / 'kernels'}", f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{pybind11_include}",
+               f"-I{sysconfig.get_paths()['include']}", str(HERE / f"{family}_emulated.cpp"), "-o", str(self.partial)]
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    def finish(self) -> str | None:
+        """Renames the result into place; returns the compiler's complaint when it failed."""
+        error = None
+        if self.process.returncode == 0:
+            self.partial.replace(self.target)
+        else:
+            error = f"building the CUDA emulation of {self.family} failed:\n{self.log.read_text()[-4000:]}"
+            self.partial.unlink(missing_ok=True)
+        self.log.unlink(missing_ok=True)
+        return error
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.partial.unlink(missing_ok=True)
+        self.log.unlink(missing_ok=True)
+
+
+_running: dict = {}  # family -> _Job
+_failed: dict = {}  # family -> the compiler's output
+
+
+def _reap() -> None:
+    for family, job in list(_running.items()):
+        if job.process.poll() is not None:
+            del _running[family]
+            error = job.finish()
+            if error:
+                _failed[family] = error
+
+
+def _start(family: str, nvcc: str, pybind11_include: str) -> None:
+    if family not in _running and family not in _failed and not target(family).exists():
+        _running[family] = _Job(family, nvcc, pybind11_include)
+
+
+@atexit.register
+def _stop_background_builds() -> None:
+    _reap()  # keep what finished
+    for job in _running.values():
+        job.kill()
+    _running.clear()
+
+
+def build(family: str):
+    """The family's emulation module, compiled if this version of its sources has not been."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA emulation tests compile the kernels' source with it")
+    try:
+        import pybind11
+    except ImportError:
+        pytest.skip("pybind11 not installed (it is in the test extra)")
+    cores = os.cpu_count() or 1
+    _start(family, nvcc, pybind11.get_include())
+    while family in _running:
+        _reap()
+        for other in families():  # keep the cores busy with the builds the next tests will want
+            if len(_running) >= cores:
+                break
+            _start(other, nvcc, pybind11.get_include())
+        if family in _running:
+            if time.monotonic() - _running[family].started > 900:
+                raise AssertionError(f"building the CUDA emulation of {family} took more than 15 minutes")
+            time.sleep(0.1)
+    if family in _failed:
+        raise AssertionError(_failed[family])
+    spec = importlib.util.spec_from_file_location(f"{family}_emulated", target(family))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class EmulatedExtension:
+    """Stands in for genfast._C: its CUDA functions (names containing "_cuda") are the emulated
+    module's, counted (so a test can check the emulated kernels really ran); anything else is
+    the real extension's.
+    The device index argument of a CPU tensor is None: passed as 0 (the emulator ignores it)."""
+
+    def __init__(self, module, real):
+        self._module, self._real = module, real
+        self.calls = {}
+
+    def __getattr__(self, name):
+        if "_cuda" not in name:
+            return getattr(self._real, name)
+        fn = getattr(self._module, name)  # AttributeError: a function the module lacks
+
+        def call(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if args and args[-1] is None:
+                args = args[:-1] + (0,)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def route_cuda_backend(monkeypatch, module) -> EmulatedExtension:
+    """Makes backend="cuda" run genfast's CUDA backend code on CPU tensors, with its kernel
+    calls going to the emulated ``module``. Returns the stand-in extension (see its calls)."""
+    from genfast import _dispatch, _ext
+
+    extension = EmulatedExtension(module, _ext._C)
+    monkeypatch.setattr(_ext, "_C", extension)
+    monkeypatch.setattr(_ext, "stream_of", lambda t: 0)
+    real_reason = _dispatch.backend_unavailable_reason
+
+    def reason(backend, device):
+        if backend == "cuda" and device.type == "cpu":
+            return None
+        return real_reason(backend, device)
+
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason", reason)
+    _poison_new_tensors(monkeypatch)
+    return extension
+
+
+def _poison_new_tensors(monkeypatch) -> None:
+    """torch.empty & co. return NaN-filled floating tensors (integer ones: their maximum), as
+    device memory is never zeroed: an output element a kernel forgets to write shows up (the
+    CPU allocator would otherwise often hand back a previous, correct result)."""
+    import torch
+
+    def poisoned(factory):
+        def make(*args, **kwargs):
+            t = factory(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype != torch.bool and not t.is_complex():
+                t.fill_(torch.iinfo(t.dtype).max)
+            return t
+
+        return make
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
