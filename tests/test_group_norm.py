@@ -139,7 +139,10 @@ def test_large_mean_does_not_cancel(seed, backend, layout):
     which is the same for every algorithm; test_large_mean_statistics_are_accurate checks the
     statistics themselves at 3e4.)"""
     require(backend, CPU, torch.float32)
-    got = check(backend, torch.float32, (2, 8, 6, 5), 2, layout, silu=True, mean=2e3, scale=1.0)
+    # Floor: the mean itself is only known to about eps * 2e3, and two correct algorithms round
+    # it differently (a cancelling algorithm is off by ~0.25, far above this).
+    got = check(backend, torch.float32, (2, 8, 6, 5), 2, layout, silu=True, mean=2e3, scale=1.0,
+                floor=rounding_floor(torch.float32, 2e3))
     assert got[0].std() > 0.1  # not collapsed to the bias
     if DISPATCH.unavailable_reason(backend, CPU, torch.float64) is None:
         # In float64 the reference run "in low precision" is the float64 reference itself (error
