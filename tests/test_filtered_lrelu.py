@@ -260,9 +260,15 @@ def test_gradcheck_and_gradgradcheck_float64(seed, backend, config):
     up, down, fu, fd, padding, flip, clamp = config
     fu_t, fd_t = make_filter(*fu), make_filter(*fd)
     padding = default_padding(fu, fd) if padding is None else padding
-    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
     b = torch.randn(2, dtype=torch.float64) * 0.3
-    x = avoid_kinks(x, b, fu_t, up, padding, flip, clamp, gain=1.3, slope=0.3, delta=1e-2)
+    for attempt in range(5):  # a rare draw has pixels the push cannot free (up 4: 16 per input): draw again
+        try:
+            x = avoid_kinks(torch.randn(1, 2, 4, 5, dtype=torch.float64), b, fu_t, up, padding, flip, clamp, gain=1.3,
+                            slope=0.3, delta=1e-2)
+            break
+        except AssertionError:
+            if attempt == 4:
+                raise
     x.requires_grad_()
     b.requires_grad_()
 
