@@ -191,6 +191,48 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
   Mma<T>::run(d, a, b[0], b[1]);
 }
 
+// c = A B^T over the head dim (zero padding skipped): A's 16 rows from m0 and B's kN8 * 8 rows,
+// both row-major in shared memory (the Q K^T shape: scores, dP = dO V^T and their transposes).
+template <typename T, int kLD, int kKD, int kN8>
+__device__ __forceinline__ void product_abt(float (&c)[kN8][4], const uint16_t* sA, int m0, const uint16_t* sB,
+                                            int64_t D) {
+#pragma unroll
+  for (int n = 0; n < kN8; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+#pragma unroll
+  for (int kd = 0; kd < kKD; ++kd) {
+    if (kd * 16 >= D) break;  // the padding is zero: skip it
+    uint32_t af[4];
+    frag_a<kLD>(af, sA, m0, kd * 16);
+#pragma unroll
+    for (int n = 0; n < kN8; n += 2) {
+      uint32_t bf[2][2];
+      frag_b_transposed_pair<kLD>(bf, sB, n * 8, kd * 16);
+      mma<T>(c[n], af, bf[0]);
+      mma<T>(c[n + 1], af, bf[1]);
+    }
+  }
+}
+
+// acc += C B: C the warp's 16 x (kNC * 8) accumulator tile (used as A operands straight from
+// registers), B row-major in shared memory with kNC * 8 rows (the P V shape).
+template <typename T, int kLD, int kND, int kNC>
+__device__ __forceinline__ void accumulate_cb(float (&acc)[kND][4], const float (&c)[kNC][4], const uint16_t* sB,
+                                              int64_t D) {
+#pragma unroll
+  for (int kk = 0; kk < kNC / 2; ++kk) {
+    uint32_t cf[4];
+    accumulator_as_a<T>(cf, c, kk);
+#pragma unroll
+    for (int nd = 0; nd < kND; nd += 2) {
+      if (nd * 8 >= D) break;
+      uint32_t bf[2][2];
+      frag_b_pair<kLD>(bf, sB, kk * 16, nd * 8);
+      mma<T>(acc[nd], cf, bf[0]);
+      mma<T>(acc[nd + 1], cf, bf[1]);
+    }
+  }
+}
+
 // Rows [row0, row0 + kRows) of a row-major (n_rows, D) matrix -> shared memory, as 16-byte
 // vectors; rows past n_rows and the head-dim padding become 0 (finite: 0-weight rows must not
 // meet NaN garbage).
@@ -395,21 +437,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
     if (warp_active) {
       // S = Q K^T for the warp's 16 rows x kBN keys.
       float s[kNB][4];
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-      for (int kd = 0; kd < kKD; ++kd) {
-        if (kd * 16 >= p.D) break;  // the padding is zero: skip it
-        uint32_t qf[4];
-        frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
-#pragma unroll
-        for (int nb = 0; nb < kNB; nb += 2) {
-          uint32_t kf[2][2];
-          frag_b_transposed_pair<kLD>(kf, sK, nb * 8, kd * 16);
-          mma<T>(s[nb], qf, kf[0]);
-          mma<T>(s[nb + 1], qf, kf[1]);
-        }
-      }
+      product_abt<T, kLD, kKD>(s, sQ, warp * 16, sK, p.D);
 
       // Scores in log2 units; masks only on tiles that cross the end or a window edge.
       const bool need_mask = rules.any_masked(i_lo, i_hi, n0, n0 + kBN);
@@ -453,19 +481,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
       }
 
       // O += P V: P stays in registers (two n8 score blocks form one k16 A fragment).
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        uint32_t pf[4];
-        accumulator_as_a<T>(pf, s, kk);
-#pragma unroll
-        for (int nd = 0; nd < kND; nd += 2) {
-          if (nd * 8 >= p.D) break;
-          uint32_t vf[2][2];
-          frag_b_pair<kLD>(vf, sV, kk * 16, nd * 8);
-          mma<T>(acc[nd], pf, vf[0]);
-          mma<T>(acc[nd + 1], pf, vf[1]);
-        }
-      }
+      accumulate_cb<T, kLD>(acc, s, sV, p.D);
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
@@ -603,26 +619,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a)
 
     // S = Q K^T and dP = dO V^T (the warp's 16 queries x kBN keys).
     float s[kNB][4], dp[kNB][4];
-#pragma unroll
-    for (int nb = 0; nb < kNB; ++nb)
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
-#pragma unroll
-    for (int kd = 0; kd < kKD; ++kd) {
-      if (kd * 16 >= p.D) break;
-      uint32_t qf[4], of[4];
-      frag_a<kLD>(qf, sQ, warp * 16, kd * 16);
-      frag_a<kLD>(of, sdO, warp * 16, kd * 16);
-#pragma unroll
-      for (int nb = 0; nb < kNB; nb += 2) {
-        uint32_t kf[2][2], vf[2][2];
-        frag_b_transposed_pair<kLD>(kf, sK, nb * 8, kd * 16);
-        frag_b_transposed_pair<kLD>(vf, sV, nb * 8, kd * 16);
-        for (int h = 0; h < 2; ++h) {
-          mma<T>(s[nb + h], qf, kf[h]);
-          mma<T>(dp[nb + h], of, vf[h]);
-        }
-      }
-    }
+    product_abt<T, kLD, kKD>(s, sQ, warp * 16, sK, p.D);
+    product_abt<T, kLD, kKD>(dp, sdO, warp * 16, sV, p.D);
     // dS with respect to the raw q.k, in place of S.
     const bool need_mask = rules.any_masked(i0, i_hi, n0, n0 + kBN);
 #pragma unroll
@@ -637,19 +635,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a)
       }
     }
     // dQ += dS K.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t sf[4];
-      accumulator_as_a<T>(sf, s, kk);
-#pragma unroll
-      for (int nd = 0; nd < kND; nd += 2) {
-        if (nd * 8 >= p.D) break;
-        uint32_t kf[2][2];
-        frag_b_pair<kLD>(kf, sK, kk * 16, nd * 8);
-        mma<T>(dq[nd], sf, kf[0]);
-        mma<T>(dq[nd + 1], sf, kf[1]);
-      }
-    }
+    accumulate_cb<T, kLD>(dq, s, sK, p.D);
   }
 
   if (!warp_active) return;
@@ -731,26 +717,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const CudaArgs 
 
       // S^T = K Q^T and dP^T = V dO^T (the warp's 16 keys x kBQ queries).
       float st[kNQ][4], dpt[kNQ][4];
-#pragma unroll
-      for (int nq = 0; nq < kNQ; ++nq)
-        for (int e = 0; e < 4; ++e) st[nq][e] = dpt[nq][e] = 0.0f;
-#pragma unroll
-      for (int kd = 0; kd < kKD; ++kd) {
-        if (kd * 16 >= p.D) break;
-        uint32_t kf[4], vf[4];
-        frag_a<kLD>(kf, sK, warp * 16, kd * 16);
-        frag_a<kLD>(vf, sV, warp * 16, kd * 16);
-#pragma unroll
-        for (int nq = 0; nq < kNQ; nq += 2) {
-          uint32_t qf[2][2], of[2][2];
-          frag_b_transposed_pair<kLD>(qf, sQ, nq * 8, kd * 16);
-          frag_b_transposed_pair<kLD>(of, sdO, nq * 8, kd * 16);
-          for (int h = 0; h < 2; ++h) {
-            mma<T>(st[nq + h], kf, qf[h]);
-            mma<T>(dpt[nq + h], vf, of[h]);
-          }
-        }
-      }
+      product_abt<T, kLD, kKD>(st, sK, warp * 16, sQ, p.D);
+      product_abt<T, kLD, kKD>(dpt, sV, warp * 16, sdO, p.D);
       // P^T in place of S^T, dS^T (with respect to the raw q.k) in place of dP^T.
       const bool need_mask = rules.any_masked(i0, min(i0 + kBQ, ext.Sq) - 1, j0, j0 + kBK);
 #pragma unroll
@@ -766,23 +734,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const CudaArgs 
         }
       }
       // dV += P^T dO, dK += dS^T Q (the queries are the k dimension).
-#pragma unroll
-      for (int kk = 0; kk < kBQ / 16; ++kk) {
-        uint32_t pf[4], sf[4];
-        accumulator_as_a<T>(pf, st, kk);
-        accumulator_as_a<T>(sf, dpt, kk);
-#pragma unroll
-        for (int nd = 0; nd < kND; nd += 2) {
-          if (nd * 8 >= p.D) break;
-          uint32_t of[2][2], qf[2][2];
-          frag_b_pair<kLD>(of, sdO, kk * 16, nd * 8);
-          frag_b_pair<kLD>(qf, sQ, kk * 16, nd * 8);
-          for (int h = 0; h < 2; ++h) {
-            mma<T>(dv[nd + h], pf, of[h]);
-            mma<T>(dk[nd + h], sf, qf[h]);
-          }
-        }
-      }
+      accumulate_cb<T, kLD>(dv, st, sdO, p.D);
+      accumulate_cb<T, kLD>(dk, dpt, sQ, p.D);
     }
   }
 
