@@ -238,12 +238,15 @@ def _cuda_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)  # a fresh (aligned) allocation even when contiguous
 
 
-def _cuda_launch(q, k, v, out, lse, *, extra: dict, **problem):
-    params = _cpu_params(q, k, v, **problem)
-    params.update(out=out.data_ptr(), lse=lse.data_ptr(), stream=_ext.stream_of(q),
-                  device=_device_index(q))
-    params.update(extra)
-    _ext._C.attention_forward_cuda(params)
+def _cuda_call(entry: str, q, k, v, buffers: dict, *, alibi_slopes, cu_seqlens_q=None, cu_seqlens_k=None,
+               seqused_k=None, **masking):
+    """attention_<entry>_cuda with the common dict (_cpu_params, no bias or dropout: those raised
+    Unsupported) plus ``buffers`` (outputs, workspaces, kernel options), the stream and device."""
+    params = _cpu_params(q, k, v, alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None,
+                         bias=None, dropout_p=0.0, seed=0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         seqused_k=seqused_k, **masking)
+    params.update(buffers, stream=_ext.stream_of(q), device=_device_index(q))
+    getattr(_ext._C, f"attention_{entry}_cuda")(params)
 
 
 def _cuda_forward(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
@@ -254,11 +257,10 @@ def _cuda_forward(q, k, v, *, scale, window_left, window_right, align_bottom_rig
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.numel() > 0:
-        _cuda_launch(q, k, v, out, lse, extra=dict(max_seqlen_q=int(max_seqlen_q or 0)),
-                     scale=scale, window_left=window_left, window_right=window_right,
-                     align_bottom_right=align_bottom_right, softcap=softcap,
-                     alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None, bias=None,
-                     dropout_p=0.0, seed=0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        _cuda_call("forward", q, k, v,
+                   dict(out=out.data_ptr(), lse=lse.data_ptr(), max_seqlen_q=int(max_seqlen_q or 0)), scale=scale,
+                   window_left=window_left, window_right=window_right, align_bottom_right=align_bottom_right,
+                   softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return out, lse
 
 
@@ -277,15 +279,12 @@ def _cuda_backward(dout, q, k, v, out, lse, *, scale, window_left, window_right,
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = (dout.float() * out.float()).sum(-1)  # (B, H, Sq) fp32: the softmax backward's row term
     lse = lse.contiguous()
-    params = _cpu_params(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
-                         align_bottom_right=align_bottom_right, softcap=softcap,
-                         alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None, bias=None,
-                         dropout_p=0.0, seed=0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    params.update(lse=lse.data_ptr(), dout=dout.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
-                  delta=delta.data_ptr(), max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0),
-                  stream=_ext.stream_of(q), device=_device_index(q))
-    params["do_sb"], params["do_sh"], params["do_ss"] = _strides3(dout)
-    _ext._C.attention_backward_cuda(params)
+    buffers = dict(lse=lse.data_ptr(), dout=dout.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+                   delta=delta.data_ptr(), max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0))
+    buffers["do_sb"], buffers["do_sh"], buffers["do_ss"] = _strides3(dout)
+    _cuda_call("backward", q, k, v, buffers, scale=scale, window_left=window_left, window_right=window_right,
+               align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
+               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return dq, dk, dv
 
 
@@ -314,16 +313,14 @@ def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, wind
     _, num_sms = _cuda_device_info(_device_index(q))
     # The G query heads of one key head share a block, so the cache is read once per group.
     splits = cuda_decode_splits(B, Hk, (H // Hk) * Sq, S_max, num_sms, num_splits)
-    extra = dict(pack_gqa=H > Hk, num_splits=splits)
+    buffers = dict(out=out.data_ptr(), lse=lse.data_ptr(), pack_gqa=H > Hk, num_splits=splits)
     if splits > 1:
         out_partial = torch.empty((splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
         lse_partial = torch.empty((splits,) + tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
-        extra.update(out_partial=out_partial.data_ptr(), lse_partial=lse_partial.data_ptr())
-    _cuda_launch(q, k_cache, v_cache, out, lse, extra=extra, scale=scale, window_left=window_left,
-                 window_right=window_right, align_bottom_right=True, softcap=softcap,
-                 alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None, bias=None,
-                 dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None,
-                 seqused_k=cache_seqlens.to(torch.int32).contiguous())
+        buffers.update(out_partial=out_partial.data_ptr(), lse_partial=lse_partial.data_ptr())
+    _cuda_call("forward", q, k_cache, v_cache, buffers, scale=scale, window_left=window_left,
+               window_right=window_right, align_bottom_right=True, softcap=softcap, alibi_slopes=alibi_slopes,
+               seqused_k=cache_seqlens.to(torch.int32).contiguous())
     return out, lse
 
 
