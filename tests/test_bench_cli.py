@@ -22,3 +22,23 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
 def test_bench_rejects_unknown_op():
     result = subprocess.run([sys.executable, "-m", "genfast", "bench", "no_such_op"], capture_output=True, text=True)
     assert result.returncode == 2 and "no_such_op" in result.stderr
+
+
+def test_overhead_suite_times_host_calls_of_every_case():
+    """`bench overhead`: every case's genfast row is checked against its torch baseline and timed
+    on the host (per call), and the speedup column compares the two."""
+    from genfast.bench import overhead
+    from genfast.bench.timing import run_case, strict_dispatch
+
+    cases = list(overhead.build_cases("cpu", quick=True))
+    assert len(cases) == overhead.count_cases("cpu", quick=True)
+    names = {c.op for c in cases}
+    assert {"scaled_dot_product_attention", "flash_attn_with_kvcache", "bias_act", "scheduler_step"} <= names
+    picked = [c for c in cases if c.op in ("scaled_dot_product_attention", "bias_act")][:2]
+    with strict_dispatch():
+        rows = [row for case in picked for row in run_case(case, None, quick=True)]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert 0 < row["median_ms"] < 1000 and row["reps"] == 5
+    genfast_rows = [r for r in rows if r["provider"] == "genfast"]
+    assert genfast_rows and all(r["vs_torch"] > 0 for r in genfast_rows)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import attention, bias_act, diffusion, filtered_lrelu, gan, group_norm, schedulers, upfirdn2d, vae
-from . import models
+from . import models, overhead
 from .timing import copy_buffer_bytes, measure_copy_bandwidth, progress, run_case, strict_dispatch
 
 OPS = {
@@ -29,6 +29,7 @@ OPS = {
     "upfirdn2d": upfirdn2d,
     "vae": vae,
     "models": models,
+    "overhead": overhead,
 }
 
 

@@ -147,6 +147,39 @@ def time_fn(fn: Union[Callable[[], Any], Sequence[Callable[[], Any]]], device, q
     raise ValueError(f"time_fn: unsupported device {device}")
 
 
+HOST_ROUNDS = 5
+HOST_MIN_ROUND_S, HOST_MIN_ROUND_QUICK_S = 0.05, 0.02
+
+
+def time_host(fn: Union[Callable[[], Any], Sequence[Callable[[], Any]]], device, quick: bool = False,
+              calls_per_thunk: int = 1) -> dict:
+    """Host time of one call: ``HOST_ROUNDS`` rounds of back-to-back calls, each round timed with
+    ``time.perf_counter`` as a whole with no synchronisation inside (the device is synchronised
+    between rounds, outside the timed part), so on a GPU it measures what the host spends to
+    launch a call (validation, dispatch, launch), not the kernel. ``calls_per_thunk``: calls one
+    thunk makes (e.g. the steps of a sampling loop); the times are per call. Same summary as
+    ``time_fn``, over the rounds."""
+    thunks = _as_thunks(fn)
+    device = torch.device(device)
+    for i in range(max(3, len(thunks))):  # warm-up: lazy imports, caches, allocator
+        thunks[i % len(thunks)]()
+    synchronize(device)
+    start = time.perf_counter()
+    thunks[0]()
+    one = max(time.perf_counter() - start, 1e-7)
+    synchronize(device)
+    min_round = HOST_MIN_ROUND_QUICK_S if quick else HOST_MIN_ROUND_S
+    n = max(len(thunks), min(int(min_round / one) + 1, 3000))
+    times = []
+    for _ in range(HOST_ROUNDS):
+        start = time.perf_counter()
+        for i in range(n):
+            thunks[i % len(thunks)]()
+        times.append((time.perf_counter() - start) * 1e3 / (n * calls_per_thunk))
+        synchronize(device)
+    return _summary(times)
+
+
 def l2_cache_bytes(device) -> int:
     """The GPU's L2 size (DEFAULT_L2_BYTES if torch does not say); 0 for a CPU."""
     device = torch.device(device)
@@ -372,7 +405,11 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
                             log(f"    {name:<8} FAIL  ({row['detail']})")
                             continue
                     del out
-                stats = time_fn(thunks, case.device, quick=quick)
+                if case.extra.get("timer") == "host":
+                    stats = time_host(thunks, case.device, quick=quick,
+                                      calls_per_thunk=case.extra.get("calls_per_thunk", 1))
+                else:
+                    stats = time_fn(thunks, case.device, quick=quick)
             except Exception as exc:  # a baseline that cannot run is n/a; a genfast one is an error
                 row["status"] = "ERROR" if is_genfast or name == case.reference else "n/a"
                 row["detail"] = _short_error(exc)
