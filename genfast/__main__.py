@@ -1,5 +1,5 @@
-"""Command line: ``python -m genfast demo [--quick]``, ``python -m genfast bench [OPS] [--quick]``
-and ``python -m genfast info``."""
+"""Command line: ``python -m genfast demo [--quick]``, ``python -m genfast bench [OPS] [--quick]``,
+``python -m genfast info`` and ``python -m genfast compile-check [--arch 80,90] [--families ...] [--quick]``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,11 @@ def main(argv=None) -> int:
     from .bench.cli import add_arguments
 
     add_arguments(bench)
+    check = sub.add_parser("compile-check", help="compile every Triton launch for sm_80/sm_90 (no GPU needed) "
+                                                 "and report registers, spills and shared memory")
+    from .compile_check import add_arguments as add_check_arguments
+
+    add_check_arguments(check)
     args = parser.parse_args(argv)
     if args.command == "info":
         from . import info
@@ -28,6 +33,10 @@ def main(argv=None) -> int:
         from .demo import run as run_demo
 
         return run_demo(args)
+    if args.command == "compile-check":
+        from .compile_check import run as run_check
+
+        return run_check(args)
     from .bench.cli import run
 
     return run(args)

@@ -14,8 +14,10 @@ import triton.language as tl
 # Codes shared with kernels/bias_act_math.h.
 LINEAR, RELU, LRELU, TANH, SIGMOID, ELU, SELU, SOFTPLUS, SWISH = range(9)
 FORWARD, GRAD, GRAD2 = range(3)
-_SELU_SCALE = 1.0507009873554804934193349852946
-_SELU_ALPHA = 1.6732632423543772848170429916717
+# constexpr: a Triton kernel may only read globals that are constexpr (a plain float compiles in
+# the interpreter but is a compile error on every GPU target).
+_SELU_SCALE: tl.constexpr = tl.constexpr(1.0507009873554804934193349852946)
+_SELU_ALPHA: tl.constexpr = tl.constexpr(1.6732632423543772848170429916717)
 
 
 @triton.jit
