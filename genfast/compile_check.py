@@ -271,7 +271,7 @@ def _diffusion_problems(dt, quick):
 def _filtered_lrelu_problems(dt, quick):
     import torch
 
-    from .ops import filtered_lrelu as F
+    from .ops.filtered_lrelu import adjoint_plan, forward_plan
     from .triton_kernels import filtered_lrelu as K
 
     # (name, input size, up, down, taps, separable, padding): StyleGAN3's layers and a 2-D filter.
@@ -288,7 +288,7 @@ def _filtered_lrelu_problems(dt, quick):
         fu = _meta(*((taps,) if sep else (taps, taps)), dtype=torch.float32)
         fd = _meta(*((taps,) if sep else (taps, taps)), dtype=torch.float32)
         for adjoint, mode in ((False, K.ACT), (True, K.MASK)):
-            plan_fn = F.adjoint_plan if adjoint else F.forward_plan
+            plan_fn = adjoint_plan if adjoint else forward_plan
             plan = plan_fn(size, size, fu, fd, up, down, pad)
             # the adjoint chain reads dy, the forward chain's output
             in_size = _out(size, up, down, taps, pad) if adjoint else size
@@ -409,6 +409,18 @@ def collect_launches(families: Iterable[str], dtypes: Iterable[str], quick: bool
                         seen.add(launch.key())
                         launches.append(launch)
     return launches, grid_errors
+
+
+def limit_launches(launches: list[Launch], per_kernel: int) -> list[Launch]:
+    """The first ``per_kernel`` launches of each (family, kernel, dtype)."""
+    counts: dict[tuple, int] = {}
+    kept = []
+    for launch in launches:
+        key = (launch.family, launch.fn.__name__, launch.dtype)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= per_kernel:
+            kept.append(launch)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +562,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="dtypes, comma separated (bf16, fp16, fp32)")
     parser.add_argument("--quick", action="store_true",
                         help="a handful of problems per family and at most 2 configs per autotuned launch")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="at most this many configs per kernel and dtype (the first ones found; 0: all)")
     parser.add_argument("--no-cuda", action="store_true", help="skip reading the CUDA extension's resource usage")
     parser.add_argument("--cache", action="store_true",
                         help="use Triton's cache (default: a fresh one, so every config is compiled and timed)")
@@ -588,6 +602,8 @@ def run(args) -> int:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="genfast-compile-check-")
     started = time.perf_counter()
     launches, grid_errors = collect_launches(families, dtypes, args.quick)
+    if args.limit > 0:
+        launches = limit_launches(launches, args.limit)
     results = []
     _table([], sys.stdout)
     for arch in archs:

@@ -12,6 +12,9 @@ Design (after the Triton fused-attention tutorial, FlashAttention-2 and flash-de
 - The key loop of a query block is split into three ranges: masked blocks before, unmasked
   full blocks, masked blocks after (boundary, diagonal, window edges). Blocks that are
   entirely outside a causal/local window are never visited.
+- Offsets are 64-bit, the bias's too (a (1, 1, Sq, Sk) mask with Sq = Sk >= 46,341 has
+  Sq x stride >= 2^31). Every launch grid is one axis x (limit 2^31 - 1): y and z stop at
+  65,535, below batch x heads of large batches.
 - Dropout is the counter-based hash of the reference (``dropout_keep_mask``: lowbias32 of
   (seed, b, h, i, j)), so every backend drops the same elements; the backward regenerates it.
 - Backward: delta = rowsum(out * dout); a key-block-parallel kernel computes dk/dv, looping
@@ -171,6 +174,16 @@ def _sequence(Cu, idx, total, IS_VARLEN: tl.constexpr):
     return start, length
 
 
+@triton.jit
+def _split_program(length, BLOCK: tl.constexpr):
+    """(block index along the sequence, batch x head index) of a 1-D launch grid: both live on
+    axis x, whose limit is 2^31 - 1 (y and z stop at 65,535, less than e.g. batch 2048 x 32
+    heads). The blocks of one head are consecutive programs, so they share K/V in L2."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(length, BLOCK)
+    return pid % blocks, (pid // blocks).to(tl.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +207,7 @@ def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, en
         diag = rows[:, None] + off - cols[None, :]
         bias = qk
         if HAS_BIAS:
-            bias = tl.load(Bias + rows[:, None] * sbm + cols[None, :] * sbn,
+            bias = tl.load(Bias + rows[:, None].to(tl.int64) * sbm + cols[None, :].to(tl.int64) * sbn,
                            mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
         s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
         if MASKED:
@@ -218,15 +231,14 @@ def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, en
 def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
                 sbb, sbh, sbm, sbn, sab, sah,
-                num_heads, group, Sq_total, Sk_total,
+                num_heads, group, Sq_total, Sk_total, max_q,
                 qk_scale2, softcap_scale, softcap2, window_left, window_right,
                 drop_state, drop_threshold, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
@@ -289,11 +301,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
 
 
 @triton.jit
-def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_total, drop_state, drop_threshold,
-                         IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_total, max_q, drop_state,
+                         drop_threshold, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep mask of one (row block, b/sequence x head) over all its keys."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
@@ -350,8 +361,7 @@ _fwd = triton.autotune(
 def _bwd_preprocess_kernel(Out, dOut, Delta, sob, soh, som, sdb, sdh, sdm, num_heads, S,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[b, h, i] = sum_d out * dout (fp32)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _split_program(S, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -391,7 +401,7 @@ def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DQ, Lse, Delta, Bias, sqm, sdm, s
         diagT = rows[None, :] + off - cols[:, None]
         bias = qkT
         if HAS_BIAS:
-            bias = tl.load(Bias + rows[None, :] * sbm + cols[:, None] * sbn,
+            bias = tl.load(Bias + rows[None, :].to(tl.int64) * sbm + cols[:, None].to(tl.int64) * sbn,
                            mask=row_ok[None, :] & (cols[:, None] < k_len), other=0.0).to(tl.float32)
         s2, t = _scores_log2(qkT, diagT, slope2, bias, qk_scale2, softcap_scale, softcap2,
                              HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
@@ -424,15 +434,14 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                      sqb_dq, sqh_dq, sqm_dq, skb_dk, skh_dk, skn_dk, slb, slh,
                      sbb, sbh, sbm, sbn, sab, sah,
-                     num_heads, num_kv_heads, group, Sq_total, Sk_total,
+                     num_heads, num_kv_heads, group, Sq_total, Sk_total, max_k,
                      qk_scale2, softcap_scale, softcap2, scale, window_left, window_right,
                      drop_state, drop_threshold, drop_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                      HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bh = _split_program(max_k, BLOCK_N)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
     q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
@@ -513,7 +522,7 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, 
         diag = rows[:, None] + off - cols[None, :]
         bias = qk
         if HAS_BIAS:
-            bias = tl.load(Bias + rows[:, None] * sbm + cols[None, :] * sbn,
+            bias = tl.load(Bias + rows[:, None].to(tl.int64) * sbm + cols[None, :].to(tl.int64) * sbn,
                            mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
         s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
         if MASKED:
@@ -535,15 +544,14 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, 
 def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sqb_dq, sqh_dq, sqm_dq, slb, slh,
                    sbb, sbh, sbm, sbn, sab, sah,
-                   num_heads, group, Sq_total, Sk_total,
+                   num_heads, group, Sq_total, Sk_total, max_q,
                    qk_scale2, softcap_scale, softcap2, scale, window_left, window_right,
                    drop_state, drop_threshold, drop_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
@@ -604,7 +612,7 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
 @triton.jit
 def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse,
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sab, sah,
-                         num_heads, num_kv_heads, group, Sq, split_size,
+                         num_heads, num_kv_heads, group, Sq, split_size, num_splits, row_blocks, batch_size,
                          qk_scale2, softcap_scale, softcap2, window_left, window_right,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr,
@@ -612,12 +620,12 @@ def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse,
     """One key chunk of one kv head for BLOCK_M (query head, position) rows of its GQA group.
     Writes the normalised partial output and its lse (-inf for an empty chunk) to fp32
     workspaces (split, b, h, i, d) / (split, b, h, i)."""
-    pid_s = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_bh = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0)  # one grid axis (x: up to 2^31 - 1 programs), split fastest
+    pid_s = pid % num_splits
+    pid_r = (pid // num_splits) % row_blocks
+    pid_bh = (pid // (num_splits * row_blocks)).to(tl.int64)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
-    batch_size = tl.num_programs(2) // num_kv_heads
     k_len = tl.load(SeqLens + b).to(tl.int64)
     off = k_len - Sq
     r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -837,25 +845,37 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
     flags = _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen)
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), nseq * H)  # noqa: E731
+    grid = lambda meta: grid_1d(max_q, meta["BLOCK_M"], nseq * H)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _fwd[grid](q, k, v, out, lse, bias_t, alibi, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                    lse.stride(0), lse.stride(1), sbb, sbh, sbm, sbn, sab, sah,
-                   H, H // Hk, Sq, Sk, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                   H, H // Hk, Sq, Sk, max_q, qk_scale2, softcap_scale, softcap2, window_left, window_right,
                    drop_state, drop_threshold, drop_scale,
                    HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), **flags)
         if return_dropout_mask and dropout_p > 0:
-            _dropout_mask_kernel[(triton.cdiv(max_q, 16), nseq * H)](
+            _dropout_mask_kernel[grid_1d(max_q, 16, nseq * H)](
                 keep, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
-                keep.stride(0), keep.stride(1), keep.stride(2), H, Sq, Sk, drop_state, drop_threshold,
+                keep.stride(0), keep.stride(1), keep.stride(2), H, Sq, Sk, max_q, drop_state, drop_threshold,
                 IS_VARLEN=is_varlen, BLOCK_M=16, BLOCK_N=32 if _INTERPRET else 128)
     if return_dropout_mask:
         if dropout_p == 0:
             keep.fill_(1)
         return out, lse, keep.bool()
     return out, lse
+
+
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis x (y and z: 65,535)
+
+
+def grid_1d(length, block, heads):
+    """The launch grid of a (sequence block, batch x head) kernel: one axis, blocks fastest
+    (see _split_program)."""
+    programs = triton.cdiv(length, block) * heads
+    if programs > MAX_GRID_X:
+        raise ValueError(f"attention (triton): {programs} programs exceed CUDA's grid limit {MAX_GRID_X}")
+    return (programs,)
 
 
 class _nullcontext:
@@ -921,26 +941,26 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     cu_k_arg = cu_k if is_varlen else dummy
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         pre_block = 16 if _INTERPRET else 64
-        _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_block), B * H)](
+        _bwd_preprocess_kernel[grid_1d(Sq, pre_block, B * H)](
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), H, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block)
         common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-        _bwd_dkdv_kernel[(triton.cdiv(max_k, block_n), nseq * Hk)](
+        _bwd_dkdv_kernel[grid_1d(max_k, block_n, nseq * Hk)](
             q, k, v, dout, dq_buf, dk, dv, lse, delta, bias_t, alibi, cu_q_arg, cu_k_arg,
             *common_strides, dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), lse.stride(0), lse.stride(1),
-            sbb, sbh, sbm, sbn, sab, sah, H, Hk, H // Hk, Sq, Sk,
+            sbb, sbh, sbm, sbn, sab, sah, H, Hk, H // Hk, Sq, Sk, max_k,
             qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
             drop_state, drop_threshold, drop_scale,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, DOT_PREC=prec,
             num_warps=warps, num_stages=stages, **flags)
         if not atomic_dq:
             dq_block_m, dq_block_n = (block_n, block_m) if not _INTERPRET else (16, 16)
-            _bwd_dq_kernel[(triton.cdiv(max_q, dq_block_m), nseq * H)](
+            _bwd_dq_kernel[grid_1d(max_q, dq_block_m, nseq * H)](
                 q, k, v, dout, dq_buf, lse, delta, bias_t, alibi, cu_q_arg, cu_k_arg,
                 *common_strides, dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), lse.stride(0), lse.stride(1),
-                sbb, sbh, sbm, sbn, sab, sah, H, H // Hk, Sq, Sk,
+                sbb, sbh, sbm, sbn, sab, sah, H, H // Hk, Sq, Sk, max_q,
                 qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
                 drop_state, drop_threshold, drop_scale,
                 HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, DOT_PREC=prec,
@@ -996,11 +1016,11 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _decode_split_kernel[(num_splits, row_blocks, B * Hk)](
+        _decode_split_kernel[(num_splits * row_blocks * B * Hk,)](
             q, k_cache, v_cache, cache_seqlens, alibi, ws_out, ws_lse,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sab, sah,
-            H, Hk, group, Sq, split_size, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+            H, Hk, group, Sq, split_size, num_splits, row_blocks, B, qk_scale2, softcap_scale, softcap2, window_left, window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=_dot_precision(q.dtype),

@@ -28,15 +28,18 @@ def _filtered_lrelu_kernel(
     out_ptr, x_ptr, b_ptr, signs_ptr, g1_ptr, g2_ptr,
     C, in_h, in_w, s_in_n, s_in_c, s_in_h, s_in_w, s_out_n, s_out_c, s_out_h, s_out_w,
     u1, p1x, p1y, th, tw, d2, p2x, p2y, oh, ow,
-    g1h, g1w, g2h, g2w, shift_x, shift_y, tiles_x,
+    g1h, g1w, g2h, g2w, shift_x, shift_y, tiles_x, tiles,
     gain, slope, clamp,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr, WRITE_SIGNS: tl.constexpr,
     SEP1: tl.constexpr, SEP2: tl.constexpr,
     BOY: tl.constexpr, BOX: tl.constexpr, BTR: tl.constexpr, BTC: tl.constexpr,
     BXR: tl.constexpr, BXC: tl.constexpr,
 ):
-    plane = tl.program_id(1).to(tl.int64)
-    tile = tl.program_id(0)
+    # One grid axis (x: up to 2^31 - 1 programs; N x C alone passes y's 65,535 at batch 128 x
+    # 1024 channels); the tiles of a plane are consecutive programs.
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // tiles
+    tile = (pid % tiles).to(tl.int32)
     oy0 = (tile // tiles_x) * BOY
     ox0 = (tile % tiles_x) * BOX
     n = plane // C
@@ -150,9 +153,10 @@ def filtered_lrelu(mode, out, signs, x, b, g1, g2, plan, gain, slope, clamp):
     g2h, g2w = (g2.shape[0], g2.shape[0]) if g2.ndim == 1 else tuple(g2.shape)
     sizes = tile_sizes(plan, g1h, g1w, g2h, g2w)
     tiles_x = triton.cdiv(plan.ow, sizes["BOX"])
-    grid = (triton.cdiv(plan.oh, sizes["BOY"]) * tiles_x, n * c)
-    if grid[1] > 65535:
-        raise ValueError(f"filtered_lrelu (triton): N * C = {grid[1]} exceeds the grid limit 65535")
+    tiles = triton.cdiv(plan.oh, sizes["BOY"]) * tiles_x
+    grid = (tiles * n * c,)
+    if grid[0] > 2**31 - 1:
+        raise ValueError(f"filtered_lrelu (triton): {grid[0]} programs exceed CUDA's grid limit 2^31 - 1")
     # Shifts keeping the ceil-division numerators non-negative for every tile.
     shift_x = (abs(plan.p1x) + abs(plan.p2x)) // plan.u1 + 2
     shift_y = (abs(plan.p1y) + abs(plan.p2y)) // plan.u1 + 2
@@ -160,7 +164,7 @@ def filtered_lrelu(mode, out, signs, x, b, g1, g2, plan, gain, slope, clamp):
     _filtered_lrelu_kernel[grid](
         out, x, b if b is not None else dummy, signs if signs is not None else dummy, g1, g2,
         c, h, w, *x.stride(), *out.stride(),
-        *plan, g1h, g1w, g2h, g2w, shift_x, shift_y, tiles_x,
+        *plan, g1h, g1w, g2h, g2w, shift_x, shift_y, tiles_x, tiles,
         float(gain), float(slope), float(clamp),
         MODE=mode, HAS_BIAS=b is not None, HAS_CLAMP=clamp >= 0, WRITE_SIGNS=signs is not None and mode == ACT,
         SEP1=g1.ndim == 1, SEP2=g2.ndim == 1, num_warps=4, **sizes,

@@ -38,6 +38,17 @@ def _tile(n, s0, c_ids, S, C, stride_n, stride_c, stride_s, BLOCK_S: tl.constexp
 
 
 @triton.jit
+def _program(K, CBLOCKS, BLOCK_C: tl.constexpr):
+    """(n, channel ids, chunk k) of a 1-D grid over N x channel blocks x K chunks: one axis,
+    whose limit is 2^31 - 1 (K, on axis z before, passes 65,535 once H x W > 4.19M in NHWC)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid % K
+    rest = pid // K
+    c_ids = (rest % CBLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    return rest // CBLOCKS, c_ids, k
+
+
+@triton.jit
 def _group_shift(x_ptr, n, c_ids, C, D, stride_n, stride_c):
     """x[n, first channel of the group of c, s = 0]: every statistic is computed on x - shift,
     whose magnitude is the data's spread, so float32 partial means lose nothing to a large mean."""
@@ -46,11 +57,9 @@ def _group_shift(x_ptr, n, c_ids, C, D, stride_n, stride_c):
 
 
 @triton.jit
-def _partial_moments(x_ptr, pmean_ptr, pm2_ptr, S, C, D, K, ROWS, stride_n, stride_c, stride_s,
+def _partial_moments(x_ptr, pmean_ptr, pm2_ptr, S, C, D, K, CBLOCKS, ROWS, stride_n, stride_c, stride_s,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c_ids = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    k = tl.program_id(2).to(tl.int64)
+    n, c_ids, k = _program(K, CBLOCKS, BLOCK_C)
     shift = _group_shift(x_ptr, n, c_ids, C, D, stride_n, stride_c)
     start = k * ROWS
     end = tl.minimum(start + ROWS, S)
@@ -130,12 +139,11 @@ def _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c_ids, C, G, D, HAS_W: 
 
 
 @triton.jit
-def _normalize(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, S, C, G, D, ROWS, stride_n, stride_c, stride_s,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+def _normalize(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, S, C, G, D, K, CBLOCKS, ROWS,
+               stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c_ids = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    start = tl.program_id(2).to(tl.int64) * ROWS
+    n, c_ids, k = _program(K, CBLOCKS, BLOCK_C)
+    start = k * ROWS
     end = tl.minimum(start + ROWS, S)
     mean, rstd, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c_ids, C, G, D, HAS_W, HAS_B, BLOCK_C)
     scale = rstd * w
@@ -158,12 +166,10 @@ def _grad_z(dy, xhat, w, b, SILU: tl.constexpr):
 
 
 @triton.jit
-def _partial_grad_sums(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa_ptr, pb_ptr, S, C, G, D, K, ROWS,
-                       stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c_ids = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    k = tl.program_id(2).to(tl.int64)
+def _partial_grad_sums(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa_ptr, pb_ptr, S, C, G, D, K, CBLOCKS,
+                       ROWS, stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, c_ids, k = _program(K, CBLOCKS, BLOCK_C)
     start = k * ROWS
     end = tl.minimum(start + ROWS, S)
     mean, rstd, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c_ids, C, G, D, HAS_W, HAS_B, BLOCK_C)
@@ -183,12 +189,11 @@ def _partial_grad_sums(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa_ptr, 
 
 
 @triton.jit
-def _grad_input(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, gsa_ptr, gsb_ptr, S, C, G, D, ROWS, inv_m,
-                stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c_ids = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    start = tl.program_id(2).to(tl.int64) * ROWS
+def _grad_input(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, gsa_ptr, gsb_ptr, S, C, G, D, K, CBLOCKS,
+                ROWS, inv_m, stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, c_ids, k = _program(K, CBLOCKS, BLOCK_C)
+    start = k * ROWS
     end = tl.minimum(start + ROWS, S)
     mean, rstd, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c_ids, C, G, D, HAS_W, HAS_B, BLOCK_C)
     cmask = c_ids < C
@@ -221,39 +226,50 @@ def _plan(geo):
     return block_s, block_c, rows, triton.cdiv(S, rows), triton.cdiv(C, block_c)
 
 
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis x
+
+
+def grid(geo, K, cblocks):
+    """One grid axis over N x channel blocks x chunks (see _program)."""
+    programs = geo.N * cblocks * K
+    if programs > MAX_GRID_X:
+        raise ValueError(f"group_norm (triton): {programs} programs exceed CUDA's grid limit {MAX_GRID_X}")
+    return (programs,)
+
+
 def forward(x, w, b, y, mean, rstd, geo, eps, silu):
     block_s, block_c, rows, K, cblocks = _plan(geo)
     stride_n, stride_c, stride_s = geo.strides
-    grid = (geo.N, cblocks, K)
+    launch = grid(geo, K, cblocks)
     pmean = torch.empty(geo.N, geo.C, K, dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
-    _partial_moments[grid](x, pmean, pm2, geo.S, geo.C, geo.D, K, rows, stride_n, stride_c, stride_s,
+    _partial_moments[launch](x, pmean, pm2, geo.S, geo.C, geo.D, K, cblocks, rows, stride_n, stride_c, stride_s,
                            BLOCK_S=block_s, BLOCK_C=block_c)
     P = geo.D * K
     _finalize[(geo.N * geo.G,)](x, pmean, pm2, mean, rstd, geo.S, geo.D, geo.G, K, rows, float(geo.D * geo.S),
                                 float(eps), stride_n, stride_c, BLOCK_P=min(triton.next_power_of_2(P), 1024))
     dummy = x
-    _normalize[grid](x, y, mean, rstd, w if w is not None else dummy, b if b is not None else dummy,
-                     geo.S, geo.C, geo.G, geo.D, rows, stride_n, stride_c, stride_s,
+    _normalize[launch](x, y, mean, rstd, w if w is not None else dummy, b if b is not None else dummy,
+                       geo.S, geo.C, geo.G, geo.D, K, cblocks, rows, stride_n, stride_c, stride_s,
                      HAS_W=w is not None, HAS_B=b is not None, SILU=bool(silu), BLOCK_S=block_s, BLOCK_C=block_c)
 
 
 def backward(dy, x, mean, rstd, w, b, dx, dw, db, geo, silu):
     block_s, block_c, rows, K, cblocks = _plan(geo)
     stride_n, stride_c, stride_s = geo.strides
-    grid = (geo.N, cblocks, K)
+    launch = grid(geo, K, cblocks)
     pa = torch.empty(geo.N, geo.C, K, dtype=torch.float32, device=x.device)
     pb = torch.empty_like(pa)
     dummy = x
     wp, bp = (w if w is not None else dummy), (b if b is not None else dummy)
     flags = dict(HAS_W=w is not None, HAS_B=b is not None, SILU=bool(silu), BLOCK_S=block_s, BLOCK_C=block_c)
-    _partial_grad_sums[grid](x, dy, mean, rstd, wp, bp, pa, pb, geo.S, geo.C, geo.G, geo.D, K, rows,
+    _partial_grad_sums[launch](x, dy, mean, rstd, wp, bp, pa, pb, geo.S, geo.C, geo.G, geo.D, K, cblocks, rows,
                              stride_n, stride_c, stride_s, **flags)
     A, B = pa.sum(dim=2), pb.sum(dim=2)  # (N, C)
     wa, wb = (A * w.float(), B * w.float()) if w is not None else (A, B)
     sum_wa = wa.view(geo.N, geo.G, geo.D).sum(dim=2)
     sum_wb = wb.view(geo.N, geo.G, geo.D).sum(dim=2)
-    _grad_input[grid](x, dy, dx, mean, rstd, wp, bp, sum_wa, sum_wb, geo.S, geo.C, geo.G, geo.D, rows,
+    _grad_input[launch](x, dy, dx, mean, rstd, wp, bp, sum_wa, sum_wb, geo.S, geo.C, geo.G, geo.D, K, cblocks, rows,
                       1.0 / (geo.D * geo.S),
                       stride_n, stride_c, stride_s, **flags)
     if dw is not None:

@@ -1,0 +1,116 @@
+"""compile-check (genfast/compile_check.py): the launch grids of the Triton launchers at extreme
+shapes stay within CUDA's axis limits, and a time-bounded subset of every family compiles for
+sm_80 and sm_90 (bf16, fp16, fp32) with no failure and no config over shared memory.
+
+Both run in a fresh process without TRITON_INTERPRET (conftest sets it; the launchers choose
+interpreter tiles under it) on meta tensors: nothing is allocated and no GPU is needed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+
+def _python(code_or_args, timeout):
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    argv = [sys.executable, "-c", code_or_args] if isinstance(code_or_args, str) else [sys.executable, *code_or_args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+GRID_SCRIPT = r'''
+import json, torch
+from genfast import compile_check as cc
+from genfast.ops.filtered_lrelu import forward_plan
+from genfast.ops.group_norm import Geometry
+from genfast.triton_kernels import attention as A, filtered_lrelu as F, group_norm as G
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+cases = {}
+def record(name, call):
+    rec = cc._Recorder(max_autotune_configs=None)
+    with rec.active():
+        call()
+    cases[name] = [[fn.__name__, list(grid)] for fn, _, _, grid in rec.launches]
+
+# batch 2048 x 32 heads = 65,536 (batch x head) programs: over axis y's 65,535.
+B, H, S, D = 2048, 32, 256, 64
+q = meta(B, H, S, D)
+lse = meta(B, H, S, dtype=torch.float32)
+record("attention forward", lambda: A.forward(q, q, q, scale=0.125, window_right=0, dropout_p=0.1,
+                                              return_dropout_mask=True))
+record("attention backward", lambda: A.backward(q, q, q, q, q, lse, scale=0.125, deterministic=False))
+record("attention backward deterministic", lambda: A.backward(q, q, q, q, q, lse, scale=0.125, deterministic=True))
+record("attention decode", lambda: A.decode(meta(B, H, 1, D), q, q, meta(B, dtype=torch.int32), scale=0.125))
+# a 2048 x 4096 NHWC image: H x W > 4.19M, so more than 65,535 spatial chunks
+S = 2048 * 4096
+geo = Geometry(1, 128, S, 32, True)
+x, w, stats = meta(1, 128, S), meta(128), meta(1, 32, dtype=torch.float32)
+record("group_norm nhwc forward", lambda: G.forward(x, w, w, x, stats, stats, geo, 1e-5, True))
+record("group_norm nhwc backward", lambda: G.backward(x, x, stats, stats, w, w, x, w, w, geo, True))
+# N x C = 128 x 1024 planes
+f = meta(12, dtype=torch.float32)
+plan = forward_plan(36, 36, f, f, 2, 2, (11, 10, 11, 10))
+record("filtered_lrelu", lambda: F.filtered_lrelu(0, meta(128, 1024, plan.oh, plan.ow), None, meta(128, 1024, 36, 36),
+                                                  None, f, f, plan, 1.4, 0.2, -1.0))
+print(json.dumps(cases))
+'''
+
+EXPECTED_KERNELS = {
+    "attention forward": {"_fwd_kernel", "_dropout_mask_kernel"},
+    "attention backward": {"_bwd_preprocess_kernel", "_bwd_dkdv_kernel"},
+    "attention backward deterministic": {"_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
+    "attention decode": {"_decode_split_kernel", "_decode_combine_kernel"},
+    "group_norm nhwc forward": {"_partial_moments", "_finalize", "_normalize"},
+    "group_norm nhwc backward": {"_partial_grad_sums", "_grad_input"},
+    "filtered_lrelu": {"_filtered_lrelu_kernel"},
+}
+
+
+def test_launch_grids_within_cuda_limits_at_extreme_shapes():
+    from genfast.compile_check import GRID_LIMITS, grid_problems
+
+    run = _python(GRID_SCRIPT, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    cases = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(cases) == set(EXPECTED_KERNELS)
+    for name, launches in cases.items():
+        assert {kernel for kernel, _ in launches} == EXPECTED_KERNELS[name], name
+        for kernel, grid in launches:
+            assert grid_problems(tuple(grid)) == [], (name, kernel, grid)
+            assert all(0 < g <= limit for g, limit in zip(grid, GRID_LIMITS)), (name, kernel, grid)
+    # The shapes are extreme indeed: the big counts are in the grids (not, say, clamped away).
+    programs = {kernel: grid[0] for name, launches in cases.items() for kernel, grid in launches}
+    assert programs["_fwd_kernel"] >= 2048 * 32 and programs["_bwd_dkdv_kernel"] >= 2048 * 8
+    assert programs["_decode_split_kernel"] >= 2048 * 32 // 16
+    assert programs["_normalize"] > 65535 and programs["_filtered_lrelu_kernel"] >= 128 * 1024
+
+
+_SUMMARY = re.compile(r"compile-check: (\d+) configs, (\d+) failed, (\d+) spilling, (\d+) over shared memory")
+
+
+@pytest.mark.parametrize("arch, dtypes", [("90", "bf16,fp32"), ("80", "fp16,fp32")])
+def test_compile_check_subset(arch, dtypes):
+    """Every family, one config per kernel and dtype (the first of the launcher's pruned list):
+    sm_90 with bf16 and fp32, sm_80 with fp16 and fp32 (about a minute each on a free core)."""
+    run = _python(["-m", "genfast", "compile-check", "--quick", "--limit", "1", "--arch", arch, "--dtypes", dtypes,
+                   "--no-cuda"], timeout=900)
+    summary = _SUMMARY.search(run.stdout)
+    assert summary, run.stdout[-3000:] + run.stderr[-3000:]
+    configs, failed, _spilling, over = map(int, summary.groups())
+    assert failed == 0 and over == 0, run.stdout[-6000:]
+    assert run.returncode == 0, run.stdout[-3000:]
+    kernels = {line.split()[0] for line in run.stdout.splitlines() if line.startswith("_")}
+    # one kernel of each family at least
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_decode_split_kernel", "_bias_act_kernel",
+                   "_sampler_step_kernel", "_filtered_lrelu_kernel", "_pixel_norm_kernel", "_normalize",
+                   "_upfirdn2d_kernel", "_forward_kernel"):
+        assert kernel in kernels, (kernel, sorted(kernels))
+    assert configs >= 40
