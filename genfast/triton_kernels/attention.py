@@ -322,34 +322,84 @@ def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_
                  keep.to(tl.int8), mask=(rows[:, None] < q_len) & (cols[None, :] < k_len))
 
 
+# Exact fp32 products (DOT_PREC="ieee") are FMA code, not tensor cores: every operand tile lives
+# in registers, so only small tiles avoid spills (and compile in seconds, not minutes).
+# Measured with compile-check (sm_90, D128): 32 x 32 on 8 warps 202 registers, no spill; on 4
+# warps 1.6 KB of spills, 64 x 32 on 8 warps 1.8 KB. Head dim 256 takes 16-row tiles.
+_IEEE_FWD_TILES = ((32, 32, 8, 1), (16, 32, 8, 1))  # (BLOCK_M, BLOCK_N, warps, stages)
+
+
 def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
+    tensor_core = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
+    ieee = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _IEEE_FWD_TILES]
+    return tensor_core + ieee
+
+
+def shared_memory_limit() -> int:
+    """Bytes of shared memory a block may opt into on the target Triton compiles for (A100
+    163 KB, H100 227 KB, consumer parts 99 KB)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no driver: the smallest common budget
+        return 99 * 1024
+    return {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(arch, 99) * 1024
+
+
+def fwd_shared_bytes(block_m, block_n, block_d, stages, elem, bias_elem=0):
+    """Shared memory of the forward's pipeline: `stages` buffers of a K and a V tile (and of a
+    bias tile) plus the Q tile, in the inputs' element size (fp32 doubles every tile)."""
+    return elem * (stages * 2 * block_n * block_d + block_m * block_d) + stages * bias_elem * block_m * block_n
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Drop tiles that cannot fit shared memory / registers for large head dims, and pair
-    8 warps with 128-row tiles, 4 warps with 64-row tiles (halves the first-call tuning time)."""
+    8 warps with 128-row tiles, 4 warps with 64-row tiles (halves the first-call tuning time).
+    Exact fp32 ("ieee") gets only its small FMA tiles."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    ieee = kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee"
+    q = named_args.get("Q")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    bias = named_args.get("Bias")
+    has_bias = kwargs.get("HAS_BIAS", named_args.get("HAS_BIAS", False))
+    bias_elem = bias.element_size() if has_bias and hasattr(bias, "element_size") else 0
+    limit = shared_memory_limit() - 8 * 1024  # headroom for the compiler's own scratch (reductions)
+    ieee_tiles = {(bm, bn, w, st) for bm, bn, w, st in _IEEE_FWD_TILES}
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.num_warps != (8 if bm == 128 else 4) and block_d < 256:
+        if ((bm, bn, c.num_warps, c.num_stages) in ieee_tiles) != ieee:
+            continue
+        if fwd_shared_bytes(bm, bn, block_d, c.num_stages, elem, bias_elem) > limit:
+            continue
+        if ieee:
+            if (bm == 16) == (block_d >= 256):
+                kept.append(c)
+            continue
+        if elem == 4 and c.num_warps != 8:  # fp32 on TF32 tensor cores: 4 warps spill (64 x 64 at D128)
+            continue
+        if elem != 4 and c.num_warps != (8 if bm == 128 else 4) and block_d < 256:
             continue
         if block_d >= 256 and (bn > 64 or c.num_stages > 2 or (bm == 128 and c.num_warps == 4)):
             continue
         if block_d >= 128 and bn > 64 and c.num_stages > 3:
             continue
         kept.append(c)
-    return kept or configs[:1]
+    if not kept:  # the smallest tile of this precision's kind
+        same_kind = [c for c in configs
+                     if ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ieee_tiles) == ieee]
+        kept = [min(same_kind or configs, key=lambda c: fwd_shared_bytes(
+            c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem, bias_elem))]
+    return kept
 
 
 _fwd = triton.autotune(
     configs=_fwd_configs(),
     key=["HEAD_DIM", "IS_VARLEN", "ALIGN_BR", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_WL", "HAS_WR",
-         "HAS_DROPOUT"],
+         "HAS_DROPOUT", "DOT_PREC"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_fwd_configs},
 )(_fwd_kernel)
 
@@ -733,8 +783,13 @@ def _check_qkv(q, k, v):
 
 
 def _dot_precision(dtype):
-    # fp32 inputs: exact fp32 products (no TF32), so fp32 results meet the fp32 error bound.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp16/bf16: tensor cores (the value is ignored). fp32: TF32 tensor cores when torch allows
+    TF32 for fp32 matmuls (torch.get_float32_matmul_precision() "high"/"medium", which
+    torch.backends.cuda.matmul.allow_tf32 = True sets), as torch's SDPA does; by default
+    ("highest") exact fp32 products, so fp32 results meet the fp32 error bound."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _dropout_params(dropout_p, seed):
@@ -886,15 +941,17 @@ class _nullcontext:
         return False
 
 
-def _bwd_blocks(D, dtype):
+def _bwd_blocks(D, dtype, prec="tf32"):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels (no autotune: the
     atomic dq path cannot be re-run by a benchmark)."""
     if _INTERPRET:
         return 16, 16, 4, 1
+    if dtype == torch.float32 and prec == "ieee":  # FMA code: only small tiles fit registers
+        return 16, 32, 8, 1
     if D <= 64:
         return 64, 64, 4, 3
-    if D <= 128:
-        return 32, 64, 4, 2 if dtype == torch.float32 else 3
+    if D <= 128:  # 32 x 64 tiles spilled 1.1 KB (bf16, sm_90); 32 x 32: 160 B
+        return (32, 64, 8, 2) if dtype == torch.float32 else (32, 32, 4, 2)
     if dtype == torch.float32:  # fp32 tiles at head dim 256 overflow an A100's 164 KB of shared memory
         return 16, 32, 8, 1
     return 16, 64, 8, 2
@@ -930,8 +987,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     flags = _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen)
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
-    block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype)
     prec = _dot_precision(q.dtype)
+    block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype, prec)
     atomic_dq = not deterministic
     if atomic_dq:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -1004,7 +1061,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
     group = H // Hk
     rows = group * Sq
     block_m = max(16, min(triton.next_power_of_2(rows), 64))
-    block_n = 16 if _INTERPRET else (64 if D <= 128 else 32)
+    prec = _dot_precision(q.dtype)
+    block_n = 16 if _INTERPRET else (64 if D <= 128 and prec != "ieee" else 32)
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits == 0:
         num_splits = decode_num_splits(B, Hk, row_blocks, S_max, q.device, block_n)
@@ -1023,8 +1081,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
             H, Hk, group, Sq, split_size, num_splits, row_blocks, B, qk_scale2, softcap_scale, softcap2, window_left, window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_ALIBI=alibi_slopes is not None,
-            HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=_dot_precision(q.dtype),
-            num_warps=4, num_stages=1 if _INTERPRET else 2)
+            HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=prec,
+            num_warps=8 if prec == "ieee" and not _INTERPRET else 4, num_stages=1 if _INTERPRET else 2)
         _decode_combine_kernel[(B * H * Sq,)](
             ws_out, ws_lse, out, lse, out.stride(0), out.stride(1), out.stride(2), H, Sq, B * H * Sq, num_splits,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
