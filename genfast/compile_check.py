@@ -546,7 +546,15 @@ def cuda_usage(archs: Iterable[int]) -> tuple[list[Result], str | None]:
     if len(demangled) != len(names):
         demangled = names
     for (arch, _, reg, stack, shared, local), name in zip(entries, demangled):
-        name = re.sub(r"genfast::|\(anonymous namespace\)::|\(genfast::[^)]*\)", "", name)
+        if name.endswith(")") and "(" in name:  # drop the parameter list
+            depth, cut = 0, len(name)
+            for i in range(len(name) - 1, -1, -1):
+                depth += {")": 1, "(": -1}.get(name[i], 0)
+                if depth == 0:
+                    cut = i
+                    break
+            name = name[:cut]
+        name = re.sub(r"^void |genfast::|\(anonymous namespace\)::", "", name)
         kernel, _, targs = name.partition("<")
         results.append(Result(kernel.split("::")[-1], arch, "cuda", ("<" + targs) if targs else "", reg,
                               stack + local, shared))
