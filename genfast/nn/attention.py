@@ -191,27 +191,5 @@ class CausalSelfAttention(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- transformers
 
-
-def register_transformers_attention(name: str = "genfast") -> str:
-    """Registers genfast with Hugging Face transformers' AttentionInterface, so models load with
-    ``attn_implementation=name``. Same contract as transformers' sdpa_attention_forward: query
-    (B, H, L, D), key/value (B, Hk, S, D), an additive or bool ``attention_mask`` (B, 1, L, >= S)
-    or None (then causal when L > 1 and the module is causal). Returns ``name``."""
-    from transformers import AttentionInterface
-
-    def genfast_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
-        mask = attention_mask
-        if mask is not None and mask.dim() == 4:
-            mask = mask[:, :, :, : key.shape[-2]]
-        if is_causal is None:
-            is_causal = mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(query.dtype)
-        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                           is_causal=bool(is_causal) and mask is None,
-                                           enable_gqa=key.shape[1] != query.shape[1])
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(name, genfast_attention)
-    return name
+# The adapter lives in genfast.integrations.transformers; re-exported here for existing callers.
+from ..integrations.transformers import register_transformers_attention  # noqa: E402
