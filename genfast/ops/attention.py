@@ -20,13 +20,13 @@ import functools
 import importlib
 import importlib.util
 import math
-import numbers
 from typing import Optional
 
 import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher, Unsupported
+from ._validate import check_backend, check_real, check_tensor, compiling, is_int, type_name
 from ..reference import attention as reference
 
 __all__ = [
@@ -336,23 +336,33 @@ if importlib.util.find_spec("genfast.triton_kernels.attention") is not None:
 
 _lib = torch.library.Library("genfast", "FRAGMENT")
 _PROBLEM = ("Tensor? bias, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seed, "
-            "float scale, int window_left, int window_right, bool align_bottom_right, float softcap, "
-            "float dropout_p, int max_seqlen_q, int max_seqlen_k")
+            "float scale, SymInt window_left, SymInt window_right, bool align_bottom_right, float softcap, "
+            "float dropout_p, SymInt max_seqlen_q, SymInt max_seqlen_k")
 # Returns (out, lse, keep_mask); keep_mask is empty unless return_dropout_mask.
 _lib.define(f"attention_forward(Tensor q, Tensor k, Tensor v, {_PROBLEM}, bool return_dropout_mask, str backend)"
             " -> (Tensor, Tensor, Tensor)")
 _lib.define(f"attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PROBLEM}, "
             "bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
 _lib.define("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? alibi_slopes, "
-            "float scale, int window_left, int window_right, float softcap, int num_splits, str backend)"
+            "float scale, SymInt window_left, SymInt window_right, float softcap, SymInt num_splits, str backend)"
             " -> (Tensor, Tensor)")
 _lib.define("attention_kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
             "Tensor cache_seqlens) -> ()")
 
 
-def _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+# The ops' ``scale`` NaN stands for the default 1 / sqrt(head dim), resolved inside the ops: a
+# float computed from a (symbolic) size and passed to a custom op would make torch.compile
+# specialise on the head dim. Validation rejects NaN as a user scale.
+SCALE_FROM_HEAD_DIM = math.nan
+
+
+def _resolve_scale(scale: float, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if math.isnan(scale) else scale
+
+
+def _contract_kwargs(q, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                      align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k) -> dict:
-    return dict(scale=scale, window_left=window_left, window_right=window_right,
+    return dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=window_left, window_right=window_right,
                 align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
                 dropout_p=dropout_p, seed=int(seed.item()) if seed is not None else 0, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else None,
@@ -361,7 +371,7 @@ def _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale
 
 def _forward_impl(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                   align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, return_dropout_mask, backend):
-    kw = _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+    kw = _contract_kwargs(q, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                           align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     if return_dropout_mask:
         kw["return_dropout_mask"] = True
@@ -374,7 +384,7 @@ def _forward_impl(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
 def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left,
                    window_right, align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic,
                    backend):
-    kw = _contract_kwargs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
+    kw = _contract_kwargs(q, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                           align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     kw["deterministic"] = deterministic
     dq, dk, dv = BACKWARD.run(backend or None, q.device, q.dtype, (dout, q, k, v, out, lse), kw)
@@ -385,8 +395,8 @@ def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu
 
 def _decode_impl(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
                  num_splits, backend):
-    kw = dict(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
-              alibi_slopes=alibi_slopes, num_splits=num_splits)
+    kw = dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=window_left, window_right=window_right,
+              softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits)
     out, lse = DECODE.run(backend or None, q.device, q.dtype, (q, k_cache, v_cache, cache_seqlens), kw)
     return out, lse
 
@@ -467,7 +477,8 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
     # tensor, so torch.compile traces it instead of specialising on its value.
     seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_p > 0 else None
     problem = (float(scale), int(window_left), int(window_right), bool(align_bottom_right), float(softcap),
-               float(dropout_p), int(max_seqlen_q or 0), int(max_seqlen_k or 0))
+               float(dropout_p), 0 if max_seqlen_q is None else int(max_seqlen_q),
+               0 if max_seqlen_k is None else int(max_seqlen_k))
     backend = backend or ""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad:
@@ -480,26 +491,12 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
 # ----------------------------------------------------------------------------- validation
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces or a CUDA graph captures: value checks that read device
-    data (and would synchronise or break the graph) are skipped then."""
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except AttributeError:  # pragma: no cover - old torch
-        pass
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+_type_name = type_name
+_compiling = compiling
 
 
 def _check_tensor(fn: str, name: str, t, ndim: Optional[int] = None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(t)}")
-    if ndim is not None and t.ndim != ndim:
-        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    check_tensor(fn, name, t, ndim=ndim)
 
 
 def _check_qkv(fn: str, q, k, v, head_dim_axis: int = -1):
@@ -532,16 +529,7 @@ def _check_heads(fn: str, H: int, Hk: int, Hv: int):
 
 
 def _check_scalar(fn: str, name: str, value, minimum=None, maximum=None, max_inclusive=True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {_type_name(value)}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{fn}: {name} must not be NaN")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
-    if maximum is not None and (value > maximum or (not max_inclusive and value == maximum)):
-        raise ValueError(f"{fn}: {name} must be {'<=' if max_inclusive else '<'} {maximum}, got {value}")
-    return value
+    return check_real(fn, name, value, minimum=minimum, maximum=maximum, max_inclusive=max_inclusive)
 
 
 def _check_dropout(fn: str, dropout_p) -> float:
@@ -550,7 +538,7 @@ def _check_dropout(fn: str, dropout_p) -> float:
 
 def _check_scale(fn: str, scale, D: int) -> float:
     if scale is None:
-        return 1.0 / math.sqrt(D)
+        return SCALE_FROM_HEAD_DIM  # the ops compute 1 / sqrt(D)
     return _check_scalar(fn, "softmax_scale" if fn.startswith("flash") else "scale", scale)
 
 
@@ -559,7 +547,7 @@ def _check_window(fn: str, window_size) -> tuple:
         raise ValueError(f"{fn}: window_size must be a pair (left, right), got {window_size!r}")
     left, right = window_size
     for side, w in (("left", left), ("right", right)):
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+        if not is_int(w):
             raise TypeError(f"{fn}: window_size {side} must be an int (-1 for unbounded), got {_type_name(w)}")
         if w < -1:
             raise ValueError(f"{fn}: window_size {side} must be >= -1 (-1 = unbounded), got {w}")
@@ -595,8 +583,7 @@ def _check_alibi(fn: str, alibi_slopes, B: int, H: int, device, varlen: bool = F
 
 
 def _check_backend(fn: str, backend):
-    if backend is not None and backend not in FORWARD.backends:
-        raise ValueError(f"{fn}: unknown backend {backend!r}; expected one of {', '.join(FORWARD.backends)} or None")
+    check_backend(fn, backend, FORWARD.backends)
     return backend
 
 
@@ -608,7 +595,7 @@ def _check_cu_seqlens(fn: str, name: str, cu, total: int, max_seqlen, max_name: 
         raise ValueError(f"{fn}: {name} is on {cu.device} but the inputs are on {device}")
     if cu.numel() < 1:
         raise ValueError(f"{fn}: {name} must have at least one element (0)")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+    if not is_int(max_seqlen) or max_seqlen < 0:
         raise ValueError(f"{fn}: {max_name} must be a non-negative int, got {max_seqlen!r}")
     if not check_values:
         return
@@ -836,7 +823,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         if k is not None:
             raise ValueError(f"{fn}: cache_seqlens is required when appending k/v (where do they go?)")
         cache_seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+    elif is_int(cache_seqlens):
         if not 0 <= cache_seqlens <= S_max:
             raise ValueError(f"{fn}: cache_seqlens = {cache_seqlens} must be in [0, {S_max}]")
         cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
@@ -858,7 +845,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     scale = _check_scale(fn, softmax_scale, D)
     left, right = _flash_window(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+    if not is_int(num_splits) or num_splits < 0:
         raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
     if k is not None and S_new > 0:

@@ -1,0 +1,106 @@
+"""Argument checks shared by every op family (clear errors naming the argument).
+
+Every helper here must trace under ``torch.compile(fullgraph=True, dynamic=True)``: there Dynamo
+turns Python floats and ints (arguments, defaults, tensor sizes) into symbolic values that
+still pass ``isinstance(v, float / numbers.Real)`` but reject ``math.isnan``/``math.isfinite``
+(a graph break). So the checks use plain comparisons: ``v != v`` is NaN, ``abs(v) < inf`` is
+finite (False for NaN too). Comparisons against constants become guards (``s0 >= 0``) that hold
+for every valid value: no recompilation when the value or a size changes. ``float()``/``int()``
+of a symbolic value stay symbolic (no specialisation), so the helpers may return them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+__all__ = ["type_name", "is_int", "is_real", "is_nan", "is_finite", "compiling", "check_tensor", "check_real",
+           "check_int", "check_backend"]
+
+
+def type_name(v) -> str:
+    """How an argument is described in errors: its type, or dtype and device for tensors."""
+    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def is_int(v) -> bool:
+    """A Python (or symbolic) int; bool is not accepted as a number."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A Python (or symbolic) int or float; bool is not accepted as a number."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def is_nan(v) -> bool:
+    return v != v  # math.isnan breaks the graph on symbolic floats
+
+
+def is_finite(v) -> bool:
+    return abs(v) < math.inf  # False for +-inf and NaN; math.isfinite breaks the graph
+
+
+def compiling() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: value checks that read device
+    data (and would synchronise or break the graph) are skipped then."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_tensor(op: str, name: str, t, *, ndim: Optional[int] = None, dtypes=None, optional: bool = False,
+                 shape_doc: str = "") -> None:
+    """``t`` is a tensor (or None when ``optional``), of ``ndim`` dims and one of ``dtypes``."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, got {type_name(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = " or ".join(names.rsplit(", ", 1)) if len(dtypes) > 1 else names
+        raise TypeError(f"{op}: {name} must be {names}, got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D{shape_doc}, got shape {tuple(t.shape)}")
+
+
+def check_real(op: str, name: str, value, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
+               max_inclusive: bool = True, finite: bool = False, or_none: bool = False,
+               number_format: str = "") -> float:
+    """A real number (not bool, not NaN) within [minimum, maximum] (or [minimum, maximum) when
+    not ``max_inclusive``), finite if ``finite``; returned as a float (symbolic while
+    compiling). ``or_none``: the error names None as allowed (the caller handles None);
+    ``number_format``: format spec of the bounds and value in errors (e.g. "g")."""
+    if not is_real(value):
+        raise TypeError(f"{op}: {name} must be a real number{' or None' if or_none else ''}, got {type_name(value)}")
+    value = float(value)
+    if is_nan(value):
+        raise ValueError(f"{op}: {name} must not be NaN")
+    fmt = number_format
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum:{fmt}}, got {value:{fmt}}")
+    if maximum is not None and (value > maximum or (not max_inclusive and value == maximum)):
+        raise ValueError(f"{op}: {name} must be {'<=' if max_inclusive else '<'} {maximum:{fmt}}, got {value:{fmt}}")
+    if finite and not is_finite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return value
+
+
+def check_int(op: str, name: str, value, *, minimum: Optional[int] = None, type_error=TypeError,
+              describe=type_name) -> int:
+    """A (non-bool) int >= ``minimum``, returned as an int (symbolic while compiling).
+    ``type_error``/``describe``: the exception class and value description of the type error."""
+    if not is_int(value):
+        raise type_error(f"{op}: {name} must be an int, got {describe(value)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_backend(op: str, backend, backends) -> str:
+    """None (automatic) or one of ``backends``; returns '' for automatic (the ops' schema)."""
+    if backend is not None and backend not in backends:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(backends)} or None")
+    return backend or ""

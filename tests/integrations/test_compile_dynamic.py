@@ -1,0 +1,212 @@
+"""torch.compile(fullgraph=True, dynamic=True) of every public op, layer and the GPT model.
+
+Each case runs at three sizes and asserts: no graph break (fullgraph=True raises on one), no
+recompilation (the backend is not called again after the first size, and Dynamo's
+error_on_recompile is set), genfast's own ops are in the graph (not a fallback composition),
+and outputs and gradients equal eager's. Backend "aot_eager" (traces forward and backward
+like inductor, without its slow code generation).
+
+Sizes start at 2: Dynamo specialises sizes 0 and 1 by design (a size-1 dim broadcasts), so a
+1 followed by a larger size would always recompile, with any op. Sizes that vary never equal
+another size at the first call either: Dynamo's duck sizing would tie the two together.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import genfast
+import genfast.nn
+import genfast.ops as ops
+from genfast.models import GPT
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _genfast_ops_in(graphs) -> set:
+    """Names of the torch.ops.genfast.* calls in the captured graphs, including the subgraphs
+    of autograd.Function calls (their forward and backward bodies)."""
+    found = set()
+    for gm in graphs:
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule):
+                found.update(str(n.target) for n in sub.graph.nodes
+                             if n.op == "call_function" and str(n.target).startswith("genfast."))
+    return found
+
+
+def _grad_leaves(args):
+    return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+def _copy(args):
+    """Fresh leaves with the same values (the compiled and the eager run get their own grads)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().clone().requires_grad_(a.requires_grad)
+        out.append(a)
+    return out
+
+
+def _flat(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for t in result if isinstance(t, torch.Tensor)]
+
+
+def check_compiles_once(fn, make_args, sizes, *, backward=True, expect_genfast=True, tol=TOL):
+    """Compiles ``fn`` once (fullgraph, dynamic) and runs it on ``make_args(size)`` for each
+    size: same outputs (and gradients of every input that requires them) as eager, and no
+    recompilation after the first size."""
+    assert len(sizes) == 3
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    frames_after_first = None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, size in enumerate(sizes):
+            torch.manual_seed(1000 + i)
+            args = make_args(size)
+            eager_args, compiled_args = _copy(args), _copy(args)
+            expected = _flat(fn(*eager_args))
+            got = _flat(compiled(*compiled_args))
+            assert len(got) == len(expected)
+            for g, e in zip(got, expected):
+                assert g.shape == e.shape
+                torch.testing.assert_close(g, e, **tol)
+            leaves_e, leaves_c = _grad_leaves(eager_args), _grad_leaves(compiled_args)
+            if backward and leaves_e:
+                seeds = [torch.randn_like(e) for e in expected if e.is_floating_point() and e.requires_grad]
+                assert seeds, "a differentiable case must have a differentiable output"
+                outs_e = [e for e in expected if e.is_floating_point() and e.requires_grad]
+                outs_c = [g for g in got if g.is_floating_point() and g.requires_grad]
+                grads_e = torch.autograd.grad(outs_e, leaves_e, seeds, allow_unused=True)
+                grads_c = torch.autograd.grad(outs_c, leaves_c, seeds, allow_unused=True)
+                for gc, ge in zip(grads_c, grads_e):
+                    assert (gc is None) == (ge is None)
+                    if ge is not None:
+                        torch.testing.assert_close(gc, ge, **tol)
+            if i == 0:
+                frames_after_first = counter.frame_count
+    assert frames_after_first >= 1
+    # Dynamo may restart its analysis once inside the first compile (a float default that feeds
+    # a custom op becomes a constant): that happens before the second size and is no recompile.
+    assert counter.frame_count == frames_after_first, "recompiled for a new size"
+    if expect_genfast:
+        assert _genfast_ops_in(counter.graphs), "no torch.ops.genfast op in the compiled graph"
+    torch._dynamo.reset()
+    return counter
+
+
+def _randn(*shape, grad=True, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def test_sdpa():
+    def fn(q, k, v):
+        return ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    # batch, sequence and head dim all change
+    check_compiles_once(fn, lambda s: [_randn(s, 3, 2 * s + 1, 8 * s) for _ in range(3)], [2, 3, 4])
+
+
+def test_sdpa_mask_scale_and_lse():
+    def fn(q, k, v, mask):
+        return ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, return_lse=True)
+
+    def args(s):
+        q, k, v = _randn(2, 2, s + 3, 16), _randn(2, 2, 2 * s, 16), _randn(2, 2, 2 * s, 16)
+        mask = torch.rand(s + 3, 2 * s) > 0.3
+        mask[:, 0] = True
+        return [q, k, v, mask]
+
+    check_compiles_once(fn, args, [2, 3, 5])
+
+
+def test_flash_attn_func():
+    def fn(q, k, v):
+        return ops.flash_attn_func(q, k, v, causal=True, window_size=(3, -1), softcap=5.0)
+
+    # GQA: 4 query heads over 2 key/value heads; sequence lengths differ between q and k. (Sizes
+    # that vary never equal another size at the first call: Dynamo would tie them by duck sizing.)
+    check_compiles_once(fn, lambda s: [_randn(2, s + 5, 4, 16), _randn(2, 2 * s + 9, 2, 16),
+                                       _randn(2, 2 * s + 9, 2, 16)], [2, 4, 7])
+
+
+def test_flash_attn_varlen_func():
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k):
+        return ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+
+    def args(s):
+        lens_q, lens_k = [s, s + 2, 2], [s + 1, 3, s + 2]
+        cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+        cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+        return [_randn(sum(lens_q), 2, 16), _randn(sum(lens_k), 2, 16), _randn(sum(lens_k), 2, 16), cu_q, cu_k,
+                max(lens_q), max(lens_k)]
+
+    check_compiles_once(fn, args, [2, 4, 6])
+
+
+def test_flash_attn_with_kvcache():
+    def fn(q, k_cache, v_cache, k, v, seqlens):
+        return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True,
+                                           return_softmax_lse=True)
+
+    def args(s):
+        B, S_max = 2, 3 * s + 4
+        k_cache, v_cache = _randn(B, S_max, 2, 16, grad=False), _randn(B, S_max, 2, 16, grad=False)
+        seqlens = torch.tensor([s, 2 * s], dtype=torch.int32)
+        return [_randn(B, 2, 4, 16, grad=False), k_cache, v_cache, _randn(B, 2, 2, 16, grad=False),
+                _randn(B, 2, 2, 16, grad=False), seqlens]
+
+    # The caches are written in place: _copy gives the compiled and the eager run their own.
+    check_compiles_once(fn, args, [2, 3, 5], backward=False)
+
+
+def test_nn_multihead_attention():
+    torch.manual_seed(0)
+    mha = genfast.nn.MultiheadAttention(32, 2, batch_first=True, dtype=torch.float64)
+
+    def fn(x):
+        return mha(x, x, x, need_weights=False)[0]
+
+    check_compiles_once(fn, lambda s: [_randn(s, 2 * s + 1, 32)], [2, 3, 4])
+
+
+def test_nn_causal_self_attention():
+    torch.manual_seed(0)
+    attn = genfast.nn.CausalSelfAttention(64, 4, num_kv_heads=2, rotary=True, dtype=torch.float64)
+    check_compiles_once(attn, lambda s: [_randn(2, 2 * s + 1, 64)], [2, 3, 5])
+
+
+def test_gpt():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=53, block_size=32, n_layer=2, n_head=2, n_embd=32).double()
+
+    def fn(idx, targets):
+        return model(idx, targets)
+
+    def args(s):
+        return [torch.randint(0, 53, (2, 3 * s + 1)), torch.randint(0, 53, (2, 3 * s + 1))]
+
+    counter = check_compiles_once(fn, args, [2, 3, 5], backward=False)
+    # And a training step's gradients through the compiled model.
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    idx, targets = args(4)
+    model.zero_grad()
+    fn(idx, targets)[1].backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled(idx, targets)[1].backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, **TOL)
+    assert counter.frame_count >= 1
