@@ -111,40 +111,128 @@ def test_conv_groupnorm_silu_block_and_conv_bn_folding(seed):
     assert type(model[4]) is nn.BatchNorm2d and type(model[1]) is nn.GroupNorm
 
 
-def test_sdpa_calls_in_user_code_are_routed_to_genfast(seed, monkeypatch):
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(32, 96)
-
-        def forward(self, x, heads=2):
-            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, heads, 32 // heads).permute(2, 0, 3, 1, 4)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
-
-    model = Attn()
-    reference = copy.deepcopy(model)
-    calls = []
+def count_genfast_attention(monkeypatch) -> list:
+    """Every forward call into genfast's attention kernels appends one entry to the returned list."""
     import genfast.ops.attention as attention_ops
-    real = attention_ops.scaled_dot_product_attention
-    monkeypatch.setattr(attention_ops, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    calls = []
+    real = attention_ops.FORWARD.run
+    monkeypatch.setattr(attention_ops.FORWARD, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+class SelfAttention(nn.Module):
+    """Imports SDPA by name, as some models do: no F.scaled_dot_product_attention in its source."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, heads=2):
+        from torch.nn.functional import scaled_dot_product_attention as attend
+
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, heads, x.shape[2] // heads).permute(2, 0, 3, 1, 4)
+        return attend(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
+
+
+def test_sdpa_imported_by_name_is_routed_to_genfast(seed, monkeypatch):
+    model = nn.Sequential(nn.Linear(32, 32), SelfAttention())
+    reference = copy.deepcopy(model)
+    calls = count_genfast_attention(monkeypatch)
     report = genfast.optimize(model)
     assert any("scaled_dot_product_attention" in old for _, old, _ in report.swapped), str(report)
     assert not genfast.optimize(model).swapped  # a second call finds nothing new to do
     x = torch.randn(2, 9, 32)
     check_same(reference, model, lambda m: m(x))
-    # Head dim 8 is outside genfast's kernels: torch's own function runs, same result.
-    check_same(reference, model, lambda m: m(x, heads=4))
-    assert calls and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert len(calls) == 1 and not report.fallbacks
+    assert torch._C._len_torch_function_stack() == 0  # the routing left with the forward
     genfast.revert(model)
     calls.clear()
     model(x)
     assert not calls
 
 
+def test_sdpa_call_from_another_thread_is_not_routed(seed, monkeypatch):
+    import threading
+
+    q = torch.randn(1, 2, 5, 16)
+    other_thread_result = []
+
+    class SpawnsAThread(nn.Module):
+        def forward(self, x):
+            # Another thread attends while this forward runs (and is routed): it must get torch's own.
+            worker = threading.Thread(target=lambda: other_thread_result.append(F.scaled_dot_product_attention(q, q, q)))
+            worker.start()
+            worker.join()
+            return F.scaled_dot_product_attention(x, x, x)
+
+    model = SpawnsAThread()
+    calls = count_genfast_attention(monkeypatch)
+    genfast.optimize(model)
+    out = model(q)
+    assert len(calls) == 1 and len(other_thread_result) == 1
+    torch.testing.assert_close(other_thread_result[0], out, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_call_genfast_cannot_serve_runs_torch_and_is_reported(seed, monkeypatch):
+    model = SelfAttention()
+    reference = copy.deepcopy(model)
+    calls = count_genfast_attention(monkeypatch)
+    report = genfast.optimize(model)
+    x = torch.randn(2, 9, 32)
+    with pytest.warns(genfast.BackendWarning, match="head dim 8") as warned:
+        check_same(reference, model, lambda m: m(x, heads=4))  # head dim 8: outside genfast's kernels
+        model(x, heads=4)
+    assert len([w for w in warned if issubclass(w.category, genfast.BackendWarning)]) == 1
+    assert not calls
+    assert len(report.fallbacks) == 1 and "head dim 8" in report.fallbacks[0][1], str(report)
+    assert "fallback" in str(report) and "head dim 8" in str(report)
+    # A call torch rejects as well raises torch's error, and is no fallback.
+    rejected = _Lambda(lambda t: F.scaled_dot_product_attention(t, t[..., :8], t))  # key head dim 8, query 16
+    report = genfast.optimize(rejected)
+    with pytest.raises(RuntimeError):
+        rejected(torch.randn(1, 2, 5, 16))
+    assert not report.fallbacks
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_compiled_optimized_model_runs_genfast_sdpa(seed, monkeypatch):
+    model = SelfAttention()
+    reference = copy.deepcopy(model)
+    calls = count_genfast_attention(monkeypatch)
+    genfast.optimize(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 9, 32)
+    # Gradients land on model's parameters, which compiled runs; check_same reads them from model.
+    check_same(reference, model, lambda m: compiled(x) if m is model else m(x))
+    assert calls  # genfast's kernels ran inside the compiled graph
+
+
+def test_transformer_encoder_fast_path_does_not_skip_the_swap(seed, monkeypatch):
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    reference = copy.deepcopy(model)
+    report = genfast.optimize(model)
+    assert sum("fast path" in text for _, text in report.notes) == 2, str(report)
+    calls = count_genfast_attention(monkeypatch)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():  # where torch's own fused encoder layer would run instead
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2
+
+
 def test_unsupported_attention_is_left_alone_with_a_reason():
     model = nn.Sequential(nn.MultiheadAttention(16, 4))  # head dim 4
     report = genfast.optimize(model)
-    assert not report.swapped and "head dim 4" in str(report)
+    assert not [s for s in report.swapped if "MultiheadAttention" in s[1]] and "head dim 4" in str(report)
 
 
 def test_optimize_not_inplace_and_bad_input():
