@@ -11,8 +11,8 @@ from ..reference.diffusion import (AUX_SAMPLE, AUX_X0, PREV_MODEL, PREV_NOISE, P
                                    X0_FROM_SAMPLE)
 from . import _ops
 from . import schedules as S
-from .base import (PREDICTION_TYPES, LCMSchedulerOutput, SampleOutput, SchedulerBase, check_choice, fold_x0, new_rows,
-                   randn_tensor, register_to_config)
+from .base import (KARRAS_COMPATIBLES, PREDICTION_TYPES, LCMSchedulerOutput, SampleOutput, SchedulerMixin, check_choice,
+                   fold_x0, new_rows, randn_tensor, register_to_config)
 
 
 class AlphaScheduleMixin:
@@ -115,10 +115,11 @@ def _check_int_timesteps(name, ts: np.ndarray, T: int) -> None:
                          f"{ts.min()}..{ts.max()} (check steps_offset / num_inference_steps)")
 
 
-class DDPMScheduler(AlphaScheduleMixin, SchedulerBase):
+class DDPMScheduler(AlphaScheduleMixin, SchedulerMixin):
     """Ho et al. 2020 ancestral sampling; diffusers' DDPMScheduler config and API."""
 
     _has_step_counter = False
+    _compatibles = KARRAS_COMPATIBLES
     order = 1
     VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
@@ -129,7 +130,7 @@ class DDPMScheduler(AlphaScheduleMixin, SchedulerBase):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         if variance_type == "fixed_large_log":
             raise ValueError(f"{name}: variance_type 'fixed_large_log' is not supported (diffusers takes the square "
@@ -236,11 +237,12 @@ class DDPMScheduler(AlphaScheduleMixin, SchedulerBase):
         return self._timesteps_host[i + 1] if i + 1 < len(self._timesteps_host) else -1
 
 
-class DDIMScheduler(AlphaScheduleMixin, SchedulerBase):
+class DDIMScheduler(AlphaScheduleMixin, SchedulerMixin):
     """Song et al. 2021 (eta = 0: deterministic); diffusers' DDIMScheduler config and API,
     including its previous timestep t - T // n for every spacing."""
 
     _has_step_counter = False
+    _compatibles = KARRAS_COMPATIBLES
     order = 1
 
     @register_to_config
@@ -250,7 +252,7 @@ class DDIMScheduler(AlphaScheduleMixin, SchedulerBase):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(name, "timestep_spacing", timestep_spacing, S.TIMESTEP_SPACINGS)
@@ -344,7 +346,7 @@ class DDIMScheduler(AlphaScheduleMixin, SchedulerBase):
         return SampleOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-class LCMScheduler(AlphaScheduleMixin, SchedulerBase):
+class LCMScheduler(AlphaScheduleMixin, SchedulerMixin):
     """Latent consistency models (Luo et al. 2023); diffusers' LCMScheduler config and API."""
 
     order = 1
@@ -357,7 +359,7 @@ class LCMScheduler(AlphaScheduleMixin, SchedulerBase):
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  timestep_spacing: str = "leading", timestep_scaling: float = 10.0,
                  rescale_betas_zero_snr: bool = False):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(name, "timestep_spacing", timestep_spacing, S.TIMESTEP_SPACINGS)  # unused, as in diffusers

@@ -23,6 +23,9 @@ from ..reference.diffusion import (AUX_MODEL, AUX_SAMPLE, AUX_X0, NUM_STEP_COEFS
 from . import _ops
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# the genfast schedulers among diffusers' KarrasDiffusionSchedulers (their _compatibles)
+KARRAS_COMPATIBLES = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                      "HeunDiscreteScheduler", "DPMSolverMultistepScheduler")
 
 
 # ----------------------------------------------------------------------------- config
@@ -41,6 +44,10 @@ class FrozenConfig(dict):
         raise TypeError("a scheduler config is read-only; create a new scheduler with from_config(config, key=value)")
 
     __setitem__ = __delitem__ = __setattr__ = pop = popitem = setdefault = update = clear = _readonly
+
+    def __reduce__(self):
+        # pickle / copy.deepcopy would refill a dict subclass item by item (read-only here)
+        return type(self), (dict(self),)
 
 
 def register_to_config(init):
@@ -115,7 +122,18 @@ class ConfigMixin:
             return scheduler, unused
         return scheduler
 
-    def save_config(self, save_directory, **kwargs) -> None:
+    def save_config(self, save_directory, push_to_hub: bool = False) -> None:
+        """Write ``scheduler_config.json`` (diffusers' format: the config and ``_class_name``) into
+        ``save_directory``; diffusers' ``from_pretrained`` of the same class reads it too."""
+        if push_to_hub:
+            raise NotImplementedError(f"{type(self).__name__}.save_pretrained: push_to_hub is not supported; save to a "
+                                      "directory and upload it with huggingface_hub.upload_folder")
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"{type(self).__name__}.save_pretrained: save_directory must be a path, got "
+                            f"{type(save_directory).__name__}")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{type(self).__name__}.save_pretrained: save_directory {os.fspath(save_directory)!r} "
+                             "is a file, not a directory")
         os.makedirs(save_directory, exist_ok=True)
         data = {k: v for k, v in self.config.items() if k != "_use_default_values"}
         data["_class_name"] = type(self).__name__
@@ -125,8 +143,14 @@ class ConfigMixin:
     save_pretrained = save_config
 
     @classmethod
-    def from_pretrained(cls, directory, subfolder: Optional[str] = None, **kwargs):
-        path = os.path.join(directory, subfolder or "", cls.config_name)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """Build from the ``scheduler_config.json`` in a local directory (a diffusers or genfast
+        save; ``subfolder`` e.g. "scheduler" for a pipeline's folder); ``kwargs`` as in
+        ``from_config``. A Hub repo: ``cls.from_config(diffusers_class.load_config(repo, subfolder=...))``."""
+        path = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", cls.config_name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{cls.__name__}.from_pretrained: no {cls.config_name} at {path!r}; genfast schedulers load "
+                             "from a local directory (for a Hub repo: from_config(<diffusers class>.load_config(repo)))")
         with open(path) as f:
             return cls.from_config(json.load(f), **kwargs)
 
@@ -218,12 +242,23 @@ def new_rows(*shape) -> np.ndarray:
     return np.zeros(tuple(shape) + (NUM_STEP_COEFS,), dtype=np.float64)
 
 
-class SchedulerBase(ConfigMixin):
-    """Shared machinery. Subclasses fill, in ``set_timesteps``: ``self._timesteps_host`` (python
-    numbers), ``self.timesteps`` (device tensor), ``self._rows`` (float64 (steps, variants, 16)),
-    and call ``self._finish_set_timesteps(device)``."""
+class SchedulerMixin(ConfigMixin):
+    """The base of every genfast scheduler. Subclasses fill, in ``set_timesteps``:
+    ``self._timesteps_host`` (python numbers), ``self.timesteps`` (device tensor), ``self._rows``
+    (float64 (steps, variants, 16)), and call ``self._finish_set_timesteps(device)``.
+
+    Named as diffusers names its own: diffusers' pipeline loader finds a component's base class by
+    this name in the component's library (``genfast.schedulers``, see ``_diffusers``)."""
 
     order = 1
+    # genfast classes that take this one's config, as diffusers' _compatibles (KarrasDiffusionSchedulers)
+    _compatibles = ()
+
+    @property
+    def compatibles(self) -> list:
+        """The genfast scheduler classes that ``from_config(self.config)`` makes sensibly."""
+        from .. import schedulers
+        return [getattr(schedulers, name) for name in sorted({type(self).__name__, *self._compatibles})]
     _has_step_counter = True  # diffusers keeps a _step_index (all but DDPM/DDIM)
 
     def __init__(self):

@@ -11,16 +11,18 @@ from ..reference.diffusion import (AUX_X0, PREV_HIST1, PREV_NOISE, PREV_SAMPLE, 
                                    X0_FROM_SAMPLE)
 from . import schedules as S
 from .alpha import AlphaScheduleMixin
-from .base import SchedulerBase, SchedulerOutput, check_choice, fold_x0, new_rows, randn_tensor, register_to_config
+from .base import (KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, check_choice, fold_x0, new_rows, randn_tensor,
+                   register_to_config)
 from .sigma_base import SigmaStepMixin
 
 FIRST_ORDER, SECOND_ORDER = 0, 1  # row variants
 
 
-class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerBase):
+class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerMixin):
     """algorithm_type dpmsolver++ / sde-dpmsolver++, solver_order 1 or 2, solver_type midpoint or
     heun. The previous x0 lives here as a tensor (``history``), replaced by each step's aux output."""
 
+    _compatibles = KARRAS_COMPATIBLES
     order = 1
 
     @register_to_config
@@ -34,7 +36,7 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerB
                  lambda_min_clipped: float = -float("inf"), variance_type: Optional[str] = None,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         if algorithm_type in ("dpmsolver", "sde-dpmsolver", "deis"):
             raise ValueError(f"{name}: algorithm_type {algorithm_type!r} is not supported by genfast (diffusers "

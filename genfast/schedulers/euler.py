@@ -12,7 +12,7 @@ from ..reference.diffusion import (AUX_X0, PREV_HIST1, PREV_HIST2, PREV_NOISE, P
 from . import _ops
 from . import schedules as S
 from .alpha import AlphaScheduleMixin
-from .base import (PREDICTION_TYPES, SampleOutput, SchedulerBase, check_choice, fold_x0, new_rows, randn_tensor,
+from .base import (KARRAS_COMPATIBLES, PREDICTION_TYPES, SampleOutput, SchedulerMixin, check_choice, fold_x0, new_rows, randn_tensor,
                    register_to_config)
 from .sigma_base import SigmaStepMixin
 
@@ -33,8 +33,10 @@ def _reject_integer_timestep(name, timestep):
                          f"one of scheduler.timesteps")
 
 
-class _SigmaSchedule(AlphaScheduleMixin, SigmaStepMixin, SchedulerBase):
+class _SigmaSchedule(AlphaScheduleMixin, SigmaStepMixin, SchedulerMixin):
     """Interpolated sigmas for a spacing, with Karras / exponential variants."""
+
+    _compatibles = KARRAS_COMPATIBLES
 
     def _check_sigma_variants(self):
         cfg = self.config
@@ -87,7 +89,7 @@ class EulerDiscreteScheduler(_SigmaSchedule):
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                  timestep_spacing: str = "linspace", timestep_type: str = "discrete", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES + ("original_sample",))
         check_choice(name, "interpolation_type", interpolation_type, ("linear", "log_linear"))
@@ -213,7 +215,7 @@ class EulerAncestralDiscreteScheduler(_SigmaSchedule):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         if prediction_type == "sample":
             raise ValueError(f"{name}: prediction_type 'sample' is not implemented (nor in diffusers); use epsilon "
@@ -280,7 +282,7 @@ class HeunDiscreteScheduler(_SigmaSchedule):
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  clip_sample: bool = False, clip_sample_range: float = 1.0, timestep_spacing: str = "linspace",
                  steps_offset: int = 0):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(name, "timestep_spacing", timestep_spacing, S.TIMESTEP_SPACINGS)

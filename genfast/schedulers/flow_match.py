@@ -8,12 +8,12 @@ import torch
 
 from ..reference.diffusion import PREV_MODEL, PREV_NOISE, PREV_SAMPLE, PREV_X0, X0_FROM_MODEL, X0_FROM_SAMPLE
 from . import schedules as S
-from .base import SchedulerBase, SchedulerOutput, check_choice, new_rows, randn_tensor, register_to_config
+from .base import SchedulerMixin, SchedulerOutput, check_choice, new_rows, randn_tensor, register_to_config
 from .euler import _reject_integer_timestep
 from .sigma_base import SigmaStepMixin
 
 
-class FlowMatchEulerDiscreteScheduler(SigmaStepMixin, SchedulerBase):
+class FlowMatchEulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
     """x' = x + (sigma_next - sigma) v; stochastic_sampling: x' = (1 - sigma_next) x0 + sigma_next z."""
 
     order = 1
@@ -24,7 +24,7 @@ class FlowMatchEulerDiscreteScheduler(SigmaStepMixin, SchedulerBase):
                  max_image_seq_len: int = 4096, invert_sigmas: bool = False, shift_terminal: Optional[float] = None,
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  time_shift_type: str = "exponential", stochastic_sampling: bool = False):
-        SchedulerBase.__init__(self)
+        SchedulerMixin.__init__(self)
         name = type(self).__name__
         check_choice(name, "time_shift_type", time_shift_type, ("exponential", "linear"))
         if use_beta_sigmas:

@@ -11,7 +11,7 @@ from . import _ops
 
 class SigmaStepMixin:
     """Needs ``self._sigmas_host`` (python floats, the step's sigma at each step index) and the
-    SchedulerBase index machinery."""
+    SchedulerMixin index machinery."""
 
     @property
     def init_noise_sigma(self) -> float:
