@@ -24,6 +24,11 @@ The mask function hands each layer the cheapest description of the mask that is 
   custom masks, padding with holes, and any padding mask while torch.compile traces, where
   reading it would need a sync), run densely as an additive bias.
 
+Outputs at padding positions: in the segment forms a padding query attends to no key and gets
+zeros, as with flash_attention_2 (sdpa lets a right-padding query attend to the real tokens before
+it); outputs at real tokens are the same either way. So ``generate`` on a right-padded batch (which
+transformers warns about) continues from a zero-attention pad position, as flash_attention_2 does.
+
 The structured forms are found by reading the padding mask on the host (one sync per forward,
 as transformers' own sdpa mask does). ``generate`` with a static cache builds the mask outside
 the compiled forward, so its compiled decode steps get them too, with static shapes and no sync.
