@@ -19,6 +19,12 @@ op) are made:
   * every ``torch.nn.functional.scaled_dot_product_attention`` call made while the model's
     ``forward`` runs -> ``genfast.scaled_dot_product_attention`` (``route_sdpa=True``).
 
+In eval mode with gradients off, torch's ``nn.TransformerEncoderLayer`` takes a fast path
+(``torch._transformer_encoder_layer_fwd`` on ``self_attn``'s weights) that never calls
+``self_attn``. It is off while a torch-function mode is active, so inside an SDPA-routed model
+the swapped attention runs; the report has a note for each layer where this applies (and says
+when nothing turns the fast path off: ``route_sdpa=False``, or the layer called on its own).
+
 SDPA routing: forward pre/post hooks on the root module enter and leave a
 ``torch.overrides.TorchFunctionMode``. The mode stack is per thread, so only calls made by the
 thread running the model's forward are routed (another thread's SDPA calls are untouched), and
@@ -260,13 +266,17 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
 
-def _diffusers_integration():
+def _diffusers_integration(report: OptimizeReport):
     """genfast.integrations.diffusers when the model can hold diffusers modules (diffusers is
     imported), else None: optimizing a plain torch model never imports diffusers."""
     if "diffusers" not in sys.modules:
         return None
-    from .integrations import diffusers as integration
-
+    try:
+        from .integrations import diffusers as integration
+    except ImportError as exc:  # a diffusers without the modules genfast knows: say so, go on without
+        report.notes.append(("", f"diffusers is imported but genfast.integrations.diffusers could not load "
+                                 f"({type(exc).__name__}: {exc}); diffusers modules were left as they are"))
+        return None
     return integration
 
 
@@ -303,7 +313,7 @@ def optimize(model: nn.Module, backend: Optional[str] = None, inplace: bool = Tr
         fallbacks = []
         object.__setattr__(model, _FALLBACKS, fallbacks)
     report = OptimizeReport(model, fallbacks=fallbacks)
-    diffusers_integration = _diffusers_integration()
+    diffusers_integration = _diffusers_integration(report)
 
     def record(path, old, new):
         originals.setdefault(("module", path), old)
@@ -337,10 +347,6 @@ def optimize(model: nn.Module, backend: Optional[str] = None, inplace: bool = Tr
                             i += 1
                         break
                 i += 1
-        elif isinstance(module, nn.TransformerEncoderLayer):
-            note = _encoder_fast_path_note(module, route_sdpa)
-            if note is not None:
-                report.notes.append((path, note))
         if diffusers_integration is not None:
             for entry in diffusers_integration.optimize_module(path, module, backend, fallbacks, route_sdpa):
                 if entry[0] == "skip":
@@ -349,6 +355,13 @@ def optimize(model: nn.Module, backend: Optional[str] = None, inplace: bool = Tr
                     _, kind, original, old, new = entry
                     originals.setdefault((kind, path), original)
                     report.swapped.append((path, old, new))
+    from .nn.attention import MultiheadAttention as GenfastMultiheadAttention
+
+    for path, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn, GenfastMultiheadAttention):
+            note = _encoder_fast_path_note(module, route_sdpa)
+            if note is not None:
+                report.notes.append((path, note))
     if route_sdpa and not _sdpa_routed(model):
         object.__setattr__(model, _ROUTING, _SDPARouting("", backend, fallbacks))
         model.register_forward_pre_hook(_enter_sdpa_routing)
