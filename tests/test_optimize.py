@@ -150,6 +150,9 @@ def test_sdpa_imported_by_name_is_routed_to_genfast(seed, monkeypatch):
     calls.clear()
     model(x)
     assert not calls
+    report = genfast.optimize(model, route_sdpa=False)
+    model(x)
+    assert not calls and not any("scaled_dot_product_attention" in old for _, old, _ in report.swapped)
 
 
 def test_sdpa_call_from_another_thread_is_not_routed(seed, monkeypatch):
@@ -242,3 +245,7 @@ def test_optimize_not_inplace_and_bad_input():
     assert isinstance(report.model[0], genfast.nn.FusedLinearAct)
     with pytest.raises(TypeError, match="nn.Module"):
         genfast.optimize(lambda x: x)
+    with pytest.raises(ValueError, match="backend"):
+        genfast.optimize(model, backend="fastest")
+    with pytest.raises(TypeError, match="route_sdpa"):
+        genfast.optimize(model, route_sdpa="yes")
