@@ -546,6 +546,8 @@ def test_drop_in_pipeline(pipeline, scheduler, kwargs):
 
 def test_package_exports():
     assert genfast.schedulers is G
+    # the public module: diffusers saves it in model_index.json as the library to load from
+    assert all(getattr(G, n).__module__ == "genfast.schedulers" for n in ALL)
     out = G.SampleOutput(prev_sample=torch.zeros(1), pred_original_sample=torch.ones(1))
     assert out[0] is out.prev_sample and len(out.to_tuple()) == 2
 
@@ -556,3 +558,45 @@ def test_save_and_load_config(tmp_path):
     back = G.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
     theirs = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
     assert back.config.use_karras_sigmas and theirs.config.algorithm_type == "sde-dpmsolver++"
+
+
+def test_save_and_load_errors(tmp_path):
+    ours = G.DDIMScheduler()
+    with pytest.raises(ValueError, match="scheduler_config.json"):
+        G.DDIMScheduler.from_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="push_to_hub"):
+        ours.save_pretrained(tmp_path, push_to_hub=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="save_directory"):
+        ours.save_pretrained(tmp_path / "file")
+    ours.save_pretrained(tmp_path / "scheduler")
+    assert G.DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler").config.beta_schedule == "linear"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_pickle_and_deepcopy(name):
+    import copy
+    import pickle
+
+    ours = getattr(G, name)(num_train_timesteps=900)
+    ours.set_timesteps(5)
+    x = torch.randn(2, 3, 5, 5)
+    takes_generator = "generator" in inspect.signature(ours.step).parameters
+
+    def first_step(s):
+        gen = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+        return s.step(x, s.timesteps[0], x, **gen).prev_sample
+
+    for twin in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):  # both before ours steps
+        assert type(twin) is type(ours) and twin.config == ours.config
+        assert torch.equal(first_step(twin), first_step(ours))
+        ours.set_timesteps(5)
+
+
+def test_compatibles_like_diffusers():
+    """The genfast classes among diffusers' compatibles of the same class."""
+    for name in ALL:
+        theirs = {c.__name__ for c in getattr(diffusers, name)().compatibles}
+        ours = {c.__name__ for c in getattr(G, name)().compatibles}
+        assert ours == theirs & set(ALL), name
+        assert all(issubclass(getattr(G, c), G.SchedulerMixin) for c in ours)

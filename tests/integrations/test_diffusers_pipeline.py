@@ -170,6 +170,9 @@ def test_registered_when_diffusers_came_first(monkeypatch):
     assert pipeline_loading_utils.LOADABLE_CLASSES[_diffusers.LIBRARY] == {"SchedulerMixin": ["save_pretrained",
                                                                                            "from_pretrained"]}
     assert pipeline_loading_utils.ALL_IMPORTABLE_CLASSES["SchedulerMixin"] == ["save_pretrained", "from_pretrained"]
+    # what a Hub download checks first: a listed library, not custom code the repo must ship
+    pipeline_loading_utils._get_custom_components_and_folders(
+        "user/repo", {"scheduler": ["genfast.schedulers", "DDIMScheduler"]}, filenames=[])
     # the base class diffusers looks up by that name in the library
     assert all(issubclass(getattr(G, n), genfast.schedulers.SchedulerMixin) for n in G.__all__ if n.endswith("Scheduler"))
 
