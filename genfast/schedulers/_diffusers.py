@@ -1,7 +1,7 @@
 """Lets diffusers pipelines save and load genfast schedulers as they do their own, without
 genfast importing diffusers.
 
-What diffusers (0.2x-0.4x, ``pipelines/pipeline_loading_utils.py``) needs:
+What diffusers needs (read in 0.42's ``pipelines/pipeline_utils.py`` and ``pipeline_loading_utils.py``):
 
 * ``DiffusionPipeline.save_pretrained`` saves a component only if its class derives from a base
   class that ``LOADABLE_CLASSES[library]`` names, for a library already imported; otherwise it
@@ -13,6 +13,12 @@ What diffusers (0.2x-0.4x, ``pipelines/pipeline_loading_utils.py``) needs:
   ``["genfast.schedulers", "DDIMScheduler"]`` whatever file defines the class.
 * ``from_pretrained`` imports only the libraries it lists and otherwise takes the module from
   ``sys.modules`` (it never imports a module a repository names): ``import genfast`` first.
+
+Listing top-level ``genfast`` in LOADABLE_CLASSES would make the pipeline record
+``["genfast", class]`` and look the class up there: keep the library ``genfast.schedulers``.
+Not covered: ``from_pretrained(repo, scheduler=<genfast scheduler>)`` for a checkpoint saved with
+a diffusers scheduler (diffusers checks a passed component against the saved library's base
+class, and refuses); load it, then ``pipe.scheduler = <class>.from_config(pipe.scheduler.config)``.
 
 ``install`` (run when genfast.schedulers is imported) registers at once if diffusers' loader is
 imported, and otherwise the moment it is: pipelines exist only after that module has run, so
