@@ -217,5 +217,4 @@ def test_ddp_and_fsdp2_training_match_single_process(tmp_path, seed):
 
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)  # a hung rank shows where, then exits
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     _train_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

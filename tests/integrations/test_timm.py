@@ -1,0 +1,129 @@
+"""genfast.optimize on a timm Vision Transformer (tiny, random weights): outputs and every
+gradient match timm's own path under the project's criterion, and genfast's attention really
+ran (timm's ``Attention`` calls ``F.scaled_dot_product_attention`` when ``fused_attn`` is on,
+the default).
+
+timm imports torchvision at import time (``timm.layers`` takes ``FrozenBatchNorm2d`` from
+``torchvision.ops.misc``, ``timm.data`` takes ``torchvision.transforms``). The torchvision
+wheel that pip resolves beside torch 2.13 is built against CUDA torch: its C++ extension
+cannot load beside the CPU build of torch, and torchvision 0.28 then fails at import, in
+``torchvision/_meta_registrations.py``, registering a fake kernel for ``torchvision::nms``,
+an op only that extension defines. Only in that case, ``_import_timm`` defines the schemas of
+the two ops that module registers without checking (``nms``, ``qnms``; no kernels: calling
+them fails loudly) so that the rest of the real torchvision, pure Python, imports. Nothing
+here calls a torchvision op.
+"""
+import copy
+import importlib.machinery
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import genfast
+from genfast.ops import attention as attention_ops
+from genfast.testing import error_vs_reference
+
+_torchvision_schemas = None  # the torch.library.Library holding the schemas lives as long as this
+
+
+def _torchvision_extension_loads() -> bool:
+    """Loads torchvision's C++ extension the way ``torchvision.extension`` does, without
+    importing torchvision; False when it cannot load here."""
+    spec = importlib.util.find_spec("torchvision")
+    loader = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+    extension = importlib.machinery.FileFinder(str(Path(spec.origin).parent), loader).find_spec("_C")
+    if extension is None:
+        return False
+    try:
+        torch.ops.load_library(extension.origin)
+    except OSError:
+        return False
+    return True
+
+
+def _import_timm():
+    global _torchvision_schemas
+    for name in ("timm", "torchvision"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (the test extra installs timm, which requires torchvision)")
+    if _torchvision_schemas is None and not _torchvision_extension_loads():
+        _torchvision_schemas = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _torchvision_schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import timm
+
+    return timm
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts genfast's attention forward/backward dispatches, whichever path reaches them."""
+    counts = {"forward": 0, "backward": 0}
+    for key, table in (("forward", attention_ops.FORWARD), ("backward", attention_ops.BACKWARD)):
+        real = table.run
+
+        def run(*args, _real=real, _key=key, **kwargs):
+            counts[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(table, "run", run)
+    return counts
+
+
+DEPTH = 2
+
+
+def tiny_vit(timm):
+    # 32x32 images in 8x8 patches: 16 patch tokens + the class token = 17 (odd); head dim 16.
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=DEPTH,
+                             embed_dim=48, num_heads=3, mlp_ratio=2.0, num_classes=7)
+
+
+def outputs_and_grads(model, images, weights):
+    images = images.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    out = model(images)
+    (out * weights).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    grads["input"] = images.grad
+    return out.detach(), grads
+
+
+def test_timm_vit_optimize_matches_timm_in_training_and_eval(seed, attention_calls):
+    timm = _import_timm()
+    model = tiny_vit(timm)
+    assert all(block.attn.fused_attn for block in model.blocks), "timm's SDPA path is off (TIMM_FUSED_ATTN=0?)"
+    timm_fp32 = copy.deepcopy(model)
+    timm_fp64 = copy.deepcopy(model).double()
+    images = torch.randn(3, 3, 32, 32)
+    weights = torch.randn(3, 7)  # a random linear loss: every output element gets its own gradient
+
+    report = genfast.optimize(model)
+    str(report)  # the report renders
+
+    out, grads = outputs_and_grads(model, images, weights)
+    assert attention_calls == {"forward": DEPTH, "backward": DEPTH}, f"genfast attention calls: {attention_calls}"
+    out32, grads32 = outputs_and_grads(timm_fp32, images, weights)
+    out64, grads64 = outputs_and_grads(timm_fp64, images.double(), weights.double())
+    error_vs_reference(out, out64, out32, name=f"logits (seed {seed})")
+    assert grads.keys() == grads64.keys()
+    for name in grads:
+        assert grads[name] is not None, f"{name}: no gradient through the optimized model"
+        error_vs_reference(grads[name], grads64[name], grads32[name], name=f"grad {name} (seed {seed})")
+
+    for m in (model, timm_fp32, timm_fp64):
+        m.eval()
+    attention_calls.update(forward=0, backward=0)
+    with torch.no_grad():
+        out = model(images)
+        assert attention_calls["forward"] == DEPTH, f"genfast attention calls in eval: {attention_calls}"
+        error_vs_reference(out, timm_fp64(images.double()), timm_fp32(images), name=f"eval logits (seed {seed})")
+
+    # revert hands timm's own path back: genfast no longer runs, the output is timm's.
+    genfast.revert(model)
+    attention_calls.update(forward=0, backward=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), timm_fp32(images), rtol=0, atol=0)
+    assert attention_calls["forward"] == 0
