@@ -190,6 +190,46 @@ def test_gradcheck_float64(seed, backend, act):
         assert torch.autograd.gradgradcheck(fn, (x, b))
 
 
+# Plain-PyTorch compositions (independent of genfast.reference): act(x + b) * gain, NVlabs defaults.
+PLAIN_ACTS = {"lrelu": (lambda z: torch.nn.functional.leaky_relu(z, 0.2), math.sqrt(2)),
+              "tanh": (torch.tanh, 1.0),
+              "swish": (torch.nn.functional.silu, math.sqrt(2))}
+
+
+@pytest.mark.parametrize("clamp", [None, 0.7], ids=["noclamp", "clamp"])
+@pytest.mark.parametrize("act", list(PLAIN_ACTS))
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_one_dimensional_input_bias_along_its_only_axis(seed, backend, act, clamp):
+    """x (C,), b (C,), dim=0 (NVlabs allows it): db is dx itself (nothing to sum over), also
+    in the double backward (it was a 0-d sum of everything)."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    require(backend, CPU, dtype)
+    C = 37
+    x = avoid_discontinuities(torch.randn(C, dtype=dtype) * 1.5, None, 0, act, None)
+    b = torch.randn(C, dtype=dtype) * 0.5
+    x = avoid_discontinuities(x, b, 0, act, clamp)
+    dy, w_x, w_b = (torch.randn(C, dtype=dtype) for _ in range(3))
+    func, gain = PLAIN_ACTS[act]
+
+    def plain(x_, b_):
+        y = func(x_ + b_) * gain
+        return y if clamp is None else y.clamp(-clamp, clamp)
+
+    def fast(x_, b_):
+        return bias_act(x_, b_, dim=0, act=act, clamp=clamp, backend=backend)
+
+    got = evaluate(fast, x, b, dy, w_x, w_b)
+    want = evaluate(plain, x.double(), b.double(), dy.double(), w_x.double(), w_b.double())
+    lowp = evaluate(plain, x, b, dy, w_x, w_b)
+    for name, g, w, p in zip(NAMES_WITH_BIAS, got, want, lowp):
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        error_vs_reference(g, w, p, name=f"{backend} {act} 1-D {name}")
+    if dtype == torch.float64:
+        xg, bg = x.clone().requires_grad_(), b.clone().requires_grad_()
+        assert torch.autograd.gradcheck(fast, (xg, bg))
+        assert torch.autograd.gradgradcheck(fast, (xg, bg))
+
+
 def test_third_order_raises_clearly(seed):
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     y = bias_act(x, None, act="tanh", backend="cpu")

@@ -14,16 +14,15 @@ without copies. Non-dense inputs (slices with gaps) are made contiguous first.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher
+from ._validate import check_backend, check_int, check_real, check_tensor
 from ..reference import bias_act as reference
-from ..reference.bias_act import ACTIVATIONS, add_bias
+from ..reference.bias_act import ACTIVATIONS, add_bias, reduce_to_bias
 from ..reference.bias_act import bias_act_derivative as reference_derivative
 
 __all__ = ["bias_act", "fused_leaky_relu", "ACTIVATIONS", "DISPATCH", "FLOAT_DTYPES"]
@@ -75,7 +74,7 @@ def _channel_geometry(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> t
 def _sum_into_bias(out: torch.Tensor, db: Optional[torch.Tensor], dim: int) -> None:
     """db = out summed over every dimension but ``dim`` (for backends without a fused sum)."""
     if db is not None:
-        db.copy_(_reduce_to_bias(out, dim))
+        db.copy_(reduce_to_bias(out, dim))
 
 
 # Every backend: fn(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp) fills
@@ -190,10 +189,6 @@ def _grad2_fake(ddx, dy, x, b, dim, act, alpha, gain, clamp, backend):
 # ----------------------------------------------------------------------------- autograd
 
 
-def _reduce_to_bias(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.sum(dim=[d for d in range(t.ndim) if d != dim])
-
-
 class _BiasAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, params):
@@ -233,7 +228,7 @@ class _BiasActGrad(torch.autograd.Function):
         if act in HAS_SECOND_DERIVATIVE and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             d_x = _BiasActGrad2.apply(ddx, dy, x, b, ctx.params)
             if b is not None and ctx.needs_input_grad[2]:
-                d_b = _reduce_to_bias(d_x, dim)
+                d_b = reduce_to_bias(d_x, dim)
         return d_dy, d_x, d_b, None, None
 
 
@@ -250,31 +245,15 @@ class _BiasActGrad2(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public op
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-
-
 def _check_number(name: str, value, minimum: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"bias_act: {name} must be a real number or None, got {_type_name(value)}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"bias_act: {name} must not be NaN")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"bias_act: {name} must be >= {minimum}, got {value}")
-    return value
+    return check_real("bias_act", name, value, minimum=minimum, or_none=True)
 
 
 def _validate(x, b, dim, act, alpha, gain, clamp, backend):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"bias_act: x must be a torch.Tensor, got {_type_name(x)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"bias_act: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"bias_act: dim must be an int, got {_type_name(dim)}")
+    check_tensor("bias_act", "x", x, dtypes=FLOAT_DTYPES)
+    dim = check_int("bias_act", "dim", dim)
     if b is not None:
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"bias_act: b must be a torch.Tensor or None, got {_type_name(b)}")
+        check_tensor("bias_act", "b", b, optional=True)
         if b.dtype != x.dtype:
             raise TypeError(f"bias_act: b must have the dtype of x ({x.dtype}), got {b.dtype}; pass b.to(x.dtype)")
         if b.device != x.device:
@@ -298,9 +277,7 @@ def resolve_params(act, alpha=None, gain=None, clamp=None, backend=None) -> tupl
     alpha = spec.default_alpha if alpha is None else _check_number("alpha", alpha)
     gain = spec.default_gain if gain is None else _check_number("gain", gain)
     clamp = -1.0 if clamp is None else _check_number("clamp", clamp, minimum=0.0)
-    if backend is not None and backend not in DISPATCH.backends:
-        raise ValueError(f"bias_act: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
-    return act, alpha, gain, clamp, backend or ""
+    return act, alpha, gain, clamp, check_backend("bias_act", backend, DISPATCH.backends)
 
 
 def bias_act(

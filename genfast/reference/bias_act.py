@@ -45,6 +45,14 @@ def add_bias(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> torch.Tens
     return x if b is None else x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
 
 
+def reduce_to_bias(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The gradient of a bias added along ``dim``: ``t`` summed over every other dimension.
+    A 1-D ``t`` has none, so it is returned as it is (a copy): ``t.sum(dim=[])`` would sum
+    over everything (torch's convention for an empty dim list)."""
+    dims = [d for d in range(t.ndim) if d != dim]
+    return t.sum(dim=dims) if dims else t.clone()
+
+
 def bias_act(
     x: torch.Tensor,
     b: Optional[torch.Tensor] = None,

@@ -7,8 +7,9 @@ and outputs and gradients equal eager's. Backend "aot_eager" (traces forward and
 like inductor, without its slow code generation).
 
 Sizes start at 2: Dynamo specialises sizes 0 and 1 by design (a size-1 dim broadcasts), so a
-1 followed by a larger size would always recompile, with any op. Sizes that vary never equal
-another size at the first call either: Dynamo's duck sizing would tie the two together.
+1 followed by a larger size would always recompile, with any op. Duck sizing is off: it ties
+two sizes that happen to be equal at the first call into one symbol (a recompile when they
+later differ), an accident of the test's sizes rather than of the op.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 import pytest
 import torch
 import torch._dynamo
+import torch.fx.experimental._config
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import genfast
@@ -68,7 +70,7 @@ def check_compiles_once(fn, make_args, sizes, *, backward=True, expect_genfast=T
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
     frames_after_first = None
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.fx.experimental._config.patch(use_duck_shape=False):
         for i, size in enumerate(sizes):
             torch.manual_seed(1000 + i)
             args = make_args(size)
@@ -135,8 +137,7 @@ def test_flash_attn_func():
     def fn(q, k, v):
         return ops.flash_attn_func(q, k, v, causal=True, window_size=(3, -1), softcap=5.0)
 
-    # GQA: 4 query heads over 2 key/value heads; sequence lengths differ between q and k. (Sizes
-    # that vary never equal another size at the first call: Dynamo would tie them by duck sizing.)
+    # GQA: 4 query heads over 2 key/value heads; sequence lengths differ between q and k.
     check_compiles_once(fn, lambda s: [_randn(2, s + 5, 4, 16), _randn(2, 2 * s + 9, 2, 16),
                                        _randn(2, 2 * s + 9, 2, 16)], [2, 4, 7])
 
@@ -210,3 +211,28 @@ def test_gpt():
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, **TOL)
     assert counter.frame_count >= 1
+
+
+# ----------------------------------------------------------------------------- bias_act
+
+
+def test_bias_act():
+    def fn(x, b):
+        return ops.bias_act(x, b, dim=1, act="swish", clamp=3.0)
+
+    # channels, height and width change (also the bias length)
+    check_compiles_once(fn, lambda s: [_randn(2, s + 3, 3 * s + 1, s + 9), _randn(s + 3)], [2, 3, 5])
+
+
+def test_bias_act_one_dimensional():
+    def fn(x, b):
+        return ops.bias_act(x, b, dim=0, act="lrelu", alpha=0.1, gain=1.5)
+
+    check_compiles_once(fn, lambda s: [_randn(4 * s + 1), _randn(4 * s + 1)], [2, 3, 5])
+
+
+def test_fused_leaky_relu():
+    def fn(x, b):
+        return ops.fused_leaky_relu(x, b)
+
+    check_compiles_once(fn, lambda s: [_randn(2, s + 3, 2 * s + 1), _randn(s + 3)], [2, 3, 5])
