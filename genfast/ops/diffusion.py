@@ -49,7 +49,6 @@ differentiable reference composition instead.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -58,6 +57,7 @@ from .. import _ext
 from .._dispatch import OpDispatcher
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
+from ._validate import check_backend, check_real, check_tensor, is_int, type_name
 from .bias_act import _dense, is_dense
 
 __all__ = ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
@@ -341,7 +341,7 @@ _lib.define("diffusion_add_noise(Tensor x0, Tensor? noise, Tensor timesteps, Ten
 _lib.define("diffusion_per_sample_sums(Tensor a, Tensor b, int mode, float scale, str backend) -> Tensor")
 _lib.define("diffusion_per_sample_combine(Tensor a, Tensor b, Tensor? factor, float alpha, float beta, "
             "bool second, ScalarType out_dtype, ScalarType out2_dtype, str backend) -> (Tensor, Tensor)")
-_lib.define("diffusion_timestep_embedding(Tensor timesteps, int dim, bool flip_sin_to_cos, float shift, "
+_lib.define("diffusion_timestep_embedding(Tensor timesteps, SymInt dim, bool flip_sin_to_cos, float shift, "
             "float scale, float max_period, str backend) -> Tensor")
 
 
@@ -469,17 +469,13 @@ def _embed_fake(timesteps, dim, flip_sin_to_cos, shift, scale, max_period, backe
 # ----------------------------------------------------------------------------- validation helpers
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+_type_name = type_name
 
 
 def _check_float_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, optional: bool = False):
     if t is None and optional:
         return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, got {_type_name(t)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    check_tensor(op, name, t, dtypes=FLOAT_DTYPES, optional=optional)
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"{op}: {name} is on {t.device} but the sample is on {like.device}; they must be on the same device")
@@ -488,20 +484,13 @@ def _check_float_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = No
 
 
 def _check_number(op: str, name: str, value, minimum: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {_type_name(value)}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{op}: {name} must not be NaN")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return value
+    return check_real(op, name, value, minimum=minimum)
 
 
 def _check_seed(op: str, noise, noise_seed) -> int:
     if noise_seed is None:
         return -1
-    if isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral):
+    if not is_int(noise_seed):
         raise TypeError(f"{op}: noise_seed must be an int or None, got {_type_name(noise_seed)}")
     if not 0 <= int(noise_seed) <= MAX_SEED:
         raise ValueError(f"{op}: noise_seed must be in [0, 2**63 - 1], got {noise_seed}")
@@ -511,9 +500,7 @@ def _check_seed(op: str, noise, noise_seed) -> int:
 
 
 def _check_backend(op: str, backend, dispatcher: OpDispatcher) -> str:
-    if backend is not None and backend not in dispatcher.backends:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(dispatcher.backends)} or None")
-    return backend or ""
+    return check_backend(op, backend, dispatcher.backends)
 
 
 def _check_out_dtype(op: str, name: str, dtype, default: torch.dtype) -> torch.dtype:
@@ -794,7 +781,7 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downs
         raise ValueError(f"{op}: timesteps must be 1-D (N,), got shape {tuple(timesteps.shape)}")
     if timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
         raise TypeError(f"{op}: timesteps must be an integer or float tensor, got {timesteps.dtype}")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+    if not is_int(dim) or dim < 1:
         raise ValueError(f"{op}: dim must be an int >= 1, got {dim!r}")
     if not isinstance(flip_sin_to_cos, bool):
         raise TypeError(f"{op}: flip_sin_to_cos must be a bool, got {_type_name(flip_sin_to_cos)}")

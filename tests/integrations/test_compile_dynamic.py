@@ -236,3 +236,60 @@ def test_fused_leaky_relu():
         return ops.fused_leaky_relu(x, b)
 
     check_compiles_once(fn, lambda s: [_randn(2, s + 3, 2 * s + 1), _randn(s + 3)], [2, 3, 5])
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+def test_sampler_step():
+    def fn(sample, model_output, coefs, history, uncond):
+        return ops.sampler_step(sample, model_output, coefs, history=history, x0_clamp=2.5, noise_seed=1234,
+                                model_output_uncond=uncond, guidance_scale=4.0)
+
+    def args(s):
+        shape = (s, 3, s + 4, 2 * s + 3)
+        return [_randn(*shape, grad=False), _randn(*shape, grad=False), torch.randn(s, 16, dtype=torch.float64),
+                _randn(*shape, grad=False), _randn(*shape, grad=False)]
+
+    check_compiles_once(fn, args, [2, 3, 5], backward=False)
+
+
+def test_add_noise():
+    def fn(x0, noise, timesteps, signal_scale, noise_scale):
+        return ops.add_noise(x0, noise, timesteps, signal_scale, noise_scale, target="v_prediction")
+
+    def args(s):
+        T = 10 * s + 7  # the tables' length changes too
+        abar = torch.rand(T, dtype=torch.float64) * 0.9 + 0.05
+        return [_randn(s, 3, s + 4, grad=False), _randn(s, 3, s + 4, grad=False), torch.randint(0, T, (s,)),
+                abar.sqrt(), (1 - abar).sqrt()]
+
+    check_compiles_once(fn, args, [2, 3, 5], backward=False)
+
+
+def test_diffusion_loss_and_min_snr_weights():
+    def fn(model_output, target, timesteps, abar):
+        weights = ops.min_snr_weights(timesteps, abar, 5.0)
+        return ops.diffusion_loss(model_output, target, weights)
+
+    def args(s):
+        T = 10 * s + 7
+        return [_randn(s, 3, s + 4, 2 * s + 5), _randn(s, 3, s + 4, 2 * s + 5), torch.randint(0, T, (s,)),
+                torch.rand(T, dtype=torch.float64) * 0.9 + 0.05]
+
+    check_compiles_once(fn, args, [2, 3, 5])
+
+
+def test_cfg_combine():
+    def fn(uncond, cond):
+        return ops.cfg_combine(uncond, cond, 7.5, guidance_rescale=0.7)
+
+    check_compiles_once(fn, lambda s: [_randn(s, 4, s + 4, grad=False), _randn(s, 4, s + 4, grad=False)], [2, 3, 5],
+                        backward=False)
+
+
+def test_timestep_embedding():
+    def fn(timesteps):
+        return ops.timestep_embedding(timesteps, 33, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+
+    check_compiles_once(fn, lambda s: [torch.rand(3 * s + 1, dtype=torch.float64) * 1000], [2, 3, 5], backward=False)
