@@ -19,14 +19,13 @@ channels_last (NHWC in memory).
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher
+from ._validate import check_backend, check_tensor, is_finite, is_int, is_real, type_name
 from ..reference.upfirdn2d import output_size, parse_padding
 from ..reference.upfirdn2d import upfirdn2d as reference
 
@@ -128,8 +127,10 @@ def _run(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, 
 # ----------------------------------------------------------------------------- torch.library
 
 _lib = torch.library.Library("genfast", "FRAGMENT")
-_lib.define("upfirdn2d(Tensor x, Tensor f, int upx, int upy, int downx, int downy, int padx0, int padx1, "
-            "int pady0, int pady1, bool flip_filter, float gain, str backend) -> Tensor")
+# SymInt: the backward's padding is computed from the (symbolic) sizes of x and dy, and the
+# helpers' from the filter's; plain ints would make torch.compile specialise on every size.
+_lib.define("upfirdn2d(Tensor x, Tensor f, SymInt upx, SymInt upy, SymInt downx, SymInt downy, SymInt padx0, "
+            "SymInt padx1, SymInt pady0, SymInt pady1, bool flip_filter, float gain, str backend) -> Tensor")
 for _key in ("CPU", "CUDA"):
     _lib.impl("upfirdn2d", _run, _key)
 
@@ -183,12 +184,8 @@ class _Upfirdn2d(torch.autograd.Function):
 # ----------------------------------------------------------------------------- validation
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+_type_name = type_name
+_is_int = is_int
 
 
 def _parse_factor(name: str, value, op: str) -> tuple:
@@ -212,12 +209,8 @@ def _parse_padding(padding, op: str) -> tuple:
 
 
 def _check_x(x, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {_type_name(x)}")
-    if x.ndim != 4:
-        raise ValueError(f"{op}: x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_tensor(op, "x", x, ndim=4, shape_doc=" [batch, channels, height, width]")
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
 
 
 def _check_filter(f, x: torch.Tensor, op: str) -> torch.Tensor:
@@ -240,18 +233,16 @@ def _check_filter(f, x: torch.Tensor, op: str) -> torch.Tensor:
 
 
 def _check_gain(gain, op: str) -> float:
-    if isinstance(gain, bool) or not isinstance(gain, numbers.Real):
+    if not is_real(gain):
         raise TypeError(f"{op}: gain must be a real number, got {_type_name(gain)}")
     gain = float(gain)
-    if not math.isfinite(gain):
+    if not is_finite(gain):  # NaN included: "must be finite, got nan", as before
         raise ValueError(f"{op}: gain must be finite, got {gain}")
     return gain
 
 
 def _check_backend(backend, op: str) -> str:
-    if backend is not None and backend not in DISPATCH.backends:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
-    return backend or ""
+    return check_backend(op, backend, DISPATCH.backends)
 
 
 def _validate(x, f, up, down, padding, flip_filter, gain, backend, op="upfirdn2d") -> tuple:

@@ -293,3 +293,39 @@ def test_timestep_embedding():
         return ops.timestep_embedding(timesteps, 33, flip_sin_to_cos=True, downscale_freq_shift=0.0)
 
     check_compiles_once(fn, lambda s: [torch.rand(3 * s + 1, dtype=torch.float64) * 1000], [2, 3, 5], backward=False)
+
+
+# ----------------------------------------------------------------------------- upfirdn2d, filtered_lrelu
+
+
+def _image(s, channels=3, grad=True):
+    return _randn(2, channels, s + 4, 2 * s + 3, grad=grad)
+
+
+def test_upfirdn2d():
+    f = ops.setup_filter([1, 3, 3, 1])
+
+    def fn(x):
+        return ops.upfirdn2d(x, f, up=2, down=1, padding=[2, 1, 1, 2], gain=4.0)
+
+    # The backward is upfirdn2d again, with a padding computed from x's and dy's sizes.
+    check_compiles_once(fn, lambda s: [_image(s)], [2, 3, 5])
+
+
+def test_upfirdn2d_helpers():
+    f = ops.setup_filter([1, 2, 1])
+
+    def fn(x, f_sep):  # the separable filter is an input: its taps are symbolic too
+        return ops.upsample2d(x, f_sep), ops.filter2d(x, f, padding=1), ops.downsample2d(x, f, down=2)
+
+    check_compiles_once(fn, lambda s: [_image(s), ops.setup_filter([1, 3, 3, 1], separable=True)], [2, 3, 5])
+
+
+def test_filtered_lrelu():
+    fu = ops.setup_filter([1, 3, 3, 1])
+    fd = ops.setup_filter([1, 3, 3, 1])
+
+    def fn(x, b):
+        return ops.filtered_lrelu(x, fu, fd, b, up=2, down=2, padding=3, clamp=2.0)
+
+    check_compiles_once(fn, lambda s: [_image(s, 4), _randn(4)], [2, 3, 5])
