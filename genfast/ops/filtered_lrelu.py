@@ -33,13 +33,13 @@ themselves the op is not differentiable.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher
+from ._validate import check_backend, check_real, check_tensor, is_int, type_name
 from ..reference.filtered_lrelu import filtered_lrelu as reference  # noqa: F401  (the spec)
 from ..reference.upfirdn2d import upfirdn2d as reference_upfirdn2d
 
@@ -224,13 +224,15 @@ def _chain(mode, inp, b, signs, fu, fd, up, down, padding, flip_filter, adjoint,
 # ----------------------------------------------------------------------------- torch.library
 
 _lib = torch.library.Library("genfast", "FRAGMENT")
-_GEOMETRY = "int up, int down, int px0, int px1, int py0, int py1"
+# SymInt: the backward's geometry is computed from (symbolic) sizes; plain ints would make
+# torch.compile specialise on them.
+_GEOMETRY = "SymInt up, SymInt down, SymInt px0, SymInt px1, SymInt py0, SymInt py1"
 # Returns (y, signs); signs is empty unless write_signs.
 _lib.define(f"filtered_lrelu(Tensor x, Tensor fu, Tensor fd, Tensor? b, {_GEOMETRY}, float gain, float slope, "
             "float clamp, bool flip_filter, bool write_signs, str backend) -> (Tensor, Tensor)")
 # The chain with a fixed sign mask, linear in its input: adjoint=False maps x-sized tensors to
 # y-sized ones (forward direction), adjoint=True maps dy to dx. (h, w): the size of x.
-_lib.define(f"filtered_lrelu_masked(Tensor input, Tensor fu, Tensor fd, Tensor signs, {_GEOMETRY}, int h, int w, "
+_lib.define(f"filtered_lrelu_masked(Tensor input, Tensor fu, Tensor fd, Tensor signs, {_GEOMETRY}, SymInt h, SymInt w, "
             "float gain, float slope, bool flip_filter, bool adjoint, str backend) -> Tensor")
 
 
@@ -332,25 +334,13 @@ class _FilteredLReLU(torch.autograd.Function):
 # ----------------------------------------------------------------------------- validation
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+_type_name = type_name
+_is_int = is_int
 
 
 def _check_number(name: str, value, minimum: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"filtered_lrelu: {name} must be a real number, got {_type_name(value)}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"filtered_lrelu: {name} must not be NaN")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"filtered_lrelu: {name} must be >= {minimum:g}, got {value:g}")
-    if minimum is None and not math.isfinite(value):
-        raise ValueError(f"filtered_lrelu: {name} must be finite, got {value}")
-    return value
+    # Unbounded parameters (gain, slope) must be finite; clamp (minimum 0) may be inf.
+    return check_real("filtered_lrelu", name, value, minimum=minimum, finite=minimum is None, number_format="g")
 
 
 def _check_filter(name: str, f, x: torch.Tensor) -> torch.Tensor:
@@ -397,12 +387,8 @@ def _parse_padding(padding) -> tuple:
 
 
 def _validate(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, backend) -> tuple:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"filtered_lrelu: x must be a torch.Tensor, got {_type_name(x)}")
-    if x.ndim != 4:
-        raise ValueError(f"filtered_lrelu: x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"filtered_lrelu: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_tensor("filtered_lrelu", "x", x, ndim=4, shape_doc=" [batch, channels, height, width]")
+    check_tensor("filtered_lrelu", "x", x, dtypes=FLOAT_DTYPES)
     fu = _check_filter("fu", fu, x)
     fd = _check_filter("fd", fd, x)
     if b is not None:
@@ -423,8 +409,7 @@ def _validate(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, 
     clamp = -1.0 if clamp is None else _check_number("clamp", clamp, minimum=0.0)
     if not isinstance(flip_filter, bool):
         raise TypeError(f"filtered_lrelu: flip_filter must be a bool, got {_type_name(flip_filter)}")
-    if backend is not None and backend not in DISPATCH.backends:
-        raise ValueError(f"filtered_lrelu: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
+    backend = check_backend("filtered_lrelu", backend, DISPATCH.backends)
     h, w = x.shape[2], x.shape[3]
     uh, uw = upsampled_size(h, w, fu, up, padding)
     fdh, fdw = _filter_size(fd)
