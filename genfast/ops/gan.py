@@ -16,8 +16,6 @@ S = x.stride(dim)): that covers NCHW, channels_last and any dense permutation wi
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
@@ -25,6 +23,7 @@ import torch
 from .. import _ext
 from .._dispatch import OpDispatcher, triton_interpreted
 from ..reference import gan as reference
+from ._validate import check_backend, check_int, check_tensor, is_finite, is_int, is_real, type_name
 from .bias_act import is_dense
 from .upfirdn2d import upfirdn2d
 
@@ -36,8 +35,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DISPATCH = OpDispatcher("pixel_norm")
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+_type_name = type_name
 
 
 # ----------------------------------------------------------------------------- pixel_norm backends
@@ -166,26 +164,15 @@ class _PixelNormGrad(torch.autograd.Function):
 
 
 def _check_tensor(name: str, t, op: str, ndim: Optional[int] = None, shape_doc: str = "") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_type_name(t)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    if ndim is not None and t.ndim != ndim:
-        raise ValueError(f"{op}: {name} must be {ndim}-D{shape_doc}, got shape {tuple(t.shape)}")
+    check_tensor(op, name, t, dtypes=FLOAT_DTYPES, ndim=ndim, shape_doc=shape_doc)
 
 
 def _check_int(name: str, value, op: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {_type_name(value)}")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_int(op, name, value, minimum=minimum)
 
 
 def _check_backend(backend, op: str) -> str:
-    if backend is not None and backend not in DISPATCH.backends:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
-    return backend or ""
+    return check_backend(op, backend, DISPATCH.backends)
 
 
 def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8, backend: Optional[str] = None) -> torch.Tensor:
@@ -204,12 +191,11 @@ def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8, backend: Option
     _check_tensor("x", x, op)
     if x.ndim == 0:
         raise ValueError(f"{op}: x must have at least one dimension, got a 0-D tensor")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{op}: dim must be an int, got {_type_name(dim)}")
+    dim = check_int(op, "dim", dim)
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"{op}: dim={dim} is out of range for x with {x.ndim} dimensions")
     dim %= x.ndim
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+    if not is_real(eps) or not is_finite(eps) or eps <= 0:
         raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
     backend = _check_backend(backend, op)
     if torch.is_grad_enabled() and x.requires_grad:
@@ -266,10 +252,9 @@ def _check_filter(f, x, op: str):
 
 
 def _check_padding(padding, op: str):
-    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+    if is_int(padding):
         return int(padding)
-    if isinstance(padding, (list, tuple)) and len(padding) in (2, 4) and all(
-            isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in padding):
+    if isinstance(padding, (list, tuple)) and len(padding) in (2, 4) and all(is_int(p) for p in padding):
         return [int(p) for p in padding]
     raise TypeError(f"{op}: padding must be an int, [x, y] or [x0, x1, y0, y1] of ints, got {padding!r}")
 

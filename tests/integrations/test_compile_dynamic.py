@@ -329,3 +329,45 @@ def test_filtered_lrelu():
         return ops.filtered_lrelu(x, fu, fd, b, up=2, down=2, padding=3, clamp=2.0)
 
     check_compiles_once(fn, lambda s: [_image(s, 4), _randn(4)], [2, 3, 5])
+
+
+# ----------------------------------------------------------------------------- GAN ops
+
+
+def test_pixel_norm():
+    def fn(x):
+        return ops.pixel_norm(x, dim=1)
+
+    check_compiles_once(fn, lambda s: [_image(s, s + 3)], [2, 3, 5])
+
+
+def test_minibatch_stddev():
+    def fn(x):
+        return ops.minibatch_stddev(x, group_size=2, num_channels=2)
+
+    # A composition of torch ops (no genfast kernel of its own): checked for tracing only.
+    check_compiles_once(fn, lambda s: [_randn(2 * s, 4, s + 4, s + 6)], [2, 3, 5], expect_genfast=False)
+
+
+def test_conv2d_resample():
+    f = ops.setup_filter([1, 3, 3, 1])
+
+    def fn(x, w):
+        return ops.conv2d_resample(x, w, f, up=2, padding=1), ops.conv2d_resample(x, w, f, down=2, padding=1)
+
+    check_compiles_once(fn, lambda s: [_image(s, 4), _randn(5, 4, 3, 3)], [2, 3, 5])
+
+
+@pytest.mark.parametrize("fused_modconv", [True, False])
+def test_modulated_conv2d(fused_modconv):
+    f = ops.setup_filter([1, 3, 3, 1])
+
+    def fn(x, weight, styles, noise):
+        return ops.modulated_conv2d(x, weight, styles, noise, up=2, padding=1, resample_filter=f,
+                                    fused_modconv=fused_modconv)
+
+    def args(s):
+        x = _image(s, 4)
+        return [x, _randn(5, 4, 3, 3), _randn(2, 4), _randn(2, 1, 2 * (s + 4), 2 * (2 * s + 3), grad=False)]
+
+    check_compiles_once(fn, args, [2, 3, 5])
