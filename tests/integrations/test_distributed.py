@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 WORLD = 2
@@ -36,10 +37,17 @@ TEST_TIMEOUT_S = 180    # the parent kills both ranks after this long
 
 # AdamW is what people train with; SGD also catches a gradient off by a constant factor
 # (e.g. summed instead of averaged over ranks), which Adam's normalisation would hide.
+ADAMW_LR = 3e-3
 OPTIMIZERS = {
-    "adamw": lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=ADAMW_LR, weight_decay=0.1),
     "sgd": lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
 }
+# Rounding floors of the parameter comparison (None: error_vs_reference's own). AdamW divides
+# each gradient element by its own running magnitude, so where a gradient is small and its
+# float32 value rests on cancellation, any two float32 runs (one process or two) differ by up
+# to ~1e-3 of the learning rate: measured up to ~1e-6 on this model; a wrong batch split or a
+# gradient 0.1% off in a rank moves parameters by 3e-5 to 2e-2.
+FLOORS = {"adamw": 1e-3 * ADAMW_LR, "sgd": None}
 WRAPPERS = ("ddp", "fsdp2")
 
 
@@ -140,8 +148,10 @@ def _launch_ranks(workdir: Path):
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), GLOO_SOCKET_IFNAME="lo",
-               GENFAST_STRICT="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), GENFAST_STRICT="1",
+               OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own connections on loopback too
     processes = []
     for rank in range(WORLD):
         log = open(workdir / f"rank{rank}.log", "w")
@@ -170,6 +180,7 @@ def _wait(processes, workdir: Path, deadline: float) -> None:
     assert all(p.returncode == 0 for p in processes), f"a rank failed or timed out:\n{logs}"
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_ddp_and_fsdp2_training_match_single_process(tmp_path, seed):
     from genfast.models import GPT, GPTConfig
     from genfast.testing import error_vs_reference
@@ -208,7 +219,7 @@ def test_ddp_and_fsdp2_training_match_single_process(tmp_path, seed):
         for name, param in trained.items():
             label = f"{wrapper} + {optimizer_name}: {name} (seed {seed})"
             assert not torch.equal(param, setup["state"][name]), f"{label}: not trained"
-            error_vs_reference(param, expected64[name], single[name], name=label)
+            error_vs_reference(param, expected64[name], single[name], name=label, floor=FLOORS[optimizer_name])
         # DDP keeps the replicas identical: every rank applies the same averaged gradients.
         if wrapper == "ddp":
             for name, param in results[1][wrapper, optimizer_name]["params"].items():
