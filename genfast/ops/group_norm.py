@@ -24,7 +24,6 @@ dx = rstd * (w dz - (sum_g(w B) + xhat * sum_g(w A)) / M), M = (C / G) * S.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +31,7 @@ import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher
+from ._validate import check_backend, check_int, check_tensor, is_finite, is_real, type_name
 from ..reference import group_norm as reference
 
 __all__ = ["group_norm", "DISPATCH", "FLOAT_DTYPES", "ACTIVATIONS", "Geometry", "selected_backend"]
@@ -259,11 +259,11 @@ def _backward_impl(dy, x, mean, rstd, weight, bias, num_groups, silu, need_dw, n
 # ----------------------------------------------------------------------------- torch.library
 
 _lib = torch.library.Library("genfast", "FRAGMENT")
-_lib.define("group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool silu, str backend)"
+_lib.define("group_norm(Tensor x, Tensor? weight, Tensor? bias, SymInt num_groups, float eps, bool silu, str backend)"
             " -> (Tensor, Tensor, Tensor)")
 # Returns (dx, dweight, dbias); dweight (dbias) is empty unless need_dw (need_db) and weight (bias) is given.
 _lib.define("group_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias,"
-            " int num_groups, bool silu, bool need_dw, bool need_db, str backend) -> (Tensor, Tensor, Tensor)")
+            " SymInt num_groups, bool silu, bool need_dw, bool need_db, str backend) -> (Tensor, Tensor, Tensor)")
 for _key in ("CPU", "CUDA"):
     _lib.impl("group_norm", _forward_impl, _key)
     _lib.impl("group_norm_backward", _backward_impl, _key)
@@ -330,8 +330,7 @@ def _differentiable_backward(dy, x, weight, bias, num_groups, eps, silu, need_x,
 # ----------------------------------------------------------------------------- public op
 
 
-def _type_name(v) -> str:
-    return f"torch.Tensor of {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+_type_name = type_name
 
 
 def _check_affine(name: str, t, x: torch.Tensor) -> None:
@@ -351,15 +350,10 @@ def _check_affine(name: str, t, x: torch.Tensor) -> None:
 
 def validate(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, backend=None) -> tuple:
     """Checks every argument (clear errors before any kernel); returns (eps, silu, backend)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"group_norm: x must be a torch.Tensor, got {_type_name(x)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"group_norm: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_tensor("group_norm", "x", x, dtypes=FLOAT_DTYPES)
     if x.ndim < 2:
         raise ValueError(f"group_norm: x must have shape (N, C, *) with at least 2 dimensions, got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise ValueError(f"group_norm: num_groups must be an int, got {_type_name(num_groups)}")
-    num_groups = int(num_groups)
+    num_groups = check_int("group_norm", "num_groups", num_groups, type_error=ValueError)
     C = x.shape[1]
     if num_groups < 1:
         raise ValueError(f"group_norm: num_groups must be >= 1, got {num_groups}")
@@ -367,16 +361,14 @@ def validate(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, b
         raise ValueError(f"group_norm: the {C} channels of x (x.shape[1]) are not divisible by num_groups={num_groups}")
     _check_affine("weight", weight, x)
     _check_affine("bias", bias, x)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if not is_real(eps):
         raise ValueError(f"group_norm: eps must be a real number, got {_type_name(eps)}")
     eps = float(eps)
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not (eps >= 0 and is_finite(eps)):
         raise ValueError(f"group_norm: eps must be a finite number >= 0, got {eps}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: unknown activation {activation!r}; expected None or 'silu'")
-    if backend is not None and backend not in DISPATCH.backends:
-        raise ValueError(f"group_norm: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
-    return num_groups, eps, activation == "silu", backend or ""
+    return num_groups, eps, activation == "silu", check_backend("group_norm", backend, DISPATCH.backends)
 
 
 def group_norm(

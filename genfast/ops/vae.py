@@ -14,6 +14,7 @@ import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher
+from ._validate import check_backend, check_tensor
 from ..reference import vae as reference
 
 __all__ = ["reparameterize", "kl_divergence", "reparameterize_kl", "DISPATCH", "REDUCTIONS"]
@@ -213,24 +214,16 @@ class _ReparameterizeKLGrad(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public ops
 
 
-def _describe(v) -> str:
-    return f"tensor of {v.dtype} on {v.device} with shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) \
-        else type(v).__name__
-
-
 def _validate(op, mu, logvar, eps=None, reduction=None, backend=None):
     for name, t in (("mu", mu), ("logvar", logvar)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_describe(t)}")
-    if mu.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: mu must be float32, float16, bfloat16 or float64, got {mu.dtype}")
+        check_tensor(op, name, t)
+    check_tensor(op, "mu", mu, dtypes=FLOAT_DTYPES)
     if mu.ndim < 2:
         raise ValueError(f"{op}: mu must have a batch dimension and at least one latent dimension "
                          f"(batch, ...), got shape {tuple(mu.shape)}")
     others = [("logvar", logvar)] + ([("eps", eps)] if eps is not None else [])
     for name, t in others:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_describe(t)}")
+        check_tensor(op, name, t)
         if t.shape != mu.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but mu has {tuple(mu.shape)}; they must match")
         if t.dtype != mu.dtype:
@@ -239,8 +232,7 @@ def _validate(op, mu, logvar, eps=None, reduction=None, backend=None):
             raise ValueError(f"{op}: {name} is on {t.device} but mu is on {mu.device}; they must be on the same device")
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend is not None and backend not in DISPATCH.backends:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(DISPATCH.backends)} or None")
+    check_backend(op, backend, DISPATCH.backends)
 
 
 def _reduce(kl: torch.Tensor, reduction: str) -> torch.Tensor:

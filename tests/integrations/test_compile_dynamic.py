@@ -371,3 +371,25 @@ def test_modulated_conv2d(fused_modconv):
         return [x, _randn(5, 4, 3, 3), _randn(2, 4), _randn(2, 1, 2 * (s + 4), 2 * (2 * s + 3), grad=False)]
 
     check_compiles_once(fn, args, [2, 3, 5])
+
+
+# ----------------------------------------------------------------------------- group_norm, VAE
+
+
+def test_group_norm():
+    def fn(x, weight, bias):
+        return ops.group_norm(x, 2, weight, bias, eps=1e-5, activation="silu")
+
+    # the channel count changes too (2 groups of s + 1 channels)
+    check_compiles_once(fn, lambda s: [_image(s, 2 * s + 2), _randn(2 * s + 2), _randn(2 * s + 2)], [2, 3, 5])
+
+
+def test_reparameterize_kl_and_friends():
+    def fn(mu, logvar, eps):
+        z, kl = ops.reparameterize_kl(mu, logvar, eps, reduction="mean")
+        return z, kl, ops.reparameterize(mu, logvar, eps), ops.kl_divergence(mu, logvar, reduction="none")
+
+    def args(s):
+        return [_randn(s, 4, s + 3), _randn(s, 4, s + 3) * 0.5, _randn(s, 4, s + 3, grad=False)]
+
+    check_compiles_once(fn, args, [2, 3, 5])
