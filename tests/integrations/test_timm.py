@@ -3,20 +3,11 @@ gradient match timm's own path under the project's criterion, and genfast's atte
 ran (timm's ``Attention`` calls ``F.scaled_dot_product_attention`` when ``fused_attn`` is on,
 the default).
 
-timm imports torchvision at import time (``timm.layers`` takes ``FrozenBatchNorm2d`` from
-``torchvision.ops.misc``, ``timm.data`` takes ``torchvision.transforms``). The torchvision
-wheel that pip resolves beside torch 2.13 is built against CUDA torch: its C++ extension
-cannot load beside the CPU build of torch, and torchvision 0.28 then fails at import, in
-``torchvision/_meta_registrations.py``, registering a fake kernel for ``torchvision::nms``,
-an op only that extension defines. Only in that case, ``_import_timm`` defines the schemas of
-the two ops that module registers without checking (``nms``, ``qnms``; no kernels: calling
-them fails loudly) so that the rest of the real torchvision, pure Python, imports. Nothing
-here calls a torchvision op.
+timm imports torchvision at import time; tests/conftest.py lets the real torchvision import
+where its C++ extension cannot load (the CUDA-built wheel beside the CPU build of torch).
 """
 import copy
-import importlib.machinery
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,33 +16,11 @@ import genfast
 from genfast.ops import attention as attention_ops
 from genfast.testing import error_vs_reference
 
-_torchvision_schemas = None  # the torch.library.Library holding the schemas lives as long as this
-
-
-def _torchvision_extension_loads() -> bool:
-    """Loads torchvision's C++ extension the way ``torchvision.extension`` does, without
-    importing torchvision; False when it cannot load here."""
-    spec = importlib.util.find_spec("torchvision")
-    loader = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
-    extension = importlib.machinery.FileFinder(str(Path(spec.origin).parent), loader).find_spec("_C")
-    if extension is None:
-        return False
-    try:
-        torch.ops.load_library(extension.origin)
-    except OSError:
-        return False
-    return True
-
 
 def _import_timm():
-    global _torchvision_schemas
     for name in ("timm", "torchvision"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed (the test extra installs timm, which requires torchvision)")
-    if _torchvision_schemas is None and not _torchvision_extension_loads():
-        _torchvision_schemas = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            _torchvision_schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import timm
 
     return timm
