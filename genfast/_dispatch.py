@@ -37,8 +37,50 @@ class BackendWarning(UserWarning):
     """A requested or preferred backend could not run and another one was used."""
 
 
+@dataclass(frozen=True)
+class Environment:
+    """The environment variables genfast reads, parsed once (``refresh_environment`` re-reads
+    them): every op call consults them, and ``os.environ`` lookups plus parsing on each call
+    were a measurable part of a small op's host time."""
+
+    backend: object  # None, one backend name for every op, or a dict op -> name (GENFAST_BACKEND)
+    strict: bool  # GENFAST_STRICT
+    triton_interpreted: bool  # TRITON_INTERPRET
+
+
+def _read_environment() -> Environment:
+    value = os.environ.get("GENFAST_BACKEND", "").strip()
+    backend = None
+    if value and "=" not in value:
+        backend = value
+    elif value:
+        backend = {}
+        for item in value.split(","):
+            name, _, chosen = item.partition("=")
+            backend.setdefault(name.strip(), chosen.strip())
+    return Environment(backend, os.environ.get("GENFAST_STRICT", "0") not in ("", "0"),
+                       os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+_environment = _read_environment()
+
+
+def environment() -> Environment:
+    return _environment
+
+
+def refresh_environment() -> Environment:
+    """Re-read GENFAST_BACKEND, GENFAST_STRICT and TRITON_INTERPRET after changing them in
+    ``os.environ`` at run time (genfast reads them once, at import, for speed)."""
+    global _environment
+    _environment = _read_environment()
+    for dispatcher in OpDispatcher.instances:
+        dispatcher.plans.clear()
+    return _environment
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _environment.triton_interpreted
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,16 +126,8 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
 
 def env_backend(op: str) -> str | None:
     """The backend GENFAST_BACKEND asks for this op, or None."""
-    value = os.environ.get("GENFAST_BACKEND", "").strip()
-    if not value:
-        return None
-    if "=" not in value:
-        return value
-    for item in value.split(","):
-        name, _, backend = item.partition("=")
-        if name.strip() == op:
-            return backend.strip()
-    return None
+    value = _environment.backend
+    return value.get(op) if isinstance(value, dict) else value
 
 
 # The backend(s) asked for by the innermost use_backend() context: None, a name, or a dict
@@ -131,7 +165,24 @@ def context_backend(op: str) -> str | None:
 
 
 def strict() -> bool:
-    return os.environ.get("GENFAST_STRICT", "0") not in ("", "0")
+    return _environment.strict
+
+
+def direct_call_allowed(*tensors) -> bool:
+    """Whether an op may call its implementation directly instead of through its registered
+    ``torch.ops.genfast`` op: the dispatcher round trip (into C++ and back to the Python impl)
+    is the largest fixed cost of a small eager call. Only in plain eager mode on plain tensors:
+    torch.compile, jit tracing, dispatch modes (FakeTensor, functionalization, make_fx),
+    functorch transforms and tensor subclasses (DTensor, ...) keep the registered op, which
+    they need to see."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    return True
 
 
 _warned: set = set()
@@ -157,6 +208,14 @@ class OpDispatcher:
     op: str
     backends: dict = field(default_factory=dict)
     broken: dict = field(default_factory=dict)  # (backend, device type, dtype) -> error text
+    # (requested, device type, dtype) -> usable backends, best first: the choice is computed
+    # once per call signature. Cleared when a backend is registered or breaks, and by
+    # refresh_environment().
+    plans: dict = field(default_factory=dict)
+    instances = []  # every dispatcher (a class attribute), for refresh_environment()
+
+    def __post_init__(self):
+        OpDispatcher.instances.append(self)
 
     def register(self, name: str, dtypes, fn: Optional[Callable] = None):
         if name not in BACKENDS:
@@ -164,6 +223,7 @@ class OpDispatcher:
 
         def add(f):
             self.backends[name] = Backend(name, f, frozenset(dtypes))
+            self.plans.clear()
             return f
 
         return add(fn) if fn is not None else add
@@ -229,6 +289,7 @@ class OpDispatcher:
                 if strict() or i == len(usable) - 1:
                     raise
                 self.broken[(name, device.type, dtype)] = f"{type(exc).__name__}: {exc}"
+                self.plans.clear()
                 warn_once((self.op, name, "broken"), f"genfast.{self.op}: backend {name!r} failed ({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
         raise AssertionError("unreachable")
 
@@ -244,6 +305,10 @@ class OpDispatcher:
 
     def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
         requested = self._explicit(requested)
+        key = (requested, device.type, dtype)
+        usable = self.plans.get(key)
+        if usable is not None:
+            return usable
         if requested is not None and strict():
             reason = self.unavailable_reason(requested, device, dtype) if requested in BACKENDS else None
             if reason:
@@ -251,4 +316,5 @@ class OpDispatcher:
         usable = self.candidates(requested, device, dtype)
         if not usable:
             raise RuntimeError(f"genfast.{self.op}: no backend can run on {device} with {dtype}")
+        self.plans[key] = usable
         return usable

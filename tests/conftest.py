@@ -33,3 +33,13 @@ def seed():
     s = fresh_seed()
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(autouse=True)
+def _genfast_environment_follows_os_environ():
+    """genfast reads GENFAST_BACKEND/GENFAST_STRICT once (refresh_environment() re-reads them);
+    after each test, monkeypatch has put os.environ back, and genfast re-reads it too."""
+    yield
+    from genfast._dispatch import refresh_environment
+
+    refresh_environment()

@@ -28,21 +28,27 @@ def test_automatic_choice_on_cpu_is_the_native_kernel():
 def test_environment_variable_overrides(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("GENFAST_BACKEND", "reference")
+    _dispatch.refresh_environment()
     assert DISPATCH.select(None, cpu, torch.float32) == "reference"
     monkeypatch.setenv("GENFAST_BACKEND", "attention=triton,bias_act=reference")
+    _dispatch.refresh_environment()
     assert DISPATCH.select(None, cpu, torch.float32) == "reference"
     monkeypatch.setenv("GENFAST_BACKEND", "attention=triton")
+    _dispatch.refresh_environment()
     assert DISPATCH.select(None, cpu, torch.float32) == "cpu"
     monkeypatch.setenv("GENFAST_BACKEND", "bias_act=trtion")
+    _dispatch.refresh_environment()
     with pytest.raises(ValueError, match="GENFAST_BACKEND asks bias_act for backend 'trtion'"):
         DISPATCH.select(None, cpu, torch.float32)
     # the per-call argument wins over the environment
     monkeypatch.setenv("GENFAST_BACKEND", "reference")
+    _dispatch.refresh_environment()
     assert DISPATCH.select("cpu", cpu, torch.float32) == "cpu"
 
 
 def _fresh_warnings(monkeypatch):
     monkeypatch.delenv("GENFAST_STRICT", raising=False)
+    _dispatch.refresh_environment()
     monkeypatch.setattr(_dispatch, "_warned", set())
 
 
@@ -62,6 +68,7 @@ def test_unavailable_backend_falls_back_with_one_warning(monkeypatch):
 
 def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
     monkeypatch.setenv("GENFAST_STRICT", "1")
+    _dispatch.refresh_environment()
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
         bias_act(torch.randn(2, 3), backend="cuda")
 
@@ -89,6 +96,7 @@ def test_broken_backend_is_skipped_after_one_warning(monkeypatch):
     assert calls == ["cpu", "reference", "reference", "reference"]  # not retried once broken
     assert len([w for w in caught if "kernel exploded" in str(w.message)]) == 1
     monkeypatch.setenv("GENFAST_STRICT", "1")
+    _dispatch.refresh_environment()
     op.broken.clear()
     with pytest.raises(RuntimeError, match="kernel exploded"):
         op.run(None, x.device, x.dtype, x)
@@ -110,6 +118,7 @@ def test_unsupported_call_moves_on_without_marking_the_backend_broken(monkeypatc
 
     _fresh_warnings(monkeypatch)
     monkeypatch.setenv("GENFAST_STRICT", "1")
+    _dispatch.refresh_environment()
 
     def partial(x, feature):
         if feature:

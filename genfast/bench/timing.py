@@ -456,8 +456,11 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
 def strict_dispatch():
     """Set GENFAST_STRICT=1 for the duration: a backend that cannot run or fails raises
     instead of falling back, so a benchmark never times one backend under another's name."""
+    from .._dispatch import refresh_environment
+
     old = os.environ.get("GENFAST_STRICT")
     os.environ["GENFAST_STRICT"] = "1"
+    refresh_environment()
     try:
         yield
     finally:
@@ -465,6 +468,7 @@ def strict_dispatch():
             os.environ.pop("GENFAST_STRICT", None)
         else:
             os.environ["GENFAST_STRICT"] = old
+        refresh_environment()
 
 
 def progress(msg: str) -> None:

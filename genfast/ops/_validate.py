@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 __all__ = ["type_name", "is_int", "is_real", "is_nan", "is_finite", "compiling", "check_tensor", "check_real",
-           "check_int", "check_backend"]
+           "check_int", "check_backend", "ValidatedSignatures"]
 
 
 def type_name(v) -> str:
@@ -104,3 +104,23 @@ def check_backend(op: str, backend, backends) -> str:
     if backend is not None and backend not in backends:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(backends)} or None")
     return backend or ""
+
+
+class ValidatedSignatures:
+    """Signatures of eager calls whose arguments passed validation: hashable tuples of
+    everything the checks look at (shapes, dtypes, devices, scalar arguments). A call with a
+    known signature skips the checks: they are a large part of a small op's host time, and a
+    loop calls one op with the same signature over and over. Only exact Python scalars and
+    plain tensors go into signatures (the callers decide); bounded, cleared when full."""
+
+    def __init__(self, limit: int = 4096):
+        self._seen: set = set()
+        self._limit = limit
+
+    def __contains__(self, signature) -> bool:
+        return signature in self._seen
+
+    def add(self, signature) -> None:
+        if len(self._seen) >= self._limit:
+            self._seen.clear()
+        self._seen.add(signature)

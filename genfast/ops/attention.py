@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, Unsupported
+from .._dispatch import OpDispatcher, Unsupported, direct_call_allowed
+from ._validate import ValidatedSignatures
 from ._validate import check_backend, check_real, check_tensor, compiling, is_int, type_name
 from ..reference import attention as reference
 
@@ -101,19 +102,26 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _strides3(t: torch.Tensor) -> tuple:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
+
+
+# Below this many multiply-adds (B * H * Sq * Sk * D) a problem runs on one thread: waking the
+# OpenMP team costs more than it saves on a small problem (and small calls are launch-bound).
+SINGLE_THREAD_WORK = 1 << 18
 
 
 def _cpu_params(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
                 dropout_p, seed, cu_seqlens_q, cu_seqlens_k, seqused_k=None) -> dict:
     B, H, Sq, D = q.shape
-    p = dict(dtype=_ext.DTYPE_CODES[q.dtype], B=B, H=H, Hk=k.shape[1], Sq=Sq, Sk=k.shape[2], D=D,
+    Sk = k.shape[2]
+    (q_sb, q_sh, q_ss, _), (k_sb, k_sh, k_ss, _), (v_sb, v_sh, v_ss, _) = q.stride(), k.stride(), v.stride()
+    p = dict(dtype=_ext.DTYPE_CODES[q.dtype], B=B, H=H, Hk=k.shape[1], Sq=Sq, Sk=Sk, D=D,
              q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), scale=float(scale), softcap=float(softcap),
              window_left=int(window_left), window_right=int(window_right),
              align_bottom_right=bool(align_bottom_right), dropout_p=float(dropout_p),
-             seed=int(seed) & ((1 << 64) - 1), num_threads=torch.get_num_threads())
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        p[f"{name}_sb"], p[f"{name}_sh"], p[f"{name}_ss"] = _strides3(t)
+             seed=int(seed) & ((1 << 64) - 1),
+             num_threads=1 if B * H * Sq * Sk * D < SINGLE_THREAD_WORK else torch.get_num_threads(),
+             q_sb=q_sb, q_sh=q_sh, q_ss=q_ss, k_sb=k_sb, k_sh=k_sh, k_ss=k_ss, v_sb=v_sb, v_sh=v_sh, v_ss=v_ss)
     if cu_seqlens_q is not None:
         p.update(cu_q=cu_seqlens_q.data_ptr(), cu_k=cu_seqlens_k.data_ptr(), nseq=cu_seqlens_q.numel() - 1)
     if seqused_k is not None:
@@ -452,8 +460,9 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, problem, return_dropout_mask,
                 deterministic, backend):
-        out, lse, keep = torch.ops.genfast.attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                                                             seed, *problem, return_dropout_mask, backend)
+        forward = _forward_impl if direct_call_allowed(q, k, v, bias) else torch.ops.genfast.attention_forward
+        out, lse, keep = forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem,
+                                 return_dropout_mask, backend)
         ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
         ctx.problem, ctx.deterministic, ctx.backend = problem, deterministic, backend
         ctx.mark_non_differentiable(lse, keep)
@@ -462,9 +471,9 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse, _dkeep):
         q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-        dq, dk, dv = torch.ops.genfast.attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q,
-                                                          cu_seqlens_k, seed, *ctx.problem, ctx.deterministic,
-                                                          ctx.backend)
+        backward = _backward_impl if direct_call_allowed(dout, q, k, v) else torch.ops.genfast.attention_backward
+        dq, dk, dv = backward(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+                              *ctx.problem, ctx.deterministic, ctx.backend)
         needs = ctx.needs_input_grad
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 9
 
@@ -484,8 +493,10 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
     if needs_grad:
         return _AttentionFunction.apply(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, problem,
                                         return_dropout_mask, deterministic, backend)
-    return torch.ops.genfast.attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
-                                               *problem, return_dropout_mask, backend)
+    # Eager calls on plain tensors skip the torch.library round trip (see direct_call_allowed).
+    forward = _forward_impl if direct_call_allowed(q, k, v, bias) else torch.ops.genfast.attention_forward
+    return forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem, return_dropout_mask,
+                   backend)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -636,19 +647,25 @@ def _sdpa_mask_to_bias(fn: str, attn_mask, q: torch.Tensor, target: tuple):
                          f"{target} (batch, heads, L, S)") from None
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, return_lse=False, backend=None):
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+# Signatures of eager calls whose arguments passed validation (see ValidatedSignatures).
+_VALIDATED = ValidatedSignatures()
 
-    query (N, ..., Hq, L, E), key/value (N, ..., H, S, E) (or 3-D (N, L, E)); ``attn_mask``
-    bool (True = take part) or additive in query's dtype, broadcastable to (N, ..., Hq, L, S);
-    ``is_causal``: top-left aligned lower triangle (not combined with attn_mask); ``scale``
-    defaults to 1/sqrt(E); ``enable_gqa``: Hq a multiple of H. A query row with no allowed key
-    gives 0, as torch does. genfast extras: ``return_lse=True`` returns (out, lse) with lse
-    (N, ..., Hq, L) fp32 (-inf for such rows); ``backend`` picks the implementation.
-    Differentiable with respect to query, key and value (not the mask).
-    """
-    fn = "scaled_dot_product_attention"
+
+def _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+    """Everything ``_check_sdpa`` looks at, as a hashable key; None where a call is not cached
+    (a mask, non-Python scalars, tensor subclasses, tracing)."""
+    if attn_mask is not None or type(is_causal) is not bool or type(enable_gqa) is not bool:
+        return None
+    if type(dropout_p) not in (float, int) or (scale is not None and type(scale) not in (float, int)):
+        return None
+    if not direct_call_allowed(query, key, value):
+        return None
+    return ("sdpa", query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
+            key.device, value.device, dropout_p, is_causal, scale, enable_gqa, backend)
+
+
+def _check_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend) -> tuple:
+    """Every check of ``scaled_dot_product_attention`` but the mask's; returns (dropout_p, scale)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(fn, name, t)
         if t.ndim < 3:
@@ -665,22 +682,48 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if key.shape[:len(lead)] != lead or value.shape[:len(lead)] != lead:
         raise ValueError(f"{fn}: batch dimensions differ: query {tuple(query.shape)}, key {tuple(key.shape)}, "
                          f"value {tuple(value.shape)}")
-    D = query.shape[-1]
-    scale = _check_scale(fn, scale, D)
+    scale = _check_scale(fn, scale, query.shape[-1])
     if is_causal and attn_mask is not None:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both")
-    # (N, ..., H, L, E) -> (B, H, L, E) views (3-D inputs get one head).
-    q4 = query.unsqueeze(-3) if query.ndim == 3 else query.reshape(-1, *query.shape[-3:])
-    k4 = key.unsqueeze(-3) if key.ndim == 3 else key.reshape(-1, *key.shape[-3:])
-    v4 = value.unsqueeze(-3) if value.ndim == 3 else value.reshape(-1, *value.shape[-3:])
-    H, Hk = q4.shape[1], k4.shape[1]
+    H, Hk, Hv = ((t.shape[-3] if t.ndim > 3 else 1) for t in (query, key, value))
     if Hk != H and not enable_gqa:
         raise ValueError(f"{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped-query attention")
-    _check_heads(fn, H, Hk, v4.shape[1])
-    S = k4.shape[2]
+    _check_heads(fn, H, Hk, Hv)
+    return dropout_p, scale
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, return_lse=False, backend=None):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query (N, ..., Hq, L, E), key/value (N, ..., H, S, E) (or 3-D (N, L, E)); ``attn_mask``
+    bool (True = take part) or additive in query's dtype, broadcastable to (N, ..., Hq, L, S);
+    ``is_causal``: top-left aligned lower triangle (not combined with attn_mask); ``scale``
+    defaults to 1/sqrt(E); ``enable_gqa``: Hq a multiple of H. A query row with no allowed key
+    gives 0, as torch does. genfast extras: ``return_lse=True`` returns (out, lse) with lse
+    (N, ..., Hq, L) fp32 (-inf for such rows); ``backend`` picks the implementation.
+    Differentiable with respect to query, key and value (not the mask).
+    """
+    fn = "scaled_dot_product_attention"
+    signature = _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    if signature is not None and signature in _VALIDATED:  # checked before: only the conversions
+        dropout_p = float(dropout_p)
+        scale = SCALE_FROM_HEAD_DIM if scale is None else float(scale)
+    else:
+        dropout_p, scale = _check_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                       backend)
+        if signature is not None:
+            _VALIDATED.add(signature)
+    # (N, ..., H, L, E) -> (B, H, L, E) views (3-D inputs get one head).
+    if query.ndim == 4:
+        q4, k4, v4 = query, key, value
+    elif query.ndim == 3:
+        q4, k4, v4 = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
+    else:
+        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
     bias = None
     if attn_mask is not None:
-        full = tuple(query.shape[:-1]) + (S,)
+        full = tuple(query.shape[:-1]) + (k4.shape[2],)
         bias = _sdpa_mask_to_bias(fn, attn_mask, query, full)
         bias = bias.unsqueeze(-3) if query.ndim == 3 else bias.reshape(-1, *bias.shape[-3:])
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
@@ -849,16 +892,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
     if k is not None and S_new > 0:
-        torch.ops.genfast.attention_kvcache_append(k_cache, v_cache, k, v, cache_seqlens)
+        direct = direct_call_allowed(q, k_cache, v_cache, k, v, cache_seqlens)
+        (_append_impl if direct else torch.ops.genfast.attention_kvcache_append)(k_cache, v_cache, k, v,
+                                                                                 cache_seqlens)
         seqlens = cache_seqlens + S_new
     else:
         seqlens = cache_seqlens
     qt = q if q.stride(-1) == 1 else q.contiguous()
     kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
-    out, lse = torch.ops.genfast.attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                                  seqlens, alibi, scale, left, right, softcap, int(num_splits),
-                                                  backend or "")
+    decode = _decode_impl if direct_call_allowed(q, k_cache, v_cache, seqlens) else torch.ops.genfast.attention_decode
+    out, lse = decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale, left, right,
+                      softcap, int(num_splits), backend or "")
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
 
