@@ -208,10 +208,13 @@ class OpDispatcher:
     op: str
     backends: dict = field(default_factory=dict)
     broken: dict = field(default_factory=dict)  # (backend, device type, dtype) -> error text
-    # (requested, device type, dtype) -> usable backends, best first: the choice is computed
+    # (requested, device, dtype) -> usable backends, best first: the choice is computed
     # once per call signature. Cleared when a backend is registered or breaks, and by
     # refresh_environment().
     plans: dict = field(default_factory=dict)
+    # Optional device -> backend names to put first in the automatic order (None: the default
+    # order, native kernels first).
+    prefer: Optional[Callable] = None
     instances = []  # every dispatcher (a class attribute), for refresh_environment()
 
     def __post_init__(self):
@@ -251,6 +254,9 @@ class OpDispatcher:
         # The device's native kernels first (on CPU, the Triton interpreter is a test vehicle,
         # never the automatic choice ahead of the C++ kernels), then the rest, reference last.
         order = sorted(self.backends, key=lambda b: (b != device.type, BACKENDS.index(b)))
+        preferred = self.prefer(device) if self.prefer is not None else None
+        if preferred:  # an op's own measured rule for this device (e.g. attention on Hopper)
+            order = [b for b in preferred if b in order] + [b for b in order if b not in preferred]
         if requested is not None:
             order = [requested] + [b for b in order if b != requested]
         usable = []
@@ -305,7 +311,7 @@ class OpDispatcher:
 
     def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
         requested = self._explicit(requested)
-        key = (requested, device.type, dtype)
+        key = (requested, device, dtype)
         usable = self.plans.get(key)
         if usable is not None:
             return usable

@@ -216,3 +216,24 @@ def test_use_backend_context_picks_the_backend_and_restores_it():
     with pytest.raises(ValueError, match="unknown backend"):
         with genfast.use_backend("gpu"):
             pass
+
+
+def test_attention_prefers_triton_forward_and_backward_on_hopper(monkeypatch):
+    """sm_90: Triton first for the attention forward/backward (wgmma), CUDA first on sm_80 and for
+    decode; checked without a GPU by pretending the backends can run on a given capability."""
+    from genfast.ops import attention
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_ext, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason", lambda name, device: None)
+    for table in (attention.FORWARD, attention.BACKWARD, attention.DECODE):
+        monkeypatch.setattr(table, "plans", {})
+    for capability, first in (((9, 0), "triton"), ((8, 0), "cuda"), ((10, 0), "triton")):
+        monkeypatch.setattr(attention, "_cuda_device_info", lambda index, c=capability: (c, 132))
+        for table in (attention.FORWARD, attention.BACKWARD, attention.DECODE):
+            table.plans.clear()
+        assert attention.FORWARD.candidates(None, cuda, torch.bfloat16)[0] == first
+        assert attention.BACKWARD.candidates(None, cuda, torch.bfloat16)[0] == first
+        assert attention.DECODE.candidates(None, cuda, torch.bfloat16)[0] == "cuda"
+        # an explicit request still wins
+        assert attention.FORWARD.candidates("cuda", cuda, torch.bfloat16)[0] == "cuda"
