@@ -765,18 +765,26 @@ def _flash_result(out, lse, keep, return_attn_probs: bool, dropout_p: float):
     return out, lse, (keep if dropout_p > 0 else None)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, backend=None):
-    """Drop-in for flash-attn 2's ``flash_attn_func``.
+def _flash_signature(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, backend):
+    """Everything ``_check_flash`` looks at, as a hashable key (see _sdpa_signature); None
+    where a call is not cached (ALiBi, non-Python scalars, tracing)."""
+    if alibi_slopes is not None or type(causal) is not bool or type(window_size) is not tuple:
+        return None
+    if len(window_size) != 2 or type(window_size[0]) is not int or type(window_size[1]) is not int:
+        return None
+    if type(dropout_p) not in (float, int) or type(softcap) not in (float, int):
+        return None
+    if softmax_scale is not None and type(softmax_scale) not in (float, int):
+        return None
+    if not direct_call_allowed(q, k, v):
+        return None
+    return ("flash", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, dropout_p,
+            softmax_scale, causal, window_size, softcap, bool(deterministic), bool(return_attn_probs), backend)
 
-    q (B, Sq, H, D), k/v (B, Sk, Hk, D) with H a multiple of Hk (GQA/MQA). ``causal`` is aligned
-    to the bottom-right corner (query i sees keys j <= i + Sk - Sq); ``window_size=(left, right)``
-    (-1 = unbounded); ``softcap``: scores become softcap * tanh(scores / softcap); ``alibi_slopes``
-    fp32 (H,) or (B, H): scores -= slope * |i + Sk - Sq - j|. Returns out (B, Sq, H, D); with
-    ``return_attn_probs=True``, (out, softmax_lse (B, H, Sq) fp32, keep mask (B, H, Sq, Sk) bool
-    when dropout_p > 0 else None). ``deterministic=True``: bitwise reproducible backward.
-    """
-    fn = "flash_attn_func"
+
+def _check_flash(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, backend) -> tuple:
+    """Every check of ``flash_attn_func``; returns (dropout_p, scale, left, right, softcap, alibi)."""
     _flash_qkv(fn, q, k, v, 4)
     _check_backend(fn, backend)
     B, Sq, H, D = q.shape
@@ -790,6 +798,33 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     left, right = _flash_window(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
+    return dropout_p, scale, left, right, softcap, alibi
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, backend=None):
+    """Drop-in for flash-attn 2's ``flash_attn_func``.
+
+    q (B, Sq, H, D), k/v (B, Sk, Hk, D) with H a multiple of Hk (GQA/MQA). ``causal`` is aligned
+    to the bottom-right corner (query i sees keys j <= i + Sk - Sq); ``window_size=(left, right)``
+    (-1 = unbounded); ``softcap``: scores become softcap * tanh(scores / softcap); ``alibi_slopes``
+    fp32 (H,) or (B, H): scores -= slope * |i + Sk - Sq - j|. Returns out (B, Sq, H, D); with
+    ``return_attn_probs=True``, (out, softmax_lse (B, H, Sq) fp32, keep mask (B, H, Sq, Sk) bool
+    when dropout_p > 0 else None). ``deterministic=True``: bitwise reproducible backward.
+    """
+    fn = "flash_attn_func"
+    signature = _flash_signature(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                 deterministic, return_attn_probs, backend)
+    if signature is not None and signature in _VALIDATED:  # checked before: only the conversions
+        dropout_p, softcap = float(dropout_p), float(softcap)
+        scale = SCALE_FROM_HEAD_DIM if softmax_scale is None else float(softmax_scale)
+        left, right = window_size[0], 0 if causal else window_size[1]
+        alibi = None
+    else:
+        dropout_p, scale, left, right, softcap, alibi = _check_flash(fn, q, k, v, dropout_p, softmax_scale, causal,
+                                                                     window_size, softcap, alibi_slopes, backend)
+        if signature is not None:
+            _VALIDATED.add(signature)
     qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse, keep = _attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), alibi_slopes=alibi,
                                 scale=scale, window_left=left, window_right=right, align_bottom_right=True,
@@ -839,21 +874,37 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return _flash_result(out, lse[0], keep, return_attn_probs, dropout_p)
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
-                            window_size=(-1, -1), softcap=0.0, num_splits=0, return_softmax_lse=False, backend=None,
-                            alibi_slopes=None):
-    """Drop-in for flash-attn 2's ``flash_attn_with_kvcache`` (inference; no gradients).
+def _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap,
+                       num_splits, alibi_slopes, backend):
+    """Everything ``_check_kvcache`` looks at, as a hashable key (see _sdpa_signature); None
+    where a call is not cached. A tensor cache_seqlens enters by its metadata: its values are
+    checked on every call."""
+    if alibi_slopes is not None or type(causal) is not bool or type(window_size) is not tuple:
+        return None
+    if len(window_size) != 2 or type(window_size[0]) is not int or type(window_size[1]) is not int:
+        return None
+    if type(softcap) not in (float, int) or type(num_splits) is not int:
+        return None
+    if softmax_scale is not None and type(softmax_scale) not in (float, int):
+        return None
+    seqlens = cache_seqlens
+    if isinstance(cache_seqlens, torch.Tensor):
+        seqlens = (cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device)
+    elif cache_seqlens is not None and type(cache_seqlens) is not int:
+        return None
+    if not direct_call_allowed(q, k_cache, v_cache, k, v, cache_seqlens if isinstance(cache_seqlens, torch.Tensor)
+                               else None):
+        return None
+    new = None if k is None or v is None else (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device)
+    return ("kvcache", q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device,
+            k_cache.device, v_cache.device, new, k is None, v is None, seqlens, softmax_scale, causal, window_size,
+            softcap, num_splits, backend)
 
-    q (B, Sq, H, D); k_cache/v_cache (B, S_max, Hk, D); optional new k/v (B, S_new, Hk, D) are
-    written into the caches IN PLACE at rows cache_seqlens[b] .. + S_new; then row b attends to its
-    first cache_seqlens[b] + S_new keys, queries being the last Sq positions (causal/window are
-    bottom-right aligned). ``cache_seqlens``: int or int32 (B,) tensor (None: the whole cache).
-    ``num_splits``: 0 = heuristic, n > 1 = split each row's keys into n chunks (flash-decoding).
-    Returns out (B, Sq, H, D), and softmax_lse (B, H, Sq) if ``return_softmax_lse``.
-    Launches no host synchronisation when compiling or capturing a CUDA graph (the cache-size
-    check, which reads cache_seqlens, runs only outside those).
-    """
-    fn = "flash_attn_with_kvcache"
+
+def _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap,
+                   num_splits, alibi_slopes, backend) -> tuple:
+    """Every check of ``flash_attn_with_kvcache`` but the cache_seqlens tensor's values; returns
+    (scale, left, right, softcap, alibi)."""
     _flash_qkv(fn, q, k_cache, v_cache, 4)
     _check_backend(fn, backend)
     B, Sq, H, D = q.shape
@@ -880,11 +931,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{fn}: cache_seqlens is required when appending k/v (where do they go?)")
-        cache_seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
     elif is_int(cache_seqlens):
         if not 0 <= cache_seqlens <= S_max:
             raise ValueError(f"{fn}: cache_seqlens = {cache_seqlens} must be in [0, {S_max}]")
-        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     else:
         _check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1)
         if cache_seqlens.dtype != torch.int32:
@@ -893,19 +942,56 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             raise ValueError(f"{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
         if cache_seqlens.shape[0] != B:
             raise ValueError(f"{fn}: cache_seqlens must have {B} entries (one per batch row), got {cache_seqlens.shape[0]}")
-    if not _compiling():
-        lo, hi = cache_seqlens.min().item(), cache_seqlens.max().item()
-        if lo < 0:
-            raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {lo}")
-        if hi + S_new > S_max:
-            raise ValueError(f"{fn}: the cache holds {S_max} positions but cache_seqlens (max {hi}) + {S_new} new "
-                             f"tokens needs {hi + S_new}; the cache is too small")
     scale = _check_scale(fn, softmax_scale, D)
     left, right = _flash_window(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     if not is_int(num_splits) or num_splits < 0:
         raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
+    return scale, left, right, softcap, alibi
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, num_splits=0, return_softmax_lse=False, backend=None,
+                            alibi_slopes=None):
+    """Drop-in for flash-attn 2's ``flash_attn_with_kvcache`` (inference; no gradients).
+
+    q (B, Sq, H, D); k_cache/v_cache (B, S_max, Hk, D); optional new k/v (B, S_new, Hk, D) are
+    written into the caches IN PLACE at rows cache_seqlens[b] .. + S_new; then row b attends to its
+    first cache_seqlens[b] + S_new keys, queries being the last Sq positions (causal/window are
+    bottom-right aligned). ``cache_seqlens``: int or int32 (B,) tensor (None: the whole cache).
+    ``num_splits``: 0 = heuristic, n > 1 = split each row's keys into n chunks (flash-decoding).
+    Returns out (B, Sq, H, D), and softmax_lse (B, H, Sq) if ``return_softmax_lse``.
+    Launches no host synchronisation when compiling or capturing a CUDA graph (the cache-size
+    check, which reads cache_seqlens, runs only outside those).
+    """
+    fn = "flash_attn_with_kvcache"
+    signature = _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
+                                   softcap, num_splits, alibi_slopes, backend)
+    if signature is not None and signature in _VALIDATED:  # checked before: only the conversions
+        softcap = float(softcap)
+        scale = SCALE_FROM_HEAD_DIM if softmax_scale is None else float(softmax_scale)
+        left, right = window_size[0], 0 if causal else window_size[1]
+        alibi = None
+    else:
+        scale, left, right, softcap, alibi = _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens,
+                                                           softmax_scale, causal, window_size, softcap, num_splits,
+                                                           alibi_slopes, backend)
+        if signature is not None:
+            _VALIDATED.add(signature)
+    B, S_max = q.shape[0], k_cache.shape[1]
+    S_new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
+    elif is_int(cache_seqlens):  # its value was checked in Python
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    elif not _compiling():  # a tensor: its values decide where the new k/v go and how far rows read
+        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one host sync
+        if lo < 0:
+            raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {lo}")
+        if hi + S_new > S_max:
+            raise ValueError(f"{fn}: the cache holds {S_max} positions but cache_seqlens (max {hi}) + {S_new} new "
+                             f"tokens needs {hi + S_new}; the cache is too small")
     if k is not None and S_new > 0:
         direct = direct_call_allowed(q, k_cache, v_cache, k, v, cache_seqlens)
         (_append_impl if direct else torch.ops.genfast.attention_kvcache_append)(k_cache, v_cache, k, v,
