@@ -21,7 +21,9 @@ __all__ = ["reparameterize", "kl_divergence", "reparameterize_kl", "DISPATCH", "
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK_COLS = 4096  # kernels/vae.h kChunkCols: columns per KL partial
+# Columns per KL partial: kernels/vae.h kChunkCols, read from the extension so the two cannot
+# drift; the same value for the Triton and reference backends where the extension is not built.
+CHUNK_COLS = int(getattr(_ext._C, "vae_chunk_cols", 4096))
 REDUCTIONS = ("none", "sum", "mean")
 
 DISPATCH = OpDispatcher("vae")
