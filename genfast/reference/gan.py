@@ -30,13 +30,6 @@ def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
-def pixel_norm_backward(dy: torch.Tensor, x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
-    """dx of pixel_norm, written out: with r = rsqrt(mean(x^2) + eps),
-    dx = r * dy - x * r^3 * mean(dy * x). Differentiable (the double backward goes through it)."""
-    r = (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
-    return r * dy - x * r.pow(3) * (dy * x).mean(dim=dim, keepdim=True)
-
-
 def minibatch_stddev(x: torch.Tensor, group_size: Optional[int] = 4, num_channels: int = 1) -> torch.Tensor:
     """Appends ``num_channels`` channels: the stddev over groups of ``min(group_size, N)``
     samples (sample i is in group i % (N / G)), averaged over channels and pixels."""
