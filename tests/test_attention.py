@@ -675,6 +675,27 @@ def test_causal_self_attention_cache_matches_full_forward(seed):
     torch.testing.assert_close(full, m.proj(ref.transpose(1, 2).reshape(2, 9, 64)), rtol=1e-5, atol=1e-5)
 
 
+def test_causal_self_attention_sdpa_baseline_matches_genfast(seed):
+    """attention="sdpa" (torch's SDPA, GPT's benchmark baseline): same outputs, with GQA and a cache."""
+    torch.manual_seed(seed)
+    m = genfast.nn.CausalSelfAttention(64, 4, num_kv_heads=2, rotary=True, device=DEVICE)
+    sdpa = genfast.nn.CausalSelfAttention(64, 4, num_kv_heads=2, rotary=True, device=DEVICE, attention="sdpa")
+    sdpa.load_state_dict(m.state_dict())
+    x = rand(2, 9, 64)
+    torch.testing.assert_close(sdpa(x), m(x), rtol=1e-5, atol=1e-5)
+    cache, cache_sdpa = m.init_cache(2, 16), sdpa.init_cache(2, 16)
+    out = torch.cat([m(x[:, :4], cache), m(x[:, 4:7], cache), m(x[:, 7:], cache)], dim=1)
+    out_sdpa = torch.cat([sdpa(x[:, :4], cache_sdpa), sdpa(x[:, 4:7], cache_sdpa), sdpa(x[:, 7:], cache_sdpa)], dim=1)
+    torch.testing.assert_close(out_sdpa, out, rtol=1e-5, atol=1e-5)
+    assert cache_sdpa.length == 9 and cache_sdpa.seqlens.tolist() == [9, 9]
+    cache_sdpa.length = None  # unknown host length: read from seqlens, which must agree across rows
+    cache_sdpa.seqlens[0] = 3
+    with pytest.raises(ValueError, match="same length"):
+        sdpa(x[:, :1], cache_sdpa)
+    with pytest.raises(ValueError, match="attention must be"):
+        genfast.nn.CausalSelfAttention(64, 4, attention="flash")
+
+
 def test_register_transformers_attention(seed):
     transformers = pytest.importorskip("transformers")
     name = genfast.nn.register_transformers_attention()

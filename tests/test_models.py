@@ -242,6 +242,27 @@ def test_gpt_sdpa_cached_chunk_after_prefill_is_causal(seed):
         small_gpt(attention="flash")
 
 
+def test_gpt_loads_nanogpt_names(seed):
+    """GPT's attention is genfast.nn.CausalSelfAttention (attn.qkv, attn.proj); state dicts with
+    nanoGPT's names (attn.c_attn, attn.c_proj, the "transformer." prefix, the causal-mask buffer) load."""
+    model = small_gpt(position="rotary")
+    state = model.state_dict()
+    assert "h.1.attn.qkv.weight" in state and "h.1.attn.proj.bias" in state and "h.1.mlp.c_proj.weight" in state
+    nano = {}
+    for key, value in state.items():
+        key = key.replace("attn.qkv.", "attn.c_attn.").replace("attn.proj.", "attn.c_proj.")
+        nano[key if key.startswith("lm_head.") else "transformer." + key] = value
+    nano["transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    loaded = small_gpt(position="rotary")
+    loaded.load_state_dict(nano)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, loaded.get_parameter(name)), name
+    idx = torch.randint(0, 37, (2, 7))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        loaded.load_state_dict({**state, "h.0.attn.c_attn.extra": state["h.0.attn.qkv.bias"]})
+
+
 def test_gpt_training_lowers_the_loss(seed):
     model = small_gpt()
     data = torch.arange(0, 33).remainder(37).repeat(4, 1)  # a learnable sequence

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.attention import flash_attn_func, flash_attn_with_kvcache
+from ..nn.attention import CausalSelfAttention, KVCache, _sdpa_with_cache  # noqa: F401 (_sdpa_with_cache: tests)
 from ._base import FastPathModel
 
 
@@ -28,80 +28,16 @@ class GPTConfig:
     attention: str = "genfast"  # "genfast" (fused, follows set_backend) or "sdpa" (torch's SDPA: a baseline)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device, offset: int = 0) -> tuple:
-    """cos/sin tables (seq_len, head_dim // 2) for positions offset .. offset + seq_len - 1."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(pos, inv_freq)
-    return angles.cos(), angles.sin()
+def _attention(config: GPTConfig) -> CausalSelfAttention:
+    if config.n_embd % config.n_head:
+        raise ValueError(f"GPT: n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    return CausalSelfAttention(config.n_embd, config.n_head, bias=config.bias, dropout=config.dropout,
+                               rotary=config.position == "rotary", rotary_base=config.rotary_base,
+                               attention=config.attention)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, S, H, D) by the position's angle."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(x.dtype)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"GPT: n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
-        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.rotary = config.position == "rotary"
-        self.rotary_base = config.rotary_base
-        self.use_sdpa = config.attention == "sdpa"
-
-    def _qkv(self, x: torch.Tensor, offset: int) -> tuple:
-        b, s, _ = x.shape
-        q, k, v = self.c_attn(x).reshape(b, s, 3, self.n_head, self.head_dim).unbind(2)  # (B, S, H, D) each
-        if self.rotary:
-            cos, sin = rotary_tables(s, self.head_dim, self.rotary_base, x.device, offset)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x, 0)
-        dropout_p = self.dropout if self.training else 0.0
-        if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               dropout_p=dropout_p, is_causal=True).transpose(1, 2)
-        else:
-            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
-        return self.resid_dropout(self.c_proj(y.reshape(x.shape)))
-
-    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       cache_seqlens: torch.Tensor, offset: int) -> torch.Tensor:
-        """x: the new tokens (B, S_new, C) at positions offset..; appends their k/v to the caches."""
-        q, k, v = self._qkv(x, offset)
-        if self.use_sdpa:
-            y = _sdpa_with_cache(q, k, v, k_cache, v_cache, offset)
-        else:
-            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True)
-        return self.c_proj(y.reshape(x.shape))
-
-
-def _sdpa_with_cache(q, k, v, k_cache, v_cache, offset: int) -> torch.Tensor:
-    """The SDPA baseline of the cached step: writes k, v (B, S, H, D) at ``offset`` (every row
-    of the batch has the same length in ``GPT.generate``), then attends to the first
-    offset + S cached positions, causally aligned to the bottom right."""
-    s = q.shape[1]
-    end = offset + s
-    k_cache[:, offset:end] = k
-    v_cache[:, offset:end] = v
-    keys, values = k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
-    mask = None
-    if s > 1 and offset > 0:  # new token i sees the cache and new tokens up to itself
-        mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(offset)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                       is_causal=s > 1 and offset == 0)
-    return y.transpose(1, 2)
+# nanoGPT's names of the attention's Linears (GPT's own before it used genfast.nn.CausalSelfAttention)
+_NANOGPT_ATTENTION_NAMES = {"c_attn": "qkv", "c_proj": "proj"}
 
 
 class MLP(nn.Module):
@@ -119,22 +55,38 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = _attention(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.resid_dropout(self.attn(self.ln_1(x)))
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, k_cache, v_cache, cache_seqlens, offset):
-        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, cache_seqlens, offset)
+    def forward_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x: the new tokens (B, S_new, C); appends their keys/values to ``cache``."""
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints with nanoGPT's attention names (attn.c_attn.*, attn.c_proj.*) load too.
+        for old, new in _NANOGPT_ATTENTION_NAMES.items():
+            for key in [k for k in state_dict if k.startswith(f"{prefix}attn.{old}.")]:
+                state_dict[f"{prefix}attn.{new}." + key[len(f"{prefix}attn.{old}."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GPT(FastPathModel):
-    """GPT-2-style decoder (nanoGPT layout and parameter names; GPT-2 small is the default
-    config, ~124M parameters). ``forward(idx, targets=None)`` -> (logits, loss)."""
+    """GPT-2-style decoder (nanoGPT layout; GPT-2 small is the default config, ~124M
+    parameters). ``forward(idx, targets=None)`` -> (logits, loss).
+
+    Parameter names: nanoGPT's, except that each block's attention is a
+    ``genfast.nn.CausalSelfAttention``, so ``state_dict()`` and ``named_parameters()`` name its
+    Linears ``h.<i>.attn.qkv`` and ``h.<i>.attn.proj`` (nanoGPT: ``c_attn``, ``c_proj``; same
+    shapes and layout). ``load_state_dict`` accepts both names, and nanoGPT's ``transformer.``
+    prefix and causal-mask buffers (``attn.bias``), so old GPT checkpoints and nanoGPT state
+    dicts load unchanged."""
 
     def __init__(self, config: Optional[GPTConfig] = None, backend: Optional[str] = None, **overrides):
         super().__init__()
@@ -157,9 +109,19 @@ class GPT(FastPathModel):
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("mlp.c_proj.weight", "attn.proj.weight")):  # GPT-2's scaled residual init
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_backend(backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # nanoGPT's layout: its modules under "transformer.", and (without flash) a causal-mask
+        # buffer "transformer.h.<i>.attn.bias" that genfast's kernels do not need.
+        for key in [k for k in state_dict if k.startswith(f"{prefix}transformer.")]:
+            value = state_dict.pop(key)
+            name = key[len(f"{prefix}transformer."):]
+            if not (name.startswith("h.") and name.endswith(".attn.bias")):
+                state_dict[prefix + name] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -207,22 +169,17 @@ class GPT(FastPathModel):
                 logits, _ = self(idx)
                 idx = torch.cat([idx, _sample(logits[:, -1], temperature, top_k, top_p, generator)], dim=1)
             return idx
-        cfg = self.config
         b, total = idx.shape[0], idx.shape[1] + max_new_tokens
-        head_dim = cfg.n_embd // cfg.n_head
         dtype = self.wte.weight.dtype
-        caches = [(idx.new_zeros((b, total, cfg.n_head, head_dim), dtype=dtype),
-                   idx.new_zeros((b, total, cfg.n_head, head_dim), dtype=dtype)) for _ in self.h]
-        cache_seqlens = torch.zeros(b, dtype=torch.int32, device=idx.device)
+        caches = [block.attn.init_cache(b, total, device=idx.device, dtype=dtype) for block in self.h]
         new_tokens, offset = idx, 0
         with self.backend_scope():
             for _ in range(max_new_tokens):
                 x = self._embed(new_tokens, offset)
-                for block, (k_cache, v_cache) in zip(self.h, caches):
-                    x = block.forward_cached(x, k_cache, v_cache, cache_seqlens, offset)
+                for block, cache in zip(self.h, caches):
+                    x = block.forward_cached(x, cache)
                 logits = self.lm_head(self.ln_f(x[:, -1]))
                 offset += new_tokens.shape[1]
-                cache_seqlens += new_tokens.shape[1]
                 new_tokens = _sample(logits, temperature, top_k, top_p, generator)
                 idx = torch.cat([idx, new_tokens], dim=1)
         return idx

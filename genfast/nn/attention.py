@@ -132,31 +132,62 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values (B, S_max, Hk, D) and the number of valid positions per row."""
+    """Preallocated keys/values (B, S_max, Hk, D) and the number of valid positions per row.
+
+    ``length``: the number of cached positions when every row has the same, kept on the host so
+    the ``attention="sdpa"`` path can slice the cache without a device sync (``init_cache``
+    starts it at 0, the SDPA path advances it, the genfast path sets it to None: unknown, read
+    from ``seqlens``). Set it to None after changing ``seqlens`` yourself."""
 
     k: torch.Tensor
     v: torch.Tensor
     seqlens: torch.Tensor  # int32 (B,)
+    length: Optional[int] = None
+
+
+def _sdpa_with_cache(q, k, v, k_cache, v_cache, offset: int) -> torch.Tensor:
+    """The SDPA baseline of a cached step: writes k, v (B, S, Hk, D) at ``offset`` (every row
+    of the batch has the same length), then attends to the first offset + S cached positions,
+    causally aligned to the bottom right."""
+    s = q.shape[1]
+    end = offset + s
+    k_cache[:, offset:end] = k
+    v_cache[:, offset:end] = v
+    keys, values = k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    mask = None
+    if s > 1 and offset > 0:  # new token i sees the cache and new tokens up to itself
+        mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(offset)
+    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                       is_causal=s > 1 and offset == 0, **gqa)
+    return y.transpose(1, 2)
 
 
 class CausalSelfAttention(torch.nn.Module):
     """GPT-style causal self-attention: fused QKV projection, GQA (``num_kv_heads``), optional
     rotary embedding, dropout, output projection. ``forward(x, cache=None)``: x (B, S, E); with a
     ``KVCache`` (``init_cache``), the new keys/values are appended in place and the S new tokens
-    attend to everything cached (generation / chunked prefill)."""
+    attend to everything cached (generation / chunked prefill).
+
+    ``attention``: ``"genfast"`` (the fused kernels, following ``backend``) or ``"sdpa"``
+    (torch's ``F.scaled_dot_product_attention``, a baseline for benchmarks; with a cache every
+    row must have the same length)."""
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, bias: bool = True,
                  dropout: float = 0.0, rotary: bool = False, rotary_base: float = 10000.0,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, device=None, dtype=None, attention: str = "genfast"):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"CausalSelfAttention: embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"CausalSelfAttention: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        if attention not in ("genfast", "sdpa"):
+            raise ValueError(f"CausalSelfAttention: attention must be 'genfast' or 'sdpa', got {attention!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout, self.rotary, self.rotary_base, self.backend = dropout, rotary, rotary_base, backend
+        self.attention = attention
         kw = dict(device=device, dtype=dtype)
         self.qkv = torch.nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias, **kw)
         self.proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
@@ -166,7 +197,7 @@ class CausalSelfAttention(torch.nn.Module):
         shape = (batch_size, max_seq_len, self.num_kv_heads, self.head_dim)
         device, dtype = device or w.device, dtype or w.dtype
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                       torch.zeros(batch_size, dtype=torch.int32, device=device))
+                       torch.zeros(batch_size, dtype=torch.int32, device=device), length=0)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, S, E = x.shape
@@ -177,16 +208,39 @@ class CausalSelfAttention(torch.nn.Module):
             if self.rotary:
                 pos = torch.arange(S, device=x.device)
                 q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
-            out = flash_attn_func(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True,
-                                  backend=self.backend)
+            dropout_p = self.dropout if self.training else 0.0
+            if self.attention == "sdpa":
+                gqa = {"enable_gqa": True} if Hk != H else {}
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     dropout_p=dropout_p, is_causal=True, **gqa).transpose(1, 2)
+            else:
+                out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True, backend=self.backend)
         else:
             if self.rotary:  # per-row positions from the device tensor: no host sync
                 pos = cache.seqlens.to(torch.int64)[:, None] + torch.arange(S, device=x.device)[None, :]
                 q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
-            out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens, causal=True,
-                                          backend=self.backend)
+            if self.attention == "sdpa":
+                offset = self._common_length(cache)
+                out = _sdpa_with_cache(q, k, v, cache.k, cache.v, offset)
+                cache.length = offset + S
+            else:
+                out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens, causal=True,
+                                              backend=self.backend)
+                # Lengths are tracked on the device only; not reading the host copy keeps a
+                # compiled decode step from specialising (recompiling) on it.
+                cache.length = None
             cache.seqlens.add_(S)
         return self.proj(out.reshape(B, S, E))
+
+    @staticmethod
+    def _common_length(cache: KVCache) -> int:
+        if cache.length is not None:
+            return cache.length
+        lengths = cache.seqlens.tolist()  # host sync: a cache built without init_cache
+        if any(n != lengths[0] for n in lengths):
+            raise ValueError(f"CausalSelfAttention(attention='sdpa'): every cache row must have the same length, "
+                             f"got seqlens {lengths}")
+        return lengths[0]
 
 
 # ----------------------------------------------------------------------------- transformers
