@@ -15,6 +15,8 @@ from genfast.ops import attention as A
 from genfast.reference import attention as R
 from genfast.testing import error_vs_reference, rounding_floor
 
+from helpers import attention_rand
+
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -30,10 +32,7 @@ def _needs_cuda_kernels():
 
 def rand(*shape, dtype, strided=False):
     """~N(0, 1) on the GPU; strided=True gives a (B, H, S, D) view of a (B, S, H, D) tensor."""
-    if strided:
-        B, H, S, D = shape
-        return torch.randn(B, S, H, D, dtype=torch.float64).to("cuda", dtype).transpose(1, 2)
-    return torch.randn(*shape, dtype=torch.float64).to("cuda", dtype)
+    return attention_rand(*shape, dtype=dtype, device="cuda", strided=strided)
 
 
 def problem(**kw):

@@ -11,32 +11,21 @@ from genfast.ops.bias_act import ACTIVATIONS, DISPATCH
 from genfast.reference import bias_act as reference
 from genfast.testing import error_vs_reference
 
+import helpers
+from helpers import random_tensor
+
 ACTS = list(ACTIVATIONS)
 CPU = torch.device("cpu")
 LAYOUTS = ["contiguous", "channels_last", "strided", "permuted"]
 
 
 def require(backend, device, dtype):
-    reason = DISPATCH.unavailable_reason(backend, device, dtype)
-    if reason:
-        pytest.skip(f"{backend} cannot run here: {reason}")
+    helpers.require(DISPATCH, backend, device, dtype)
 
 
 def make_x(shape, dtype, layout, device=CPU):
     """Random input in the given memory layout (all four are 4-D, values ~N(0, 1.5))."""
-    if layout == "contiguous":
-        x = torch.randn(shape, dtype=torch.float64)
-    elif layout == "channels_last":
-        x = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
-    elif layout == "strided":  # not dense: every other element of the last dim
-        big = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)
-        x = big[..., ::2]
-    elif layout == "permuted":  # dense, but in no standard order
-        x = torch.randn(shape[2], shape[0], shape[3], shape[1], dtype=torch.float64).permute(1, 3, 0, 2)
-    else:
-        raise AssertionError(layout)
-    assert x.shape == torch.Size(shape)
-    return (1.5 * x).to(device=device, dtype=dtype)
+    return random_tensor(shape, dtype, layout, device, scale=1.5)
 
 
 def spec_params(act, gain=None):

@@ -12,6 +12,9 @@ from genfast.ops.diffusion import DISPATCH
 from genfast.reference import diffusion as ref
 from genfast.testing import error_vs_reference
 
+import helpers
+from helpers import random_tensor
+
 CPU = torch.device("cpu")
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 INTERP_DTYPES = [torch.float32, torch.float16]
@@ -21,25 +24,12 @@ SMALL = (2, 3, 5, 7)  # for the Triton interpreter
 
 
 def require(kernel, backend, device, dtype):
-    reason = DISPATCH[kernel].unavailable_reason(backend, device, dtype)
-    if reason:
-        pytest.skip(f"{backend} cannot run here: {reason}")
+    helpers.require(DISPATCH[kernel], backend, device, dtype)
 
 
 def make(shape, dtype, layout="contiguous", device=CPU, scale=1.0):
     """Random N(0, scale^2) tensor in the given memory layout (4-D shapes)."""
-    if layout == "contiguous":
-        t = torch.randn(shape, dtype=torch.float64)
-    elif layout == "channels_last":
-        t = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
-    elif layout == "strided":  # not dense: every other element of the last dim
-        t = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
-    elif layout == "batch_inner":  # dense, batch dimension innermost in memory
-        t = torch.randn(*shape[1:], shape[0], dtype=torch.float64).permute(3, 0, 1, 2)
-    else:
-        raise AssertionError(layout)
-    assert t.shape == torch.Size(shape)
-    return (scale * t).to(device=device, dtype=dtype)
+    return random_tensor(shape, dtype, layout, device, scale=scale)
 
 
 def random_coefs(batch, per_sample, device=CPU, dtype=torch.float64):

@@ -12,13 +12,14 @@ from genfast.reference.upfirdn2d import parse_padding
 from genfast.reference.upfirdn2d import upfirdn2d as ref_upfirdn2d
 from genfast.testing import error_vs_reference
 
+import helpers
+from helpers import random_tensor
+
 CPU = torch.device("cpu")
 
 
 def require(backend, dtype):
-    reason = DISPATCH.unavailable_reason(backend, CPU, dtype)
-    if reason:
-        pytest.skip(f"{backend} cannot run here: {reason}")
+    helpers.require(DISPATCH, backend, CPU, dtype)
 
 
 # ----------------------------------------------------------------------------- pixel_norm
@@ -35,15 +36,7 @@ PIXEL_NORM_CASES = [
 
 
 def make_x(shape, layout, dtype):
-    x = torch.randn(shape, dtype=torch.float64) * 1.7
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "strided":
-        x = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2] * 1.7
-    elif layout == "permuted":
-        x = torch.randn(shape[2], shape[0], shape[3], shape[1], dtype=torch.float64).permute(1, 3, 0, 2) * 1.7
-    assert x.shape == torch.Size(shape)
-    return x.to(dtype)
+    return random_tensor(shape, dtype, layout, scale=1.7)
 
 
 def pixel_norm_derivatives(fn, x, dy, w):

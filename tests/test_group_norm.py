@@ -12,6 +12,9 @@ from genfast.reference import group_norm as reference
 from genfast.reference.group_norm import group_stats
 from genfast.testing import error_vs_reference, rounding_floor
 
+import helpers
+from helpers import random_tensor
+
 CPU = torch.device("cpu")
 # The Triton interpreter's numpy exp overflows to inf for the SiLU of very negative inputs
 # (the sigmoid is then exactly 0, as it should be).
@@ -20,22 +23,12 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
 def require(backend, device, dtype):
-    reason = DISPATCH.unavailable_reason(backend, device, dtype)
-    if reason:
-        pytest.skip(f"{backend} cannot run here: {reason}")
+    helpers.require(DISPATCH, backend, device, dtype)
 
 
 def make_x(shape, dtype, layout, device=CPU, mean=0.0, scale=1.5):
     """Random float64 values (mean + scale * N(0, 1)) cast to dtype, in the given layout."""
-    if layout == "strided":  # not dense: every other element of the last dim
-        x = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
-    else:
-        x = torch.randn(shape, dtype=torch.float64)
-        if layout == "channels_last":
-            perm = (0, *range(2, len(shape)), 1)
-            x = x.permute(perm).contiguous().permute(tuple(perm.index(i) for i in range(len(shape))))
-    assert x.shape == torch.Size(shape)
-    return (mean + scale * x).to(device=device, dtype=dtype)
+    return random_tensor(shape, dtype, layout, device, scale=scale, shift=mean)
 
 
 def evaluate(fn, x, w, b, dy):

@@ -13,14 +13,15 @@ from genfast.ops.upfirdn2d import DISPATCH
 from genfast.reference.upfirdn2d import upfirdn2d as reference
 from genfast.testing import error_vs_reference
 
+import helpers
+from helpers import random_tensor
+
 CPU = torch.device("cpu")
 BACKENDS = ["reference", "cpu", "triton"]
 
 
 def require(backend, dtype, device=CPU):
-    reason = DISPATCH.unavailable_reason(backend, device, dtype)
-    if reason:
-        pytest.skip(f"{backend} cannot run here: {reason}")
+    helpers.require(DISPATCH, backend, device, dtype)
 
 
 # ----------------------------------------------------------------------------- direct spec
@@ -75,16 +76,7 @@ def direct(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0):
 
 
 def make_x(shape, dtype=torch.float64, layout="contiguous"):
-    x = torch.randn(shape, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "strided":  # not dense: every other column
-        x = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
-    elif layout == "channels_last_strided":
-        big = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], dtype=torch.float64)
-        x = big.to(memory_format=torch.channels_last)[..., 1::2]
-    assert x.shape == torch.Size(shape)
-    return x.to(dtype)
+    return random_tensor(shape, dtype, layout)
 
 
 def make_filter(taps, separable):

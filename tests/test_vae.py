@@ -8,25 +8,22 @@ from genfast.ops.vae import CHUNK_COLS, DISPATCH
 from genfast.reference import vae as reference
 from genfast.testing import error_vs_reference
 
+import helpers
+from helpers import random_tensor
+
 CPU = torch.device("cpu")
 # (batch, latent...) shapes: odd sizes, one row spanning several KL chunks, a single element.
 SHAPES = [(3, 5, 7), (2, 2 * CHUNK_COLS + 37), (1, 1), (4, 3, 3, 5)]
 
 
 def require(backend, device, dtype):
-    reason = DISPATCH.unavailable_reason(backend, device, dtype)
-    if reason:
-        pytest.skip(f"{backend} cannot run here: {reason}")
+    helpers.require(DISPATCH, backend, device, dtype)
 
 
 def make_inputs(shape, dtype, device=CPU, strided=False):
-    def one(scale, shift=0.0):
-        if strided:  # not contiguous: every other element of a wider last dim
-            t = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
-        else:
-            t = torch.randn(shape, dtype=torch.float64)
-        return (scale * t + shift).to(device=device, dtype=dtype)
-    return one(1.0), one(0.7, -0.3), one(1.0)
+    layout = "strided" if strided else "contiguous"  # strided: every other element of a wider last dim
+    return tuple(random_tensor(shape, dtype, layout, device, scale=scale, shift=shift)
+                 for scale, shift in ((1.0, 0.0), (0.7, -0.3), (1.0, 0.0)))
 
 
 def unfused(mu, logvar, eps):
