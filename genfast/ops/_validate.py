@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 __all__ = ["type_name", "is_int", "is_real", "is_nan", "is_finite", "compiling", "check_tensor", "check_real",
-           "check_int", "check_backend", "ValidatedSignatures"]
+           "check_int", "check_backend", "ValidatedSignatures", "cacheable", "cpu_threads", "SINGLE_THREAD_ELEMENTS"]
 
 
 def type_name(v) -> str:
@@ -111,16 +111,51 @@ class ValidatedSignatures:
     everything the checks look at (shapes, dtypes, devices, scalar arguments). A call with a
     known signature skips the checks: they are a large part of a small op's host time, and a
     loop calls one op with the same signature over and over. Only exact Python scalars and
-    plain tensors go into signatures (the callers decide); bounded, cleared when full."""
+    plain tensors go into signatures (the callers decide, see ``cacheable``); a signature may
+    carry what validation computed (``get``). Bounded, cleared when full."""
 
     def __init__(self, limit: int = 4096):
-        self._seen: set = set()
+        self._seen: dict = {}
         self._limit = limit
 
     def __contains__(self, signature) -> bool:
         return signature in self._seen
 
-    def add(self, signature) -> None:
+    def get(self, signature, default=None):
+        return self._seen.get(signature, default)
+
+    def add(self, signature, value=True) -> None:
         if len(self._seen) >= self._limit:
             self._seen.clear()
-        self._seen.add(signature)
+        self._seen[signature] = value
+
+
+_PLAIN_SCALARS = frozenset((int, float, str, bool, type(None)))
+
+
+def cacheable(*values) -> bool:
+    """Whether scalar arguments may go into a ``ValidatedSignatures`` key: None, exact Python
+    ints, floats, strs and bools, or flat tuples/lists of them (no symbolic values, no numpy or
+    tensor scalars, whose equality does not pin down what validation saw). The caller puts a
+    list into its key as a tuple."""
+    for v in values:
+        t = type(v)
+        if t in _PLAIN_SCALARS:
+            continue
+        if t is tuple or t is list:
+            for item in v:
+                if type(item) not in _PLAIN_SCALARS:
+                    return False
+            continue
+        return False
+    return True
+
+
+# Below this many elements a C++ CPU kernel runs on one thread: waking the OpenMP team costs
+# more than it saves on a small problem (torch's own grain size for elementwise ops is 32768).
+SINGLE_THREAD_ELEMENTS = 1 << 15
+
+
+def cpu_threads(work: int, single_thread_below: int = SINGLE_THREAD_ELEMENTS) -> int:
+    """num_threads for a C++ CPU entry point doing ``work`` (elements or multiply-adds)."""
+    return 1 if work < single_thread_below else torch.get_num_threads()

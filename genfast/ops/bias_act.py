@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
-from ._validate import check_backend, check_int, check_real, check_tensor
+from .._dispatch import OpDispatcher, direct_call_allowed
+from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_real, check_tensor, cpu_threads
 from ..reference import bias_act as reference
 from ..reference.bias_act import ACTIVATIONS, add_bias, reduce_to_bias
 from ..reference.bias_act import bias_act_derivative as reference_derivative
@@ -41,6 +41,8 @@ DISPATCH = OpDispatcher("bias_act")
 
 def is_dense(t: torch.Tensor) -> bool:
     """True if ``t`` covers its memory without gaps or overlaps, in any dimension order."""
+    if t.is_contiguous():  # the common case, without sorting the strides
+        return True
     expected = 1
     for d in sorted((d for d in range(t.ndim) if t.shape[d] != 1), key=t.stride):
         if t.stride(d) != expected:
@@ -86,7 +88,7 @@ def _bias_act_cpu(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, cla
     # The C++ kernel sums db while each row of dx is still in cache.
     _ext._C.bias_act_cpu(mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), _ext.address(db),
                          x.data_ptr(), _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp,
-                         torch.get_num_threads())
+                         cpu_threads(x.numel()))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16))
@@ -122,7 +124,7 @@ def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend, compute_db=
     output; for GRAD the pair (dx, db), db empty unless ``compute_db`` and there is a bias."""
     x = _dense(x)
     out = torch.empty_like(x)
-    db = x.new_empty(_db_size(b, compute_db))
+    db = x.new_empty(_db_size(b, compute_db)) if mode == GRAD else None
     if x.numel() == 0:
         return (out, db.zero_()) if mode == GRAD else out
     if b is not None:
@@ -130,7 +132,7 @@ def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend, compute_db=
     dy = _like(dy, x) if dy is not None else None
     ddx = _like(ddx, x) if ddx is not None else None
     C, S = _channel_geometry(x, b, dim)
-    DISPATCH.run(backend or None, x.device, x.dtype, mode, ACT_CODES[act], out, db if db.numel() else None,
+    DISPATCH.run(backend or None, x.device, x.dtype, mode, ACT_CODES[act], out, db if db is not None and db.numel() else None,
                  x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
     return (out, db) if mode == GRAD else out
 
@@ -194,7 +196,8 @@ class _BiasAct(torch.autograd.Function):
     def forward(ctx, x, b, params):
         ctx.save_for_backward(x, b)
         ctx.params = params
-        return torch.ops.genfast.bias_act(x, b, *params)
+        forward = _fwd_impl if direct_call_allowed(x, b) else torch.ops.genfast.bias_act
+        return forward(x, b, *params)
 
     @staticmethod
     def backward(ctx, dy):
@@ -212,7 +215,8 @@ class _BiasActGrad(torch.autograd.Function):
     def forward(ctx, dy, x, b, params, compute_db):
         ctx.save_for_backward(dy, x, b)
         ctx.params, ctx.compute_db = params, compute_db
-        dx, db = torch.ops.genfast.bias_act_grad(dy, x, b, compute_db, *params)
+        grad = _grad_impl if direct_call_allowed(dy, x, b) else torch.ops.genfast.bias_act_grad
+        dx, db = grad(dy, x, b, compute_db, *params)
         if not compute_db:
             ctx.mark_non_differentiable(db)
         return dx, db
@@ -235,7 +239,8 @@ class _BiasActGrad(torch.autograd.Function):
 class _BiasActGrad2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ddx, dy, x, b, params):
-        return torch.ops.genfast.bias_act_grad2(ddx, dy, x, b, *params)
+        grad2 = _grad2_impl if direct_call_allowed(ddx, dy, x, b) else torch.ops.genfast.bias_act_grad2
+        return grad2(ddx, dy, x, b, *params)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -320,10 +325,25 @@ def bias_act(
     Returns a new tensor with the layout of ``x`` (contiguous if ``x`` is not dense).
     Differentiable twice with respect to ``x`` and ``b``.
     """
-    params = _validate(x, b, dim, act, alpha, gain, clamp, backend)
+    direct = direct_call_allowed(x, b)
+    # Validation once per call signature (see ValidatedSignatures); the key holds everything
+    # _validate looks at, and maps to its result.
+    signature = params = None
+    if direct and cacheable(dim, act, alpha, gain, clamp, backend):
+        signature = (x.shape, x.dtype, x.device, None if b is None else (b.shape, b.dtype, b.device), dim, act,
+                     alpha, gain, clamp, backend)
+        params = _VALIDATED.get(signature)
+    if params is None:
+        params = _validate(x, b, dim, act, alpha, gain, clamp, backend)
+        if signature is not None:
+            _VALIDATED.add(signature, params)
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _BiasAct.apply(x, b, params)
-    return torch.ops.genfast.bias_act(x, b, *params)
+    # Eager calls on plain tensors skip the torch.library round trip (see direct_call_allowed).
+    return _fwd_impl(x, b, *params) if direct else torch.ops.genfast.bias_act(x, b, *params)
+
+
+_VALIDATED = ValidatedSignatures()
 
 
 def fused_leaky_relu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, negative_slope: float = 0.2,
