@@ -36,7 +36,8 @@ def _dims(shape) -> str:
 def _family_bias_act():
     shape = (64, 256, 64, 64) if GPU else (4, 256, 64, 64)  # 64M / 4M elements
     for mode in ("fwd", "fwd+bwd"):
-        yield mode, bias_act.PROVIDERS, lambda mode=mode: (bias_act.build_case(mode, shape, LOWP, "lrelu", DEVICE), None)
+        yield mode, bias_act.PROVIDERS, lambda mode=mode: (
+            bias_act.build_case(mode, shape, LOWP, "lrelu", DEVICE), None)
 
 
 def _family_filtered_lrelu():

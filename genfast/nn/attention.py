@@ -181,7 +181,8 @@ class CausalSelfAttention(torch.nn.Module):
             raise ValueError(f"CausalSelfAttention: embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads != 0:
-            raise ValueError(f"CausalSelfAttention: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+            raise ValueError(f"CausalSelfAttention: num_heads {num_heads} is not a multiple of "
+                             f"num_kv_heads {num_kv_heads}")
         if attention not in ("genfast", "sdpa"):
             raise ValueError(f"CausalSelfAttention: attention must be 'genfast' or 'sdpa', got {attention!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
