@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 __all__ = ["type_name", "is_int", "is_real", "is_nan", "is_finite", "compiling", "check_tensor", "check_real",
-           "check_int", "check_backend", "ValidatedSignatures", "cacheable", "cpu_threads", "SINGLE_THREAD_ELEMENTS"]
+           "check_int", "check_backend", "ValidatedSignatures", "cacheable", "tensor_key", "cpu_threads",
+           "SINGLE_THREAD_ELEMENTS"]
 
 
 def type_name(v) -> str:
@@ -130,12 +131,12 @@ class ValidatedSignatures:
         self._seen[signature] = value
 
 
-_PLAIN_SCALARS = frozenset((int, float, str, bool, type(None)))
+_PLAIN_SCALARS = frozenset((int, float, str, bool, type(None), torch.dtype))
 
 
 def cacheable(*values) -> bool:
     """Whether scalar arguments may go into a ``ValidatedSignatures`` key: None, exact Python
-    ints, floats, strs and bools, or flat tuples/lists of them (no symbolic values, no numpy or
+    ints, floats, strs and bools, torch dtypes, or flat tuples/lists of them (no symbolic values, no numpy or
     tensor scalars, whose equality does not pin down what validation saw). The caller puts a
     list into its key as a tuple."""
     for v in values:
@@ -149,6 +150,11 @@ def cacheable(*values) -> bool:
             continue
         return False
     return True
+
+
+def tensor_key(t) -> Optional[tuple]:
+    """What validation sees of an optional plain tensor, for a signature: (shape, dtype, device)."""
+    return None if t is None else (t.shape, t.dtype, t.device)
 
 
 # Below this many elements a C++ CPU kernel runs on one thread: waking the OpenMP team costs

@@ -54,10 +54,11 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
+from .._dispatch import OpDispatcher, direct_call_allowed
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
-from ._validate import check_backend, check_real, check_tensor, is_int, type_name
+from ._validate import (ValidatedSignatures, cacheable, check_backend, check_real, check_tensor, cpu_threads, is_int,
+                        tensor_key, type_name)
 from .bias_act import _dense, is_dense
 
 __all__ = ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
@@ -93,9 +94,10 @@ def _layout(t: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
     return t if batch_outer(t) else t.contiguous()
 
 
-def _same_layout(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``t`` (its own dtype) with exactly the memory layout of the dense ``like``."""
-    if t is None or t.stride() == like.stride():
+def _same_layout(t: Optional[torch.Tensor], like: torch.Tensor, like_strides=None) -> Optional[torch.Tensor]:
+    """``t`` (its own dtype) with exactly the memory layout of the dense ``like`` (whose
+    strides the caller may pass, read once for several tensors)."""
+    if t is None or t.stride() == (like.stride() if like_strides is None else like_strides):
         return t
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
@@ -104,13 +106,14 @@ def _compute_f64(*tensors) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
+_KERNEL_DTYPE_CODES = {**_ext.DTYPE_CODES, torch.int64: INT64_CODE}
+
+
 def _op(t: Optional[torch.Tensor]) -> tuple:
     """(address, dtype code) of an optional tensor for the C++/CUDA kernels."""
     if t is None:
         return 0, 0
-    if t.dtype == torch.int64:
-        return t.data_ptr(), INT64_CODE
-    return t.data_ptr(), _ext.DTYPE_CODES[t.dtype]
+    return t.data_ptr(), _KERNEL_DTYPE_CODES[t.dtype]
 
 
 def _per_sample_count(x: torch.Tensor, per_sample_inputs: bool) -> int:
@@ -151,7 +154,7 @@ def _step_cpu(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_v
     _ext._C.diffusion_sampler_step_cpu(
         x.numel(), per_sample, x.dtype == torch.float64, *_op(prev), *_op(aux),
         *_op(x), *_op(m), *_op(mu), *_op(h1), *_op(h2), *_op(z), *_op(coefs), coef_stride, *_op(clamp),
-        clamp_value, rescale, g, seed is not None, seed or 0, torch.get_num_threads())
+        clamp_value, rescale, g, seed is not None, seed or 0, cpu_threads(x.numel()))
 
 
 @DISPATCH["sampler_step"].register("cuda", GPU_DTYPES)
@@ -188,7 +191,7 @@ def _noise_cpu(noisy, target, x0, noise, timesteps, signal, noise_scale, target_
     _ext._C.diffusion_add_noise_cpu(
         x0.numel(), per_sample, x0.dtype == torch.float64, noisy.data_ptr(), _op(target)[0], _op(noisy)[1],
         *_op(x0), *_op(noise), timesteps.data_ptr(), *_op(signal), *_op(noise_scale), signal.numel(), target_code,
-        seed is not None, seed or 0, torch.get_num_threads())
+        seed is not None, seed or 0, cpu_threads(x0.numel()))
 
 
 @DISPATCH["add_noise"].register("cuda", GPU_DTYPES)
@@ -230,7 +233,7 @@ def _noise_reference(noisy, target, x0, noise, timesteps, signal, noise_scale, t
 def _sums_cpu(a, b, mode, scale, per_sample, width):
     out = torch.empty(a.numel() // per_sample, width, dtype=torch.float64)
     _ext._C.diffusion_per_sample_sums_cpu(a.numel(), per_sample, mode, *_op(a), *_op(b), scale, out.data_ptr(),
-                                          torch.get_num_threads())
+                                          cpu_threads(a.numel()))
     return out
 
 
@@ -272,7 +275,7 @@ def _sums_reference(a, b, mode, scale, per_sample, width):
 @DISPATCH["per_sample_combine"].register("cpu", FLOAT_DTYPES)
 def _combine_cpu(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
     _ext._C.diffusion_combine_cpu(a.numel(), per_sample, compute_f64, *_op(out), *_op(out2), *_op(a), *_op(b),
-                                  *_op(factor), alpha, beta, torch.get_num_threads())
+                                  *_op(factor), alpha, beta, cpu_threads(a.numel()))
 
 
 @DISPATCH["per_sample_combine"].register("cuda", GPU_DTYPES)
@@ -307,7 +310,7 @@ def _combine_reference(out, out2, a, b, factor, alpha, beta, per_sample, compute
 @DISPATCH["timestep_embedding"].register("cpu", FLOAT_DTYPES + (torch.int64,))
 def _embed_cpu(out, timesteps, dim, flip, shift, scale, max_period):
     _ext._C.diffusion_timestep_embedding_cpu(timesteps.numel(), dim, *_op(out), *_op(timesteps), flip, shift, scale,
-                                             max_period, torch.get_num_threads())
+                                             max_period, cpu_threads(timesteps.numel() * dim))
 
 
 @DISPATCH["timestep_embedding"].register("cuda", FLOAT_DTYPES + (torch.int64,))
@@ -362,20 +365,30 @@ def _step_outputs(x, per_sample, return_aux, out_dtype, aux_dtype):
 
 def _step_impl(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
                x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
-    by_sample = _step_per_sample(coefs, clamp)
+    prev, aux = _step_run(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp,
+                          clamp_value, x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend)
+    return prev, (aux if aux is not None else sample.new_empty(0, dtype=aux_dtype))
+
+
+def _step_run(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
+              x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
+    """The body of the op: (prev, aux), aux None unless ``return_aux`` (eager calls skip the
+    op's empty placeholder)."""
+    by_sample = coefs.ndim == 2 or clamp is not None
     x = _layout(sample, by_sample)
-    prev, aux = _step_outputs(x, by_sample, return_aux, out_dtype, aux_dtype)
+    prev = torch.empty_like(x, dtype=out_dtype)
+    aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else None
     if x.numel() == 0:
         return prev, aux
-    per_sample_coefs = coefs.ndim == 2
     per_sample = _per_sample_count(x, by_sample)
-    tensors = [_same_layout(t, x) for t in (model_output, model_output_uncond, history, history2, noise)]
-    m, mu, h1, h2, z = tensors
-    coefs = coefs.contiguous()
-    clamp = clamp.contiguous() if clamp is not None else None
-    DISPATCH["sampler_step"].run(_backend(backend), x.device, x.dtype, prev, aux if return_aux else None, x, m, mu,
-                                 h1, h2, z, coefs, NUM_STEP_COEFS if per_sample_coefs else 0, clamp, clamp_value,
-                                 x0_rescale, guidance_scale, seed if seed >= 0 else None, per_sample)
+    strides = x.stride()
+    m = _same_layout(model_output, x, strides)
+    mu, h1, h2, z = (None if t is None else _same_layout(t, x, strides)
+                     for t in (model_output_uncond, history, history2, noise))
+    DISPATCH["sampler_step"].run(backend or None, x.device, x.dtype, prev, aux, x, m, mu, h1, h2, z,
+                                 coefs.contiguous(), NUM_STEP_COEFS if coefs.ndim == 2 else 0,
+                                 clamp.contiguous() if clamp is not None else None, clamp_value, x0_rescale,
+                                 guidance_scale, seed if seed >= 0 else None, per_sample)
     return prev, aux
 
 
@@ -408,13 +421,19 @@ def _sums_impl(a, b, mode, scale, backend):
 
 
 def _combine_impl(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
+    out, out2 = _combine_run(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend)
+    return out, (out2 if out2 is not None else a.new_empty(0, dtype=out2_dtype))
+
+
+def _combine_run(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
+    """The body of the op: (out, out2), out2 None unless ``second``."""
     x = _layout(a, factor is not None)
     out = torch.empty_like(x, dtype=out_dtype)
-    out2 = torch.empty_like(x, dtype=out2_dtype) if second else x.new_empty(0, dtype=out2_dtype)
+    out2 = torch.empty_like(x, dtype=out2_dtype) if second else None
     if x.numel() == 0:
         return out, out2
     per_sample = _per_sample_count(x, factor is not None)
-    DISPATCH["per_sample_combine"].run(_backend(backend), x.device, x.dtype, out, out2 if second else None, x,
+    DISPATCH["per_sample_combine"].run(backend or None, x.device, x.dtype, out, out2, x,
                                        _same_layout(b, x), factor.contiguous() if factor is not None else None,
                                        alpha, beta, per_sample, _compute_f64(a, b))
     return out, out2
@@ -512,7 +531,17 @@ def _check_out_dtype(op: str, name: str, dtype, default: torch.dtype) -> torch.d
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
+
+
+# Signatures of eager calls whose arguments passed validation, with what validation computed
+# (see ValidatedSignatures): a sampling loop calls each op with one signature over and over.
+_VALIDATED = ValidatedSignatures()
 
 
 # ----------------------------------------------------------------------------- sampler_step
@@ -547,6 +576,47 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
     input requires grad).
     """
     op = "sampler_step"
+    clamp_is_tensor = isinstance(x0_clamp, torch.Tensor)
+    direct = direct_call_allowed(sample, model_output, coefs, history, history2, noise, model_output_uncond,
+                                 x0_clamp if clamp_is_tensor else None)
+    signature = checked = None
+    if direct and cacheable(x0_rescale, out_dtype, aux_dtype, guidance_scale, backend,
+                            None if clamp_is_tensor else x0_clamp):
+        signature = (op, tensor_key(sample), tensor_key(model_output), tensor_key(coefs), tensor_key(history),
+                     tensor_key(history2), tensor_key(noise), tensor_key(model_output_uncond),
+                     tensor_key(x0_clamp) if clamp_is_tensor else x0_clamp, x0_rescale, out_dtype, aux_dtype,
+                     noise_seed is None, guidance_scale, backend)
+        checked = _VALIDATED.get(signature)
+    if checked is None:
+        checked = _check_sampler_step(op, sample, model_output, coefs, history, history2, noise, x0_clamp,
+                                      x0_rescale, out_dtype, aux_dtype, noise_seed, model_output_uncond,
+                                      guidance_scale, backend)
+        if signature is not None:
+            _VALIDATED.add(signature, checked)
+        seed = checked[-1]
+    else:
+        seed = _check_seed(op, noise, noise_seed)  # its value changes from call to call
+    clamp_value, out_dtype, aux_dtype, g, backend, _ = checked
+    clamp_tensor = None
+    if clamp_is_tensor:
+        clamp_tensor = x0_clamp.reshape(1).expand(sample.shape[0]) if x0_clamp.ndim == 0 else x0_clamp
+    if _needs_grad(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor):
+        prev, aux = _reference_step(sample, model_output, coefs, history, history2, noise, model_output_uncond,
+                                    clamp_tensor, clamp_value, x0_rescale, g, seed if seed >= 0 else None,
+                                    like=_layout(sample, _step_per_sample(coefs, clamp_tensor)))
+        return prev.to(out_dtype), (aux.to(aux_dtype) if return_aux else None)
+    if direct:  # eager, plain tensors: no torch.library round trip (see direct_call_allowed)
+        return _step_run(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor,
+                         clamp_value, x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
+    prev, aux = torch.ops.genfast.diffusion_sampler_step(
+        sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
+        x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
+    return prev, (aux if return_aux else None)
+
+
+def _check_sampler_step(op, sample, model_output, coefs, history, history2, noise, x0_clamp, x0_rescale, out_dtype,
+                        aux_dtype, noise_seed, model_output_uncond, guidance_scale, backend) -> tuple:
+    """Every check of sampler_step; returns (clamp_value, out_dtype, aux_dtype, g, backend, seed)."""
     _check_float_tensor(op, "sample", sample)
     _check_float_tensor(op, "model_output", model_output, sample)
     for name, t in (("history", history), ("history2", history2), ("noise", noise),
@@ -563,7 +633,7 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
     if not (coefs.shape == (NUM_STEP_COEFS,) or (batch is not None and coefs.shape == (batch, NUM_STEP_COEFS))):
         raise ValueError(f"{op}: coefs must have shape ({NUM_STEP_COEFS},) or (B, {NUM_STEP_COEFS}) with B = "
                          f"sample.shape[0] = {batch}, got {tuple(coefs.shape)}")
-    clamp_tensor, clamp_value = None, -1.0
+    clamp_value = -1.0
     if isinstance(x0_clamp, torch.Tensor):
         if x0_clamp.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: x0_clamp must be a float tensor, got {x0_clamp.dtype}")
@@ -572,7 +642,6 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
         if batch is None or x0_clamp.shape not in ((batch,), ()):
             raise ValueError(f"{op}: a tensor x0_clamp must have shape (B,) with B = sample.shape[0] = {batch}, "
                              f"got {tuple(x0_clamp.shape)}")
-        clamp_tensor = x0_clamp.reshape(1).expand(batch) if x0_clamp.ndim == 0 else x0_clamp
     elif x0_clamp is not None:
         clamp_value = _check_number(op, "x0_clamp", x0_clamp, minimum=0.0)
     if not isinstance(x0_rescale, bool):
@@ -586,15 +655,7 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
         raise ValueError(f"{op}: fused guidance needs both model_output_uncond and guidance_scale")
     g = 1.0 if guidance_scale is None else _check_number(op, "guidance_scale", guidance_scale)
     backend = _check_backend(op, backend, DISPATCH[op])
-    if _needs_grad(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor):
-        prev, aux = _reference_step(sample, model_output, coefs, history, history2, noise, model_output_uncond,
-                                    clamp_tensor, clamp_value, x0_rescale, g, seed if seed >= 0 else None,
-                                    like=_layout(sample, _step_per_sample(coefs, clamp_tensor)))
-        return prev.to(out_dtype), (aux.to(aux_dtype) if return_aux else None)
-    prev, aux = torch.ops.genfast.diffusion_sampler_step(
-        sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
-        x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
-    return prev, (aux if return_aux else None)
+    return clamp_value, out_dtype, aux_dtype, g, backend, seed
 
 
 # ----------------------------------------------------------------------------- add_noise
@@ -612,6 +673,44 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
     "epsilon" is that noise). Returns noisy, or (noisy, target), in x0's dtype.
     """
     op = "add_noise"
+    direct = direct_call_allowed(x0, noise, timesteps, signal_scale, noise_scale)
+    signature = None
+    if direct and cacheable(target, backend):
+        signature = (op, tensor_key(x0), tensor_key(noise), tensor_key(timesteps), tensor_key(signal_scale),
+                     tensor_key(noise_scale), target, noise_seed is None, backend)
+    if signature is None or signature not in _VALIDATED:
+        _check_add_noise(op, x0, noise, timesteps, signal_scale, noise_scale, target, noise_seed)
+        if signature is not None:
+            _VALIDATED.add(signature)
+    seed = _check_seed(op, noise, noise_seed)  # the values checked on every call
+    _check_timestep_range(op, timesteps, signal_scale.numel(), "(the table length)")
+    backend = _check_backend(op, backend, DISPATCH[op])
+    if _needs_grad(x0, noise, signal_scale, noise_scale):
+        z = noise if seed < 0 else _seeded_noise_like(_layout(x0), seed, x0.dtype)
+        return ref.add_noise(x0, z, timesteps.long(), signal_scale, noise_scale, target)
+    run = _noise_impl if direct else torch.ops.genfast.diffusion_add_noise
+    noisy, tgt = run(x0, noise, timesteps, signal_scale, noise_scale, TARGET_CODES[target], seed, backend)
+    return noisy if target is None else (noisy, tgt)
+
+
+def _check_timestep_range(op: str, timesteps, length: int, what: str = "") -> None:
+    """CPU timesteps within [0, length): free on the host (on a GPU it would synchronise, and
+    under torch.compile it is data-dependent)."""
+    n = timesteps.numel()
+    if timesteps.device.type != "cpu" or not n or torch.compiler.is_compiling():
+        return
+    if n <= 64:  # a batch's timesteps: read as numbers, cheaper than two reductions
+        values = timesteps.reshape(-1).tolist()
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = int(timesteps.min()), int(timesteps.max())
+    if lo < 0 or hi >= length:
+        raise ValueError(f"{op}: timesteps must lie in [0, {length - 1}]{' ' + what if what else ''}, "
+                         f"got {'values in ' if what else ''}[{lo}, {hi}]")
+
+
+def _check_add_noise(op, x0, noise, timesteps, signal_scale, noise_scale, target, noise_seed) -> None:
+    """The checks of add_noise that depend on the call signature only (not on values)."""
     _check_float_tensor(op, "x0", x0)
     if x0.ndim < 1:
         raise ValueError(f"{op}: x0 needs a batch dimension, got a 0-d tensor")
@@ -638,19 +737,6 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
                          f"{signal_scale.shape[0]} and {noise_scale.shape[0]}")
     if target not in TARGET_CODES:
         raise ValueError(f"{op}: target must be None or one of {TARGETS}, got {target!r}")
-    # Free on the host; on a GPU it would sync, and under torch.compile it is data-dependent.
-    if timesteps.device.type == "cpu" and timesteps.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(timesteps.min()), int(timesteps.max())
-        if lo < 0 or hi >= signal_scale.numel():
-            raise ValueError(f"{op}: timesteps must lie in [0, {signal_scale.numel() - 1}] (the table length), "
-                             f"got values in [{lo}, {hi}]")
-    backend = _check_backend(op, backend, DISPATCH[op])
-    if _needs_grad(x0, noise, signal_scale, noise_scale):
-        z = noise if seed < 0 else _seeded_noise_like(_layout(x0), seed, x0.dtype)
-        return ref.add_noise(x0, z, timesteps.long(), signal_scale, noise_scale, target)
-    noisy, tgt = torch.ops.genfast.diffusion_add_noise(x0, noise, timesteps, signal_scale, noise_scale,
-                                                       TARGET_CODES[target], seed, backend)
-    return noisy if target is None else (noisy, tgt)
 
 
 # ----------------------------------------------------------------------------- diffusion_loss
@@ -664,7 +750,8 @@ class _PerSampleMSE(torch.autograd.Function):
     def forward(ctx, m, t, backend):
         ctx.save_for_backward(m, t)
         ctx.backend = backend
-        sums = torch.ops.genfast.diffusion_per_sample_sums(m, t, SUMS_LOSS, 0.0, backend)
+        sums = (_sums_impl if direct_call_allowed(m, t) else torch.ops.genfast.diffusion_per_sample_sums)(
+            m, t, SUMS_LOSS, 0.0, backend)
         per_sample = max(1, m.numel() // max(1, m.shape[0]))
         cd = torch.float64 if m.dtype == torch.float64 else torch.float32
         return (sums[:, 0] / per_sample).to(cd)
@@ -675,8 +762,8 @@ class _PerSampleMSE(torch.autograd.Function):
         m, t = ctx.saved_tensors
         per_sample = max(1, m.numel() // max(1, m.shape[0]))
         factor = grad * (2.0 / per_sample)
-        dm, dt = torch.ops.genfast.diffusion_per_sample_combine(
-            m, t, factor, 0.0, -1.0, bool(ctx.needs_input_grad[1]), m.dtype, t.dtype, ctx.backend)
+        combine = _combine_impl if direct_call_allowed(m, t, factor) else torch.ops.genfast.diffusion_per_sample_combine
+        dm, dt = combine(m, t, factor, 0.0, -1.0, bool(ctx.needs_input_grad[1]), m.dtype, t.dtype, ctx.backend)
         return (dm if ctx.needs_input_grad[0] else None), (dt if ctx.needs_input_grad[1] else None), None
 
 
@@ -689,6 +776,30 @@ def diffusion_loss(model_output, target, weights=None, reduction: str = "mean", 
     The loss is float32 (float64 for float64 model_output).
     """
     op = "diffusion_loss"
+    direct = direct_call_allowed(model_output, target, weights)
+    signature = None
+    if direct and cacheable(reduction, backend):
+        signature = (op, tensor_key(model_output), tensor_key(target), tensor_key(weights), reduction, backend)
+    if signature is None or signature not in _VALIDATED:
+        _check_diffusion_loss(op, model_output, target, weights, reduction)
+        if signature is not None:
+            _VALIDATED.add(signature)
+    backend = _check_backend(op, backend, DISPATCH["per_sample_sums"])
+    if _needs_grad(model_output, target):
+        per_sample = _PerSampleMSE.apply(model_output, target, backend)
+    else:
+        sums = (_sums_impl if direct else torch.ops.genfast.diffusion_per_sample_sums)(model_output, target,
+                                                                                      SUMS_LOSS, 0.0, backend)
+        cd = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+        per_sample = (sums[:, 0] / max(1, model_output.numel() // max(1, model_output.shape[0]))).to(cd)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.dtype)
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def _check_diffusion_loss(op, model_output, target, weights, reduction) -> None:
     _check_float_tensor(op, "model_output", model_output)
     if model_output.ndim < 1:
         raise ValueError(f"{op}: model_output needs a batch dimension, got a 0-d tensor")
@@ -701,18 +812,6 @@ def diffusion_loss(model_output, target, weights=None, reduction: str = "mean", 
             raise ValueError(f"{op}: weights must have shape (B,) = ({model_output.shape[0]},), got {tuple(weights.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    backend = _check_backend(op, backend, DISPATCH["per_sample_sums"])
-    if _needs_grad(model_output, target):
-        per_sample = _PerSampleMSE.apply(model_output, target, backend)
-    else:
-        sums = torch.ops.genfast.diffusion_per_sample_sums(model_output, target, SUMS_LOSS, 0.0, backend)
-        cd = torch.float64 if model_output.dtype == torch.float64 else torch.float32
-        per_sample = (sums[:, 0] / max(1, model_output.numel() // max(1, model_output.shape[0]))).to(cd)
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.dtype)
-    if reduction == "none":
-        return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 def min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type: str = "epsilon"):
@@ -730,10 +829,7 @@ def min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type: str = "ep
     gamma = _check_number(op, "gamma", gamma, minimum=0.0)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{op}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if timesteps.device.type == "cpu" and timesteps.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(timesteps.min()), int(timesteps.max())
-        if lo < 0 or hi >= alphas_cumprod.numel():
-            raise ValueError(f"{op}: timesteps must lie in [0, {alphas_cumprod.numel() - 1}], got [{lo}, {hi}]")
+    _check_timestep_range(op, timesteps, alphas_cumprod.numel())
     return ref.min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type)
 
 
@@ -746,25 +842,42 @@ def cfg_combine(uncond, cond, guidance_scale, guidance_rescale: float = 0.0, *, 
     One pass without rescale; two with it (per-sample sums, then the scaled combination; the
     (B,) factor is computed on the device in between). Returns cond's dtype and layout."""
     op = "cfg_combine"
+    direct = direct_call_allowed(uncond, cond)
+    signature = checked = None
+    if direct and cacheable(guidance_scale, guidance_rescale, backend):
+        signature = (op, tensor_key(uncond), tensor_key(cond), guidance_scale, guidance_rescale, backend)
+        checked = _VALIDATED.get(signature)
+    if checked is None:
+        checked = _check_cfg_combine(op, uncond, cond, guidance_scale, guidance_rescale, backend)
+        if signature is not None:
+            _VALIDATED.add(signature, checked)
+    g, rescale, backend = checked
+    if _needs_grad(uncond, cond):
+        return ref.cfg_combine(uncond, cond, g, rescale)
+    factor = None
+    if rescale > 0:
+        sums = (_sums_impl if direct else torch.ops.genfast.diffusion_per_sample_sums)(uncond, cond, SUMS_CFG, g,
+                                                                                      backend)
+        n = max(1, cond.numel() // max(1, cond.shape[0]))
+        var_cond = (sums[:, 1] - sums[:, 0] * sums[:, 0] / n) / max(1, n - 1)
+        var_cfg = (sums[:, 3] - sums[:, 2] * sums[:, 2] / n) / max(1, n - 1)
+        factor = rescale * torch.sqrt(var_cond / var_cfg) + (1.0 - rescale)
+    if direct:
+        return _combine_run(uncond, cond, factor, 1.0, g, False, cond.dtype, cond.dtype, backend)[0]
+    out, _ = torch.ops.genfast.diffusion_per_sample_combine(uncond, cond, factor, 1.0, g, False, cond.dtype,
+                                                            cond.dtype, backend)
+    return out
+
+
+def _check_cfg_combine(op, uncond, cond, guidance_scale, guidance_rescale, backend) -> tuple:
+    """Every check of cfg_combine; returns (guidance_scale, guidance_rescale, backend)."""
     _check_float_tensor(op, "cond", cond)
     _check_float_tensor(op, "uncond", uncond, cond)
     g = _check_number(op, "guidance_scale", guidance_scale)
     rescale = _check_number(op, "guidance_rescale", guidance_rescale, minimum=0.0)
     if rescale > 0 and cond.ndim < 1:
         raise ValueError(f"{op}: guidance_rescale needs a batch dimension")
-    backend = _check_backend(op, backend, DISPATCH["per_sample_combine"])
-    if _needs_grad(uncond, cond):
-        return ref.cfg_combine(uncond, cond, g, rescale)
-    factor = None
-    if rescale > 0:
-        sums = torch.ops.genfast.diffusion_per_sample_sums(uncond, cond, SUMS_CFG, g, backend)
-        n = max(1, cond.numel() // max(1, cond.shape[0]))
-        var_cond = (sums[:, 1] - sums[:, 0] * sums[:, 0] / n) / max(1, n - 1)
-        var_cfg = (sums[:, 3] - sums[:, 2] * sums[:, 2] / n) / max(1, n - 1)
-        factor = rescale * torch.sqrt(var_cond / var_cfg) + (1.0 - rescale)
-    out, _ = torch.ops.genfast.diffusion_per_sample_combine(uncond, cond, factor, 1.0, g, False, cond.dtype,
-                                                            cond.dtype, backend)
-    return out
+    return g, rescale, _check_backend(op, backend, DISPATCH["per_sample_combine"])
 
 
 # ----------------------------------------------------------------------------- timestep_embedding
@@ -775,6 +888,26 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downs
     """diffusers ``get_timestep_embedding`` in one kernel: (N,) timesteps (int or float) ->
     (N, dim) float32 embedding [sin | cos] (flip: [cos | sin]), zero-padded for odd dim."""
     op = "timestep_embedding"
+    direct = direct_call_allowed(timesteps)
+    signature = checked = None
+    if direct and cacheable(dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, backend):
+        signature = (op, tensor_key(timesteps), dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, backend)
+        checked = _VALIDATED.get(signature)
+    if checked is None:
+        checked = _check_timestep_embedding(op, timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale,
+                                            max_period, backend)
+        if signature is not None:
+            _VALIDATED.add(signature, checked)
+    shift, scale, max_period, backend = checked
+    if timesteps.dtype not in FLOAT_DTYPES:
+        timesteps = timesteps.to(torch.int64)
+    embed = _embed_impl if direct else torch.ops.genfast.diffusion_timestep_embedding
+    return embed(timesteps, int(dim), flip_sin_to_cos, shift, scale, max_period, backend)
+
+
+def _check_timestep_embedding(op, timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period,
+                              backend) -> tuple:
+    """Every check of timestep_embedding; returns (shift, scale, max_period, backend)."""
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"{op}: timesteps must be a torch.Tensor, got {_type_name(timesteps)}")
     if timesteps.ndim != 1:
@@ -793,11 +926,7 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downs
     if dim // 2 > 0 and dim // 2 - shift == 0:
         raise ValueError(f"{op}: dim // 2 - downscale_freq_shift is 0 (dim={dim}, shift={shift}): the frequencies "
                          "would divide by zero")
-    backend = _check_backend(op, backend, DISPATCH[op])
-    if timesteps.dtype not in FLOAT_DTYPES:
-        timesteps = timesteps.to(torch.int64)
-    return torch.ops.genfast.diffusion_timestep_embedding(timesteps, int(dim), flip_sin_to_cos, shift, scale,
-                                                          max_period, backend)
+    return shift, scale, max_period, _check_backend(op, backend, DISPATCH[op])
 
 
 def selected_backend(op: str, device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
