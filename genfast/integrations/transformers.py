@@ -196,7 +196,6 @@ def genfast_attention_forward(module, query, key, value, attention_mask, dropout
         raise ValueError(f"{fn}: query, key and value must be 4-D (batch, heads, seq, head_dim), got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     B, H, Sq, D = query.shape
-    Skv = key.shape[2]
     if not (_ops.MIN_HEAD_DIM <= D <= _ops.MAX_HEAD_DIM and D % 8 == 0) or value.shape[-1] != D:
         raise ValueError(f"{fn}: head_dim {D} (value {value.shape[-1]}) is not supported; genfast needs equal query "
                          f"and value head dims, a multiple of 8 in [{_ops.MIN_HEAD_DIM}, {_ops.MAX_HEAD_DIM}]. Load "
@@ -262,7 +261,7 @@ def _unmasked(query, key, value, *, causal, scale, softcap, dropout):
 
 
 def _key_counts(query, key, value, counts, *, scale, softcap, dropout):
-    B, Sq, Skv = query.shape[0], query.shape[2], key.shape[2]
+    Sq, Skv = query.shape[2], key.shape[2]
     if Sq <= DECODE_MAX_QUERIES and dropout == 0 and not _needs_grad(query, key, value):
         return flash_attn_with_kvcache(_bshd(query), _bshd(key), _bshd(value), cache_seqlens=counts,
                                        softmax_scale=scale, causal=True, softcap=softcap)

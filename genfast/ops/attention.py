@@ -916,7 +916,6 @@ def _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
     _check_heads(fn, H, Hk, v_cache.shape[2])
     if (k is None) != (v is None):
         raise ValueError(f"{fn}: pass both k and v to append to the cache, or neither")
-    S_new = 0
     if k is not None:
         for name, t in (("k", k), ("v", v)):
             _check_tensor(fn, name, t, ndim=4)
@@ -927,7 +926,6 @@ def _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
                 raise ValueError(f"{fn}: {name} must have shape ({B}, S_new, {Hk}, {D}), got {tuple(t.shape)}")
         if v.shape[1] != k.shape[1]:
             raise ValueError(f"{fn}: k has {k.shape[1]} new tokens but v has {v.shape[1]}")
-        S_new = k.shape[1]
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{fn}: cache_seqlens is required when appending k/v (where do they go?)")

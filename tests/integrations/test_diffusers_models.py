@@ -14,7 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D  # noqa: E402
 
-from genfast.integrations.diffusers import FusedResnetBlock2D, GenfastAttnProcessor  # noqa: E402
+from genfast.integrations.diffusers import GenfastAttnProcessor  # noqa: E402
 
 # Head dims genfast serves: 16 and 32 (a multiple of 8 in [16, 256]).
 UNET_CONFIG = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
