@@ -390,16 +390,19 @@ PROBLEMS: dict[str, Callable] = {
 }
 
 
-def collect_launches(families: Iterable[str], dtypes: Iterable[str], quick: bool) -> tuple[list[Launch], list[str]]:
+def collect_launches(families: Iterable[str], dtypes: Iterable[str], quick: bool,
+                     arch: int | None = None) -> tuple[list[Launch], list[str]]:
     """Every distinct launch the launchers make for the problems of ``families`` x ``dtypes``,
-    and the grid-limit problems found on the way."""
+    and the grid-limit problems found on the way. With ``arch`` the launchers run under that
+    target, so their pruners see its shared memory (without a driver they assume 99 KB and
+    drop the large tiles an A100/H100 would launch)."""
     recorder = _Recorder(max_autotune_configs=2 if quick else None)
     launches, seen, grid_errors = [], set(), []
     for family in families:
         for dt in dtypes:
             for problem, call in PROBLEMS[family](_torch_dtype(dt), quick):
                 start = len(recorder.launches)
-                with recorder.active():
+                with recorder.active(), (_target(arch) if arch is not None else contextlib.nullcontext()):
                     call()
                 for fn, args, kwargs, grid in recorder.launches[start:]:
                     for issue in grid_problems(grid):
@@ -609,12 +612,13 @@ def run(args) -> int:
     if not args.cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="genfast-compile-check-")
     started = time.perf_counter()
-    launches, grid_errors = collect_launches(families, dtypes, args.quick)
-    if args.limit > 0:
-        launches = limit_launches(launches, args.limit)
-    results = []
+    results, grid_errors = [], []
     _table([], sys.stdout)
     for arch in archs:
+        launches, arch_grid_errors = collect_launches(families, dtypes, args.quick, arch)
+        grid_errors += [f"sm_{arch} {e}" for e in arch_grid_errors]
+        if args.limit > 0:
+            launches = limit_launches(launches, args.limit)
         for launch in launches:
             r = compile_launch(launch, arch)
             results.append(r)

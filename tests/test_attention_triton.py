@@ -217,6 +217,30 @@ def test_bias_broadcast(seed, dtype):
     check_problem(q, k, v, dtype, 0.25, bias=full.to(DEVICE, dtype).expand(B, H, Sq, Sk), wl=-1, wr=0)
 
 
+def test_bias_offsets_are_64_bit_only_where_needed():
+    from genfast.triton_kernels import attention as A
+
+    n = 46341  # a (1, 1, n, n) mask: n x stride n >= 2^31
+    assert A.bias_needs_int64(n, 1, n, n) and A.bias_needs_int64(0, n * n, 1, n)
+    assert not A.bias_needs_int64(4096, 1, 4096, 4096) and not A.bias_needs_int64(0, 0, 10**9, 10**9)
+
+
+def test_bias_64_bit_offsets_path(seed, monkeypatch):
+    """The int64 bias-offset code (taken for masks past 2^31 elements, too large to test here)
+    forced on a small problem: same results as the int32 path."""
+    from genfast.triton_kernels import attention as A
+
+    calls = []
+
+    def forced(*args):
+        calls.append(args)
+        return True
+
+    monkeypatch.setattr(A, "bias_needs_int64", forced)
+    test_bias_broadcast(seed, torch.float32)
+    assert len(calls) >= 4  # forward and backward of both problems
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen(seed, dtype):
     lens_q = [5, 0, 1, 17, 9]

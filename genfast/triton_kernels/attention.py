@@ -175,6 +175,17 @@ def _sequence(Cu, idx, total, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _bias_offsets(rows, cols, sbm, sbn, BIAS_I64: tl.constexpr):
+    """rows * sbm + cols * sbn of a bias tile: in int64 when the host found an offset that can
+    reach 2^31 (a (1, 1, Sq, Sk) mask with Sq = Sk >= 46,341), else in int32: 64-bit offsets of
+    a whole score tile cost registers (spills of 12 B to 4.4 KB in bias configs on sm_90)."""
+    if BIAS_I64:
+        return rows.to(tl.int64) * sbm + cols.to(tl.int64) * sbn
+    else:
+        return rows * sbm + cols * sbn
+
+
+@triton.jit
 def _split_program(length, BLOCK: tl.constexpr):
     """(block index along the sequence, batch x head index) of a 1-D launch grid: both live on
     axis x, whose limit is 2^31 - 1 (y and z stop at 65,535, less than e.g. batch 2048 x 32
@@ -193,7 +204,8 @@ def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, en
                      window_left, window_right, row_state, drop_threshold, drop_scale,
                      MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BIAS_I64: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -207,7 +219,7 @@ def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, en
         diag = rows[:, None] + off - cols[None, :]
         bias = qk
         if HAS_BIAS:
-            bias = tl.load(Bias + rows[:, None].to(tl.int64) * sbm + cols[None, :].to(tl.int64) * sbn,
+            bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
                            mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
         s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
         if MASKED:
@@ -237,7 +249,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr):
     pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -281,17 +293,17 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
                                      rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
                                      window_left, window_right, row_state, drop_threshold, drop_scale,
                                      True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
     acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, full_lo, full_hi,
                                      rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
                                      window_left, window_right, row_state, drop_threshold, drop_scale,
                                      False, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
     acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, full_hi, hi,
                                      rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
                                      window_left, window_right, row_state, drop_threshold, drop_scale,
                                      True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
     empty = l_i == 0.0  # no allowed key (or all -inf): out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -383,9 +395,21 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
             continue
         if elem != 4 and c.num_warps != (8 if bm == 128 else 4) and block_d < 256:
             continue
-        if block_d >= 256 and (bn > 64 or c.num_stages > 2 or (bm == 128 and c.num_warps == 4)):
+        # Head dim 256 (half precision): only 64-row tiles on 8 warps fit (4 warps or 128 rows
+        # spill 24-456 B with dropout, ALiBi or a bias; with a bias 64 x 32 alone fits).
+        if block_d >= 256 and (bn > 64 or c.num_stages > 2 or (elem != 4 and (bm != 64 or c.num_warps != 8))
+                               or (elem == 4 and bm == 128 and c.num_warps == 4)):
             continue
-        if block_d >= 128 and bn > 64 and c.num_stages > 3:
+        # Register budgets measured with compile-check (bf16, sm_90): a 128-key tile spills
+        # (36-60 B) past head dim 64; a bias tile (64-bit addresses per element) makes 128-key
+        # tiles spill 3.5-4.4 KB at D64 and 64-key tiles 1.3-1.7 KB at D128.
+        if block_d >= 128 and bn > 64:
+            continue
+        if has_bias and bn > (64 if block_d <= 64 else 32):
+            continue
+        if elem != 4 and block_d > 64 and c.num_stages > 3:
+            continue
+        if elem != 4 and block_d <= 64 and (bn < 64 or c.num_stages < 3):  # small tiles: too little work
             continue
         kept.append(c)
     if not kept:  # the smallest tile of this precision's kind
@@ -399,7 +423,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 _fwd = triton.autotune(
     configs=_fwd_configs(),
     key=["HEAD_DIM", "IS_VARLEN", "ALIGN_BR", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_WL", "HAS_WR",
-         "HAS_DROPOUT", "DOT_PREC"],
+         "HAS_DROPOUT", "DOT_PREC", "BIAS_I64"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_fwd_configs},
 )(_fwd_kernel)
 
@@ -430,7 +454,7 @@ def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DQ, Lse, Delta, Bias, sqm, sdm, s
                           MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+                          ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr):
     """Accumulates dk, dv (BLOCK_N, BLOCK_D) over query blocks [start, end) of one query head;
     the score tile is kept transposed (keys x queries)."""
     d = tl.arange(0, BLOCK_D)
@@ -451,7 +475,7 @@ def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DQ, Lse, Delta, Bias, sqm, sdm, s
         diagT = rows[None, :] + off - cols[:, None]
         bias = qkT
         if HAS_BIAS:
-            bias = tl.load(Bias + rows[None, :].to(tl.int64) * sbm + cols[:, None].to(tl.int64) * sbn,
+            bias = tl.load(Bias + _bias_offsets(rows[None, :], cols[:, None], sbm, sbn, BIAS_I64),
                            mask=row_ok[None, :] & (cols[:, None] < k_len), other=0.0).to(tl.float32)
         s2, t = _scores_log2(qkT, diagT, slope2, bias, qk_scale2, softcap_scale, softcap2,
                              HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
@@ -490,7 +514,8 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BIAS_I64: tl.constexpr):
     pid_n, pid_bh = _split_program(max_k, BLOCK_N)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
@@ -532,17 +557,17 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
                                        cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2,
                                        scale, window_left, window_right, drop_state, b, h, num_heads, drop_threshold,
                                        drop_scale, True, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC)
+                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64)
         dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, full_lo,
                                        full_hi, cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale,
                                        softcap2, scale, window_left, window_right, drop_state, b, h, num_heads,
                                        drop_threshold, drop_scale, False, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
-                                       HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC)
+                                       HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64)
         dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, full_hi, hi,
                                        cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2,
                                        scale, window_left, window_right, drop_state, b, h, num_heads, drop_threshold,
                                        drop_scale, True, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC)
+                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64)
     out_mask = (cols[:, None] < k_len) & d_ok[None, :]
     tl.store(DK + batch * skb_dk + hk * skh_dk + (k_start + cols)[:, None] * skn_dk + d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
@@ -556,7 +581,8 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, 
                         window_left, window_right, row_state, drop_threshold, drop_scale,
                         MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                        HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BIAS_I64: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -572,7 +598,7 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, 
         diag = rows[:, None] + off - cols[None, :]
         bias = qk
         if HAS_BIAS:
-            bias = tl.load(Bias + rows[:, None].to(tl.int64) * sbm + cols[None, :].to(tl.int64) * sbn,
+            bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
                            mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
         s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
         if MASKED:
@@ -600,7 +626,8 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BIAS_I64: tl.constexpr):
     pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -643,15 +670,15 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
     dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, lo, full_lo, rows, off, q_len,
                              k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left, window_right,
                              row_state, drop_threshold, drop_scale, True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
-                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
     dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, full_lo, full_hi, rows, off,
                              q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left,
                              window_right, row_state, drop_threshold, drop_scale, False, BLOCK_N, BLOCK_D, HEAD_DIM,
-                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
     dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, full_hi, hi, rows, off, q_len,
                              k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left, window_right,
                              row_state, drop_threshold, drop_scale, True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
-                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC)
+                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
     tl.store(DQ + batch * sqb_dq + h * sqh_dq + (q_start + rows)[:, None] * sqm_dq + d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=ld_mask)
 
@@ -871,6 +898,12 @@ def _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes,
                 HAS_WR=window_right is not None and window_right >= 0, HAS_DROPOUT=dropout_p > 0)
 
 
+def bias_needs_int64(sbm, sbn, Sq, Sk):
+    """Whether a bias tile's offsets rows * sbm + cols * sbn can reach 2^31 (rows and columns
+    run up to a block past Sq and Sk, <= 256 rows/columns of padding)."""
+    return (Sq + 256) * abs(sbm) + (Sk + 256) * abs(sbn) >= 2**31
+
+
 def _window(w):
     return -1 if w is None else int(w)
 
@@ -898,6 +931,7 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
     alibi, sab, sah = _alibi_args(alibi_slopes, nseq, H, dummy)
     bias_t, (sbb, sbh, sbm, sbn) = _bias_args(bias, B, H, Sq, Sk, dummy)
     flags = _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen)
+    flags["BIAS_I64"] = bias_needs_int64(sbm, sbn, Sq, Sk) if bias is not None else False
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
     grid = lambda meta: grid_1d(max_q, meta["BLOCK_M"], nseq * H)  # noqa: E731
@@ -941,20 +975,26 @@ class _nullcontext:
         return False
 
 
-def _bwd_blocks(D, dtype, prec="tf32"):
+def _bwd_blocks(D, dtype, prec="tf32", has_bias=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels (no autotune: the
-    atomic dq path cannot be re-run by a benchmark)."""
+    atomic dq path cannot be re-run by a benchmark). Half-precision tiles measured with
+    compile-check (bf16, sm_90, dK/dV kernel with the atomic dq, causal / bias / dropout /
+    ALiBi+softcap+window): 64 x 64 spilled 196-528 B at D64 on 4 or 8 warps, 32 x 32 on 4 warps
+    fits (229-248 registers); at D128 32 x 32 on 8 warps fits (240-254), except with a bias
+    (28 B), which fits in one stage; at D256 16 x 32 on 8 warps in one stage (244-255)."""
     if _INTERPRET:
         return 16, 16, 4, 1
     if dtype == torch.float32 and prec == "ieee":  # FMA code: only small tiles fit registers
         return 16, 32, 8, 1
     if D <= 64:
-        return 64, 64, 4, 3
-    if D <= 128:  # 32 x 64 tiles spilled 1.1 KB (bf16, sm_90); 32 x 32: 160 B
-        return (32, 64, 8, 2) if dtype == torch.float32 else (32, 32, 4, 2)
+        return (64, 64, 4, 3) if dtype == torch.float32 else (32, 32, 4, 2)
+    if D <= 128:
+        if dtype == torch.float32:
+            return 32, 64, 8, 2
+        return (32, 32, 8, 1) if has_bias else (32, 32, 8, 2)
     if dtype == torch.float32:  # fp32 tiles at head dim 256 overflow an A100's 164 KB of shared memory
         return 16, 32, 8, 1
-    return 16, 64, 8, 2
+    return 16, 32, 8, 1  # 16 x 64 spilled 764-988 B; two stages 44-116 B
 
 
 def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1, align_bottom_right=True,
@@ -985,10 +1025,11 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     alibi, sab, sah = _alibi_args(alibi_slopes, nseq, H, dummy)
     bias_t, (sbb, sbh, sbm, sbn) = _bias_args(bias, B, H, Sq, Sk, dummy)
     flags = _flags(window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias, dropout_p, is_varlen)
+    flags["BIAS_I64"] = bias_needs_int64(sbm, sbn, Sq, Sk) if bias is not None else False
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
     prec = _dot_precision(q.dtype)
-    block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype, prec)
+    block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype, prec, bias is not None)
     atomic_dq = not deterministic
     if atomic_dq:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
