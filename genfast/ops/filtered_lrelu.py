@@ -38,8 +38,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
-from ._validate import check_backend, check_real, check_tensor, is_int, type_name
+from .._dispatch import OpDispatcher, direct_call_allowed
+from ._validate import check_backend, check_real, check_tensor, cpu_threads, is_int, type_name
 from ..reference.filtered_lrelu import filtered_lrelu as reference  # noqa: F401  (the spec)
 from ..reference.upfirdn2d import upfirdn2d as reference_upfirdn2d
 
@@ -153,7 +153,8 @@ def _filtered_lrelu_cpu(mode, out, signs, x, b, g1, g2, plan, gain, slope, clamp
     _ext._C.filtered_lrelu_cpu(
         mode, _ext.DTYPE_CODES[x.dtype], n, c, h, w, list(x.stride()), out.data_ptr(), list(out.stride()),
         x.data_ptr(), _ext.address(b), _ext.address(signs), g1.data_ptr(), g1h, g1w, g1.ndim == 1,
-        g2.data_ptr(), g2h, g2w, g2.ndim == 1, list(plan), gain, slope, clamp, torch.get_num_threads())
+        g2.data_ptr(), g2h, g2w, g2.ndim == 1, list(plan), gain, slope, clamp,
+        cpu_threads(out.numel() * (g1h * g1w + g2h * g2w), 1 << 18))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
@@ -300,7 +301,8 @@ class _Masked(torch.autograd.Function):
     def forward(ctx, inp, fu, fd, signs, geometry, rest, adjoint):
         ctx.save_for_backward(fu, fd, signs)
         ctx.geometry, ctx.rest, ctx.adjoint = geometry, rest, adjoint
-        return torch.ops.genfast.filtered_lrelu_masked(inp, fu, fd, signs, *geometry, *rest[:3], adjoint, rest[3])
+        masked = _masked_impl if direct_call_allowed(inp, fu, fd, signs) else torch.ops.genfast.filtered_lrelu_masked
+        return masked(inp, fu, fd, signs, *geometry, *rest[:3], adjoint, rest[3])
 
     @staticmethod
     def backward(ctx, dout):
@@ -312,7 +314,8 @@ class _FilteredLReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, fu, fd, params):
         up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, backend = params
-        y, signs = torch.ops.genfast.filtered_lrelu(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp,
+        forward = _fwd_impl if direct_call_allowed(x, fu, fd, b) else torch.ops.genfast.filtered_lrelu
+        y, signs = forward(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp,
                                                     flip_filter, True, backend)
         ctx.save_for_backward(fu, fd, signs)
         ctx.geometry = (up, down, px0, px1, py0, py1, x.shape[2], x.shape[3])
@@ -459,8 +462,8 @@ def filtered_lrelu(x: torch.Tensor, fu: Optional[torch.Tensor] = None, fd: Optio
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _FilteredLReLU.apply(x, b, fu, fd, params)
     up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, backend = params
-    return torch.ops.genfast.filtered_lrelu(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp,
-                                            flip_filter, False, backend)[0]
+    forward = _fwd_impl if direct_call_allowed(x, fu, fd, b) else torch.ops.genfast.filtered_lrelu
+    return forward(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, False, backend)[0]
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:

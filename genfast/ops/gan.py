@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, triton_interpreted
+from .._dispatch import OpDispatcher, direct_call_allowed, triton_interpreted
 from ..reference import gan as reference
-from ._validate import check_backend, check_int, check_tensor, is_finite, is_int, is_real, type_name
+from ._validate import check_backend, check_int, check_tensor, cpu_threads, is_finite, is_int, is_real, type_name
 from .bias_act import is_dense
 from .upfirdn2d import upfirdn2d
 
@@ -56,7 +56,7 @@ def _geometry(x: torch.Tensor, dim: int) -> tuple:
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _pixel_norm_cpu(mode, out, x, dy, dim, outer, C, S, eps):
     _ext._C.pixel_norm_cpu(mode, _ext.DTYPE_CODES[x.dtype], outer, C, S, out.data_ptr(), x.data_ptr(),
-                           _ext.address(dy), eps, torch.get_num_threads())
+                           _ext.address(dy), eps, cpu_threads(x.numel()))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16))
@@ -130,7 +130,7 @@ class _PixelNorm(torch.autograd.Function):
     def forward(ctx, x, dim, eps, backend):
         ctx.save_for_backward(x)
         ctx.params = (dim, eps, backend)
-        return torch.ops.genfast.pixel_norm(x, dim, eps, backend)
+        return (_fwd_impl if direct_call_allowed(x) else torch.ops.genfast.pixel_norm)(x, dim, eps, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -146,7 +146,7 @@ class _PixelNormGrad(torch.autograd.Function):
     def forward(ctx, dy, x, dim, eps, backend):
         ctx.save_for_backward(dy, x)
         ctx.params = (dim, eps)
-        return torch.ops.genfast.pixel_norm_grad(dy, x, dim, eps, backend)
+        return (_grad_impl if direct_call_allowed(dy, x) else torch.ops.genfast.pixel_norm_grad)(dy, x, dim, eps, backend)
 
     @staticmethod
     def backward(ctx, ddx):
@@ -200,7 +200,7 @@ def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8, backend: Option
     backend = _check_backend(backend, op)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PixelNorm.apply(x, dim, float(eps), backend)
-    return torch.ops.genfast.pixel_norm(x, dim, float(eps), backend)
+    return (_fwd_impl if direct_call_allowed(x) else torch.ops.genfast.pixel_norm)(x, dim, float(eps), backend)
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
-from ._validate import check_backend, check_int, check_tensor, is_finite, is_real, type_name
+from .._dispatch import OpDispatcher, direct_call_allowed
+from ._validate import check_backend, check_int, check_tensor, cpu_threads, is_finite, is_real, type_name
 from ..reference import group_norm as reference
 
 __all__ = ["group_norm", "DISPATCH", "FLOAT_DTYPES", "ACTIVATIONS", "Geometry", "selected_backend"]
@@ -109,14 +109,15 @@ def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _group_norm_cpu(mode, *args):
     C_ = _ext._C
-    threads = torch.get_num_threads()
     if mode == FORWARD:
         x, w, b, y, mean, rstd, geo, eps, silu = args
+        threads = cpu_threads(x.numel())
         C_.group_norm_fwd_cpu(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
                               x.data_ptr(), _ext.address(w), _ext.address(b), y.data_ptr(), mean.data_ptr(),
                               rstd.data_ptr(), float(eps), bool(silu), threads)
     else:
         dy, x, mean, rstd, w, b, dx, dw, db, geo, silu = args
+        threads = cpu_threads(x.numel())
         C_.group_norm_bwd_cpu(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
                               dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ext.address(w),
                               _ext.address(b), dx.data_ptr(), _ext.address(dw), _ext.address(db), bool(silu),
@@ -291,7 +292,7 @@ def _backward_fake(dy, x, mean, rstd, weight, bias, num_groups, silu, need_dw, n
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, silu, backend):
-        y, mean, rstd = torch.ops.genfast.group_norm(x, weight, bias, num_groups, eps, silu, backend)
+        y, mean, rstd = (_forward_impl if direct_call_allowed(x, weight, bias) else torch.ops.genfast.group_norm)(x, weight, bias, num_groups, eps, silu, backend)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.params = (num_groups, eps, silu, backend)
         return y
@@ -306,7 +307,8 @@ class _GroupNorm(torch.autograd.Function):
             # composition of the reference, so higher derivatives are exact (and slower).
             return _differentiable_backward(dy, x, weight, bias, num_groups, eps, silu, need_x, need_w, need_b)
         need_w, need_b = need_w and weight is not None, need_b and bias is not None
-        dx, dw, db = torch.ops.genfast.group_norm_backward(dy, x, mean, rstd, weight, bias, num_groups, silu,
+        dx, dw, db = (_backward_impl if direct_call_allowed(dy, x, weight, bias)
+                      else torch.ops.genfast.group_norm_backward)(dy, x, mean, rstd, weight, bias, num_groups, silu,
                                                            need_w, need_b, backend)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None)
 
@@ -402,7 +404,8 @@ def group_norm(
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if grads:
         return _GroupNorm.apply(x, weight, bias, num_groups, eps, silu, backend)
-    return torch.ops.genfast.group_norm(x, weight, bias, num_groups, eps, silu, backend)[0]
+    forward = _forward_impl if direct_call_allowed(x, weight, bias) else torch.ops.genfast.group_norm
+    return forward(x, weight, bias, num_groups, eps, silu, backend)[0]
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:

@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
-from ._validate import check_backend, check_tensor, is_finite, is_int, is_real, type_name
+from .._dispatch import OpDispatcher, direct_call_allowed
+from ._validate import check_backend, check_tensor, cpu_threads, is_finite, is_int, is_real, type_name
 from ..reference.upfirdn2d import output_size, parse_padding
 from ..reference.upfirdn2d import upfirdn2d as reference
 
@@ -78,13 +78,18 @@ def prepared_filter(f: torch.Tensor, flip_filter: bool, gain: float) -> torch.Te
 # ``out`` from ``x`` with the prepared correlation filter ``g`` (see the module docstring).
 
 
+# Below this many multiply-adds the C++ kernel runs on one thread (waking the team costs more).
+MULTIPLY_ADDS_ONE_THREAD = 1 << 18
+
+
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _upfirdn2d_cpu(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
     n, c, h, w = x.shape
     fh, fw = _filter_size(g)
     _ext._C.upfirdn2d_cpu(_ext.DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), g.data_ptr(), n, c, h, w,
                           out.shape[2], out.shape[3], fh, fw, g.ndim == 1, is_channels_last(x),
-                          upx, upy, downx, downy, padx0, padx1, pady0, pady1, torch.get_num_threads())
+                          upx, upy, downx, downy, padx0, padx1, pady0, pady1,
+                          cpu_threads(out.numel() * fh * fw, MULTIPLY_ADDS_ONE_THREAD))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
@@ -159,7 +164,7 @@ def _backward_params(params: tuple, x_shape, dy_shape, f: torch.Tensor) -> tuple
 def _apply(x: torch.Tensor, f: torch.Tensor, params: tuple) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _Upfirdn2d.apply(x, f, params)
-    return torch.ops.genfast.upfirdn2d(x, f, *params)
+    return (_run if direct_call_allowed(x, f) else torch.ops.genfast.upfirdn2d)(x, f, *params)
 
 
 class _Upfirdn2d(torch.autograd.Function):
@@ -170,7 +175,7 @@ class _Upfirdn2d(torch.autograd.Function):
     def forward(ctx, x, f, params):
         ctx.save_for_backward(f)
         ctx.x_shape, ctx.params = tuple(x.shape), params
-        return torch.ops.genfast.upfirdn2d(x, f, *params)
+        return (_run if direct_call_allowed(x, f) else torch.ops.genfast.upfirdn2d)(x, f, *params)
 
     @staticmethod
     def backward(ctx, dy):

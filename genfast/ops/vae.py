@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
-from ._validate import check_backend, check_tensor
+from .._dispatch import OpDispatcher, direct_call_allowed
+from ._validate import check_backend, check_tensor, cpu_threads
 from ..reference import vae as reference
 
 __all__ = ["reparameterize", "kl_divergence", "reparameterize_kl", "DISPATCH", "REDUCTIONS"]
@@ -47,13 +47,13 @@ class _Cpu:
     @staticmethod
     def forward(mu, logvar, eps, z, kl_partial, rows, cols):
         _ext._C.vae_forward_cpu(_ext.DTYPE_CODES[mu.dtype], rows, cols, mu.data_ptr(), logvar.data_ptr(),
-                                _ext.address(eps), _ext.address(z), _ext.address(kl_partial), torch.get_num_threads())
+                                _ext.address(eps), _ext.address(z), _ext.address(kl_partial), cpu_threads(rows * cols))
 
     @staticmethod
     def backward(mu, logvar, eps, dz, dkl, dmu, dlogvar, rows, cols):
         _ext._C.vae_backward_cpu(_ext.DTYPE_CODES[mu.dtype], rows, cols, mu.data_ptr(), logvar.data_ptr(),
                                  _ext.address(eps), _ext.address(dz), _ext.address(dkl), dmu.data_ptr(),
-                                 dlogvar.data_ptr(), torch.get_num_threads())
+                                 dlogvar.data_ptr(), cpu_threads(rows * cols))
 
 
 class _Cuda:
@@ -186,7 +186,7 @@ class _ReparameterizeKL(torch.autograd.Function):
     def forward(ctx, mu, logvar, eps, want_z, want_kl, backend):
         ctx.save_for_backward(mu, logvar, eps)
         ctx.backend = backend
-        return torch.ops.genfast.vae_forward(mu, logvar, eps, want_z, want_kl, backend)
+        return (_forward_impl if direct_call_allowed(mu, logvar, eps) else torch.ops.genfast.vae_forward)(mu, logvar, eps, want_z, want_kl, backend)
 
     @staticmethod
     def backward(ctx, dz, dkl):
@@ -206,7 +206,8 @@ class _ReparameterizeKLGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, eps, dz, dkl, backend):
-        return torch.ops.genfast.vae_backward(mu, logvar, eps, dz, dkl, backend)
+        backward = _backward_impl if direct_call_allowed(mu, logvar, eps, dz, dkl) else torch.ops.genfast.vae_backward
+        return backward(mu, logvar, eps, dz, dkl, backend)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -250,7 +251,8 @@ def _apply(mu, logvar, eps, want_z, want_kl, backend):
                                               or (eps is not None and eps.requires_grad))
     if needs_grad:
         return _ReparameterizeKL.apply(mu, logvar, eps, want_z, want_kl, backend or "")
-    return torch.ops.genfast.vae_forward(mu, logvar, eps, want_z, want_kl, backend or "")
+    forward = _forward_impl if direct_call_allowed(mu, logvar, eps) else torch.ops.genfast.vae_forward
+    return forward(mu, logvar, eps, want_z, want_kl, backend or "")
 
 
 def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None,
