@@ -2,7 +2,8 @@
 // fp64 accumulation, 16-bit storage converted on load) and a backward that recomputes P from
 // the LSE. Parallel over (sequence, head, query tile) in the forward and (sequence, head) in
 // the backward, so every sum has one owner: deterministic by construction, no atomics.
-// The kernel bodies are in attention_cpu_kernels.inc, compiled once per instruction set.
+// The kernel bodies are in attention_cpu_kernels.inc, compiled once per instruction set
+// (baseline, AVX2, AVX-512: cpu_isa.h), each with its own vector width and register tiles.
 #include "attention_cpu.h"
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_isa.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
 #endif
@@ -24,7 +26,7 @@
 #define GF_ATTN_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GF_ATTN_DUAL_ISA 1
+#define GF_ATTN_CLONES 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -97,12 +99,32 @@ struct BackwardWork {
         tanh_s(BN), z(BN), dk(BN * D), dv(BN * D) {}
 };
 
-#ifdef GF_ATTN_DUAL_ISA
+// Each clone: GF_ATTN_VEC_BYTES is its vector width (32: 8 floats, 64: 16 floats) and
+// GF_ATTN_WIDE_VECS the vectors per row of the main gemm tile (6 rows x that many vectors
+// of accumulators: 12 of AVX2's 16 registers, 24 of AVX-512's 32).
+#ifdef GF_ATTN_CLONES
+namespace avx512 {
+#pragma GCC push_options
+GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX512)
+#define GF_ATTN_FMA 1  // GCC does not define __FMA__ inside a target pragma in C++
+#define GF_ATTN_VEC_BYTES 64
+#define GF_ATTN_WIDE_VECS 4
+#include "attention_cpu_kernels.inc"
+#undef GF_ATTN_WIDE_VECS
+#undef GF_ATTN_VEC_BYTES
+#undef GF_ATTN_FMA
+#pragma GCC pop_options
+}  // namespace avx512
+
 namespace avx2 {
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define GF_ATTN_FMA 1  // GCC does not define __FMA__ inside a target pragma in C++
+GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX2)
+#define GF_ATTN_FMA 1
+#define GF_ATTN_VEC_BYTES 32
+#define GF_ATTN_WIDE_VECS 2
 #include "attention_cpu_kernels.inc"
+#undef GF_ATTN_WIDE_VECS
+#undef GF_ATTN_VEC_BYTES
 #undef GF_ATTN_FMA
 #pragma GCC pop_options
 }  // namespace avx2
@@ -114,20 +136,33 @@ namespace base {
 #else
 #define GF_ATTN_FMA 0
 #endif
+#define GF_ATTN_VEC_BYTES 32
+#define GF_ATTN_WIDE_VECS 2
 #include "attention_cpu_kernels.inc"
+#undef GF_ATTN_WIDE_VECS
+#undef GF_ATTN_VEC_BYTES
 #undef GF_ATTN_FMA
 }  // namespace base
 
-namespace {
-
-bool use_avx2() {
-#ifdef GF_ATTN_DUAL_ISA
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+// Calls `avx512::call`, `avx2::call` or `base::call` for the clone I (a template argument).
+#ifdef GF_ATTN_CLONES
+#define GF_ATTN_CALL(I, ...)                        \
+  do {                                              \
+    if constexpr (I == CpuIsa::Avx512)              \
+      avx512::__VA_ARGS__;                          \
+    else if constexpr (I == CpuIsa::Avx2)           \
+      avx2::__VA_ARGS__;                            \
+    else                                            \
+      base::__VA_ARGS__;                            \
+  } while (0)
 #else
-  return false;
+#define GF_ATTN_CALL(I, ...) \
+  do {                       \
+    base::__VA_ARGS__;       \
+  } while (0)
 #endif
-}
+
+namespace {
 
 int64_t num_sequences(const Params& p) { return p.cu_q != nullptr ? p.nseq : p.B; }
 
@@ -138,7 +173,7 @@ int64_t max_query_len(const Params& p) {
   return most;
 }
 
-template <typename T, bool AVX2>
+template <typename T, CpuIsa I>
 void forward_groups(const Params& p, int64_t max_queries) {
   using F = typename Compute<T>::type;
   // A group's query heads are split into parts of at most GROUP_ROWS rows, and into more
@@ -162,23 +197,17 @@ void forward_groups(const Params& p, int64_t max_queries) {
       const int64_t hk = item / parts % p.Hk, part = item % parts;
       const int64_t h0 = hk * G + std::min(G, part * heads_per_part);
       const int64_t h1 = hk * G + std::min(G, (part + 1) * heads_per_part);
-#ifdef GF_ATTN_DUAL_ISA
-      if (AVX2) {
-        avx2::forward_group<T, F>(p, sq, h0, h1, w);
-        continue;
-      }
-#endif
-      base::forward_group<T, F>(p, sq, h0, h1, w);
+      GF_ATTN_CALL(I, forward_group<T, F>(p, sq, h0, h1, w));
     }
   }
 }
 
-template <typename T, bool AVX2>
+template <typename T, CpuIsa I>
 void forward_typed(const Params& p) {
   using F = typename Compute<T>::type;
   const int64_t nseq = num_sequences(p);
   const int64_t max_queries = max_query_len(p);
-  if (max_queries <= GROUP_ROWS) return forward_groups<T, AVX2>(p, max_queries);
+  if (max_queries <= GROUP_ROWS) return forward_groups<T, I>(p, max_queries);
   const int64_t tiles = (max_query_len(p) + BM - 1) / BM;
   const int64_t items = nseq * p.H * tiles;
   // Dense problems whose heads span several query tiles: transpose every K tile once.
@@ -194,13 +223,7 @@ void forward_typed(const Params& p) {
 #pragma omp for schedule(static)
 #endif
     for (int64_t item = 0; item < key_items; ++item) {
-#ifdef GF_ATTN_DUAL_ISA
-      if (AVX2) {
-        avx2::transpose_key_tile<T, F>(p, kt, item);
-        continue;
-      }
-#endif
-      base::transpose_key_tile<T, F>(p, kt, item);
+      GF_ATTN_CALL(I, transpose_key_tile<T, F>(p, kt, item));
     }  // implicit barrier: every tile is ready before the queries start
     ForwardWork<F> w(p.D);
 #ifdef GENFAST_WITH_OPENMP
@@ -213,18 +236,12 @@ void forward_typed(const Params& p) {
       const Seq sq = sequence(p, s);
       const int64_t i0 = tile * BM;
       if (i0 >= sq.sq) continue;
-#ifdef GF_ATTN_DUAL_ISA
-      if (AVX2) {
-        avx2::forward_tile<T, F>(p, sq, h, i0, w, kt);
-        continue;
-      }
-#endif
-      base::forward_tile<T, F>(p, sq, h, i0, w, kt);
+      GF_ATTN_CALL(I, forward_tile<T, F>(p, sq, h, i0, w, kt));
     }
   }
 }
 
-template <typename T, bool AVX2>
+template <typename T, CpuIsa I>
 void backward_typed(const Params& p) {
   using F = typename Compute<T>::type;
   const int64_t nseq = num_sequences(p);
@@ -251,15 +268,7 @@ void backward_typed(const Params& p) {
       const Seq sq = sequence(p, s);
       if (sq.sq == 0 && sq.sk == 0) continue;
       const int64_t rows = (sq.b * (G > 1 ? p.H : p.Hk) + (G > 1 ? h : h / G)) * p.Sk + sq.k0;
-      auto run = [&](auto* dk, auto* dv) {
-#ifdef GF_ATTN_DUAL_ISA
-        if (AVX2) {
-          avx2::backward_head<T, F>(p, sq, h, w, dk, dv);
-          return;
-        }
-#endif
-        base::backward_head<T, F>(p, sq, h, w, dk, dv);
-      };
+      auto run = [&](auto* dk, auto* dv) { GF_ATTN_CALL(I, backward_head<T, F>(p, sq, h, w, dk, dv)); };
       if (G > 1)
         run(dk_heads.data() + rows * D, dv_heads.data() + rows * D);
       else
@@ -306,10 +315,11 @@ void forward_cpu(const Params& p) {
   if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0) throw std::invalid_argument("attention_forward_cpu: bad sizes");
   by_dtype(p.dtype, "attention_forward_cpu", [&](auto tag) {
     using T = decltype(tag);
-    if (use_avx2())
-      forward_typed<T, true>(p);
-    else
-      forward_typed<T, false>(p);
+    switch (cpu_isa()) {
+      case CpuIsa::Avx512: return forward_typed<T, CpuIsa::Avx512>(p);
+      case CpuIsa::Avx2: return forward_typed<T, CpuIsa::Avx2>(p);
+      default: return forward_typed<T, CpuIsa::Baseline>(p);
+    }
   });
 }
 
@@ -317,16 +327,17 @@ void backward_cpu(const Params& p) {
   if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0) throw std::invalid_argument("attention_backward_cpu: bad sizes");
   by_dtype(p.dtype, "attention_backward_cpu", [&](auto tag) {
     using T = decltype(tag);
-    if (use_avx2())
-      backward_typed<T, true>(p);
-    else
-      backward_typed<T, false>(p);
+    switch (cpu_isa()) {
+      case CpuIsa::Avx512: return backward_typed<T, CpuIsa::Avx512>(p);
+      case CpuIsa::Avx2: return backward_typed<T, CpuIsa::Avx2>(p);
+      default: return backward_typed<T, CpuIsa::Baseline>(p);
+    }
   });
 }
 
 }  // namespace attention
 }  // namespace genfast
 
-#ifdef GF_ATTN_DUAL_ISA
+#ifdef GF_ATTN_CLONES
 #pragma GCC diagnostic pop
 #endif

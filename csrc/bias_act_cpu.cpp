@@ -8,6 +8,7 @@
 
 #include "bias_act_math.h"
 #include "common.h"
+#include "cpu_isa.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
 #endif
@@ -58,7 +59,7 @@ Plan make_plan(const Args& a) {
 // One task: a chunk of rows, or one piece of a long row. `acc` (per thread, C doubles)
 // receives the bias gradient when it is fused (GRAD mode), else it is null.
 template <typename T, int A, int M>
-GF_CPU_MULTIVERSION void run_task(const Args& a, const Plan& p, int64_t task, double* acc) {
+GF_CPU_KERNEL void run_task(const Args& a, const Plan& p, int64_t task, double* acc) {
   using F = typename Compute<T>::type;
   // The output is always a fresh tensor: it never overlaps the inputs.
   const T* __restrict x = static_cast<const T*>(a.x);
@@ -112,7 +113,7 @@ void run(const Args& a) {
 #endif
   for (int64_t task = 0; task < p.tasks; ++task) {
     double* acc = want_db ? partial.data() + size_t(thread_index()) * size_t(p.C) : nullptr;
-    run_task<T, A, M>(a, p, task, acc);
+    GF_CPU_DISPATCH(run_task<T, A, M>(a, p, task, acc));
   }
   if (want_db) {
     T* db = static_cast<T*>(a.db);

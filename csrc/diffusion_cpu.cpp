@@ -11,6 +11,7 @@
 
 #include "bias_act_math.h"  // host_logf: a vectorisable logf
 #include "common.h"
+#include "cpu_isa.h"
 #include "diffusion.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
@@ -141,7 +142,7 @@ void for_each_chunk(int64_t n, int64_t per_sample, int num_threads, Fn&& fn) {
 // ------------------------------------------------------------------------------ sampler_step
 
 template <typename F>
-GF_CPU_MULTIVERSION void step_chunk(const StepArgs& a, int64_t b, int64_t begin, int64_t len) {
+GF_CPU_KERNEL void step_chunk(const StepArgs& a, int64_t b, int64_t begin, int64_t len) {
   alignas(64) F x[kChunk], m[kChunk], t[kChunk], x0[kChunk], prev[kChunk], aux[kChunk];
   F c[NUM_COLS];
   for (int k = 0; k < NUM_COLS; ++k) c[k] = F(read_scalar(a.coefs, b * a.coef_stride + k));
@@ -190,7 +191,7 @@ GF_CPU_MULTIVERSION void step_chunk(const StepArgs& a, int64_t b, int64_t begin,
 // -------------------------------------------------------------------------------- add_noise
 
 template <typename F>
-GF_CPU_MULTIVERSION void noise_chunk(const NoiseArgs& a, int64_t b, int64_t begin, int64_t len) {
+GF_CPU_KERNEL void noise_chunk(const NoiseArgs& a, int64_t b, int64_t begin, int64_t len) {
   alignas(64) F x[kChunk], z[kChunk], out[kChunk];
   int64_t step = a.timesteps[b];
   step = step < 0 ? 0 : (step >= a.table_len ? a.table_len - 1 : step);  // validated on the host when free
@@ -218,7 +219,7 @@ GF_CPU_MULTIVERSION void noise_chunk(const NoiseArgs& a, int64_t b, int64_t begi
 
 // Sums of one chunk into acc[width], in double.
 template <typename F>
-GF_CPU_MULTIVERSION void sums_chunk(const SumsArgs& a, int64_t begin, int64_t len, double* acc) {
+GF_CPU_KERNEL void sums_chunk(const SumsArgs& a, int64_t begin, int64_t len, double* acc) {
   alignas(64) F u[kChunk], v[kChunk];
   load(u, a.a, begin, len);
   load(v, a.b, begin, len);
@@ -259,7 +260,7 @@ void sums(const SumsArgs& a) {
   std::vector<double> partial(size_t(samples * chunks * width), 0.0);
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
     const int64_t chunk = (begin - b * a.per_sample) / kChunk;
-    sums_chunk<F>(a, begin, len, partial.data() + (b * chunks + chunk) * width);
+    GF_CPU_DISPATCH(sums_chunk<F>(a, begin, len, partial.data() + (b * chunks + chunk) * width));
   });
   for (int64_t b = 0; b < samples; ++b)
     for (int k = 0; k < width; ++k) {
@@ -272,7 +273,7 @@ void sums(const SumsArgs& a) {
 // ---------------------------------------------------------------------------------- combine
 
 template <typename F>
-GF_CPU_MULTIVERSION void combine_chunk(const CombineArgs& a, int64_t b, int64_t begin, int64_t len) {
+GF_CPU_KERNEL void combine_chunk(const CombineArgs& a, int64_t b, int64_t begin, int64_t len) {
   alignas(64) F u[kChunk], v[kChunk];
   load(u, a.a, begin, len);
   load(v, a.b, begin, len);
@@ -290,15 +291,15 @@ GF_CPU_MULTIVERSION void combine_chunk(const CombineArgs& a, int64_t b, int64_t 
 
 void sampler_step_cpu(const StepArgs& a) {
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
-    if (a.compute_f64) step_chunk<double>(a, b, begin, len);
-    else step_chunk<float>(a, b, begin, len);
+    if (a.compute_f64) GF_CPU_DISPATCH(step_chunk<double>(a, b, begin, len));
+    else GF_CPU_DISPATCH(step_chunk<float>(a, b, begin, len));
   });
 }
 
 void add_noise_cpu(const NoiseArgs& a) {
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
-    if (a.compute_f64) noise_chunk<double>(a, b, begin, len);
-    else noise_chunk<float>(a, b, begin, len);
+    if (a.compute_f64) GF_CPU_DISPATCH(noise_chunk<double>(a, b, begin, len));
+    else GF_CPU_DISPATCH(noise_chunk<float>(a, b, begin, len));
   });
 }
 
@@ -311,8 +312,8 @@ void per_sample_sums_cpu(const SumsArgs& a) {
 
 void combine_cpu(const CombineArgs& a) {
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
-    if (a.compute_f64) combine_chunk<double>(a, b, begin, len);
-    else combine_chunk<float>(a, b, begin, len);
+    if (a.compute_f64) GF_CPU_DISPATCH(combine_chunk<double>(a, b, begin, len));
+    else GF_CPU_DISPATCH(combine_chunk<float>(a, b, begin, len));
   });
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_isa.h"
 #include "filtered_lrelu.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
@@ -120,7 +121,7 @@ struct Band {
 
 // The whole chain for one band of output rows of one plane.
 template <typename T>
-GF_CPU_MULTIVERSION void run_band(const Args& a, const Columns& col, const Band& band,
+GF_CPU_KERNEL void run_band(const Args& a, const Columns& col, const Band& band,
                                   Buffers<typename Compute<T>::type>& buf) {
   using F = typename Compute<T>::type;
   const int64_t n = band.plane / a.C, c = band.plane % a.C;
@@ -275,7 +276,7 @@ void run(const Args& a) {
       band.oy_begin = b * band_rows;
       band.oy_end = std::min(a.oh, band.oy_begin + band_rows);
       band.own_end = b + 1 < bands ? std::max<int64_t>(0, band.oy_end * a.d2 - a.p2y) : a.th;
-      run_band<T>(a, col, band, buf);
+      GF_CPU_DISPATCH(run_band<T>(a, col, band, buf));
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common.h"
+#include "cpu_isa.h"
 #include "gan.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
@@ -23,7 +24,7 @@ constexpr int64_t kMinElementsPerThread = 1 << 15;
 // Accumulation in double: the sums stay exact enough for any C, and on a bandwidth-bound
 // op the wider adds cost nothing measurable.
 template <typename T, int M>
-GF_CPU_MULTIVERSION void contiguous_rows(const PixelNormArgs& a, int64_t row_begin, int64_t row_end) {
+GF_CPU_KERNEL void contiguous_rows(const PixelNormArgs& a, int64_t row_begin, int64_t row_end) {
   const T* __restrict x = static_cast<const T*>(a.x);
   const T* __restrict dy = static_cast<const T*>(a.dy);
   T* __restrict out = static_cast<T*>(a.out);
@@ -53,7 +54,7 @@ GF_CPU_MULTIVERSION void contiguous_rows(const PixelNormArgs& a, int64_t row_beg
 }
 
 template <typename T, int M>
-GF_CPU_MULTIVERSION void column_tile(const PixelNormArgs& a, int64_t o, int64_t s0, int64_t width) {
+GF_CPU_KERNEL void column_tile(const PixelNormArgs& a, int64_t o, int64_t s0, int64_t width) {
   const T* __restrict x = static_cast<const T*>(a.x);
   const T* __restrict dy = static_cast<const T*>(a.dy);
   T* __restrict out = static_cast<T*>(a.out);
@@ -106,7 +107,7 @@ void run(const PixelNormArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
     for (int64_t t = 0; t < tasks; ++t)
-      contiguous_rows<T, M>(a, t * rows_per_task, std::min(a.outer, (t + 1) * rows_per_task));
+      GF_CPU_DISPATCH(contiguous_rows<T, M>(a, t * rows_per_task, std::min(a.outer, (t + 1) * rows_per_task)));
   } else {
     const int64_t tiles_per_outer = (a.S + kTile - 1) / kTile;
     const int64_t tasks = a.outer * tiles_per_outer;
@@ -115,7 +116,7 @@ void run(const PixelNormArgs& a) {
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t o = t / tiles_per_outer, s0 = (t % tiles_per_outer) * kTile;
-      column_tile<T, M>(a, o, s0, std::min(kTile, a.S - s0));
+      GF_CPU_DISPATCH(column_tile<T, M>(a, o, s0, std::min(kTile, a.S - s0)));
     }
   }
 }

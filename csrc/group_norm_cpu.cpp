@@ -15,6 +15,7 @@
 
 #include "bias_act_math.h"  // gf_exp: a vectorisable exp for the SiLU
 #include "common.h"
+#include "cpu_isa.h"
 #include "group_norm.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
@@ -133,7 +134,7 @@ int64_t rows_per_block(int64_t C, int64_t S) {
 // ----------------------------------------------------------------------------- forward
 
 template <typename T, bool SILU>
-GF_CPU_MULTIVERSION void forward_group_nchw(const ForwardArgs& a, int64_t n, int64_t g) {
+GF_CPU_KERNEL void forward_group_nchw(const ForwardArgs& a, int64_t n, int64_t g) {
   using F = StatT<T>;
   const Shape& sh = a.shape;
   const int64_t D = sh.C / sh.G, S = sh.S, L = D * S;
@@ -164,7 +165,7 @@ GF_CPU_MULTIVERSION void forward_group_nchw(const ForwardArgs& a, int64_t n, int
 
 // Exact two-pass moments of every group over rows [r0, r1) of sample n (NHWC).
 template <typename T>
-GF_CPU_MULTIVERSION void block_moments_nhwc(const ForwardArgs& a, int64_t n, int64_t r0, int64_t r1, Moments* out,
+GF_CPU_KERNEL void block_moments_nhwc(const ForwardArgs& a, int64_t n, int64_t r0, int64_t r1, Moments* out,
                                             StatT<T>* scratch) {
   using F = StatT<T>;
   const Shape& sh = a.shape;
@@ -208,7 +209,7 @@ GF_CPU_MULTIVERSION void block_moments_nhwc(const ForwardArgs& a, int64_t n, int
 }
 
 template <typename T, bool SILU>
-GF_CPU_MULTIVERSION void normalize_block_nhwc(const ForwardArgs& a, int64_t n, int64_t r0, int64_t r1,
+GF_CPU_KERNEL void normalize_block_nhwc(const ForwardArgs& a, int64_t n, int64_t r0, int64_t r1,
                                               const StatT<T>* __restrict cm, const StatT<T>* __restrict ck,
                                               const StatT<T>* __restrict cb) {
   using F = StatT<T>;
@@ -238,7 +239,7 @@ void forward(const ForwardArgs& a) {
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
-    for (int64_t t = 0; t < tasks; ++t) forward_group_nchw<T, SILU>(a, t / G, t % G);
+    for (int64_t t = 0; t < tasks; ++t) GF_CPU_DISPATCH(forward_group_nchw<T, SILU>(a, t / G, t % G));
     return;
   }
   const int64_t R = rows_per_block(C, S), blocks = (S + R - 1) / R, tasks = N * blocks;
@@ -255,7 +256,8 @@ void forward(const ForwardArgs& a) {
     const int tid = 0;
 #endif
     const int64_t n = t / blocks, r0 = (t % blocks) * R;
-    block_moments_nhwc<T>(a, n, r0, std::min(S, r0 + R), parts.data() + t * G, scratch.data() + size_t(tid) * 3 * C);
+    GF_CPU_DISPATCH(block_moments_nhwc<T>(a, n, r0, std::min(S, r0 + R), parts.data() + t * G,
+                                          scratch.data() + size_t(tid) * 3 * C));
   }
   // Merge the blocks of each (n, g), then build the per-channel tables of each sample.
   std::vector<F> wt, bt;
@@ -281,7 +283,8 @@ void forward(const ForwardArgs& a) {
 #endif
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n = t / blocks, r0 = (t % blocks) * R;
-    normalize_block_nhwc<T, SILU>(a, n, r0, std::min(S, r0 + R), cm.data() + n * C, ck.data() + n * C, bt.data());
+    GF_CPU_DISPATCH(
+        normalize_block_nhwc<T, SILU>(a, n, r0, std::min(S, r0 + R), cm.data() + n * C, ck.data() + n * C, bt.data()));
   }
 }
 
@@ -295,7 +298,7 @@ inline F grad_z(F dy, F xhat, F w, F b) {
 }
 
 template <typename T, bool SILU>
-GF_CPU_MULTIVERSION void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t g, double* A, double* B) {
+GF_CPU_KERNEL void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t g, double* A, double* B) {
   using F = StatT<T>;
   const Shape& sh = a.shape;
   const int64_t D = sh.C / sh.G, S = sh.S;
@@ -353,7 +356,7 @@ GF_CPU_MULTIVERSION void backward_group_nchw(const BackwardArgs& a, int64_t n, i
 
 // Per-channel sums A = sum(dz * xhat), B = sum(dz) over rows [r0, r1) of sample n (NHWC).
 template <typename T, bool SILU>
-GF_CPU_MULTIVERSION void block_sums_nhwc(const BackwardArgs& a, int64_t n, int64_t r0, int64_t r1,
+GF_CPU_KERNEL void block_sums_nhwc(const BackwardArgs& a, int64_t n, int64_t r0, int64_t r1,
                                          const StatT<T>* __restrict cm, const StatT<T>* __restrict cr,
                                          const StatT<T>* __restrict cw, const StatT<T>* __restrict cb,
                                          double* __restrict A, double* __restrict B, StatT<T>* __restrict scratch) {
@@ -382,7 +385,7 @@ GF_CPU_MULTIVERSION void block_sums_nhwc(const BackwardArgs& a, int64_t n, int64
 }
 
 template <typename T, bool SILU>
-GF_CPU_MULTIVERSION void dx_block_nhwc(const BackwardArgs& a, int64_t n, int64_t r0, int64_t r1,
+GF_CPU_KERNEL void dx_block_nhwc(const BackwardArgs& a, int64_t n, int64_t r0, int64_t r1,
                                        const StatT<T>* __restrict cm, const StatT<T>* __restrict cr,
                                        const StatT<T>* __restrict cw, const StatT<T>* __restrict cb,
                                        const StatT<T>* __restrict kz, const StatT<T>* __restrict k0,
@@ -418,7 +421,7 @@ void backward(const BackwardArgs& a) {
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
-    for (int64_t t = 0; t < tasks; ++t) backward_group_nchw<T, SILU>(a, t / G, t % G, A.data(), B.data());
+    for (int64_t t = 0; t < tasks; ++t) GF_CPU_DISPATCH(backward_group_nchw<T, SILU>(a, t / G, t % G, A.data(), B.data()));
   } else {
     const int64_t R = rows_per_block(C, S), blocks = (S + R - 1) / R, tasks = N * blocks;
     const int threads = threads_for(a.num_threads, total, tasks);
@@ -444,9 +447,9 @@ void backward(const BackwardArgs& a) {
       const int tid = 0;
 #endif
       const int64_t n = t / blocks, r0 = (t % blocks) * R;
-      block_sums_nhwc<T, SILU>(a, n, r0, std::min(S, r0 + R), cm.data() + n * C, cr.data() + n * C, wt.data(),
-                               bt.data(), partA.data() + t * C, partB.data() + t * C,
-                               scratch.data() + size_t(tid) * 2 * C);
+      GF_CPU_DISPATCH(block_sums_nhwc<T, SILU>(a, n, r0, std::min(S, r0 + R), cm.data() + n * C, cr.data() + n * C,
+                                               wt.data(), bt.data(), partA.data() + t * C, partB.data() + t * C,
+                                               scratch.data() + size_t(tid) * 2 * C));
     }
     for (int64_t n = 0; n < N; ++n)
       for (int64_t blk = 0; blk < blocks; ++blk)
@@ -477,8 +480,8 @@ void backward(const BackwardArgs& a) {
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / blocks, r0 = (t % blocks) * R;
       const size_t o = size_t(n * C);
-      dx_block_nhwc<T, SILU>(a, n, r0, std::min(S, r0 + R), cm.data() + o, cr.data() + o, wt.data(), bt.data(),
-                             kz.data() + o, k0.data() + o, kx.data() + o);
+      GF_CPU_DISPATCH(dx_block_nhwc<T, SILU>(a, n, r0, std::min(S, r0 + R), cm.data() + o, cr.data() + o, wt.data(),
+                                             bt.data(), kz.data() + o, k0.data() + o, kx.data() + o));
     }
   }
   T* dw = static_cast<T*>(a.dweight);

@@ -10,6 +10,7 @@
 
 #include "bindings.h"
 #include "common.h"
+#include "cpu_isa.h"
 
 #ifdef GENFAST_WITH_CUDA
 #include "cuda_runtime_info.h"
@@ -35,6 +36,20 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
+#ifdef GF_CPU_HAVE_CLONES
+  d["cpu_clones"] = std::string("baseline avx2 avx512");
+#else
+  d["cpu_clones"] = std::string("baseline");
+#endif
+  return d;
+}
+
+// The CPU kernels' instruction-set clone in use, the widest this CPU runs, and its flags.
+py::dict cpu_isa_info() {
+  py::dict d;
+  d["isa"] = std::string(genfast::cpu_isa_name(genfast::cpu_isa()));
+  d["widest"] = std::string(genfast::cpu_isa_name(genfast::cpu_isa_supported()));
+  d["flags"] = genfast::cpu_isa_flags();
   return d;
 }
 
@@ -56,5 +71,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "genfast native kernels (C++ CPU kernels, and CUDA kernels when built with nvcc)";
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &py_cuda_device_count);
+  m.def("cpu_isa_info", &cpu_isa_info);
+  // std::invalid_argument (unknown name, or wider than this CPU) arrives as ValueError.
+  m.def("set_cpu_isa", &genfast::set_cpu_isa, py::arg("name"));
   for (genfast::Binder bind : genfast::binders()) bind(m);
 }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_isa.h"
 #include "upfirdn2d.h"
 #ifdef GENFAST_WITH_OPENMP
 #include <omp.h>
@@ -270,7 +271,7 @@ struct Plan {
 
 // One task: output rows [oy0, oy1) of one (n, channel block) plane.
 template <typename T>
-GF_CPU_MULTIVERSION void run_task(const Args& a, const Plan& pl, int64_t task, Scratch<typename Compute<T>::type>& s) {
+GF_CPU_KERNEL void run_task(const Args& a, const Plan& pl, int64_t task, Scratch<typename Compute<T>::type>& s) {
   using F = typename Compute<T>::type;
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.out);
@@ -401,7 +402,7 @@ void run(const Args& a) {
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t task = 0; task < tasks; ++task) run_task<T>(a, pl, task, scratch);
+    for (int64_t task = 0; task < tasks; ++task) GF_CPU_DISPATCH(run_task<T>(a, pl, task, scratch));
   }
 }
 

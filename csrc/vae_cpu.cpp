@@ -7,6 +7,7 @@
 
 #include "bias_act_math.h"  // gf_exp: a libm-free exp the compiler vectorises
 #include "common.h"
+#include "cpu_isa.h"
 #include "vae.h"
 
 namespace genfast {
@@ -20,7 +21,7 @@ int threads_for(const Args& a) {
 }
 
 template <typename T>
-GF_CPU_MULTIVERSION void forward_task(const Args& a, int64_t row, int64_t chunk) {
+GF_CPU_KERNEL void forward_task(const Args& a, int64_t row, int64_t chunk) {
   using F = typename Compute<T>::type;
   const int64_t begin = chunk * kChunkCols, end = std::min(a.cols, begin + kChunkCols);
   const int64_t base = row * a.cols;
@@ -48,7 +49,7 @@ GF_CPU_MULTIVERSION void forward_task(const Args& a, int64_t row, int64_t chunk)
 }
 
 template <typename T>
-GF_CPU_MULTIVERSION void backward_task(const Args& a, int64_t row, int64_t chunk) {
+GF_CPU_KERNEL void backward_task(const Args& a, int64_t row, int64_t chunk) {
   using F = typename Compute<T>::type;
   const int64_t begin = chunk * kChunkCols, end = std::min(a.cols, begin + kChunkCols);
   const int64_t base = row * a.cols;
@@ -84,9 +85,9 @@ void run(const Args& a) {
 #endif
   for (int64_t t = 0; t < tasks; ++t) {
     if (Forward)
-      forward_task<T>(a, t / chunks, t % chunks);
+      GF_CPU_DISPATCH(forward_task<T>(a, t / chunks, t % chunks));
     else
-      backward_task<T>(a, t / chunks, t % chunks);
+      GF_CPU_DISPATCH(backward_task<T>(a, t / chunks, t % chunks));
   }
 }
 

@@ -8,6 +8,8 @@ recorded here with its reason, and the dispatcher falls back to another backend.
 from __future__ import annotations
 
 import functools
+import os
+import platform
 
 import torch
 
@@ -24,6 +26,47 @@ except Exception as exc:  # ImportError, or an undefined symbol from a broken bu
         load_error += (f"; genfast was imported from the source checkout {_Path(__file__).resolve().parent}, "
                        "which has no built extension: install it with `pip install -e .`, or run from another directory")
 
+# GENFAST_CPU_ISA=baseline|avx2|avx512 runs a narrower instruction-set clone of the C++ CPU
+# kernels than the widest this CPU supports (csrc/cpu_isa.h); unset or "auto": the widest.
+# A name the CPU cannot run (or an unknown one) leaves the CPU backend unavailable, with the
+# reason, rather than running another clone than the one asked for.
+CPU_ISA_ENV = "GENFAST_CPU_ISA"
+cpu_isa_error: str | None = None
+if _C is not None and os.environ.get(CPU_ISA_ENV, "").strip():
+    try:
+        _C.set_cpu_isa(os.environ[CPU_ISA_ENV].strip().lower())
+    except ValueError as exc:
+        cpu_isa_error = str(exc)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's best guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa_info() -> dict:
+    """The C++ CPU kernels' instruction-set clone in use ("baseline", "avx2", "avx512"), the
+    widest this CPU runs, its vector flags, and torch's own CPU capability, so that CPU
+    figures from different machines are not compared by mistake."""
+    try:
+        torch_capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        torch_capability = None
+    info = {"cpu": cpu_model(), "isa": None, "widest": None, "flags": None, "torch_cpu_capability": torch_capability}
+    if _C is not None and hasattr(_C, "cpu_isa_info"):
+        info.update(dict(_C.cpu_isa_info()))
+        if cpu_isa_error is not None:
+            info["isa"] = None
+    return info
+
+
 # Must match csrc/common.h DType.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -36,6 +79,8 @@ def build_info() -> dict:
 def cpu_unavailable_reason() -> str | None:
     if _C is None:
         return f"the genfast._C extension could not be loaded ({load_error})"
+    if cpu_isa_error is not None:
+        return cpu_isa_error
     return None
 
 

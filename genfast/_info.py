@@ -1,4 +1,5 @@
-"""genfast.info(): versions, the GPU, and per backend whether it can run here (and why not)."""
+"""genfast.info(): versions, the GPU, the CPU kernels' instruction-set clone, and per backend
+whether it can run here (and why not)."""
 from __future__ import annotations
 
 import platform
@@ -45,6 +46,7 @@ def info(file=None) -> dict:
         triton_version = f"not available ({type(exc).__name__})"
     build = _ext.build_info()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    isa = _ext.cpu_isa_info()
     report = {
         "genfast": __version__,
         "python": platform.python_version(),
@@ -55,6 +57,11 @@ def info(file=None) -> dict:
         "extension": "loaded" if build else f"not loaded ({_ext.load_error})",
         "extension_cuda_archs": build.get("cuda_archs") or None,
         "extension_openmp": build.get("openmp"),
+        "cpu": isa["cpu"],
+        "cpu_isa": isa["isa"],
+        "cpu_isa_widest": isa["widest"],
+        "cpu_flags": isa["flags"],
+        "torch_cpu_capability": isa["torch_cpu_capability"],
         "backends": {name: {"available": ok, "detail": detail} for name, ok, detail in _backend_rows()},
     }
     lines = [
@@ -64,6 +71,10 @@ def info(file=None) -> dict:
         f"extension genfast._C: {report['extension']}"
         + (f"; CUDA kernels for sm {build['cuda_archs']}" if build.get("cuda") else "; C++ CPU kernels only" if build else "")
         + (", OpenMP" if build.get("openmp") else ""),
+        f"CPU: {isa['cpu']}; flags: {isa['flags'] or 'unknown'}; torch CPU capability: {isa['torch_cpu_capability']}",
+        ("CPU kernels: " + (f"{isa['isa']} clone (widest this CPU runs: {isa['widest']}; "
+                            f"{_ext.CPU_ISA_ENV}=baseline|avx2|avx512 picks a narrower one)" if isa["isa"]
+                            else (_ext.cpu_isa_error or "not loaded")) if build else "CPU kernels: not loaded"),
         "backends (automatic order):",
     ]
     for name, ok, detail in _backend_rows():

@@ -90,9 +90,18 @@ def metadata(device, copy_gbps: Optional[float], quick: bool, argv: Optional[Seq
         triton_version = triton.__version__
     except Exception:
         triton_version = None
+    from .._ext import cpu_isa_info
+
+    # The CPU, its vector flags and the C++ kernels' clone in use (also for CUDA runs: the
+    # host's CPU shapes the launch overheads), so figures from different machines are not compared.
+    isa = cpu_isa_info()
     return {
         "device": device_name(device),
         "device_type": device.type,
+        "cpu": isa["cpu"],
+        "cpu_isa": isa["isa"],
+        "cpu_flags": isa["flags"],
+        "torch_cpu_capability": isa["torch_cpu_capability"],
         "device_index": device.index,
         "threads": torch.get_num_threads(),
         "copy_gbps": copy_gbps,
@@ -196,7 +205,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-META_COLUMNS = ("device", "threads", "copy_gbps", "genfast", "torch", "triton", "git_sha", "date_utc")
+META_COLUMNS = ("device", "cpu", "cpu_isa", "cpu_flags", "threads", "copy_gbps", "genfast", "torch", "triton", "git_sha",
+                "date_utc")
 
 
 def _columns(rows: Sequence[dict]) -> list:
