@@ -41,9 +41,10 @@ std::string cpu_isa_flags();
 #define GF_CPU_TARGET_AVX2 "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe"
 #define GF_CPU_TARGET_AVX512 \
   "avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe,prefer-vector-width=512"
-// `#pragma GCC target` does not expand macros; GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX2) does.
+// `#pragma GCC target` does not expand macros; GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX2) does. (GCC
+// ignores a malformed target pragma without a warning: the AVX2 clone then runs SSE2 code.)
 #define GF_CPU_PRAGMA(x) _Pragma(#x)
-#define GF_CPU_TARGET_PRAGMA(target) GF_CPU_PRAGMA(GCC target(target))
+#define GF_CPU_TARGET_PRAGMA(features) GF_CPU_PRAGMA(GCC target(features))
 
 namespace genfast {
 namespace isa_clone {
