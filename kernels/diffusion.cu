@@ -130,10 +130,14 @@ __device__ __forceinline__ void store4(void* p, int dtype, const float (&src)[kV
   }
 }
 
+// Box-Muller. The square root is x * rsqrtf(x) (within 3 ulp; Triton's tl.sqrt is approximate
+// too): sqrtf's IEEE slow path is a subroutine call, and ptxas spilled the registers live across
+// those calls (4-24 B of stack in add_noise / sampler_step). x = -2 ln(u1) is in [0, 176].
 __device__ __forceinline__ float normal_noise(uint64_t seed, int64_t index) {
   float u1, u2;
   philox_uniforms(seed, uint64_t(index), u1, u2);
-  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+  const float x = -2.0f * logf(u1);
+  return (x > 0.0f ? x * rsqrtf(x) : 0.0f) * cospif(2.0f * u2);
 }
 
 // Walks the samples of the 4 elements of a group: sample b of element i0 + k, with one
@@ -189,7 +193,9 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const StepArgs a
       float x0 = c[X0_FROM_SAMPLE] * x[k] + c[X0_FROM_MODEL] * m[k];
       if (has_clamp) {
         x0 = x0 < -r ? -r : (x0 > r ? r : x0);  // NaN propagates, like torch.clamp
-        if (a.x0_rescale) x0 = x0 / r;
+        // __fdividef (2 ulp; r is a clamp threshold, far below its 2^126 limit): an IEEE division's
+        // slow path is a subroutine call, and ptxas spilled 24 B of live registers around the calls.
+        if (a.x0_rescale) x0 = __fdividef(x0, r);
       }
       float p = c[PREV_X0] * x0 + c[PREV_SAMPLE] * x[k] + c[PREV_MODEL] * m[k];
       float q = c[AUX_X0] * x0 + c[AUX_SAMPLE] * x[k] + c[AUX_MODEL] * m[k];
@@ -329,6 +335,16 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a, 
 
 // ----------------------------------------------------------------------- timestep embedding
 
+// sinf / cosf of a float argument without their slow path for large arguments (Payne-Hanek
+// reduction through a local array: the kernel's 32-byte stack frame): arg / pi is formed and
+// reduced modulo 2 in double (exact for |arg| < 2^40 or so), then sinpif / cospif, whose
+// reduction is exact. The float rounding of the reduced turn adds at most pi * 2^-25.
+__device__ __forceinline__ float sin_or_cos(float arg, bool cosine) {
+  const double half_turns = double(arg) * 0.318309886183790671537767526745;  // arg / pi
+  const float r = float(half_turns - 2.0 * rint(0.5 * half_turns));           // in [-1, 1]
+  return cosine ? cospif(r) : sinpif(r);
+}
+
 __global__ void __launch_bounds__(kThreads) embedding_kernel(const EmbedArgs a, float log_period, float denominator) {
   const int64_t total = a.count * a.dim, half = a.dim / 2;
   const float scale = float(a.scale);
@@ -341,8 +357,8 @@ __global__ void __launch_bounds__(kThreads) embedding_kernel(const EmbedArgs a, 
                                                      : load1(a.timesteps, row);
     const float arg = scale * (t * freq);
     float value = 0.0f;
-    if (col < half) value = a.flip_sin_to_cos ? cosf(arg) : sinf(arg);
-    else if (col < 2 * half) value = a.flip_sin_to_cos ? sinf(arg) : cosf(arg);
+    if (col < half) value = sin_or_cos(arg, a.flip_sin_to_cos);
+    else if (col < 2 * half) value = sin_or_cos(arg, !a.flip_sin_to_cos);
     const float v[kVec] = {value, 0.0f, 0.0f, 0.0f};
     store4(a.out, a.out_dtype, v, i, i + 1, false);
   }

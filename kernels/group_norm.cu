@@ -338,6 +338,8 @@ __global__ void __launch_bounds__(kThreads) elementwise(ElementArgs<T> p) {
   alignas(16) T outs[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
+    // Past the end (the tail vector) the walker's sample is N: its statistics do not exist.
+    if (!full && i0 + k >= total) break;
     const Index stat = at.n * G + at.c / D;
     const float mean = __ldg(p.mean + stat), rstd = __ldg(p.rstd + stat);
     const float w = p.w ? Cvt<T>::to(__ldg(p.w + at.c)) : 1.f;
@@ -503,7 +505,7 @@ void launch_elementwise(const ElementArgs<T>& p, cudaStream_t stream) {
   constexpr int VEC = vec_of<T>();
   const int64_t blocks = (p.total + int64_t(kThreads) * VEC - 1) / (int64_t(kThreads) * VEC);
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast group_norm (CUDA): tensor too large");
-  if (p.total + int64_t(kThreads) * VEC < (int64_t(1) << 31))
+  if (cuda::int32_index_fits(p.total + int64_t(kThreads) * VEC))
     cuda::launch_kernel(elementwise<T, SILU, BACKWARD, int32_t>, unsigned(blocks), kThreads, 0, stream, kFamily,
                         "elementwise launch", p);
   else
