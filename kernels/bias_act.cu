@@ -104,7 +104,7 @@ void launch(const Args& a) {
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("genfast bias_act (CUDA): tensor too large");
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   // 32-bit indexing is cheaper; 64-bit whenever an index could pass 2^31.
-  if (a.n + int64_t(kThreads) * VEC < (int64_t(1) << 31))
+  if (cuda::int32_index_fits(a.n + int64_t(kThreads) * VEC))
     cuda::launch_kernel(bias_act_kernel<T, A, M, int32_t>, unsigned(blocks), kThreads, 0, stream, kFamily, "kernel launch", p);
   else
     cuda::launch_kernel(bias_act_kernel<T, A, M, int64_t>, unsigned(blocks), kThreads, 0, stream, kFamily, "kernel launch", p);

@@ -52,6 +52,20 @@ constexpr long long grid_cap(long long cap) {
 #endif
 }
 
+// Whether a kernel may index with int32 (cheaper): `bound` is one past the largest index it
+// forms. The emulation can force the 64-bit path (gf_emu::force_int64_index), so its tests run
+// the int64 instantiations on small tensors, and counts the launches that take it.
+inline bool int32_index_fits(long long bound) {
+  const bool fits = bound < (1LL << 31);
+#ifdef GENFAST_CUDA_EMULATION
+  if (gf_emu::force_int64_index() || !fits) {
+    ++gf_emu::int64_index_launches();
+    return false;
+  }
+#endif
+  return fits;
+}
+
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) and checks the launch
 // ("genfast <family> (CUDA): <what>: ..."); under GENFAST_CUDA_EMULATION the kernel runs on
 // the CPU emulator instead (tests/cuda_emulation).

@@ -12,4 +12,7 @@ void genfast::bias_act::bias_act_cpu(const Args&) { throw std::logic_error("bias
 
 PYBIND11_MODULE(bias_act_emulated, m) {
   for (genfast::Binder bind : genfast::binders()) bind(m);
+  // Tests: force the launchers' 64-bit index path; count the launches that took it.
+  m.def("set_force_int64_index", [](bool force) { gf_emu::force_int64_index() = force; });
+  m.def("int64_index_launches", [] { return gf_emu::int64_index_launches(); });
 }

@@ -16,8 +16,10 @@ CPU entry points); test with ``build(family)`` + ``route_cuda_backend`` + ``back
 from __future__ import annotations
 
 import atexit
+import ctypes
 import hashlib
 import importlib.util
+import mmap
 import os
 import shutil
 import subprocess
@@ -38,7 +40,8 @@ def families() -> list:
 
 def sources(family: str) -> list:
     """Every file the module's build reads (its cache key)."""
-    files = [HERE / f"{family}_emulated.cpp", ROOT / "kernels" / "cuda_common.cuh", ROOT / "csrc" / f"{family}_bindings.cpp"]
+    files = [HERE / f"{family}_emulated.cpp", ROOT / "kernels" / "cuda_common.cuh"]
+    files += [p for p in [ROOT / "csrc" / f"{family}_bindings.cpp"] if p.exists()]  # checks_emulated has none
     files += sorted(HERE.glob("*.h")) + sorted((ROOT / "kernels").glob(f"{family}*")) + sorted((ROOT / "csrc").glob("*.h"))
     return files
 
@@ -136,26 +139,103 @@ def build(family: str):
     return module
 
 
+_PAGE = mmap.PAGESIZE
+
+
+def guarded_bytes(nbytes: int):
+    """A uint8 CPU tensor of ``nbytes`` whose end, rounded up to 16 bytes (so the start keeps
+    the 16-byte alignment of the kernels' vector paths), touches a PROT_NONE page: a read or
+    write past it is a segmentation fault, as an out-of-bounds access is on a GPU (often)."""
+    import torch
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    padded = (nbytes + 15) // 16 * 16
+    pages = max(1, -(-padded // _PAGE))
+    region = mmap.mmap(-1, (pages + 1) * _PAGE)  # freed with the last tensor viewing it
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    if libc.mprotect(base + pages * _PAGE, _PAGE, 0) != 0:  # PROT_NONE
+        raise OSError(ctypes.get_errno(), "mprotect of the guard page failed")
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=pages * _PAGE - padded)
+
+
+class GuardedPointers:
+    """While installed, ``Tensor.data_ptr()`` of a CPU tensor answers an address in a copy of its
+    storage that ends at a guard page (guarded_bytes), refreshed from the tensor at each call;
+    ``flush()`` (after every extension call) copies the bytes written there back into the
+    tensor. The bindings take raw addresses, so this is how every pointer the backend passes to
+    the emulated kernels points into guarded memory: an out-of-bounds global read or write
+    faults. Tensors sharing a storage share its copy (aliasing is kept); copies live as long as
+    the routing (an address kept in a parameter dict stays valid)."""
+
+    def __init__(self):
+        import torch
+
+        self.real_data_ptr = torch.Tensor.data_ptr
+        self.copies = {}  # storage address -> (original bytes, guarded bytes, snapshot of guarded)
+
+    def data_ptr(self, t):
+        storage = t.untyped_storage()
+        if t.device.type != "cpu" or storage.nbytes() == 0:
+            return self.real_data_ptr(t)
+        import torch
+
+        key = storage.data_ptr()
+        if key not in self.copies:
+            original = torch.empty(0, dtype=torch.uint8).set_(storage)  # keeps the storage alive
+            guarded = guarded_bytes(original.numel())
+            self.copies[key] = (original, guarded, torch.empty_like(original))
+        original, guarded, snapshot = self.copies[key]
+        guarded.copy_(original)
+        snapshot.copy_(original)
+        return guarded.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+
+    def flush(self):
+        """The bytes written into the copies since the last flush go back into the originals
+        (only those: the originals may have changed since their address was taken)."""
+        for original, guarded, snapshot in self.copies.values():
+            written = guarded != snapshot
+            if bool(written.any()):
+                original[written] = guarded[written]
+                snapshot.copy_(guarded)
+
+
 class EmulatedExtension:
     """Stands in for genfast._C: its CUDA functions (names containing "_cuda") are the emulated
     module's, counted (so a test can check the emulated kernels really ran); anything else is
-    the real extension's.
+    the real extension's. Every tensor argument of those calls is passed in storage that ends at
+    a guard page (GuardedPointers): an out-of-bounds global read or write faults.
     The device index argument of a CPU tensor is None: passed as 0 (the emulator ignores it)."""
 
-    def __init__(self, module, real):
+    def __init__(self, module, real, guard=None):
         self._module, self._real = module, real
         self.calls = {}
+        self.guard = guard
 
     def __getattr__(self, name):
         if "_cuda" not in name:
-            return getattr(self._real, name)
+            real = getattr(self._real, name)
+            if self.guard is None or not callable(real):
+                return real
+
+            def call_real(*args, **kwargs):  # a CPU kernel may write through a guarded address too
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    self.guard.flush()
+
+            return call_real
         fn = getattr(self._module, name)  # AttributeError: a function the module lacks
 
         def call(*args, **kwargs):
             self.calls[name] = self.calls.get(name, 0) + 1
             if args and args[-1] is None:
                 args = args[:-1] + (0,)
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.guard is not None:
+                    self.guard.flush()
 
         return call
 
@@ -163,9 +243,13 @@ class EmulatedExtension:
 def route_cuda_backend(monkeypatch, module) -> EmulatedExtension:
     """Makes backend="cuda" run genfast's CUDA backend code on CPU tensors, with its kernel
     calls going to the emulated ``module``. Returns the stand-in extension (see its calls)."""
+    import torch
+
     from genfast import _dispatch, _ext
 
-    extension = EmulatedExtension(module, _ext._C)
+    guard = GuardedPointers()
+    extension = EmulatedExtension(module, _ext._C, guard)
+    monkeypatch.setattr(torch.Tensor, "data_ptr", lambda t: guard.data_ptr(t))
     monkeypatch.setattr(_ext, "_C", extension)
     monkeypatch.setattr(_ext, "stream_of", lambda t: 0)
     real_reason = _dispatch.backend_unavailable_reason

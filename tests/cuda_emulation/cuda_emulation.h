@@ -41,12 +41,13 @@ constexpr int kSharedPerBlockOptin = 227 * 1024;
 constexpr int kMultiProcessors = 132;
 constexpr size_t kSharedGuard = 256;  // bytes after the dynamic shared memory that must stay untouched
 
-// cp.async: a 16-byte global -> shared copy that lands only when its group is waited for (the
+// cp.async: a 4/8/16-byte global -> shared copy that lands only when its group is waited for (the
 // latest moment the hardware allows), so a missing wait reads stale shared memory.
 struct AsyncCopy {
   void* dst;
   const void* src;
-  int src_bytes;  // 16, or 0 = zero fill
+  int bytes;      // 4, 8 or 16
+  int src_bytes;  // bytes read from src; the rest is zero-filled
   int group;
 };
 
@@ -99,6 +100,29 @@ inline dim3& grid_dim() {
   return dim;
 }
 inline Fiber& self() { return block()->fibers[block()->current]; }
+
+// The first fault of the running launch (empty: none); launch() throws it after the block.
+inline std::string& fault_message() {
+  static std::string message;
+  return message;
+}
+inline void fault(const std::string& what) {
+  if (fault_message().empty()) {
+    const Block* b = block();
+    fault_message() = what + (b != nullptr && b->current >= 0 ? " (thread " + std::to_string(b->current) + ")" : "");
+  }
+}
+inline bool misaligned(const void* p, size_t alignment) { return reinterpret_cast<uintptr_t>(p) % alignment != 0; }
+
+// Tests: the launchers' 32-bit index paths (tensors below 2^31 elements) take their 64-bit path.
+inline bool& force_int64_index() {
+  static bool force = false;
+  return force;
+}
+inline long long& int64_index_launches() {  // launches that took a 64-bit index path
+  static long long count = 0;
+  return count;
+}
 inline void yield() { swapcontext(&self().ctx, &block()->scheduler); }
 
 // Blocks the calling fiber until the barrier's generation counter leaves `generation`.
@@ -251,6 +275,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 // .trans) or M[2(l%4)][l/4], M[2(l%4)+1][l/4] (with .trans).
 template <int kMatrices, bool kTrans>
 void ldmatrix(uint32_t* regs, const uint16_t* row_address) {
+  if (misaligned(row_address, 16)) fault("cuda emulation: ldmatrix row address not 16-byte aligned");
   uint32_t mine[2];
   std::memcpy(mine, &row_address, sizeof(row_address));
   warp_exchange(mine, 2, [&](uint32_t (*slots)[8], int lane) {
@@ -274,10 +299,21 @@ void ldmatrix(uint32_t* regs, const uint16_t* row_address) {
   });
 }
 
-inline void cp_async_16(void* dst, const void* src, int src_bytes) {
-  Fiber& f = self();
-  f.async_copies.push_back(AsyncCopy{dst, src, src_bytes, f.async_groups});
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: 4, 8 or 16 bytes, both addresses
+// aligned to the size; src_bytes < bytes zero-fills the rest.
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16)
+    fault("cuda emulation: cp.async of " + std::to_string(bytes) + " bytes (4, 8 or 16)");
+  else if (misaligned(dst, bytes) || misaligned(src, bytes))
+    fault("cuda emulation: cp.async of " + std::to_string(bytes) + " bytes from/to an address not aligned to it");
+  else if (src_bytes < 0 || src_bytes > bytes)
+    fault("cuda emulation: cp.async src-size " + std::to_string(src_bytes) + " outside [0, " + std::to_string(bytes) + "]");
+  else {
+    Fiber& f = self();
+    f.async_copies.push_back(AsyncCopy{dst, src, bytes, src_bytes, f.async_groups});
+  }
 }
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { cp_async(dst, src, 16, src_bytes); }
 inline void cp_async_commit() { ++self().async_groups; }
 // Lands every copy of the committed groups except the newest `pending`.
 inline void cp_async_wait(int pending) {
@@ -286,10 +322,8 @@ inline void cp_async_wait(int pending) {
   std::vector<AsyncCopy> keep;
   for (const AsyncCopy& c : f.async_copies) {
     if (c.group < landed) {
-      if (c.src_bytes == 16)
-        std::memcpy(c.dst, c.src, 16);
-      else
-        std::memset(c.dst, 0, 16);
+      std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
     } else {
       keep.push_back(c);
     }
@@ -392,6 +426,7 @@ void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const A
 
   grid_dim() = grid;
   block_dim() = threads;
+  fault_message().clear();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -435,6 +470,7 @@ void launch(Kernel kernel, dim3 grid, dim3 threads, size_t shared_bytes, const A
           if (stalled_rounds > 10) throw std::runtime_error("cuda emulation: deadlock (a barrier some threads never reach)");
         }
         block() = nullptr;
+        if (!fault_message().empty()) throw std::runtime_error(fault_message());
         const unsigned char* guard = dynamic_shared<unsigned char>(b) + shared_bytes;
         for (size_t i = 0; i < kSharedGuard; ++i)
           if (guard[i] != 0xFF) throw std::runtime_error("cuda emulation: a write past the end of dynamic shared memory");
@@ -474,7 +510,17 @@ inline cudaError_t memset_async(void* ptr, int value, size_t bytes, cudaStream_t
 
 // Device-only intrinsics, with their host equivalents (the fast-math ones as the accurate ones).
 template <typename T>
-T __ldg(const T* p) { return *p; }
+T __ldg(const T* p) {
+  // A vector load (float4, uint2, double2, ...) needs an address aligned to its size.
+  if (gf_emu::misaligned(p, alignof(T))) {
+    gf_emu::fault("cuda emulation: __ldg of a " + std::to_string(sizeof(T)) + "-byte type from an address not aligned to " +
+                  std::to_string(alignof(T)) + " bytes");
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+  }
+  return *p;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float x, float y) { return x / y; }

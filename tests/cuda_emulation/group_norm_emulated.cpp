@@ -17,4 +17,7 @@ void genfast::group_norm::group_norm_backward_cpu(const BackwardArgs&) {
 
 PYBIND11_MODULE(group_norm_emulated, m) {
   for (genfast::Binder bind : genfast::binders()) bind(m);
+  // Tests: force the launchers' 64-bit index path; count the launches that took it.
+  m.def("set_force_int64_index", [](bool force) { gf_emu::force_int64_index() = force; });
+  m.def("int64_index_launches", [] { return gf_emu::int64_index_launches(); });
 }
