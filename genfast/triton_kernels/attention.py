@@ -1038,7 +1038,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     cu_q_arg = cu_q if is_varlen else dummy
     cu_k_arg = cu_k if is_varlen else dummy
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        pre_block = 16 if _INTERPRET else 64
+        # fp32 64- and 32-row tiles spilled 4 B (D64, D128, sm_90)
+        pre_block = 16 if _INTERPRET or q.dtype == torch.float32 else 64
         _bwd_preprocess_kernel[grid_1d(Sq, pre_block, B * H)](
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), H, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block)
