@@ -4,6 +4,10 @@ instead of hiding behind skips."""
 import importlib.util
 import os
 
+import pytest
+
+from genfast.ops import attention as attention_ops
+
 INTEGRATION_LIBRARIES = ("transformers", "diffusers", "timm")
 
 
@@ -12,3 +16,18 @@ def pytest_configure(config):
         missing = [name for name in INTEGRATION_LIBRARIES if importlib.util.find_spec(name) is None]
         if missing:
             raise RuntimeError(f"CI: the integration tests need {', '.join(missing)} (see the README's test command)")
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts genfast's attention forward/backward dispatches, whichever path reaches them."""
+    counts = {"forward": 0, "backward": 0}
+    for key, table in (("forward", attention_ops.FORWARD), ("backward", attention_ops.BACKWARD)):
+        real = table.run
+
+        def run(*args, _real=real, _key=key, **kwargs):
+            counts[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(table, "run", run)
+    return counts

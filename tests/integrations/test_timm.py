@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import genfast
-from genfast.ops import attention as attention_ops
 from genfast.testing import error_vs_reference
 
 from _torchvision_stub import import_timm  # tests/integrations/, a test-only helper
@@ -29,19 +28,6 @@ def _import_timm():
                     "for this torch; without torchvision installed, the test stubs it")
 
 
-@pytest.fixture
-def attention_calls(monkeypatch):
-    """Counts genfast's attention forward/backward dispatches, whichever path reaches them."""
-    counts = {"forward": 0, "backward": 0}
-    for key, table in (("forward", attention_ops.FORWARD), ("backward", attention_ops.BACKWARD)):
-        real = table.run
-
-        def run(*args, _real=real, _key=key, **kwargs):
-            counts[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(table, "run", run)
-    return counts
 
 
 DEPTH = 2

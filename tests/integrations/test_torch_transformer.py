@@ -10,25 +10,9 @@ import torch
 from torch import nn
 
 import genfast
-from genfast.ops import attention as attention_ops
 from genfast.testing import error_vs_reference
 
 LAYERS = 2
-
-
-@pytest.fixture
-def attention_calls(monkeypatch):
-    """Counts genfast's attention forward/backward dispatches, whichever path reaches them."""
-    counts = {"forward": 0, "backward": 0}
-    for key, table in (("forward", attention_ops.FORWARD), ("backward", attention_ops.BACKWARD)):
-        real = table.run
-
-        def run(*args, _real=real, _key=key, **kwargs):
-            counts[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(table, "run", run)
-    return counts
 
 
 def encoder_and_batch():
