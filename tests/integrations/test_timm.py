@@ -28,8 +28,6 @@ def _import_timm():
                     "for this torch; without torchvision installed, the test stubs it")
 
 
-
-
 DEPTH = 2
 
 
