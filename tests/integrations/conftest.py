@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from genfast.ops import attention as attention_ops
+from _attention_counts import count_attention_dispatches
 
 INTEGRATION_LIBRARIES = ("transformers", "diffusers", "timm")
 
@@ -21,13 +21,4 @@ def pytest_configure(config):
 @pytest.fixture
 def attention_calls(monkeypatch):
     """Counts genfast's attention forward/backward dispatches, whichever path reaches them."""
-    counts = {"forward": 0, "backward": 0}
-    for key, table in (("forward", attention_ops.FORWARD), ("backward", attention_ops.BACKWARD)):
-        real = table.run
-
-        def run(*args, _real=real, _key=key, **kwargs):
-            counts[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(table, "run", run)
-    return counts
+    return count_attention_dispatches(monkeypatch.setattr)

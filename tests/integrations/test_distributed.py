@@ -64,29 +64,13 @@ def batch(setup, step, rank=None):
 # ----------------------------------------------------------------------------- a rank
 
 
-def _count_attention_calls():
-    """Counts genfast's attention forward/backward dispatches in this process (whatever path
-    reaches them), so the parent can check genfast really ran in the ranks."""
-    from genfast.ops import attention
-
-    counts = {"forward": 0, "backward": 0}
-    for key, table in (("forward", attention.FORWARD), ("backward", attention.BACKWARD)):
-        real = table.run
-
-        def run(*args, _real=real, _key=key, **kwargs):
-            counts[_key] += 1
-            return _real(*args, **kwargs)
-
-        table.run = run
-    return counts
-
-
 def _train_rank(rank: int, world: int, port: int, workdir: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    from _attention_counts import count_attention_dispatches  # this folder: ranks run the file as a script
     from genfast.models import GPT, GPTConfig
     from genfast.ops.attention import selected_backend
 
@@ -94,7 +78,7 @@ def _train_rank(rank: int, world: int, port: int, workdir: Path) -> None:
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     setup = torch.load(workdir / "setup.pt")
-    counts = _count_attention_calls()
+    counts = count_attention_dispatches()
     result = {"backend": selected_backend(torch.empty(1, 1, 1, 16))}
     for wrapper, optimizer_name in ((w, o) for w in WRAPPERS for o in OPTIMIZERS):
         model = GPT(GPTConfig(**CONFIG))
