@@ -29,6 +29,7 @@ from ..reference import gan as ref_gan
 from ..reference import vae as ref_vae
 from ..reference.filtered_lrelu import filtered_lrelu as reference_filtered_lrelu
 from ..reference.upfirdn2d import upfirdn2d as reference_upfirdn2d
+from .schedulers import SD_CONFIG
 from .timing import BASELINE, GENFAST, Case, Provider
 
 NAME = "overhead"
@@ -40,8 +41,6 @@ SCHEDULER_KINDS = {  # name -> (class name, extra config): the same class names 
     "euler": ("EulerDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
 }
-SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 steps_offset=1)
 
 
 def _op_cases(device: torch.device) -> list:
