@@ -765,17 +765,22 @@ def _flash_result(out, lse, keep, return_attn_probs: bool, dropout_p: float):
     return out, lse, (keep if dropout_p > 0 else None)
 
 
+def _plain_flash_options(softmax_scale, causal, window_size, softcap) -> bool:
+    """The flash-attn options are exact Python scalars and a pair of ints, fit for a signature."""
+    if type(causal) is not bool or type(window_size) is not tuple or len(window_size) != 2:
+        return False
+    if type(window_size[0]) is not int or type(window_size[1]) is not int or type(softcap) not in (float, int):
+        return False
+    return softmax_scale is None or type(softmax_scale) in (float, int)
+
+
 def _flash_signature(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                      return_attn_probs, backend):
     """Everything ``_check_flash`` looks at, as a hashable key (see _sdpa_signature); None
     where a call is not cached (ALiBi, non-Python scalars, tracing)."""
-    if alibi_slopes is not None or type(causal) is not bool or type(window_size) is not tuple:
+    if alibi_slopes is not None or not _plain_flash_options(softmax_scale, causal, window_size, softcap):
         return None
-    if len(window_size) != 2 or type(window_size[0]) is not int or type(window_size[1]) is not int:
-        return None
-    if type(dropout_p) not in (float, int) or type(softcap) not in (float, int):
-        return None
-    if softmax_scale is not None and type(softmax_scale) not in (float, int):
+    if type(dropout_p) not in (float, int):
         return None
     if not direct_call_allowed(q, k, v):
         return None
@@ -879,13 +884,9 @@ def _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
     """Everything ``_check_kvcache`` looks at, as a hashable key (see _sdpa_signature); None
     where a call is not cached. A tensor cache_seqlens enters by its metadata: its values are
     checked on every call."""
-    if alibi_slopes is not None or type(causal) is not bool or type(window_size) is not tuple:
+    if alibi_slopes is not None or not _plain_flash_options(softmax_scale, causal, window_size, softcap):
         return None
-    if len(window_size) != 2 or type(window_size[0]) is not int or type(window_size[1]) is not int:
-        return None
-    if type(softcap) not in (float, int) or type(num_splits) is not int:
-        return None
-    if softmax_scale is not None and type(softmax_scale) not in (float, int):
+    if type(num_splits) is not int:
         return None
     seqlens = cache_seqlens
     if isinstance(cache_seqlens, torch.Tensor):
