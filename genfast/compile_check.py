@@ -573,6 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="dtypes, comma separated (bf16, fp16, fp32)")
     parser.add_argument("--quick", action="store_true",
                         help="a handful of problems per family and at most 2 configs per autotuned launch")
+    parser.add_argument("--kernels", default="",
+                        help="only these Triton kernels (function names, comma separated; default: all)")
     parser.add_argument("--limit", type=int, default=0,
                         help="at most this many configs per kernel and dtype (the first ones found; 0: all)")
     parser.add_argument("--no-cuda", action="store_true", help="skip reading the CUDA extension's resource usage")
@@ -600,6 +602,7 @@ def run(args) -> int:
     archs = [int(a) for a in str(args.arch).split(",") if a.strip()]
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    kernels = {k.strip() for k in getattr(args, "kernels", "").split(",") if k.strip()}
     for f in families:
         if f not in PROBLEMS:
             raise SystemExit(f"compile-check: unknown family {f!r}; known: {', '.join(FAMILIES)}")
@@ -617,6 +620,12 @@ def run(args) -> int:
     for arch in archs:
         launches, arch_grid_errors = collect_launches(families, dtypes, args.quick, arch)
         grid_errors += [f"sm_{arch} {e}" for e in arch_grid_errors]
+        if kernels:
+            unknown = kernels - {launch.fn.__name__ for launch in launches}
+            if unknown:
+                raise SystemExit(f"compile-check: --kernels {', '.join(sorted(unknown))}: no such kernel launched by "
+                                 f"the families {', '.join(families)}")
+            launches = [launch for launch in launches if launch.fn.__name__ in kernels]
         if args.limit > 0:
             launches = limit_launches(launches, args.limit)
         for launch in launches:

@@ -185,12 +185,16 @@ def filtered_lrelu(mode, out, signs, x, b, g1, g2, plan, gain, slope, clamp):
     shift_x = (abs(plan.p1x) + abs(plan.p2x)) // plan.u1 + 2
     shift_y = (abs(plan.p1y) + abs(plan.p2y)) // plan.u1 + 2
     dummy = g1
+    # 32-wide input patches (up 1 or 2-D filters, the adjoint of down 2): ptxas held them at
+    # 128 registers and spilled 4-32 B on sm_80 and sm_90 (4 or 8 warps); allowed 255 they fit
+    # in 194-232 on 4 warps (2 blocks of 4 warps per SM).
+    wide = max(sizes["BXR"], sizes["BXC"]) > 16
     _filtered_lrelu_kernel[grid](
         out, x, b if b is not None else dummy, signs if signs is not None else dummy, g1, g2,
         c, h, w, *x.stride(), *out.stride(),
         *plan, g1h, g1w, g2h, g2w, shift_x, shift_y, tiles_x, tiles, *chunk_counts(plan, g2h, g2w, sizes),
         float(gain), float(slope), float(clamp),
         MODE=mode, HAS_BIAS=b is not None, HAS_CLAMP=clamp >= 0, WRITE_SIGNS=signs is not None and mode == ACT,
-        SEP1=g1.ndim == 1, SEP2=g2.ndim == 1, num_warps=4, **sizes,
+        SEP1=g1.ndim == 1, SEP2=g2.ndim == 1, num_warps=4, maxnreg=255 if wide else None, **sizes,
     )
     return out

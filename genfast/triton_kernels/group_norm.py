@@ -41,18 +41,26 @@ def _tile(n, s0, c_ids, S, C, stride_n, stride_c, stride_s, BLOCK_S: tl.constexp
 def _program(K, CBLOCKS, BLOCK_C: tl.constexpr):
     """(n, channel ids, chunk k) of a 1-D grid over N x channel blocks x K chunks: one axis,
     whose limit is 2^31 - 1 (K, on axis z before, passes 65,535 once H x W > 4.19M in NHWC)."""
-    pid = tl.program_id(0).to(tl.int64)
+    # The divisions in 32 bits (pid < 2^31: grid() checks): a 64-bit one is a subroutine call,
+    # around which ptxas spilled (_grad_input fp32 + SiLU, 4 B on sm_80). Results in 64 bits.
+    pid = tl.program_id(0)
     k = pid % K
     rest = pid // K
-    c_ids = (rest % CBLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    return rest // CBLOCKS, c_ids, k
+    c_ids = ((rest % CBLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    return (rest // CBLOCKS).to(tl.int64), c_ids, k.to(tl.int64)
+
+
+@triton.jit
+def _group_of(c_ids, D):
+    """The group of each channel id, divided in 32 bits (channel ids < C < 2^31)."""
+    return (c_ids.to(tl.int32) // D).to(tl.int64)
 
 
 @triton.jit
 def _group_shift(x_ptr, n, c_ids, C, D, stride_n, stride_c):
     """x[n, first channel of the group of c, s = 0]: every statistic is computed on x - shift,
     whose magnitude is the data's spread, so float32 partial means lose nothing to a large mean."""
-    first = (c_ids // D) * D
+    first = _group_of(c_ids, D) * D
     return tl.load(x_ptr + n * stride_n + first * stride_c, mask=c_ids < C, other=0.0).to(tl.float32)
 
 
@@ -124,7 +132,7 @@ def _finalize(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, S, D, G, K, ROWS, M
 def _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c_ids, C, G, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     BLOCK_C: tl.constexpr):
     cmask = c_ids < C
-    stat = n * G + c_ids // D
+    stat = n * G + _group_of(c_ids, D)
     mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
     rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
     if HAS_W:
@@ -197,7 +205,7 @@ def _grad_input(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, gsa_ptr
     end = tl.minimum(start + ROWS, S)
     mean, rstd, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c_ids, C, G, D, HAS_W, HAS_B, BLOCK_C)
     cmask = c_ids < C
-    stat = n * G + c_ids // D
+    stat = n * G + _group_of(c_ids, D)
     sum_wa = tl.load(gsa_ptr + stat, mask=cmask, other=0.0)
     sum_wb = tl.load(gsb_ptr + stat, mask=cmask, other=0.0)
     kz = rstd * w
@@ -271,7 +279,9 @@ def backward(dy, x, mean, rstd, w, b, dx, dw, db, geo, silu):
     sum_wb = wb.view(geo.N, geo.G, geo.D).sum(dim=2)
     _grad_input[launch](x, dy, dx, mean, rstd, wp, bp, sum_wa, sum_wb, geo.S, geo.C, geo.G, geo.D, K, cblocks, rows,
                       1.0 / (geo.D * geo.S),
-                      stride_n, stride_c, stride_s, **flags)
+                      # 8 warps: on 4 (16 elements of x and dy per thread) ptxas held fp32 + SiLU
+                      # at 56 registers and spilled 4 B on sm_80
+                      stride_n, stride_c, stride_s, num_warps=8, **flags)
     if dw is not None:
         dw.copy_(A.sum(dim=0))
     if db is not None:
