@@ -8,7 +8,9 @@ op) are made:
     -> ``genfast.nn.MultiheadAttention`` sharing the same parameters;
   * ``nn.Linear`` followed by ``nn.ReLU``/``LeakyReLU``/``Tanh``/``Sigmoid`` in a
     ``nn.Sequential`` -> ``genfast.nn.FusedLinearAct`` (matmul, then bias + activation in one
-    pass) and an ``nn.Identity`` in the activation's place;
+    pass) and an ``nn.Identity`` in the activation's place, on devices where that epilogue is
+    faster than addmm + torch's activation (``genfast.nn.gan.fused_epilogue_pays``: not on CPU,
+    where the pair is left alone with that reason);
   * ``nn.GroupNorm`` followed by ``nn.SiLU`` in a ``nn.Sequential`` -> ``genfast.nn.GroupNormSiLU``;
   * ``nn.Conv2d``/``nn.ConvTranspose2d`` followed by ``nn.BatchNorm2d`` in a ``nn.Sequential``,
     in eval mode only -> one convolution with the batch norm folded in;
@@ -224,13 +226,17 @@ def _swap_multihead_attention(m: nn.MultiheadAttention):
 _LINEAR_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "lrelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
 def _swap_linear_act(linear: nn.Linear, act: nn.Module):
-    from .nn.gan import FusedLinearAct
+    from .nn.gan import FusedLinearAct, fused_epilogue_pays
 
     kind = _LINEAR_ACTIVATIONS.get(type(act))
     if kind is None:
         return None, f"{_type(act)} after Linear has no fused epilogue"
-    slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.2
     w = linear.weight
+    if not fused_epilogue_pays(w.device):
+        return None, (f"on {w.device.type} FusedLinearAct would run the same F.linear + {_type(act)} (genfast's fused "
+                      f"bias+activation epilogue is slower than addmm + torch's activation there; see "
+                      f"genfast.nn.gan.fused_epilogue_pays)")
+    slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.2
     new = FusedLinearAct(linear.in_features, linear.out_features, bias=linear.bias is not None, activation=kind,
                          negative_slope=slope, device=w.device, dtype=w.dtype)
     new.train(linear.training)

@@ -57,9 +57,31 @@ TORCH_ACTS = {
 }
 
 
+def count_epilogue_calls(monkeypatch, fused: bool) -> list:
+    """Force FusedLinearAct's device rule (genfast's bias_act epilogue, or F.linear + torch's
+    activation) and count the calls into genfast's bias_act the module makes."""
+    import genfast.nn.gan as gan_layers
+
+    calls = []
+    real = gan_layers.bias_act
+    monkeypatch.setattr(gan_layers, "fused_epilogue_pays", lambda device: fused)
+    monkeypatch.setattr(gan_layers, "bias_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_fused_epilogue_rule_by_device():
+    # Measured on CPU (AMD EPYC, AVX2): addmm + torch's activation is faster than the separate epilogue.
+    from genfast.nn.gan import fused_epilogue_pays
+
+    assert not fused_epilogue_pays(torch.device("cpu")) and not fused_epilogue_pays("cpu")
+    assert fused_epilogue_pays(torch.device("cuda"))
+
+
 @pytest.mark.parametrize("activation", list(TORCH_ACTS))
 @pytest.mark.parametrize("slope", [0.2, 0.01])
-def test_fused_linear_act_matches_torch(seed, activation, slope):
+@pytest.mark.parametrize("fused", [True, False], ids=["bias_act-epilogue", "torch-epilogue"])
+def test_fused_linear_act_matches_torch(seed, activation, slope, fused, monkeypatch):
+    calls = count_epilogue_calls(monkeypatch, fused)
     torch.manual_seed(seed)
     ours = FusedLinearAct(37, 19, activation=activation, negative_slope=slope)
     torch.manual_seed(seed)
@@ -84,6 +106,8 @@ def test_fused_linear_act_matches_torch(seed, activation, slope):
     nb = FusedLinearAct(37, 19, bias=False, activation=activation, negative_slope=slope)
     x3 = torch.randn(2, 3, 37)
     torch.testing.assert_close(nb(x3), TORCH_ACTS[activation](slope)(F.linear(x3, nb.weight)), rtol=1e-5, atol=1e-6)
+    # "linear" is F.linear on every device; the others take the epilogue the rule picked.
+    assert len(calls) == (2 if fused and activation != "linear" else 0)
 
 
 def test_fused_linear_act_bad_input():

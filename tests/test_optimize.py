@@ -71,9 +71,41 @@ def test_model_with_multihead_attention_trains_through_the_swap(seed):
     assert model.attn.in_proj_weight is weight
 
 
-def test_mlp_with_leaky_relu_and_other_activations(seed):
-    model = nn.Sequential(nn.Linear(10, 32), nn.LeakyReLU(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16),
-                          nn.GELU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())
+def mlp_with_activations():
+    return nn.Sequential(nn.Linear(10, 32), nn.LeakyReLU(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16),
+                         nn.GELU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())
+
+
+def force_fused_epilogue(monkeypatch) -> list:
+    """Make FusedLinearAct's device rule say the bias_act epilogue pays on this device (as on
+    CUDA); every call the swapped modules make into genfast's bias_act appends to the list."""
+    import genfast.nn.gan as gan_layers
+
+    calls = []
+    real = gan_layers.bias_act
+    monkeypatch.setattr(gan_layers, "fused_epilogue_pays", lambda device: True)
+    monkeypatch.setattr(gan_layers, "bias_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_linear_activation_pairs_left_alone_on_cpu_with_the_reason(seed):
+    # On CPU, addmm + torch's activation beats genfast's separate epilogue: swapping would slow the model.
+    model = mlp_with_activations()
+    reference = copy.deepcopy(model)
+    report = genfast.optimize(model)
+    text = str(report)
+    assert not [s for s in report.swapped if s[2] == "FusedLinearAct"], text
+    slower = [path for path, _, reason in report.skipped if "slower than addmm" in reason]
+    assert slower == ["0", "2", "6", "8"], text
+    assert any("GELU" in reason for _, _, reason in report.skipped), text
+    assert [type(m) for m in model] == [type(m) for m in reference]
+    x = torch.randn(5, 10)
+    check_same(reference, model, lambda m: m(x))
+
+
+def test_mlp_with_leaky_relu_and_other_activations(seed, monkeypatch):
+    calls = force_fused_epilogue(monkeypatch)
+    model = mlp_with_activations()
     reference = copy.deepcopy(model)
     report = genfast.optimize(model)
     text = str(report)
@@ -82,6 +114,7 @@ def test_mlp_with_leaky_relu_and_other_activations(seed):
     assert isinstance(model[0], genfast.nn.FusedLinearAct) and isinstance(model[1], nn.Identity)
     x = torch.randn(5, 10)
     check_same(reference, model, lambda m: m(x))
+    assert len(calls) == 4  # each swapped layer ran genfast's epilogue
     genfast.revert(model)
     assert [type(m) for m in model] == [type(m) for m in reference]
 
@@ -238,7 +271,8 @@ def test_unsupported_attention_is_left_alone_with_a_reason():
     assert not [s for s in report.swapped if "MultiheadAttention" in s[1]] and "head dim 4" in str(report)
 
 
-def test_optimize_not_inplace_and_bad_input():
+def test_optimize_not_inplace_and_bad_input(monkeypatch):
+    force_fused_epilogue(monkeypatch)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     report = genfast.optimize(model, inplace=False)
     assert report.model is not model and type(model[0]) is nn.Linear
