@@ -16,10 +16,10 @@ import types
 import pytest
 import torch
 
-import test_attention_cuda as gpu_tests
 from cuda_emulation import build
 from genfast.ops import attention as A
 from genfast.testing import error_vs_reference
+from op_checks import attention_cuda as cuda_checks
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def rand(*shape, dtype=torch.float16, strided=False):
 def test_forward_head_dims(seed, D):
     q = rand(1, 2, 70, D, strided=True)
     k, v = rand(1, 1, 93, D), rand(1, 1, 93, D)
-    gpu_tests.check_forward(q, k, v, scale=1 / math.sqrt(D))
-    gpu_tests.check_forward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
+    cuda_checks.check_forward(q, k, v, scale=1 / math.sqrt(D))
+    cuda_checks.check_forward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -57,17 +57,17 @@ def test_forward_head_dims(seed, D):
 def test_forward_lengths_gqa_causal(seed, dtype, sq, sk):
     q = rand(1, 4, sq, 32, dtype=dtype)
     k, v = rand(1, 2, sk, 32, dtype=dtype), rand(1, 2, sk, 32, dtype=dtype)
-    gpu_tests.check_forward(q, k, v, scale=0.2)
-    gpu_tests.check_forward(q, k, v, scale=0.2, window_right=0, align_bottom_right=True)
-    gpu_tests.check_forward(q, k, v, scale=0.2, window_right=0)  # top-left: some rows see no key
+    cuda_checks.check_forward(q, k, v, scale=0.2)
+    cuda_checks.check_forward(q, k, v, scale=0.2, window_right=0, align_bottom_right=True)
+    cuda_checks.check_forward(q, k, v, scale=0.2, window_right=0)  # top-left: some rows see no key
 
 
 def test_forward_window_softcap_alibi(seed):
     B, H, Hk, Sq, Sk, D = 2, 2, 1, 100, 150, 32
     q, k, v = rand(B, H, Sq, D), rand(B, Hk, Sk, D), rand(B, Hk, Sk, D)
-    gpu_tests.check_forward(q, k, v, scale=0.1, window_left=40, window_right=7, align_bottom_right=True)
-    gpu_tests.check_forward(q, k, v, scale=0.3, softcap=2.0)
-    gpu_tests.check_forward(q, k, v, scale=0.1, alibi_slopes=torch.rand(B, H), softcap=30.0, window_left=64,
+    cuda_checks.check_forward(q, k, v, scale=0.1, window_left=40, window_right=7, align_bottom_right=True)
+    cuda_checks.check_forward(q, k, v, scale=0.3, softcap=2.0)
+    cuda_checks.check_forward(q, k, v, scale=0.1, alibi_slopes=torch.rand(B, H), softcap=30.0, window_left=64,
                             window_right=0, align_bottom_right=True)
 
 
@@ -78,7 +78,7 @@ def test_forward_varlen(seed):
     q = rand(1, 2, sum(lens_q), 40)
     k, v = rand(1, 1, sum(lens_k), 40), rand(1, 1, sum(lens_k), 40)
     for causal in (False, True):
-        gpu_tests.check_forward(q, k, v, scale=0.15, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+        cuda_checks.check_forward(q, k, v, scale=0.15, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
                                 max_seqlen_k=max(lens_k), window_right=0 if causal else -1, align_bottom_right=True,
                                 alibi_slopes=torch.rand(4, 2))
 
@@ -90,11 +90,11 @@ def test_decode_split_kv(seed, H, Hk, Sq):
     kc, vc = rand(B, Hk, S_max, D), rand(B, Hk, S_max, D)
     lens = torch.tensor([300, 0, 129], dtype=torch.int32)
     kw = dict(scale=0.125, window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None)
-    (ref_out, ref_lse), (low_out, low_lse) = gpu_tests.decode_reference(q, kc, vc, lens, **kw)
+    (ref_out, ref_lse), (low_out, low_lse) = cuda_checks.decode_reference(q, kc, vc, lens, **kw)
     for splits in (1, 3, 7):
         out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=splits, **kw)
         error_vs_reference(out, ref_out, low_out, f"out (splits={splits})")
-        gpu_tests.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+        cuda_checks.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
         assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))  # an empty cache row
 
 
@@ -104,29 +104,29 @@ def test_decode_window_softcap_alibi(seed):
     kc, vc = rand(B, Hk, S_max, D, dtype=torch.bfloat16), rand(B, Hk, S_max, D, dtype=torch.bfloat16)
     lens = torch.tensor([200, 77], dtype=torch.int32)
     kw = dict(scale=0.1, window_left=50, window_right=0, softcap=20.0, alibi_slopes=torch.rand(B, H))
-    (ref_out, ref_lse), (low_out, low_lse) = gpu_tests.decode_reference(q, kc, vc, lens, **kw)
+    (ref_out, ref_lse), (low_out, low_lse) = cuda_checks.decode_reference(q, kc, vc, lens, **kw)
     for splits in (1, 4):
         out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=splits, **kw)
         error_vs_reference(out, ref_out, low_out, f"out (splits={splits})")
-        gpu_tests.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
+        cuda_checks.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
 
 
 @pytest.mark.parametrize("D", [16, 40, 64, 128])
 def test_backward_head_dims(seed, D):
     q = rand(1, 2, 70, D, strided=True)
     k, v = rand(1, 1, 93, D), rand(1, 1, 93, D)
-    gpu_tests.check_backward(q, k, v, scale=1 / math.sqrt(D))
-    gpu_tests.check_backward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
+    cuda_checks.check_backward(q, k, v, scale=1 / math.sqrt(D))
+    cuda_checks.check_backward(q, k, v, scale=1 / math.sqrt(D), window_right=0, align_bottom_right=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_features(seed, dtype):
     B, H, Hk, Sq, Sk, D = 1, 4, 2, 75, 110, 32
     q, k, v = rand(B, H, Sq, D, dtype=dtype), rand(B, Hk, Sk, D, dtype=dtype), rand(B, Hk, Sk, D, dtype=dtype)
-    gpu_tests.check_backward(q, k, v, scale=0.2, softcap=3.0, alibi_slopes=torch.rand(H), window_left=40,
+    cuda_checks.check_backward(q, k, v, scale=0.2, softcap=3.0, alibi_slopes=torch.rand(H), window_left=40,
                              window_right=5, align_bottom_right=True)
-    gpu_tests.check_backward(q, k, v, scale=0.2, window_right=0)  # top-left causal: rows with no key
-    gpu_tests.check_backward(k[:, :, :Sq].repeat_interleave(2, 1), k, v, scale=0.2)  # dq/dk sums over query heads
+    cuda_checks.check_backward(q, k, v, scale=0.2, window_right=0)  # top-left causal: rows with no key
+    cuda_checks.check_backward(k[:, :, :Sq].repeat_interleave(2, 1), k, v, scale=0.2)  # dq/dk sums over query heads
 
 
 def test_backward_varlen(seed):
@@ -135,7 +135,7 @@ def test_backward_varlen(seed):
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
     q = rand(1, 2, sum(lens_q), 24)
     k, v = rand(1, 1, sum(lens_k), 24), rand(1, 1, sum(lens_k), 24)
-    gpu_tests.check_backward(q, k, v, scale=0.2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+    cuda_checks.check_backward(q, k, v, scale=0.2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
                              max_seqlen_k=max(lens_k), window_right=0, align_bottom_right=True)
 
 
@@ -144,7 +144,7 @@ def test_unaligned_inputs_are_copied(seed):
     q = base[1:].view(1, 2, 40, 32)  # a 2-byte offset: not 16-byte aligned
     assert q.data_ptr() % 16 != 0
     k, v = rand(1, 2, 40, 32), rand(1, 2, 40, 32)
-    gpu_tests.check_forward(q, k, v, scale=0.125)
+    cuda_checks.check_forward(q, k, v, scale=0.125)
 
 
 def test_kernel_rejects_what_python_should_have_caught(emulated):

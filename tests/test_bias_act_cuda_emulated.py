@@ -9,34 +9,25 @@ tests/test_bias_act.py (marked gpu).
 import pytest
 import torch
 
-import test_bias_act as cpu_tests
 from cuda_emulation import build
 from genfast.ops import bias_act
 from genfast.reference import bias_act as reference
 from genfast.testing import error_vs_reference
+from op_checks import bias_act as checks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (layout, use_bias, clamp): every layout, with and without bias and clamp.
 VARIANTS = [("contiguous", True, None), ("channels_last", True, 0.7), ("strided", False, 0.7), ("permuted", True, None)]
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    return build.build("bias_act")
+emulated, extension = build.cuda_backend_fixtures("bias_act", "bias_act_cuda")
 
 
-@pytest.fixture(autouse=True)
-def extension(emulated, monkeypatch):
-    extension = build.route_cuda_backend(monkeypatch, emulated)
-    yield extension
-    assert extension.calls.get("bias_act_cuda", 0) > 0, "the emulated CUDA kernels never ran"
-
-
-@pytest.mark.parametrize("act", cpu_tests.ACTS)
+@pytest.mark.parametrize("act", checks.ACTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(seed, dtype, act):
     for layout, use_bias, clamp in VARIANTS:
-        cpu_tests.check_against_reference("cuda", dtype, act, layout, use_bias, clamp)
+        checks.check_against_reference("cuda", dtype, act, layout, use_bias, clamp)
 
 
 @pytest.mark.parametrize("shape,dim", [((7,), 0), ((5, 3), 1), ((2, 1, 3), 1), ((4, 6, 3), 2), ((2, 3, 4, 5), -1),

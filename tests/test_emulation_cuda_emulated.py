@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-import test_group_norm as group_norm_tests
 from cuda_emulation import build
+from op_checks import group_norm as group_norm_checks
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +94,12 @@ def test_force_int64_index_runs_the_64_bit_path(seed, monkeypatch):
     emulated = build.build("group_norm")
     extension = build.route_cuda_backend(monkeypatch, emulated)
     before = emulated.int64_index_launches()
-    group_norm_tests.check("cuda", torch.float16, (2, 8, 5, 7), 4, "contiguous", True, True)
+    group_norm_checks.check("cuda", torch.float16, (2, 8, 5, 7), 4, "contiguous", True, True)
     assert emulated.int64_index_launches() == before  # small tensors: the 32-bit path
     emulated.set_force_int64_index(True)
     try:
-        group_norm_tests.check("cuda", torch.float16, (2, 8, 5, 7), 4, "contiguous", True, True)
-        group_norm_tests.check("cuda", torch.bfloat16, (1, 16, 9, 3), 8, "channels_last", False, True)
+        group_norm_checks.check("cuda", torch.float16, (2, 8, 5, 7), 4, "contiguous", True, True)
+        group_norm_checks.check("cuda", torch.bfloat16, (1, 16, 9, 3), 8, "channels_last", False, True)
     finally:
         emulated.set_force_int64_index(False)
     assert emulated.int64_index_launches() >= before + 4  # forward and backward elementwise, twice

@@ -10,48 +10,39 @@ float64 reference. The same checks run on a real GPU in tests/test_filtered_lrel
 import pytest
 import torch
 
-import test_filtered_lrelu as cpu_tests
 from cuda_emulation import build
+from op_checks import filtered_lrelu as checks
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    return build.build("filtered_lrelu")
+emulated, extension = build.cuda_backend_fixtures("filtered_lrelu", "filtered_lrelu_cuda")
 
 
-@pytest.fixture(autouse=True)
-def extension(emulated, monkeypatch):
-    extension = build.route_cuda_backend(monkeypatch, emulated)
-    yield extension
-    assert extension.calls.get("filtered_lrelu_cuda", 0) > 0, "the emulated CUDA kernels never ran"
-
-
-@pytest.mark.parametrize("config", cpu_tests.CONFIGS, ids=cpu_tests.CONFIG_IDS)
+@pytest.mark.parametrize("config", checks.CONFIGS, ids=checks.CONFIG_IDS)
 def test_matches_reference(seed, config):
     up, down, fu, fd, padding, flip, clamp = config
-    cpu_tests.check("cuda", torch.float32, up, down, fu, fd, padding, flip, clamp, shape=(2, 3, 7, 9))
+    checks.check("cuda", torch.float32, up, down, fu, fd, padding, flip, clamp, shape=(2, 3, 7, 9))
 
 
 # The other storage types on the unrolled StyleGAN3 specialisation, the general path with the
 # largest tiles (float64: above 48 KiB of shared memory, the opt-in) and negative padding.
-@pytest.mark.parametrize("config", [cpu_tests.CONFIGS[i] for i in (0, 7, 6)], ids=[cpu_tests.CONFIG_IDS[i] for i in (0, 7, 6)])
+@pytest.mark.parametrize("config", [checks.CONFIGS[i] for i in (0, 7, 6)], ids=[checks.CONFIG_IDS[i] for i in (0, 7, 6)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_storage_types(seed, dtype, config):
     up, down, fu, fd, padding, flip, clamp = config
-    cpu_tests.check("cuda", dtype, up, down, fu, fd, padding, flip, clamp, shape=(2, 3, 7, 9))
+    checks.check("cuda", dtype, up, down, fu, fd, padding, flip, clamp, shape=(2, 3, 7, 9))
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "permuted"])
 def test_layouts(seed, layout):
-    cpu_tests.check("cuda", torch.float32, layout=layout, shape=(2, 5, 8, 7), clamp=0.9)
-    cpu_tests.check("cuda", torch.float16, 1, 2, ("full", 3), ("sep", 4), [2, 1], True, None, layout=layout,
+    checks.check("cuda", torch.float32, layout=layout, shape=(2, 5, 8, 7), clamp=0.9)
+    checks.check("cuda", torch.float16, 1, 2, ("full", 3), ("sep", 4), [2, 1], True, None, layout=layout,
                     shape=(3, 4, 6, 9))
 
 
 def test_odd_sizes_no_bias_and_several_tiles(seed):
-    cpu_tests.check("cuda", torch.float32, shape=(1, 1, 1, 1), padding=[9, 8, 10, 7], use_bias=False)
-    cpu_tests.check("cuda", torch.float32, 2, 2, ("sep", 3), ("full", 2), [1, 0, 1, 2], shape=(3, 2, 1, 13), use_bias=False)
+    checks.check("cuda", torch.float32, shape=(1, 1, 1, 1), padding=[9, 8, 10, 7], use_bias=False)
+    checks.check("cuda", torch.float32, 2, 2, ("sep", 3), ("full", 2), [1, 0, 1, 2], shape=(3, 2, 1, 13), use_bias=False)
     # Outputs of 34 x 19 pixels: three by two tiles of 16 x 16, the last ones partial.
-    cpu_tests.check("cuda", torch.float32, 1, 1, ("sep", 3), ("sep", 2), [1, 1], shape=(1, 2, 34, 19), clamp=0.8)
-    cpu_tests.check("cuda", torch.float16, 2, 2, ("sep", 12), ("sep", 12), [10, 10, 10, 10], clamp=256.0,
+    checks.check("cuda", torch.float32, 1, 1, ("sep", 3), ("sep", 2), [1, 1], shape=(1, 2, 34, 19), clamp=0.8)
+    checks.check("cuda", torch.float16, 2, 2, ("sep", 12), ("sep", 12), [10, 10, 10, 10], clamp=256.0,
                     shape=(1, 2, 20, 17))

@@ -10,42 +10,33 @@ GPU in tests/test_gan_ops.py (marked gpu).
 import pytest
 import torch
 
-import test_gan_ops as cpu_tests
 from cuda_emulation import build
 from genfast.ops import pixel_norm
 from genfast.reference import gan as reference
 from genfast.testing import error_vs_reference
+from op_checks import gan as checks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CASES = cpu_tests.PIXEL_NORM_CASES + [
+CASES = checks.PIXEL_NORM_CASES + [
     ((3, 40, 2, 3), 1, "channels_last"),  # S == 1 and C a multiple of every vector width
     ((2, 70, 3, 1), 1, "contiguous"),  # S == 3: one partial tile of 32 columns, C not a multiple of 8
     ((2, 5, 67), 1, "contiguous"),  # S == 67: three tiles of columns, the last one partial
 ]
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    return build.build("gan")
-
-
-@pytest.fixture(autouse=True)
-def extension(emulated, monkeypatch):
-    extension = build.route_cuda_backend(monkeypatch, emulated)
-    yield extension
-    assert extension.calls.get("pixel_norm_cuda", 0) > 0, "the emulated CUDA kernels never ran"
+emulated, extension = build.cuda_backend_fixtures("gan", "pixel_norm_cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2]}-{'x'.join(map(str, c[0]))}")
 def test_pixel_norm_matches_reference(seed, dtype, case):
     shape, dim, layout = case
-    x = cpu_tests.make_x(shape, layout, dtype)
+    x = checks.make_x(shape, layout, dtype)
     dy = torch.randn(shape, dtype=torch.float64).to(dtype)
     w = torch.randn(shape, dtype=torch.float64).to(dtype)
-    fast = cpu_tests.pixel_norm_derivatives(lambda t: pixel_norm(t, dim, backend="cuda"), x, dy, w)
-    ref64 = cpu_tests.pixel_norm_derivatives(lambda t: reference.pixel_norm(t, dim), x.double(), dy.double(), w.double())
-    lowp = cpu_tests.pixel_norm_derivatives(lambda t: reference.pixel_norm(t, dim), x, dy, w)
+    fast = checks.pixel_norm_derivatives(lambda t: pixel_norm(t, dim, backend="cuda"), x, dy, w)
+    ref64 = checks.pixel_norm_derivatives(lambda t: reference.pixel_norm(t, dim), x.double(), dy.double(), w.double())
+    lowp = checks.pixel_norm_derivatives(lambda t: reference.pixel_norm(t, dim), x, dy, w)
     for name, f, r, p in zip(["y", "dx", "d2x", "d2dy"], fast, ref64, lowp):
         error_vs_reference(f, r, p, f"cuda {dtype} seed={seed} {name}")
 

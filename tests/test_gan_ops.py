@@ -13,7 +13,7 @@ from genfast.reference.upfirdn2d import upfirdn2d as ref_upfirdn2d
 from genfast.testing import error_vs_reference
 
 import helpers
-from helpers import random_tensor
+from op_checks.gan import PIXEL_NORM_CASES, make_x, pixel_norm_derivatives
 
 CPU = torch.device("cpu")
 
@@ -23,31 +23,6 @@ def require(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- pixel_norm
-
-# (shape, dim, layout): NCHW over channels (S > 1), channels_last (S == 1), non-dense, features
-# of a 2-D batch (long rows: several chunks in the Triton kernel), a permuted dense tensor.
-PIXEL_NORM_CASES = [
-    ((3, 37, 5, 3), 1, "contiguous"),
-    ((2, 13, 3, 5), 1, "channels_last"),
-    ((3, 11, 4, 3), 1, "strided"),
-    ((5, 600), -1, "contiguous"),
-    ((4, 9, 2, 3), 1, "permuted"),
-]
-
-
-def make_x(shape, layout, dtype):
-    return random_tensor(shape, dtype, layout, scale=1.7)
-
-
-def pixel_norm_derivatives(fn, x, dy, w):
-    """y, dx and the second derivatives (x, dy) of sum(dx * w)."""
-    x = x.detach().requires_grad_()
-    dy = dy.detach().requires_grad_()
-    y = fn(x)
-    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
-    d2x, d2dy = torch.autograd.grad((dx * w).sum(), (x, dy))
-    return [y.detach(), dx.detach(), d2x, d2dy]
-
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)

@@ -10,33 +10,24 @@ chunks and channel blocks. The same checks run on a real GPU in tests/test_group
 import pytest
 import torch
 
-import test_group_norm as cpu_tests
 from cuda_emulation import build
 from genfast.ops import group_norm
 from genfast.reference import group_norm as reference
 from genfast.testing import error_vs_reference
+from op_checks import group_norm as checks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    return build.build("group_norm")
-
-
-@pytest.fixture(autouse=True)
-def extension(emulated, monkeypatch):
-    extension = build.route_cuda_backend(monkeypatch, emulated)
-    yield extension
-    assert extension.calls.get("group_norm_fwd_cuda", 0) > 0, "the emulated CUDA kernels never ran"
+emulated, extension = build.cuda_backend_fixtures("group_norm", "group_norm_fwd_cuda")
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
-@pytest.mark.parametrize("layout", cpu_tests.LAYOUTS)
+@pytest.mark.parametrize("layout", checks.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(seed, dtype, layout, silu, affine, extension):
-    cpu_tests.check("cuda", dtype, (3, 12, 5, 7), 4, layout, silu, affine)
+    checks.check("cuda", dtype, (3, 12, 5, 7), 4, layout, silu, affine)
     assert extension.calls.get("group_norm_bwd_cuda", 0) > 0
 
 
@@ -49,7 +40,7 @@ def test_matches_reference(seed, dtype, layout, silu, affine, extension):
     ((1, 6, 2051), 2, "contiguous"),        # a group length no multiple of the vector: scalar path
 ])
 def test_chunks_and_channel_blocks(seed, dtype, layout, shape, groups):
-    cpu_tests.check("cuda", dtype, shape, groups, layout, silu=True)
+    checks.check("cuda", dtype, shape, groups, layout, silu=True)
 
 
 @pytest.mark.parametrize("shape,layout", [
@@ -61,13 +52,13 @@ def test_chunks_and_channel_blocks(seed, dtype, layout, shape, groups):
     ((1, 6, 2, 3), "strided"),
 ])
 def test_spatial_dims(seed, shape, layout):
-    cpu_tests.check("cuda", torch.float32, shape, 3, layout, silu=True)
-    cpu_tests.check("cuda", torch.float32, shape, 6, layout, silu=False, affine=False)
+    checks.check("cuda", torch.float32, shape, 3, layout, silu=True)
+    checks.check("cuda", torch.float32, shape, 6, layout, silu=False, affine=False)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_mean_does_not_cancel(seed, layout):
-    got = cpu_tests.check("cuda", torch.float32, (2, 8, 6, 5), 2, layout, silu=True, mean=2e3, scale=1.0)
+    got = checks.check("cuda", torch.float32, (2, 8, 6, 5), 2, layout, silu=True, mean=2e3, scale=1.0)
     assert got[0].std() > 0.1
 
 

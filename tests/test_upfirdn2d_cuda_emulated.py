@@ -10,37 +10,28 @@ GPU in tests/test_upfirdn2d.py (marked gpu).
 import pytest
 import torch
 
-import test_upfirdn2d as cpu_tests
 from cuda_emulation import build
 from genfast.ops import upfirdn2d
 from genfast.reference.upfirdn2d import upfirdn2d as reference
 from genfast.testing import error_vs_reference
+from op_checks import upfirdn2d as checks
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    return build.build("upfirdn2d")
+emulated, extension = build.cuda_backend_fixtures("upfirdn2d", "upfirdn2d_cuda")
 
 
-@pytest.fixture(autouse=True)
-def extension(emulated, monkeypatch):
-    extension = build.route_cuda_backend(monkeypatch, emulated)
-    yield extension
-    assert extension.calls.get("upfirdn2d_cuda", 0) > 0, "the emulated CUDA kernels never ran"
-
-
-@pytest.mark.parametrize("case", cpu_tests.CASES, ids=cpu_tests.case_id)
+@pytest.mark.parametrize("case", checks.CASES, ids=checks.case_id)
 def test_forward_cases(case, seed):
-    cpu_tests.test_forward_cases("cuda", case, seed)
+    checks.check_forward_cases("cuda", case, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channels_last_strided"])
 def test_forward_dtypes_and_layouts(dtype, layout, seed):
-    cpu_tests.test_forward_dtypes_and_layouts("cuda", dtype, layout, seed)
+    checks.check_forward_dtypes_and_layouts("cuda", dtype, layout)
 
 
-@pytest.mark.parametrize("spec", cpu_tests.TILED, ids=lambda s: f"up{s[0]}-down{s[1]}-f{s[2]}{'s' if s[3] else 'f'}")
+@pytest.mark.parametrize("spec", checks.TILED, ids=lambda s: f"up{s[0]}-down{s[1]}-f{s[2]}{'s' if s[3] else 'f'}")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_tiled_cases(spec, layout, seed):
     """Every tiled specialisation, with several tiles per axis (the last ones partial), for
@@ -48,8 +39,8 @@ def test_tiled_cases(spec, layout, seed):
     grid (cuda.grid_cap): the kernel's grid-stride loop over planes."""
     up, down, taps, separable = spec
     shape = (2, 3, 21, 40) if layout == "contiguous" else (2, 19, 13, 30)
-    x = cpu_tests.make_x(shape, torch.float16, layout)
-    f = cpu_tests.make_filter(taps, separable)
+    x = checks.make_x(shape, torch.float16, layout)
+    f = checks.make_filter(taps, separable)
     for padding in ([(taps + up - 1) // 2 + (down - 1), (taps - up) // 2, 3, -1], 0 if taps <= 4 else taps // 2):
         y = upfirdn2d(x, f, up, down, padding, gain=up * up, backend="cuda")
         error_vs_reference(y, reference(x.double(), f, up, down, padding, gain=up * up),
@@ -59,4 +50,4 @@ def test_tiled_cases(spec, layout, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_gradients(dtype, seed):
-    cpu_tests.test_gradients_vs_reference("cuda", dtype, seed)
+    checks.check_gradients_vs_reference("cuda", dtype)

@@ -264,6 +264,27 @@ def route_cuda_backend(monkeypatch, module) -> EmulatedExtension:
     return extension
 
 
+def cuda_backend_fixtures(family: str, kernel: str | None = None):
+    """The two fixtures of a CUDA emulation test module, bound to module names there:
+    ``emulated, extension = build.cuda_backend_fixtures("vae", "vae_forward_cuda")``.
+    ``emulated`` (module scope) is the family's compiled module; ``extension`` (autouse) routes
+    backend="cuda" to it for each test and, after the test, asserts that ``kernel`` (any entry
+    point when None) was called, so a test that silently ran another backend fails."""
+
+    @pytest.fixture(scope="module")
+    def emulated():
+        return build(family)
+
+    @pytest.fixture(autouse=True)
+    def extension(emulated, monkeypatch):
+        routed = route_cuda_backend(monkeypatch, emulated)
+        yield routed
+        ran = routed.calls.get(kernel, 0) > 0 if kernel else bool(routed.calls)
+        assert ran, "the emulated CUDA kernels never ran"
+
+    return emulated, extension
+
+
 def _poison_new_tensors(monkeypatch) -> None:
     """torch.empty & co. return NaN-filled floating tensors (integer ones: their maximum), as
     device memory is never zeroed: an output element a kernel forgets to write shows up (the
