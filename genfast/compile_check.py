@@ -174,6 +174,8 @@ def _attention_problems(dt, quick):
             dict(name="alibi+softcap+window", alibi=True, softcap=30.0, window_left=128, window_right=0),
             dict(name="dropout", dropout_p=0.1),
             dict(name="varlen", varlen=True, window_left=-1, window_right=0),
+            # a (1, 1, S, S) mask with S >= 46,341: offsets past 2^31, the BIAS_I64 path (D128 only)
+            dict(name="bias i64", bias=True, big=True),
         ]
     elif dt == "bf16":
         variants.append(dict(name="bias", bias=True))
@@ -181,8 +183,12 @@ def _attention_problems(dt, quick):
         for v in variants:
             if quick and D == 64 and v["name"] != "causal":
                 continue
+            if v.get("big") and D != 128:
+                continue
             name = v["name"]
             B, H, Hk, S = (1, 8, 2, 4096) if v.get("varlen") else (2, 8, 2, 1000)
+            if v.get("big"):
+                B, S = 1, 46400
             q = _meta(B, H, S, D, dtype=dt)
             k = _meta(B, Hk, S, D, dtype=dt)
             vv = _meta(B, Hk, S, D, dtype=dt)

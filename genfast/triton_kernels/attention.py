@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _MASK32 = 0xFFFFFFFF
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
