@@ -17,8 +17,10 @@
 
 namespace genfast {
 
-// Must match genfast/_ext.py DTYPE_CODES.
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+// Element types of the tensors the kernels take. genfast/_ext.py reads the codes from the
+// extension (_C.DTYPE_CODES), so Python never keeps its own copy.
+enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, I64 = 4, I32 = 5, BOOL = 6, U8 = 7 };
+constexpr int kNumDTypes = 8;
 
 inline const char* dtype_name(int code) {
   switch (code) {
@@ -26,6 +28,10 @@ inline const char* dtype_name(int code) {
     case F16: return "float16";
     case BF16: return "bfloat16";
     case F64: return "float64";
+    case I64: return "int64";
+    case I32: return "int32";
+    case BOOL: return "bool";
+    case U8: return "uint8";
     default: return "unknown";
   }
 }

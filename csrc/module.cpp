@@ -1,6 +1,6 @@
-// genfast._C: pybind11 bindings. Every function takes raw addresses (ints), sizes, dtype
-// codes and, for CUDA, the stream handle and device index; the Python wrappers validate
-// everything before calling. Nothing here links libtorch.
+// genfast._C: pybind11 bindings. Entry points take tensors as TensorViews (csrc/tensor_view.h:
+// read from torch tensors through the Python tensor protocol) and, for CUDA, the stream
+// handle; the Python wrappers validate the user's arguments first. Nothing here links libtorch.
 //
 // Op families bind themselves from csrc/<family>_bindings.cpp (GENFAST_REGISTER_BINDINGS);
 // this file holds only the module and the build/runtime queries.
@@ -11,6 +11,7 @@
 #include "bindings.h"
 #include "common.h"
 #include "cpu_isa.h"
+#include "tensor_view.h"
 
 #ifdef GENFAST_WITH_CUDA
 #include "cuda_runtime_info.h"
@@ -74,5 +75,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa_info", &cpu_isa_info);
   // std::invalid_argument (unknown name, or wider than this CPU) arrives as ValueError.
   m.def("set_cpu_isa", &genfast::set_cpu_isa, py::arg("name"));
+  genfast::bind_tensor_view(m);  // _C.DTYPE_CODES
   for (genfast::Binder bind : genfast::binders()) bind(m);
 }

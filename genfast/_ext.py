@@ -1,7 +1,8 @@
 """Loading of the native extension ``genfast._C`` and the glue that hands it tensors.
 
-The extension never links libtorch: it receives raw data addresses, sizes, a dtype code and,
-for CUDA, the stream handle. Everything is validated in Python before a kernel runs.
+The extension never links libtorch: it reads each tensor's address, dtype, shape, strides and
+device through the Python tensor protocol (csrc/tensor_view.h) and, for CUDA, gets the stream
+handle. Everything is validated in Python before a kernel runs.
 Importing genfast never fails because of the extension: a missing or broken build is
 recorded here with its reason, and the dispatcher falls back to another backend.
 """
@@ -67,8 +68,10 @@ def cpu_isa_info() -> dict:
     return info
 
 
-# Must match csrc/common.h DType.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# torch dtype -> the extension's element-type code (csrc/common.h DType), read from the
+# extension itself so the two sides cannot drift apart; empty without the extension.
+DTYPE_CODES = ({getattr(torch, name): code for name, code in _C.DTYPE_CODES.items() if hasattr(torch, name)}
+               if _C is not None and hasattr(_C, "DTYPE_CODES") else {})
 
 
 def build_info() -> dict:

@@ -101,37 +101,23 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _strides3(t: torch.Tensor) -> tuple:
-    return t.stride()[:3]
-
-
 # Below this many multiply-adds (B * H * Sq * Sk * D) a problem runs on one thread: waking the
 # OpenMP team costs more than it saves on a small problem (and small calls are launch-bound).
 SINGLE_THREAD_WORK = 1 << 18
 
 
-def _cpu_params(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
-                dropout_p, seed, cu_seqlens_q, cu_seqlens_k, seqused_k=None) -> dict:
+@functools.lru_cache(maxsize=256)
+def _options(scale: float, softcap: float, window_left: int, window_right: int, align_bottom_right: bool,
+             dropout_p: float):
+    """The extension's AttentionOptions of one problem (one per call signature in practice)."""
+    return _ext._C.AttentionOptions(scale=float(scale), softcap=float(softcap), window_left=int(window_left),
+                                    window_right=int(window_right), align_bottom_right=bool(align_bottom_right),
+                                    dropout_p=float(dropout_p))
+
+
+def _cpu_threads(q, k) -> int:
     B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    (q_sb, q_sh, q_ss, _), (k_sb, k_sh, k_ss, _), (v_sb, v_sh, v_ss, _) = q.stride(), k.stride(), v.stride()
-    p = dict(dtype=_ext.DTYPE_CODES[q.dtype], B=B, H=H, Hk=k.shape[1], Sq=Sq, Sk=Sk, D=D,
-             q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), scale=float(scale), softcap=float(softcap),
-             window_left=int(window_left), window_right=int(window_right),
-             align_bottom_right=bool(align_bottom_right), dropout_p=float(dropout_p),
-             seed=int(seed) & ((1 << 64) - 1),
-             num_threads=1 if B * H * Sq * Sk * D < SINGLE_THREAD_WORK else torch.get_num_threads(),
-             q_sb=q_sb, q_sh=q_sh, q_ss=q_ss, k_sb=k_sb, k_sh=k_sh, k_ss=k_ss, v_sb=v_sb, v_sh=v_sh, v_ss=v_ss)
-    if cu_seqlens_q is not None:
-        p.update(cu_q=cu_seqlens_q.data_ptr(), cu_k=cu_seqlens_k.data_ptr(), nseq=cu_seqlens_q.numel() - 1)
-    if seqused_k is not None:
-        p["seqused_k"] = seqused_k.data_ptr()
-    if alibi_slopes is not None:
-        p.update(alibi=alibi_slopes.data_ptr(), alibi_sb=0 if alibi_slopes.ndim == 1 else alibi_slopes.stride(0))
-    if bias is not None:
-        p.update(bias=bias.data_ptr(), bias_sb=bias.stride(0), bias_sh=bias.stride(1), bias_si=bias.stride(2),
-                 bias_sj=bias.stride(3))
-    return p
+    return 1 if B * H * Sq * k.shape[2] * D < SINGLE_THREAD_WORK else torch.get_num_threads()
 
 
 def _cpu_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -141,26 +127,28 @@ def _cpu_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
 def _cpu_forward(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
                  dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                  return_dropout_mask=False):
     q, k, v = _cpu_ready(q), _cpu_ready(k), _cpu_ready(v)
-    alibi_slopes = alibi_slopes.contiguous() if alibi_slopes is not None else None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
-    params = _cpu_params(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
-                         align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
-                         dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    params.update(out=out.data_ptr(), lse=lse.data_ptr())
     keep = None
     if return_dropout_mask:
         keep = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
-        if dropout_p > 0:
-            params["keep_mask"] = keep.data_ptr()
-        else:
+        if dropout_p == 0:
             keep.fill_(True)
     if q.numel() > 0:
-        _ext._C.attention_forward_cpu(params)
+        _ext._C.attention_forward_cpu(
+            q, k, v, out, lse, bias=bias, alibi_slopes=_dense(alibi_slopes), cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, seqused_k=None, keep_mask=keep if dropout_p > 0 else None,
+            seed=int(seed) & ((1 << 64) - 1),
+            options=_options(scale, softcap, window_left, window_right, align_bottom_right, dropout_p),
+            num_threads=_cpu_threads(q, k))
     return (out, lse, keep) if return_dropout_mask else (out, lse)
 
 
@@ -168,20 +156,16 @@ def _cpu_backward(dout, q, k, v, out, lse, *, scale, window_left, window_right, 
                   alibi_slopes, bias, dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                   max_seqlen_k=None, deterministic=False):
     q, k, v, dout = _cpu_ready(q), _cpu_ready(k), _cpu_ready(v), _cpu_ready(dout)
-    out, lse = out.contiguous(), lse.contiguous()
-    alibi_slopes = alibi_slopes.contiguous() if alibi_slopes is not None else None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk, dv
-    params = _cpu_params(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
-                         align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
-                         dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    params.update(out=out.data_ptr(), lse=lse.data_ptr(), dout=dout.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(),
-                  dv=dv.data_ptr())
-    params["do_sb"], params["do_sh"], params["do_ss"] = _strides3(dout)
-    _ext._C.attention_backward_cpu(params)
+    _ext._C.attention_backward_cpu(
+        dout, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, bias=bias, alibi_slopes=_dense(alibi_slopes),
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seed=int(seed) & ((1 << 64) - 1),
+        options=_options(scale, softcap, window_left, window_right, align_bottom_right, dropout_p),
+        num_threads=_cpu_threads(q, k))
     return dq, dk, dv
 
 
@@ -190,16 +174,15 @@ def _cpu_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, windo
     # The forward kernel with a per-row key count; queries are the last Sq positions. Split-KV
     # is not needed on the CPU: (batch, head) pairs already give every core work.
     q, k_cache, v_cache = _cpu_ready(q), _cpu_ready(k_cache), _cpu_ready(v_cache)
-    alibi_slopes = alibi_slopes.contiguous() if alibi_slopes is not None else None
-    seqused = cache_seqlens.to(torch.int32).contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
-    params = _cpu_params(q, k_cache, v_cache, scale=scale, window_left=window_left, window_right=window_right,
-                         align_bottom_right=True, softcap=softcap, alibi_slopes=alibi_slopes, bias=None, dropout_p=0.0,
-                         seed=0, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=seqused)
-    params.update(out=out.data_ptr(), lse=lse.data_ptr())
     if q.numel() > 0:
-        _ext._C.attention_forward_cpu(params)
+        seqused = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+        _ext._C.attention_forward_cpu(
+            q, k_cache, v_cache, out, lse, bias=None, alibi_slopes=_dense(alibi_slopes), cu_seqlens_q=None,
+            cu_seqlens_k=None, seqused_k=seqused.contiguous(), keep_mask=None, seed=0,
+            options=_options(scale, softcap, window_left, window_right, True, 0.0),
+            num_threads=_cpu_threads(q, k_cache))
     return out, lse
 
 
@@ -246,15 +229,9 @@ def _cuda_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)  # a fresh (aligned) allocation even when contiguous
 
 
-def _cuda_call(entry: str, q, k, v, buffers: dict, *, alibi_slopes, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=None, **masking):
-    """attention_<entry>_cuda with the common dict (_cpu_params, no bias or dropout: those raised
-    Unsupported) plus ``buffers`` (outputs, workspaces, kernel options), the stream and device."""
-    params = _cpu_params(q, k, v, alibi_slopes=alibi_slopes.contiguous() if alibi_slopes is not None else None,
-                         bias=None, dropout_p=0.0, seed=0, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                         seqused_k=seqused_k, **masking)
-    params.update(buffers, stream=_ext.stream_of(q), device=_device_index(q))
-    getattr(_ext._C, f"attention_{entry}_cuda")(params)
+def _cuda_launch(max_seqlen_q=0, max_seqlen_k=0, pack_gqa=False, num_splits=1):
+    return _ext._C.AttentionCudaLaunch(max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0),
+                                       pack_gqa=bool(pack_gqa), num_splits=int(num_splits))
 
 
 def _cuda_forward(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
@@ -265,10 +242,11 @@ def _cuda_forward(q, k, v, *, scale, window_left, window_right, align_bottom_rig
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.numel() > 0:
-        _cuda_call("forward", q, k, v,
-                   dict(out=out.data_ptr(), lse=lse.data_ptr(), max_seqlen_q=int(max_seqlen_q or 0)), scale=scale,
-                   window_left=window_left, window_right=window_right, align_bottom_right=align_bottom_right,
-                   softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        _ext._C.attention_forward_cuda(
+            q, k, v, out, lse, alibi_slopes=_dense(alibi_slopes), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            seqused_k=None, out_partial=None, lse_partial=None,
+            options=_options(scale, softcap, window_left, window_right, align_bottom_right, 0.0),
+            launch=_cuda_launch(max_seqlen_q, max_seqlen_k), stream=_ext.stream_of(q))
     return out, lse
 
 
@@ -286,13 +264,11 @@ def _cuda_backward(dout, q, k, v, out, lse, *, scale, window_left, window_right,
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = (dout.float() * out.float()).sum(-1)  # (B, H, Sq) fp32: the softmax backward's row term
-    lse = lse.contiguous()
-    buffers = dict(lse=lse.data_ptr(), dout=dout.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
-                   delta=delta.data_ptr(), max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0))
-    buffers["do_sb"], buffers["do_sh"], buffers["do_ss"] = _strides3(dout)
-    _cuda_call("backward", q, k, v, buffers, scale=scale, window_left=window_left, window_right=window_right,
-               align_bottom_right=align_bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
-               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _ext._C.attention_backward_cuda(
+        dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, alibi_slopes=_dense(alibi_slopes),
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        options=_options(scale, softcap, window_left, window_right, align_bottom_right, 0.0),
+        launch=_cuda_launch(max_seqlen_q, max_seqlen_k), stream=_ext.stream_of(q))
     return dq, dk, dv
 
 
@@ -321,14 +297,15 @@ def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, wind
     _, num_sms = _cuda_device_info(_device_index(q))
     # The G query heads of one key head share a block, so the cache is read once per group.
     splits = cuda_decode_splits(B, Hk, (H // Hk) * Sq, S_max, num_sms, num_splits)
-    buffers = dict(out=out.data_ptr(), lse=lse.data_ptr(), pack_gqa=H > Hk, num_splits=splits)
+    out_partial = lse_partial = None
     if splits > 1:
         out_partial = torch.empty((splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
         lse_partial = torch.empty((splits,) + tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
-        buffers.update(out_partial=out_partial.data_ptr(), lse_partial=lse_partial.data_ptr())
-    _cuda_call("forward", q, k_cache, v_cache, buffers, scale=scale, window_left=window_left,
-               window_right=window_right, align_bottom_right=True, softcap=softcap, alibi_slopes=alibi_slopes,
-               seqused_k=cache_seqlens.to(torch.int32).contiguous())
+    _ext._C.attention_forward_cuda(
+        q, k_cache, v_cache, out, lse, alibi_slopes=_dense(alibi_slopes), cu_seqlens_q=None, cu_seqlens_k=None,
+        seqused_k=cache_seqlens.to(torch.int32).contiguous(), out_partial=out_partial, lse_partial=lse_partial,
+        options=_options(scale, softcap, window_left, window_right, True, 0.0),
+        launch=_cuda_launch(pack_gqa=H > Hk, num_splits=splits), stream=_ext.stream_of(q))
     return out, lse
 
 

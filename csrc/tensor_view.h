@@ -1,0 +1,205 @@
+// TensorView: how a tensor reaches an extension entry point. The pybind11 caster below reads
+// it from any object with the torch.Tensor protocol (data_ptr(), shape, stride(), dtype,
+// get_device(), is_cpu) without linking libtorch, so one build serves every torch version.
+// An argument given as None becomes an absent view. Entry points check each view against
+// the others (shapes, dtypes, devices) with the expect_* helpers and throw a clear error
+// naming the argument before any kernel runs: a swapped or mis-shaped tensor raises instead
+// of corrupting memory.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include "common.h"
+
+namespace genfast {
+
+constexpr int kMaxDims = 8;
+
+struct TensorView {
+  void* data = nullptr;
+  bool present = false;  // false: the argument was None
+  int dtype = -1;        // DType (common.h); -1: a dtype no kernel takes
+  int device = -1;       // -1: CPU, >= 0: CUDA device ordinal
+  int ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};  // in elements, as torch reports them
+
+  int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
+  int64_t stride(int d) const { return strides[d < 0 ? d + ndim : d]; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; ++d) n *= shape[d];
+    return n;
+  }
+  bool contiguous() const {  // row-major dense (size-1 dimensions may have any stride)
+    int64_t expected = 1;
+    for (int d = ndim - 1; d >= 0; --d) {
+      if (shape[d] != 1 && strides[d] != expected) return false;
+      expected *= shape[d];
+    }
+    return true;
+  }
+  template <typename T> T* ptr() const { return static_cast<T*>(data); }
+  uintptr_t address() const { return reinterpret_cast<uintptr_t>(data); }
+};
+
+// The checks throw std::invalid_argument (ValueError in Python) or pybind11::type_error
+// (TypeError), naming the entry point and the argument.
+inline std::string describe(const TensorView& t) {
+  if (!t.present) return "None";
+  std::ostringstream s;
+  s << dtype_name(t.dtype) << " (";
+  for (int d = 0; d < t.ndim; ++d) s << (d ? ", " : "") << t.shape[d];
+  s << (t.ndim == 1 ? ",)" : ")") << " on " << (t.device < 0 ? std::string("cpu") : "cuda:" + std::to_string(t.device));
+  return s.str();
+}
+
+[[noreturn]] inline void fail_value(const char* fn, const std::string& message) { throw std::invalid_argument(std::string(fn) + ": " + message); }
+[[noreturn]] inline void fail_type(const char* fn, const std::string& message) { throw pybind11::type_error(std::string(fn) + ": " + message); }
+
+inline void expect_present(const char* fn, const char* name, const TensorView& t) {
+  if (!t.present) fail_value(fn, std::string(name) + " is required, got None");
+}
+
+inline void expect_ndim(const char* fn, const char* name, const TensorView& t, int ndim) {
+  expect_present(fn, name, t);
+  if (t.ndim != ndim)
+    fail_value(fn, std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " + describe(t));
+}
+
+inline void expect_shape(const char* fn, const char* name, const TensorView& t, std::initializer_list<int64_t> shape) {
+  expect_ndim(fn, name, t, static_cast<int>(shape.size()));
+  int d = 0;
+  for (int64_t want : shape) {
+    if (want >= 0 && t.shape[d] != want) {
+      std::ostringstream s;
+      s << name << " must have shape (";
+      int e = 0;
+      for (int64_t w : shape) s << (e++ ? ", " : "") << (w < 0 ? std::string("*") : std::to_string(w));
+      s << "), got " << describe(t);
+      fail_value(fn, s.str());
+    }
+    ++d;
+  }
+}
+
+inline void expect_same_shape(const char* fn, const char* name, const TensorView& t, const char* other_name,
+                       const TensorView& other) {
+  expect_present(fn, name, t);
+  bool same = t.ndim == other.ndim;
+  for (int d = 0; same && d < t.ndim; ++d) same = t.shape[d] == other.shape[d];
+  if (!same) fail_value(fn, std::string(name) + " must have the shape of " + other_name + " (" + describe(other) +
+                                "), got " + describe(t));
+}
+
+inline void expect_dtype(const char* fn, const char* name, const TensorView& t, int dtype) {
+  expect_present(fn, name, t);
+  if (t.dtype != dtype) fail_type(fn, std::string(name) + " must be " + dtype_name(dtype) + ", got " + describe(t));
+}
+
+inline void expect_float_dtype(const char* fn, const char* name, const TensorView& t) {
+  expect_present(fn, name, t);
+  if (t.dtype < F32 || t.dtype > F64)
+    fail_type(fn, std::string(name) + " must be float32, float16, bfloat16 or float64, got " + describe(t));
+}
+
+inline void expect_same_device(const char* fn, const char* name, const TensorView& t, const TensorView& ref) {
+  expect_present(fn, name, t);
+  if (t.device != ref.device) fail_value(fn, std::string(name) + " is on another device than the other tensors: " +
+                                                 describe(t) + " vs " + describe(ref));
+}
+
+inline void expect_cpu(const char* fn, const char* name, const TensorView& t) {
+  expect_present(fn, name, t);
+  if (t.device >= 0) fail_value(fn, std::string(name) + " must be a CPU tensor, got " + describe(t));
+}
+
+inline void expect_cuda(const char* fn, const char* name, const TensorView& t) {
+  expect_present(fn, name, t);
+#ifndef GENFAST_CUDA_EMULATION
+  if (t.device < 0) fail_value(fn, std::string(name) + " must be a CUDA tensor, got " + describe(t));
+#endif
+}
+
+inline void expect_contiguous(const char* fn, const char* name, const TensorView& t) {
+  expect_present(fn, name, t);
+  if (!t.contiguous()) fail_value(fn, std::string(name) + " must be contiguous, got " + describe(t));
+}
+
+inline void expect_unit_last_stride(const char* fn, const char* name, const TensorView& t) {
+  expect_present(fn, name, t);
+  if (t.ndim > 0 && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1)
+    fail_value(fn, std::string(name) + " must have unit stride in its last dimension, got " + describe(t) +
+                       " with stride " + std::to_string(t.strides[t.ndim - 1]));
+}
+
+inline pybind11::dict dtype_codes() {
+  pybind11::dict d;
+  for (int code = 0; code < kNumDTypes; ++code) d[dtype_name(code)] = code;
+  return d;
+}
+
+inline int dtype_code(const std::string& name) {
+  for (int code = 0; code < kNumDTypes; ++code)
+    if (name == dtype_name(code)) return code;
+  return -1;
+}
+
+inline void bind_tensor_view(pybind11::module_& m) { m.attr("DTYPE_CODES") = dtype_codes(); }
+
+}  // namespace genfast
+
+namespace pybind11 {
+namespace detail {
+
+template <>
+struct type_caster<genfast::TensorView> {
+  PYBIND11_TYPE_CASTER(genfast::TensorView, const_name("Tensor | None"));
+
+  bool load(handle src, bool) {
+    value = genfast::TensorView{};
+    if (src.is_none()) return true;
+    if (!hasattr(src, "data_ptr") || !hasattr(src, "stride")) return false;  // pybind11 names the argument
+    object shape = src.attr("shape");
+    object strides = src.attr("stride")();
+    const auto n = static_cast<int>(len(shape));
+    if (n > genfast::kMaxDims)
+      throw value_error("a tensor with " + std::to_string(n) + " dimensions reached a genfast kernel (at most " +
+                        std::to_string(genfast::kMaxDims) + ")");
+    value.ndim = n;
+    for (int d = 0; d < n; ++d) {
+      value.shape[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d));
+      value.strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
+    }
+    value.dtype = dtype_of(src.attr("dtype"));
+    value.device = src.attr("get_device")().cast<int>();
+    if (value.device < 0 && !src.attr("is_cpu").cast<bool>())
+      throw value_error("a tensor on a device other than the CPU or a CUDA GPU reached a genfast kernel (" +
+                        str(src.attr("device")).cast<std::string>() + ")");
+    value.data = reinterpret_cast<void*>(src.attr("data_ptr")().cast<uintptr_t>());
+    value.present = true;
+    return true;
+  }
+
+ private:
+  // torch.dtype objects are singletons: remember each one's code by identity.
+  static int dtype_of(handle dtype) {
+    static std::unordered_map<PyObject*, int> known;
+    auto it = known.find(dtype.ptr());
+    if (it != known.end()) return it->second;
+    std::string name = str(dtype).cast<std::string>();  // "torch.float32"
+    if (name.rfind("torch.", 0) == 0) name = name.substr(6);
+    const int code = genfast::dtype_code(name);
+    known.emplace(dtype.inc_ref().ptr(), code);  // kept alive with the table
+    return code;
+  }
+};
+
+}  // namespace detail
+}  // namespace pybind11
