@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["type_name", "is_int", "is_real", "is_nan", "is_finite", "compiling", "check_tensor", "check_real",
            "check_int", "check_backend", "ValidatedSignatures", "cacheable", "tensor_key", "cpu_threads",
-           "SINGLE_THREAD_ELEMENTS"]
+           "SINGLE_THREAD_ELEMENTS", "is_dense", "dense"]
 
 
 def type_name(v) -> str:
@@ -165,3 +165,25 @@ SINGLE_THREAD_ELEMENTS = 1 << 15
 def cpu_threads(work: int, single_thread_below: int = SINGLE_THREAD_ELEMENTS) -> int:
     """num_threads for a C++ CPU entry point doing ``work`` (elements or multiply-adds)."""
     return 1 if work < single_thread_below else torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- memory layouts
+# Shared by the elementwise families (bias_act, diffusion, gan, ...): their kernels run in any
+# dense layout.
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True if ``t`` covers its memory without gaps or overlaps, in any dimension order."""
+    if t.is_contiguous():  # the common case, without sorting the strides
+        return True
+    expected = 1
+    for d in sorted((d for d in range(t.ndim) if t.shape[d] != 1), key=t.stride):
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is dense (any dimension order), else a contiguous copy."""
+    return t if is_dense(t) else t.contiguous()
