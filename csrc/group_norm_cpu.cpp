@@ -297,8 +297,15 @@ inline F grad_z(F dy, F xhat, F w, F b) {
   return dy * silu_grad(xhat * w + b);
 }
 
+// With the SiLU fused, dz = dy * silu'(z) costs an exp per element. A group of at most this many
+// elements keeps its dz (per thread, in the compute type) from the sums pass for the dx pass,
+// instead of computing it twice; larger groups would not stay in L2, so they recompute.
+constexpr int64_t kKeepDzElements = int64_t(1) << 18;
+
+// dz_keep: scratch of D * S elements for the group's dz, or null to recompute it.
 template <typename T, bool SILU>
-GF_CPU_KERNEL void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t g, double* A, double* B) {
+GF_CPU_KERNEL void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t g, double* A, double* B,
+                                       StatT<T>* __restrict dz_keep) {
   using F = StatT<T>;
   const Shape& sh = a.shape;
   const int64_t D = sh.C / sh.G, S = sh.S;
@@ -316,18 +323,32 @@ GF_CPU_KERNEL void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t
     const F wc = w ? load(w, channel) : F(1), bc = b ? load(b, channel) : F(0);
     const T* __restrict xr = x + c * S;
     const T* __restrict dyr = dy + c * S;
+    F* __restrict keep = dz_keep ? dz_keep + c * S : nullptr;
     double sa = 0, sb = 0;
     for (int64_t begin = 0; begin < S; begin += kInner) {
       const int64_t end = std::min(S, begin + kInner);
       F pa = 0, pb = 0;
+      if (keep) {
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp simd reduction(+ : pa, pb)
 #endif
-      for (int64_t s = begin; s < end; ++s) {
-        const F xh = (load(xr, s) - m) * r;
-        const F dz = grad_z<F, SILU>(load(dyr, s), xh, wc, bc);
-        pa += dz * xh;
-        pb += dz;
+        for (int64_t s = begin; s < end; ++s) {
+          const F xh = (load(xr, s) - m) * r;
+          const F dz = grad_z<F, SILU>(load(dyr, s), xh, wc, bc);
+          keep[s] = dz;
+          pa += dz * xh;
+          pb += dz;
+        }
+      } else {
+#ifdef GENFAST_WITH_OPENMP
+#pragma omp simd reduction(+ : pa, pb)
+#endif
+        for (int64_t s = begin; s < end; ++s) {
+          const F xh = (load(xr, s) - m) * r;
+          const F dz = grad_z<F, SILU>(load(dyr, s), xh, wc, bc);
+          pa += dz * xh;
+          pb += dz;
+        }
       }
       sa += double(pa);
       sb += double(pb);
@@ -346,6 +367,11 @@ GF_CPU_KERNEL void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t
     const T* __restrict xr = x + c * S;
     const T* __restrict dyr = dy + c * S;
     T* __restrict dxr = dx + c * S;
+    if (dz_keep) {
+      const F* __restrict keep = dz_keep + c * S;
+      for (int64_t s = 0; s < S; ++s) dxr[s] = from_compute<T>(keep[s] * kz + k0 + (load(xr, s) - m) * r * kx);
+      continue;
+    }
     for (int64_t s = 0; s < S; ++s) {
       const F xh = (load(xr, s) - m) * r;
       const F dz = grad_z<F, SILU>(load(dyr, s), xh, wc, bc);
@@ -416,12 +442,22 @@ void backward(const BackwardArgs& a) {
   const int64_t total = N * C * S;
   std::vector<double> A(size_t(N * C)), B(size_t(N * C));
   if (!sh.channels_last) {
-    const int64_t tasks = N * G;
+    const int64_t tasks = N * G, L = D * S;
     const int threads = threads_for(a.num_threads, total, tasks);
+    const bool keep_dz = SILU && L <= kKeepDzElements;
+    std::vector<F> dz_scratch(keep_dz ? size_t(threads) * size_t(L) : 0);
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
-    for (int64_t t = 0; t < tasks; ++t) GF_CPU_DISPATCH(backward_group_nchw<T, SILU>(a, t / G, t % G, A.data(), B.data()));
+    for (int64_t t = 0; t < tasks; ++t) {
+#ifdef GENFAST_WITH_OPENMP
+      const int tid = omp_get_thread_num();
+#else
+      const int tid = 0;
+#endif
+      F* keep = keep_dz ? dz_scratch.data() + size_t(tid) * size_t(L) : nullptr;
+      GF_CPU_DISPATCH(backward_group_nchw<T, SILU>(a, t / G, t % G, A.data(), B.data(), keep));
+    }
   } else {
     const int64_t R = rows_per_block(C, S), blocks = (S + R - 1) / R, tasks = N * blocks;
     const int threads = threads_for(a.num_threads, total, tasks);
