@@ -42,3 +42,69 @@ def test_overhead_suite_times_host_calls_of_every_case():
         assert 0 < row["median_ms"] < 1000 and row["reps"] == 5
     genfast_rows = [r for r in rows if r["provider"] == "genfast"]
     assert genfast_rows and all(r["vs_torch"] > 0 for r in genfast_rows)
+
+
+def test_shared_providers_thunks_table_and_compile_failures(monkeypatch):
+    """genfast.bench.providers, which every op suite builds its providers with: the fwd / fwd+bwd /
+    bwd thunks return the right values, the table routes each genfast backend to its own call,
+    and a failed torch.compile is remembered as the reason the compile baseline cannot run."""
+    import pytest
+    import torch
+
+    from genfast.bench import providers
+
+    x, b = torch.randn(3, 5, requires_grad=True), torch.randn(5, requires_grad=True)
+    inputs = {"x": x, "b": b, "dy": torch.randn(3, 5)}
+    z = (x + b).detach()
+    dz = inputs["dy"] * z.cos()
+
+    def fn(x_, b_):
+        return (x_ + b_).sin()
+
+    def thunk(mode):
+        return providers.thunk_factory(fn, mode, args=("x", "b"), wrt=("x", "b"))(inputs)
+
+    torch.testing.assert_close(thunk("fwd")(), z.sin())
+    y, dx, db = thunk("fwd+bwd")()
+    torch.testing.assert_close(y, z.sin())
+    torch.testing.assert_close(dx, dz)
+    torch.testing.assert_close(db, dz.sum(0))
+    backward_only = thunk("bwd")
+    for _ in range(2):  # the graph is built once and kept: the timed call repeats the backward
+        dx, db = backward_only()
+        torch.testing.assert_close(db, dz.sum(0))
+    with pytest.raises(ValueError, match="mode"):
+        providers.thunk_factory(fn, "sideways")
+
+    class Dispatch:
+        @staticmethod
+        def unavailable_reason(name, device, dtype):
+            return None if name == "cpu" else f"no {name} here"
+
+    called = []
+
+    def fast(x_, b_, backend):
+        called.append(backend)
+        return fn(x_, b_)
+
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)  # no real compile: the failure path is the point
+    failures = providers.CompileFailures()
+
+    def broken(x_, b_):
+        raise RuntimeError("cannot trace this")
+
+    table = providers.op_providers(fast, broken, "fwd", "cpu", torch.float32, Dispatch, True, failures, ("cpu", "fwd"),
+                                   args=("x", "b"))
+    assert list(table) == list(providers.PROVIDERS)
+    assert table["cuda"].unavailable == "no cuda here" and table["triton"].unavailable == providers.TRITON_ON_CPU
+    assert [table[n].kind for n in table] == ["genfast"] * 3 + ["baseline"] * 2
+    torch.testing.assert_close(table["cpu"].factory(inputs)(), z.sin())
+    assert called == ["cpu"]
+    with pytest.raises(RuntimeError, match="cannot trace"):
+        table["compile"].factory(inputs)
+    again = providers.op_providers(fast, broken, "fwd", "cpu", torch.float32, Dispatch, True, failures, ("cpu", "fwd"),
+                                   args=("x", "b"))
+    assert "cannot trace this" in again["compile"].unavailable and again["compile"].factory is None
+    assert providers.compile_cleanup(again) is None and providers.compile_cleanup(table) is providers.reset_compile
+    no_compile = providers.op_providers(fast, fn, "fwd", "cpu", torch.float32, Dispatch, False, failures, "other")
+    assert no_compile["compile"].unavailable == providers.NO_COMPILE

@@ -3,7 +3,9 @@
 
   timing.py   device-agnostic timing (CUDA events / wall clock), copy bandwidth, and the
               generic ``Case``/``Provider`` structure with its runner
-  bias_act.py the bias_act cases
+  providers.py what the op suites share: the provider table (genfast backends, eager,
+              compile), why a provider cannot run, thunks, the torch.compile baseline
+  bias_act.py, group_norm.py, ... one op suite each: its cases (inputs, calls, sizes)
   report.py   text table, CSV/JSON, PNG plot
   cli.py      the command line; ``OPS`` is the registry of op suites
 """

@@ -18,6 +18,7 @@ Sizes: GPU S in 512..16k, head dims 64/128/256, bf16 and fp16; CPU fp32 S 1k..4k
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Optional
 
@@ -25,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import attention as ops
+from .providers import GENFAST_BACKENDS, TRITON_ON_CPU, case_device, itemsize, thunk_factory
 from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
 
 NAME = "attention"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 BASELINES = ("sdpa",) + tuple(SDPA_BACKENDS) + ("flex", "flash-attn")
@@ -67,7 +68,7 @@ def provider_unavailable(name: str, device: torch.device, dtype: torch.dtype, mo
     device = torch.device(device)
     if name in GENFAST_BACKENDS:
         if name == "triton" and device.type == "cpu":
-            return "triton on CPU tensors is the interpreter, not a benchmark"
+            return TRITON_ON_CPU
         table = ops.DECODE if decode else (ops.FORWARD if mode == "fwd" else ops.BACKWARD)
         return table.unavailable_reason(name, device, dtype)
     if name == "sdpa":
@@ -156,34 +157,13 @@ def _flash_attn_fn():
 
 
 def _thunk_factory(fn, mode: str, causal: bool, warm_up: bool = False):
-    def factory(inputs: dict):
-        q, k, v, dout = inputs["q"], inputs["k"], inputs["v"], inputs["dout"]
-        if mode == "fwd":
-            def thunk():
-                with torch.no_grad():
-                    return fn(q, k, v, causal)
-        elif mode == "fwd+bwd":
-            def thunk():
-                out = fn(q, k, v, causal)
-                return (out,) + tuple(torch.autograd.grad(out, (q, k, v), dout))
-        elif mode == "bwd":
-            out = fn(q, k, v, causal)
-
-            def thunk():
-                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-        else:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if warm_up:
-            thunk()
-        return thunk
-
-    return factory
+    """inputs -> thunk for ``fn(q, k, v, causal)`` in ``mode``; fwd runs without autograd."""
+    return thunk_factory(functools.partial(fn, causal=causal), mode, args=("q", "k", "v"), wrt=("q", "k", "v"),
+                         grad_outputs=("dout",), no_grad_forward=True, warm_up=warm_up)
 
 
 def build_case(mode: str, shape: tuple, dtype: torch.dtype, causal: bool, device="cpu") -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
     B, H, S, D = shape
     providers = {}
     for name in PROVIDERS:
@@ -205,8 +185,8 @@ def build_case(mode: str, shape: tuple, dtype: torch.dtype, causal: bool, device
             else:
                 factory = _thunk_factory(_flash_attn_fn(), mode, causal)
         providers[name] = Provider(name, kind, factory, reason)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    io = (4 if mode == "fwd" else 8 if mode == "bwd" else 9) * math.prod(shape) * itemsize  # ideal tensor traffic
+    # ideal tensor traffic
+    io = (4 if mode == "fwd" else 8 if mode == "bwd" else 9) * math.prod(shape) * itemsize(dtype)
     return Case(op=NAME, mode=mode, shape=tuple(shape), dtype=dtype, act="causal" if causal else "full",
                 device=device, bytes_moved=io,
                 make_inputs=lambda i: make_inputs(shape, dtype, device, mode, seed=i), providers=providers,
@@ -219,9 +199,7 @@ def build_case(mode: str, shape: tuple, dtype: torch.dtype, causal: bool, device
 
 
 def build_decode_case(B: int, H: int, Hk: int, S: int, D: int, dtype: torch.dtype, device) -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
 
     def make(i):
         gen = torch.Generator(device=device).manual_seed(99 + i)
@@ -251,10 +229,9 @@ def build_decode_case(B: int, H: int, Hk: int, S: int, D: int, dtype: torch.dtyp
                     fn = _flash_attn()[1]
                     return lambda: fn(inp["q"], inp["k_cache"], inp["v_cache"], cache_seqlens=inp["seqlens"])
         providers[name] = Provider(name, kind, factory, reason)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    cache_bytes = 2 * B * S * Hk * D * itemsize
+    cache_bytes = 2 * B * S * Hk * D * itemsize(dtype)
     return Case(op=NAME, mode="decode", shape=(B, H, S, D), dtype=dtype, act=f"kv{Hk}", device=device,
-                bytes_moved=cache_bytes + 2 * B * H * D * itemsize, make_inputs=make, providers=providers,
+                bytes_moved=cache_bytes + 2 * B * H * D * itemsize(dtype), make_inputs=make, providers=providers,
                 reference="sdpa", baselines=("sdpa",), n_input_sets=input_sets_for(device, cache_bytes),
                 extra={"flops": 4.0 * B * H * S * D})
 

@@ -21,20 +21,18 @@ sync), and on GPUs 16x4x1024x1024 (64M elements, bandwidth-bound).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
 from ..ops import diffusion as ops
 from ..reference import diffusion as ref
+from .providers import BASELINES, GENFAST_BACKENDS, PROVIDERS, CompileFailures, case_device, compile_cleanup
+from .providers import compile_factory, provider_unavailable, thunk_factory
 from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for, outputs_close
 
 NAME = "diffusion"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
-BASELINES = ("eager", "compile")
-PROVIDERS = GENFAST_BACKENDS + BASELINES
 VARIANTS = ("step_ddim", "step_dpm2m", "step_cfg_noise", "add_noise_v", "loss_fwd_bwd", "cfg", "cfg_rescale",
             "embedding")
 QUICK_VARIANTS = ("step_ddim", "add_noise_v", "loss_fwd_bwd", "cfg_rescale", "embedding")
@@ -54,21 +52,8 @@ CPU_DTYPES = (torch.float32,)
 GPU_DTYPES = (torch.float16, torch.float32)
 GPU_QUICK_DTYPES = (torch.float16,)
 
-_compile_failed: dict = {}
-
-
-def provider_unavailable(name: str, device, dtype: torch.dtype, variant: str, use_compile: bool = True) -> Optional[str]:
-    device = torch.device(device)
-    if name == "eager":
-        return None
-    if name == "compile":
-        if not use_compile:
-            return "disabled (--no-compile)"
-        return _compile_failed.get((device.type, variant))
-    if name == "triton" and device.type == "cpu":
-        return "triton on CPU tensors is the interpreter, not a benchmark"
-    kernel_dtype = torch.int64 if variant == "embedding" else dtype
-    return ops.DISPATCH[KERNEL[variant]].unavailable_reason(name, device, kernel_dtype)
+# torch.compile failures, per (device type, variant): after the first, later cases do not retry.
+_compile_failures = CompileFailures()
 
 
 def bytes_moved(variant: str, shape: tuple, dtype: torch.dtype) -> int:
@@ -186,51 +171,26 @@ def _check(variant: str):
     return shapes_only
 
 
-@contextlib.contextmanager
-def _compile_config():
-    try:
-        import torch._inductor.config as inductor_config
-
-        with inductor_config.patch(compile_threads=1):
-            yield
-    except ImportError:
-        yield
-
-
 def build_case(variant: str, shape: tuple, dtype: torch.dtype, device="cpu", use_compile: bool = True) -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
+    dispatch = ops.DISPATCH[KERNEL[variant]]
+    kernel_dtype = torch.int64 if variant == "embedding" else dtype
+    key = (device.type, variant)
     providers = {}
     for name in PROVIDERS:
-        kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
-        reason = provider_unavailable(name, device, dtype, variant, use_compile)
+        reason = provider_unavailable(name, device, kernel_dtype, dispatch, use_compile, _compile_failures, key)
         factory = None
-        if reason is None:
+        if reason is None:  # each provider's function takes the inputs dict (loss_fwd_bwd runs its own backward)
             fn = _fn(variant, name)
-            if name == "compile":
-                compiled = torch.compile(fn, dynamic=False)
-
-                def factory(inputs, _c=compiled):
-                    try:
-                        with _compile_config():
-                            _c(inputs)  # compile and warm up
-                    except Exception as exc:
-                        text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-                        _compile_failed[(device.type, variant)] = f"torch.compile failed earlier ({text[0][:150]})"
-                        raise
-                    return lambda: _c(inputs)
-            else:
-                def factory(inputs, _f=fn):
-                    return lambda: _f(inputs)
-        providers[name] = Provider(name, kind, factory, reason)
+            factory = (compile_factory(fn, "fwd", _compile_failures, key, args=None) if name == "compile"
+                       else thunk_factory(fn, "fwd", args=None))
+        providers[name] = Provider(name, GENFAST if name in GENFAST_BACKENDS else BASELINE, factory, reason)
     per_set = bytes_moved(variant, shape, dtype)
     return Case(op=NAME, mode="fwd+bwd" if variant == "loss_fwd_bwd" else "fwd", shape=tuple(shape), dtype=dtype,
                 act=variant, device=device, bytes_moved=bytes_moved(variant, shape, dtype),
                 make_inputs=lambda i: make_inputs(variant, shape, dtype, device, seed=i), providers=providers,
                 reference="eager", baselines=BASELINES, n_input_sets=input_sets_for(device, per_set),
-                check=_check(variant),
-                cleanup=torch._dynamo.reset if providers["compile"].unavailable is None else None)
+                check=_check(variant), cleanup=compile_cleanup(providers))
 
 
 def _plan(device, quick: bool):

@@ -17,20 +17,18 @@ and the bias are not counted).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
 from ..ops.filtered_lrelu import DISPATCH
 from ..ops.filtered_lrelu import filtered_lrelu as genfast_filtered_lrelu
 from ..reference.filtered_lrelu import filtered_lrelu as reference
-from .bias_act import _compile_factory, _reset_compile, _thunk_factory
-from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
+from .providers import BASELINES, GENFAST_BACKENDS, PROVIDERS  # noqa: F401  (the suite's provider table)
+from .providers import CompileFailures, case_device, compile_cleanup, itemsize, op_providers
+from .timing import Case, input_sets_for
 
 NAME = "filtered_lrelu"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
-BASELINES = ("eager", "compile")
-PROVIDERS = GENFAST_BACKENDS + BASELINES
 MODES = ("fwd", "fwd+bwd")
 FULL_TENSORS = {"fwd": 2, "fwd+bwd": 4}  # x-sized tensors read or written (x, y; dy, dx)
 
@@ -42,6 +40,9 @@ GPU_QUICK_SHAPES = ((8, 256, 36, 36),)
 CPU_DTYPES = (torch.float32,)
 GPU_DTYPES = (torch.float32, torch.float16)
 
+# torch.compile failures, per (device type, mode): after the first, later cases do not retry.
+_compile_failures = CompileFailures()
+
 
 def lowpass(taps: int, cutoff: float = 0.5) -> torch.Tensor:
     """A Kaiser-windowed sinc lowpass (cutoff in units of the sample rate's Nyquist), unit DC
@@ -51,17 +52,6 @@ def lowpass(taps: int, cutoff: float = 0.5) -> torch.Tensor:
     return (h / h.sum()).float()
 
 
-def provider_unavailable(name: str, device: torch.device, dtype: torch.dtype, use_compile: bool = True) -> Optional[str]:
-    device = torch.device(device)
-    if name == "eager":
-        return None
-    if name == "compile":
-        return None if use_compile else "disabled (--no-compile)"
-    if name == "triton" and device.type == "cpu":
-        return "triton on CPU tensors is the interpreter, not a benchmark"
-    return DISPATCH.unavailable_reason(name, device, dtype)
-
-
 def output_shape(shape: tuple) -> tuple:
     n, c, h, w = shape
     taps = 2 * (TAPS - 1)
@@ -69,9 +59,8 @@ def output_shape(shape: tuple) -> tuple:
 
 
 def bytes_moved(mode: str, shape: tuple, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
     x_elems, y_elems = math.prod(shape), math.prod(output_shape(shape))
-    return (x_elems + y_elems) * itemsize * (2 if mode == "fwd+bwd" else 1)
+    return (x_elems + y_elems) * itemsize(dtype) * (2 if mode == "fwd+bwd" else 1)
 
 
 def make_inputs(shape: tuple, dtype: torch.dtype, device, mode: str, seed: int = 0) -> dict:
@@ -88,35 +77,20 @@ def make_inputs(shape: tuple, dtype: torch.dtype, device, mode: str, seed: int =
 
 
 def build_case(mode: str, shape: tuple, dtype: torch.dtype, device="cpu", use_compile: bool = True) -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     f = lowpass(TAPS).to(device)
 
-    def ref_fn(x, b):
+    def fast(x, b, backend):
+        return genfast_filtered_lrelu(x, f, f, b, UP, DOWN, PADDING, clamp=CLAMP, backend=backend)
+
+    def eager(x, b):
         return reference(x, f, f, b, UP, DOWN, PADDING, clamp=CLAMP)
 
-    providers = {}
-    for name in PROVIDERS:
-        kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
-        reason = provider_unavailable(name, device, dtype, use_compile)
-        factory = None
-        if reason is None:
-            if kind == GENFAST:
-                def fn(x, b, _name=name):
-                    return genfast_filtered_lrelu(x, f, f, b, UP, DOWN, PADDING, clamp=CLAMP, backend=_name)
-
-                factory = _thunk_factory(fn, mode)
-            elif name == "eager":
-                factory = _thunk_factory(ref_fn, mode)
-            else:
-                factory = _compile_factory(torch.compile(ref_fn, dynamic=False), mode, device)
-        providers[name] = Provider(name, kind, factory, reason)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_set = (math.prod(shape) + math.prod(output_shape(shape)) * (2 if mode != "fwd" else 1)) * itemsize
-    compiles = providers["compile"].unavailable is None
+    providers = op_providers(fast, eager, mode, device, dtype, DISPATCH, use_compile, _compile_failures,
+                             (device.type, mode), args=("x", "b"), wrt=("x", "b"))
+    per_set = (math.prod(shape) + math.prod(output_shape(shape)) * (2 if mode != "fwd" else 1)) * itemsize(dtype)
     return Case(
         op=NAME,
         mode=mode,
@@ -131,7 +105,7 @@ def build_case(mode: str, shape: tuple, dtype: torch.dtype, device="cpu", use_co
         baselines=BASELINES,
         n_input_sets=input_sets_for(device, per_set),
         variant=f"up{UP},down{DOWN},{TAPS}tap,clamp={CLAMP:g}",
-        cleanup=_reset_compile if compiles else None,
+        cleanup=compile_cleanup(providers),
     )
 
 

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,12 +26,12 @@ from ..nn.gan import FusedLinearAct
 from ..ops.gan import DISPATCH, modulated_conv2d, pixel_norm
 from ..ops.upfirdn2d import setup_filter
 from ..reference import gan as reference
-from . import bias_act as _bias_act_suite
+from .providers import BASELINES, GENFAST_BACKENDS  # noqa: F401  (the suite's provider table)
+from .providers import CompileFailures, baseline_unavailable, compile_cleanup, compile_factory, itemsize, op_providers
+from .providers import thunk_factory
 from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
 
 NAME = "gan"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
-BASELINES = ("eager", "compile")
 MODES = ("fwd", "fwd+bwd")
 
 PIXEL_NORM_CPU_SHAPES = ((16, 512, 32, 32),)  # 8M elements
@@ -50,64 +50,11 @@ MODCONV_GPU = ((8, 128, 64, 128, 2), (8, 64, 64, 256, 1))
 MODCONV_CPU = ((2, 64, 64, 64, 1),)
 MODCONV_QUICK_CPU = ((2, 32, 32, 16, 2),)
 
-_compile_failed: dict = {}
-
-
-def _itemsize(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _baseline_unavailable(name, device, use_compile, key) -> Optional[str]:
-    if name == "eager":
-        return None
-    if not use_compile:
-        return "disabled (--no-compile)"
-    if _compile_failed.get(key):
-        return f"torch.compile failed earlier in this process ({_compile_failed[key]})"
-    return None
-
-
-def _thunk_factory(fn, mode: str, grad_of: str = "x"):
-    """inputs -> thunk running ``fn(inputs)`` (fwd) or fwd + backward w.r.t. ``inputs[grad_of]``
-    and the parameters ``inputs['params']`` (fwd+bwd)."""
-
-    def factory(inputs: dict):
-        if mode == "fwd":
-            def thunk():
-                with torch.no_grad():
-                    return fn(inputs)
-        else:
-            targets = [inputs[grad_of]] + list(inputs.get("params", []))
-
-            def thunk():
-                y = fn(inputs)
-                return (y,) + tuple(torch.autograd.grad(y, targets, inputs["dy"]))
-        return thunk
-
-    return factory
-
-
-def _compile_factory(fn, mode: str, key):
-    compiled = torch.compile(fn, dynamic=False)
-    inner = _thunk_factory(compiled, mode)
-
-    def factory(inputs: dict):
-        try:
-            with _bias_act_suite._compile_options(mode):
-                thunk = inner(inputs)
-                thunk()  # compile and warm up
-            return thunk
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-            _compile_failed[key] = (text[0] if text else type(exc).__name__)[:200]
-            raise
-
-    return factory
-
-
-def _reset_compile() -> None:
-    torch._dynamo.reset()
-
+# torch.compile failures, per (case kind, device type, mode): after the first, later cases do not retry.
+_compile_failures = CompileFailures()
+# Thunks of the MLP and modulated-conv cases: fwd+bwd differentiates w.r.t. x and the
+# parameters listed under "params"; fwd runs without autograd.
+MODEL_THUNK = dict(wrt=("x", "params"), no_grad_forward=True)
 
 # ----------------------------------------------------------------------------- pixel_norm
 
@@ -125,29 +72,18 @@ def pixel_norm_case(mode: str, shape: tuple, dtype: torch.dtype, device, use_com
             x.requires_grad_()
         return {"x": x, "dy": dy}
 
-    providers = {}
-    for name in GENFAST_BACKENDS + BASELINES:
-        kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
-        if kind == GENFAST:
-            reason = ("triton on CPU tensors is the interpreter, not a benchmark" if name == "triton" and device.type == "cpu"
-                      else DISPATCH.unavailable_reason(name, device, dtype))
-        else:
-            reason = _baseline_unavailable(name, device, use_compile, ("pixel_norm", device.type, mode))
-        factory = None
-        if reason is None:
-            if kind == GENFAST:
-                factory = _thunk_factory(lambda inp, _b=name: pixel_norm(inp["x"], 1, backend=_b), mode)
-            elif name == "eager":
-                factory = _thunk_factory(lambda inp: reference.pixel_norm(inp["x"], 1), mode)
-            else:
-                def ref(inp):
-                    return reference.pixel_norm(inp["x"], 1)
-                factory = _compile_factory(ref, mode, ("pixel_norm", device.type, mode))
-        providers[name] = Provider(name, kind, factory, reason)
+    def fast(x, backend):
+        return pixel_norm(x, 1, backend=backend)
+
+    def eager(x):
+        return reference.pixel_norm(x, 1)
+
+    providers = op_providers(fast, eager, mode, device, dtype, DISPATCH, use_compile, _compile_failures,
+                             ("pixel_norm", device.type, mode), no_grad_forward=True)
     return Case(op="pixel_norm", mode=mode, shape=tuple(shape), dtype=dtype, act="dim=1", device=device,
-                bytes_moved=tensors * numel * _itemsize(dtype), make_inputs=make_inputs, providers=providers,
-                baselines=BASELINES, n_input_sets=input_sets_for(device, (3 if mode != "fwd" else 2) * numel * _itemsize(dtype)),
-                cleanup=_reset_compile if providers["compile"].unavailable is None else None)
+                bytes_moved=tensors * numel * itemsize(dtype), make_inputs=make_inputs, providers=providers,
+                baselines=BASELINES, n_input_sets=input_sets_for(device, (3 if mode != "fwd" else 2) * numel * itemsize(dtype)),
+                cleanup=compile_cleanup(providers))
 
 
 # ----------------------------------------------------------------------------- MLP-GAN
@@ -169,7 +105,7 @@ def mlp_case(mode: str, net: str, batch: int, dtype: torch.dtype, device, use_co
     flops = 2 * batch * sum(i * o for i, o, _ in layers) * (3 if mode != "fwd" else 1)
     weights = sum(i * o + o for i, o, _ in layers)
     acts = batch * (layers[0][0] + sum(o for _, o, _ in layers))
-    bytes_moved = (weights + acts) * _itemsize(dtype) * (3 if mode != "fwd" else 1)
+    bytes_moved = (weights + acts) * itemsize(dtype) * (3 if mode != "fwd" else 1)
 
     def make_inputs(i):
         gen = torch.Generator(device=device).manual_seed(99 + i)
@@ -181,25 +117,26 @@ def mlp_case(mode: str, net: str, batch: int, dtype: torch.dtype, device, use_co
         return {"x": x, "dy": dy}
 
     genfast_name = "cuda" if device.type == "cuda" else "cpu"
+    key = ("mlp", device.type, mode)
     providers = {}
     for name in (genfast_name,) + BASELINES:
         kind = GENFAST if name == genfast_name else BASELINE
-        reason = None if kind == GENFAST else _baseline_unavailable(name, device, use_compile, ("mlp", device.type, mode))
+        reason = None if kind == GENFAST else baseline_unavailable(name, use_compile, _compile_failures, key)
         factory = None
         if reason is None:
             model = fused if kind == GENFAST else eager
             params = list(model.parameters())
             if kind == GENFAST or name == "eager":
-                inner = _thunk_factory(lambda inp, _m=model: _m(inp["x"]), mode)
+                inner = thunk_factory(lambda x, _m=model: _m(x), mode, **MODEL_THUNK)
             else:
-                inner = _compile_factory(lambda inp, _m=model: _m(inp["x"]), mode, ("mlp", device.type, mode))
+                inner = compile_factory(lambda x, _m=model: _m(x), mode, _compile_failures, key, **MODEL_THUNK)
 
             def factory(inputs, _inner=inner, _params=params):
                 return _inner(dict(inputs, params=_params))
         providers[name] = Provider(name, kind, factory, reason)
     return Case(op="mlp_gan", mode=mode, shape=(batch, layers[0][0], layers[-1][1]), dtype=dtype, act=net, device=device,
                 bytes_moved=bytes_moved, make_inputs=make_inputs, providers=providers, baselines=BASELINES,
-                variant=f"{flops / 1e9:.3g} GFLOP", cleanup=_reset_compile if providers["compile"].unavailable is None else None)
+                variant=f"{flops / 1e9:.3g} GFLOP", cleanup=compile_cleanup(providers))
 
 
 # ----------------------------------------------------------------------------- modulated_conv2d
@@ -211,7 +148,7 @@ def modconv_case(mode: str, shape: tuple, dtype: torch.dtype, device, fused: boo
     res_out = res * up
     flops = 2 * n * cout * cin * 9 * res_out * res_out * (3 if mode != "fwd" else 1)
     f = setup_filter([1, 3, 3, 1], device=device)
-    item = _itemsize(dtype)
+    item = itemsize(dtype)
     bytes_moved = (n * cin * res * res + n * cout * res_out * res_out) * item * (3 if mode != "fwd" else 1)
 
     def make_inputs(i):
@@ -237,8 +174,8 @@ def modconv_case(mode: str, shape: tuple, dtype: torch.dtype, device, fused: boo
         return reference.modulated_conv2d(inp["x"], inp["weight"], inp["styles"], inp["noise"], **kwargs)
 
     providers = {
-        genfast_name: Provider(genfast_name, GENFAST, _thunk_factory(run_genfast, mode)),
-        "eager": Provider("eager", BASELINE, _thunk_factory(run_reference, mode)),
+        genfast_name: Provider(genfast_name, GENFAST, thunk_factory(run_genfast, mode, args=None, **MODEL_THUNK)),
+        "eager": Provider("eager", BASELINE, thunk_factory(run_reference, mode, args=None, **MODEL_THUNK)),
     }
     return Case(op="modulated_conv2d", mode=mode, shape=shape, dtype=dtype, act="fused" if fused else "nonfused",
                 device=device, bytes_moved=bytes_moved, make_inputs=make_inputs, providers=providers,

@@ -23,13 +23,11 @@ import torch.nn.functional as F
 
 from ..ops.group_norm import DISPATCH
 from ..ops.group_norm import group_norm as genfast_group_norm
-from .bias_act import _compile_options
-from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
+from .providers import BASELINES, GENFAST_BACKENDS, PROVIDERS  # noqa: F401  (the suite's provider table)
+from .providers import CompileFailures, case_device, compile_cleanup, itemsize, op_providers
+from .timing import Case, input_sets_for
 
 NAME = "group_norm"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
-BASELINES = ("eager", "compile")
-PROVIDERS = GENFAST_BACKENDS + BASELINES
 MODES = ("fwd", "fwd+bwd")
 FULL_TENSORS = {"fwd": 2, "fwd+bwd": 5}
 GROUPS = 32
@@ -45,28 +43,12 @@ CPU_SHAPES = ((2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16))
 CPU_QUICK_SHAPES = ((2, 320, 32, 32),)
 CPU_DTYPES = (torch.float32,)
 
-_compile_failed: dict = {}
-
-
-def provider_unavailable(name: str, device: torch.device, dtype: torch.dtype, use_compile: bool = True,
-                         mode: Optional[str] = None) -> Optional[str]:
-    """Why provider ``name`` cannot be benchmarked here (None: it can)."""
-    device = torch.device(device)
-    if name == "eager":
-        return None
-    if name == "compile":
-        if not use_compile:
-            return "disabled (--no-compile)"
-        failed = _compile_failed.get((device.type, mode))
-        return f"torch.compile failed earlier in this process ({failed})" if failed else None
-    if name == "triton" and device.type == "cpu":
-        return "triton on CPU tensors is the interpreter, not a benchmark"
-    return DISPATCH.unavailable_reason(name, device, dtype)
+# torch.compile failures, per (device type, mode): after the first, later cases do not retry.
+_compile_failures = CompileFailures()
 
 
 def bytes_moved(mode: str, shape: tuple, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return (FULL_TENSORS[mode] * math.prod(shape) + (2 if mode == "fwd" else 4) * shape[1]) * itemsize
+    return (FULL_TENSORS[mode] * math.prod(shape) + (2 if mode == "fwd" else 4) * shape[1]) * itemsize(dtype)
 
 
 def make_inputs(shape: tuple, dtype: torch.dtype, device, mode: str, layout: str, seed: int = 0) -> dict:
@@ -93,72 +75,24 @@ def eager_group_norm(x, w, b, activation):
     return F.silu(y) if activation == "silu" else y
 
 
-def _thunk_factory(fn, mode: str, warm_up: bool = False):
-    def factory(inputs: dict):
-        x, w, b, dy = inputs["x"], inputs["w"], inputs["b"], inputs["dy"]
-        if mode == "fwd":
-            def thunk():
-                return fn(x, w, b)
-        elif mode == "fwd+bwd":
-            def thunk():
-                y = fn(x, w, b)
-                return (y,) + tuple(torch.autograd.grad(y, (x, w, b), dy))
-        else:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if warm_up:
-            thunk()
-        return thunk
-
-    return factory
-
-
-def _compile_factory(fn, mode: str, device: torch.device):
-    inner = _thunk_factory(fn, mode, warm_up=True)
-
-    def factory(inputs: dict):
-        try:
-            with _compile_options(mode):
-                return inner(inputs)
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-            _compile_failed[(device.type, mode)] = (text[0] if text else type(exc).__name__)[:200]
-            raise
-
-    return factory
-
-
 def build_case(mode: str, shape: tuple, dtype: torch.dtype, activation: Optional[str] = "silu", device="cpu",
                layout: str = "nchw", use_compile: bool = True) -> Case:
     """One group_norm case with all its providers (unavailable ones carry the reason)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    providers = {}
-    for name in PROVIDERS:
-        kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
-        reason = provider_unavailable(name, device, dtype, use_compile, mode)
-        factory = None
-        if reason is None:
-            if kind == GENFAST:
-                def fn(x, w, b, _name=name):
-                    return genfast_group_norm(x, GROUPS, w, b, EPS, activation=activation, backend=_name)
 
-                factory = _thunk_factory(fn, mode)
-            elif name == "eager":
-                factory = _thunk_factory(lambda x, w, b: eager_group_norm(x, w, b, activation), mode)
-            else:
-                def ref_fn(x, w, b):
-                    return eager_group_norm(x, w, b, activation)
+    def fast(x, w, b, backend):
+        return genfast_group_norm(x, GROUPS, w, b, EPS, activation=activation, backend=backend)
 
-                factory = _compile_factory(torch.compile(ref_fn, dynamic=False), mode, device)
-        providers[name] = Provider(name, kind, factory, reason)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_set = (3 if mode != "fwd" else 2) * math.prod(shape) * itemsize
-    compiles = providers["compile"].unavailable is None
+    def eager(x, w, b):
+        return eager_group_norm(x, w, b, activation)
+
+    providers = op_providers(fast, eager, mode, device, dtype, DISPATCH, use_compile, _compile_failures,
+                             (device.type, mode), args=("x", "w", "b"), wrt=("x", "w", "b"))
+    per_set = (3 if mode != "fwd" else 2) * math.prod(shape) * itemsize(dtype)
     return Case(
         op=NAME,
         mode=mode,
@@ -173,7 +107,7 @@ def build_case(mode: str, shape: tuple, dtype: torch.dtype, activation: Optional
         baselines=BASELINES,
         n_input_sets=input_sets_for(device, per_set),
         variant=layout,
-        cleanup=torch._dynamo.reset if compiles else None,
+        cleanup=compile_cleanup(providers),
     )
 
 

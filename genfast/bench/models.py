@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from .._dispatch import use_backend
 from ..models import (DCGANDiscriminator, DCGANGenerator, GPT, GPTConfig, MLPGAN, StyleGAN2Discriminator,
                       StyleGAN2Generator, UNet2D, VAE, DiffusionPipeline, r1_penalty)
+from .providers import NO_COMPILE, case_device, reset_compile
 from .timing import BASELINE, GENFAST, CHECK_TOLERANCE, Case, Provider, outputs_close, synchronize
 
 NAME = "models"
@@ -206,14 +207,10 @@ def _scoped(provider: str, step: Callable) -> Callable:
 def compile_unavailable(device, quick: bool, use_compile: bool) -> Optional[str]:
     """Why the torch.compile providers do not run (None: they do)."""
     if not use_compile:
-        return "disabled (--no-compile)"
+        return NO_COMPILE
     if torch.device(device).type == "cpu" and quick:
         return "skipped with --quick on a CPU (compiling the models takes minutes there)"
     return None
-
-
-def _reset_compile() -> None:
-    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- GPT
@@ -241,7 +238,7 @@ def _gpt_models(config: dict, device, dtype):
 
 
 def build_gpt_train_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
-    device = _device(device)
+    device = case_device(device)
     dtype = _dtype_for("gpt-train", device)
     base, variant = _gpt_models(spec["config"], device, dtype)
     B, S = spec["batch"], spec["seq"]
@@ -298,7 +295,7 @@ def greedy_choice_check(model, prompt_len: int):
 
 
 def build_gpt_generate_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
-    device = _device(device)
+    device = case_device(device)
     dtype = _dtype_for("gpt-generate", device)
     base, variant = _gpt_models(spec["config"], device, dtype)
     base.eval()
@@ -328,7 +325,7 @@ def build_gpt_generate_case(spec: dict, device, compile_reason: Optional[str] = 
 def build_unet_ddpm_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
     from ..schedulers import DDPMScheduler
 
-    device = _device(device)
+    device = case_device(device)
     torch.manual_seed(0)
     base = UNet2D(**spec["model"]).to(device).eval()
     B, steps = spec["batch"], spec["steps"]
@@ -357,7 +354,7 @@ def build_unet_ddpm_case(spec: dict, device, compile_reason: Optional[str] = Non
 
 
 def build_stylegan2_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
-    device = _device(device)
+    device = case_device(device)
     torch.manual_seed(0)
     base_g = StyleGAN2Generator(**spec["g"]).to(device)
     base_d = StyleGAN2Discriminator(**spec["d"]).to(device)
@@ -422,7 +419,7 @@ def _classic_gan_step(g_fwd, d_fwd, opt_g, opt_d, z, real):
 
 
 def build_dcgan_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
-    device = _device(device)
+    device = case_device(device)
     torch.manual_seed(0)
     base_g, base_d = DCGANGenerator(**spec["g"]).to(device), DCGANDiscriminator(**spec["d"]).to(device)
     B, res, latent = spec["batch"], spec["g"]["image_size"], base_g.latent_dim
@@ -449,7 +446,7 @@ def build_dcgan_case(spec: dict, device, compile_reason: Optional[str] = None) -
 
 
 def build_mlpgan_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
-    device = _device(device)
+    device = case_device(device)
     torch.manual_seed(0)
     base = MLPGAN(**spec["model"]).to(device)
     B = spec["batch"]
@@ -480,7 +477,7 @@ def build_mlpgan_case(spec: dict, device, compile_reason: Optional[str] = None) 
 
 
 def build_vae_case(spec: dict, device, compile_reason: Optional[str] = None) -> Case:
-    device = _device(device)
+    device = case_device(device)
     torch.manual_seed(0)
     base = VAE(**spec["model"]).to(device)
     B, C, S, L = spec["batch"], base.in_channels, base.image_size, base.latent_dim
@@ -525,13 +522,6 @@ BUILDERS = {
 }
 
 
-def _device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _provider(name: str, factory_for, reason: Optional[str]) -> Provider:
     kind = GENFAST if name == "genfast" else BASELINE
     return Provider(name, kind, None if reason else factory_for(name), reason)
@@ -544,7 +534,7 @@ def _case(mode, model, shape, dtype, device, make_inputs, providers, *, items, u
         extra["flops"] = flops
     return Case(op=NAME, mode=mode, shape=tuple(shape), dtype=dtype, act=model, device=device, bytes_moved=0,
                 make_inputs=make_inputs, providers=providers, reference="reference", baselines=BASELINES,
-                variant=variant, check=check, cleanup=_reset_compile if compiled else None, extra=extra)
+                variant=variant, check=check, cleanup=reset_compile if compiled else None, extra=extra)
 
 
 def build_cases(device, quick: bool = False, use_compile: bool = True, preset: Optional[str] = None,

@@ -23,6 +23,7 @@ import torch
 
 from .. import schedulers as G
 from ..reference.diffusion import sampler_step as reference_step
+from .providers import NO_COMPILE, CompileFailures, case_device, itemsize, reset_compile
 from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for, synchronize
 
 NAME = "schedulers"
@@ -45,7 +46,8 @@ GPU_QUICK_SHAPES = GPU_SHAPES
 CPU_DTYPES = (torch.float32,)
 GPU_DTYPES = (torch.float16, torch.float32)
 
-_compile_failed: dict = {}
+# torch.compile failures, per device type: after the first, later cases do not retry.
+_compile_failures = CompileFailures()
 
 
 def _diffusers():
@@ -79,8 +81,7 @@ def _plan(kind: str) -> list:
 
 
 def bytes_moved(kind: str, mode: str, shape, dtype) -> int:
-    item = torch.empty((), dtype=dtype).element_size()
-    n = math.prod(shape)
+    n, item = math.prod(shape), itemsize(dtype)
     per_step = 4 * n * item  # x, model output read; prev, x0 written
     if _history(kind):
         per_step += n * item
@@ -165,7 +166,7 @@ def _compile_factory(kind, mode, device):
         try:
             return inner(inputs)
         except Exception as exc:
-            _compile_failed[device.type] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            _compile_failures.record(device.type, exc)
             raise
     return factory
 
@@ -192,9 +193,7 @@ def host_ms_per_step(kind, library, device, shape, dtype) -> Optional[float]:
 
 def build_case(kind: str, mode: str, shape, dtype, device="cpu", use_compile: bool = True,
                measure_host: bool = True, quick: bool = False) -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
     diffusers = _diffusers()
     providers = {}
     providers["genfast"] = Provider("genfast", GENFAST, _scheduler_factory(kind, mode, device, G, True))
@@ -202,11 +201,11 @@ def build_case(kind: str, mode: str, shape, dtype, device="cpu", use_compile: bo
         "diffusers", BASELINE, _scheduler_factory(kind, mode, device, diffusers, False) if diffusers else None,
         None if diffusers else "diffusers is not installed")
     providers["eager"] = Provider("eager", BASELINE, _eager_factory(kind, mode, device, reference_step))
-    reason = None if use_compile else "disabled (--no-compile)"
+    reason = None if use_compile else NO_COMPILE
     if reason is None and quick and mode == "loop50" and device.type == "cpu":
         reason = "quick mode on CPU: compile is timed in step mode only"
-    if reason is None and _compile_failed.get(device.type):
-        reason = f"torch.compile failed earlier in this process ({_compile_failed[device.type]})"
+    if reason is None:
+        reason = _compile_failures.reason(device.type)
     compile_factory = _compile_factory(kind, mode, device) if reason is None else None
     providers["compile"] = Provider("compile", BASELINE, compile_factory, reason)
     variant = ""
@@ -214,15 +213,14 @@ def build_case(kind: str, mode: str, shape, dtype, device="cpu", use_compile: bo
         ours = host_ms_per_step(kind, G, device, shape, dtype)
         theirs = host_ms_per_step(kind, diffusers, device, shape, dtype)
         variant = f"host/step {ours:.3f} ms" + (f" (diffusers {theirs:.3f})" if theirs is not None else "")
-    item = torch.empty((), dtype=dtype).element_size()
     return Case(
         op=NAME, mode=mode, shape=tuple(shape), dtype=dtype, act=kind, device=device,
         bytes_moved=bytes_moved(kind, mode, shape, dtype),
         make_inputs=lambda i: make_inputs(shape, dtype, device, seed=i),
         providers=providers, reference="diffusers" if diffusers else "eager",
         baselines=("diffusers", "eager", "compile") if diffusers else ("eager", "compile"),
-        n_input_sets=input_sets_for(device, 3 * math.prod(shape) * item),
-        variant=variant, cleanup=(lambda: torch._dynamo.reset()) if compile_factory else None,
+        n_input_sets=input_sets_for(device, 3 * math.prod(shape) * itemsize(dtype)),
+        variant=variant, cleanup=reset_compile if compile_factory else None,
     )
 
 

@@ -14,7 +14,9 @@ Cases (``Case``, ``Provider``, ``run_case``): an op suite (e.g. ``genfast.bench.
 describes each measurement as a ``Case``: how to build its inputs, the ideal bytes moved, and
 its providers (genfast backends and baselines), each a factory turning one input set into a
 thunk. ``run_case`` checks every genfast provider's output against the reference baseline
-on the same input, times every provider, and returns one row (a dict) per provider.
+on the same input, times every provider, and returns one row (a dict) per provider. The
+provider plumbing the op suites share (table, thunks, torch.compile baseline) is in
+``genfast.bench.providers``.
 """
 from __future__ import annotations
 

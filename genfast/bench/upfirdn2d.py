@@ -19,20 +19,18 @@ read dy and write dx.
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple
 
 import torch
 
 from ..ops.upfirdn2d import DISPATCH, setup_filter
 from ..ops.upfirdn2d import upfirdn2d as genfast_upfirdn2d
 from ..reference.upfirdn2d import upfirdn2d as reference
-from .bias_act import _compile_options, _reset_compile
-from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
+from .providers import BASELINES, GENFAST_BACKENDS, PROVIDERS  # noqa: F401  (the suite's provider table)
+from .providers import CompileFailures, case_device, compile_cleanup, itemsize, op_providers
+from .timing import Case, input_sets_for
 
 NAME = "upfirdn2d"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
-BASELINES = ("eager", "compile")
-PROVIDERS = GENFAST_BACKENDS + BASELINES
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -93,29 +91,13 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_QUICK_DTYPES = (torch.float16,)
 CPU_DTYPES = (torch.float32,)
 
-_compile_failed: dict = {}
-
-
-def provider_unavailable(name: str, device: torch.device, dtype: torch.dtype, use_compile: bool = True,
-                         mode: Optional[str] = None) -> Optional[str]:
-    """Why provider ``name`` cannot be benchmarked here (None: it can)."""
-    device = torch.device(device)
-    if name == "eager":
-        return None
-    if name == "compile":
-        if not use_compile:
-            return "disabled (--no-compile)"
-        failed = _compile_failed.get((device.type, mode))
-        return f"torch.compile failed earlier in this process ({failed})" if failed else None
-    if name == "triton" and device.type == "cpu":
-        return "triton on CPU tensors is the interpreter, not a benchmark"
-    return DISPATCH.unavailable_reason(name, device, dtype)
+# torch.compile failures, per (device type, mode): after the first, later cases do not retry.
+_compile_failures = CompileFailures()
 
 
 def bytes_moved(mode: str, variant: Variant, shape: tuple, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
     one_way = math.prod(shape) + math.prod(variant.output_shape(shape))
-    return (2 if mode == "fwd+bwd" else 1) * one_way * itemsize
+    return (2 if mode == "fwd+bwd" else 1) * one_way * itemsize(dtype)
 
 
 def make_inputs(variant: Variant, shape: tuple, dtype: torch.dtype, device, mode: str, seed: int = 0) -> dict:
@@ -131,73 +113,22 @@ def make_inputs(variant: Variant, shape: tuple, dtype: torch.dtype, device, mode
     return {"x": x, "f": variant.filter(device), "dy": dy}
 
 
-def _thunk_factory(fn, mode: str, warm_up: bool = False):
-    def factory(inputs: dict):
-        x, f, dy = inputs["x"], inputs["f"], inputs["dy"]
-        if mode == "fwd":
-            def thunk():
-                return fn(x, f)
-        else:
-            def thunk():
-                y = fn(x, f)
-                (dx,) = torch.autograd.grad(y, x, dy)
-                return y, dx
-        if warm_up:
-            thunk()
-        return thunk
-
-    return factory
-
-
-def _compile_factory(fn, mode: str, device: torch.device):
-    """Factory for the torch.compile baseline: compiles on the first input set (warm-up) and
-    remembers a failure so later cases of the mode skip it."""
-    inner = _thunk_factory(fn, mode, warm_up=True)
-
-    def factory(inputs: dict):
-        try:
-            with _compile_options(mode):
-                return inner(inputs)
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-            _compile_failed[(device.type, mode)] = (text[0] if text else type(exc).__name__)[:200]
-            raise
-
-    return factory
-
-
 def build_case(mode: str, variant: Variant, shape: tuple, dtype: torch.dtype, device="cpu",
                use_compile: bool = True) -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = case_device(device)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     up, down, pad, gain = variant.up, variant.down, variant.padding(), variant.gain()
-    providers = {}
-    for name in PROVIDERS:
-        kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
-        reason = provider_unavailable(name, device, dtype, use_compile, mode)
-        factory = None
-        if reason is None:
-            if kind == GENFAST:
-                def fn(x, f, _name=name):
-                    return genfast_upfirdn2d(x, f, up, down, pad, gain=gain, backend=_name)
 
-                factory = _thunk_factory(fn, mode)
-            elif name == "eager":
-                def fn(x, f):
-                    return reference(x, f, up, down, pad, gain=gain)
+    def fast(x, f, backend):
+        return genfast_upfirdn2d(x, f, up, down, pad, gain=gain, backend=backend)
 
-                factory = _thunk_factory(fn, mode)
-            else:
-                def ref_fn(x, f):
-                    return reference(x, f, up, down, pad, gain=gain)
+    def eager(x, f):
+        return reference(x, f, up, down, pad, gain=gain)
 
-                factory = _compile_factory(torch.compile(ref_fn, dynamic=False), mode, device)
-        providers[name] = Provider(name, kind, factory, reason)
+    providers = op_providers(fast, eager, mode, device, dtype, DISPATCH, use_compile, _compile_failures,
+                             (device.type, mode), args=("x", "f"), wrt=("x",))
     per_set = bytes_moved(mode, variant, shape, dtype)
-    compiles = providers["compile"].unavailable is None
     return Case(
         op=NAME,
         mode=mode,
@@ -211,7 +142,7 @@ def build_case(mode: str, variant: Variant, shape: tuple, dtype: torch.dtype, de
         reference="eager",
         baselines=BASELINES,
         n_input_sets=input_sets_for(device, per_set),
-        cleanup=_reset_compile if compiles else None,
+        cleanup=compile_cleanup(providers),
     )
 
 

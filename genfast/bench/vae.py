@@ -15,13 +15,11 @@ from typing import Iterator
 import torch
 
 from ..ops.vae import DISPATCH, reparameterize_kl
-from .bias_act import _compile_options, _reset_compile
-from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
+from .providers import BASELINES, GENFAST_BACKENDS, PROVIDERS  # noqa: F401  (the suite's provider table)
+from .providers import CompileFailures, case_device, compile_cleanup, itemsize, op_providers
+from .timing import Case, input_sets_for
 
 NAME = "vae"
-GENFAST_BACKENDS = ("cuda", "triton", "cpu")
-BASELINES = ("eager", "compile")
-PROVIDERS = GENFAST_BACKENDS + BASELINES
 MODES = ("fwd", "fwd+bwd")
 TENSORS = {"fwd": 4, "fwd+bwd": 10}
 
@@ -31,22 +29,15 @@ GPU_QUICK_SHAPES = ((256, 16, 64, 64),)
 CPU_DTYPES = (torch.float32,)
 GPU_DTYPES = (torch.float32, torch.bfloat16)
 
+# torch.compile failures, per (device type, mode): after the first, later cases do not retry.
+_compile_failures = CompileFailures()
+
 
 def unfused(mu, logvar, eps):
     std = torch.exp(0.5 * logvar)
     z = mu + std * eps
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).flatten(1).sum(1, dtype=torch.float32)
     return z, kl
-
-
-def _provider_unavailable(name, device, dtype, use_compile):
-    if name == "eager":
-        return None
-    if name == "compile":
-        return None if use_compile else "disabled (--no-compile)"
-    if name == "triton" and device.type == "cpu":
-        return "triton on CPU tensors is the interpreter, not a benchmark"
-    return DISPATCH.unavailable_reason(name, device, dtype)
 
 
 def _make_inputs(shape, dtype, device, mode, seed):
@@ -62,50 +53,22 @@ def _make_inputs(shape, dtype, device, mode, seed):
     return inputs
 
 
-def _factory(fn, mode, warm_up=False):
-    def factory(inputs):
-        mu, logvar, eps = inputs["mu"], inputs["logvar"], inputs["eps"]
-        if mode == "fwd":
-            def thunk():
-                return fn(mu, logvar, eps)
-        else:
-            def thunk():
-                z, kl = fn(mu, logvar, eps)
-                dmu, dlv = torch.autograd.grad((z, kl), (mu, logvar), (inputs["dz"], inputs["dkl"]))
-                return z, kl, dmu, dlv
-        if warm_up:
-            with _compile_options(mode):
-                thunk()
-        return thunk
-    return factory
-
-
 def build_case(mode, shape, dtype, device, use_compile=True) -> Case:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    providers = {}
-    for name in PROVIDERS:
-        kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
-        reason = _provider_unavailable(name, device, dtype, use_compile)
-        factory = None
-        if reason is None:
-            if kind == GENFAST:
-                factory = _factory(lambda m, lv, e, _b=name: reparameterize_kl(m, lv, e, reduction="none", backend=_b),
-                                   mode)
-            elif name == "eager":
-                factory = _factory(unfused, mode)
-            else:
-                factory = _factory(torch.compile(unfused, dynamic=False), mode, warm_up=True)
-        providers[name] = Provider(name, kind, factory, reason)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    device = case_device(device)
+
+    def fast(mu, logvar, eps, backend):
+        return reparameterize_kl(mu, logvar, eps, reduction="none", backend=backend)
+
+    providers = op_providers(fast, unfused, mode, device, dtype, DISPATCH, use_compile, _compile_failures,
+                             (device.type, mode), args=("mu", "logvar", "eps"), wrt=("mu", "logvar"),
+                             grad_outputs=("dz", "dkl"))
     numel = math.prod(shape)
     return Case(op=NAME, mode=mode, shape=tuple(shape), dtype=dtype, act="reparam+kl", device=device,
-                bytes_moved=TENSORS[mode] * numel * itemsize,
+                bytes_moved=TENSORS[mode] * numel * itemsize(dtype),
                 make_inputs=lambda i: _make_inputs(shape, dtype, device, mode, i),
                 providers=providers, reference="eager", baselines=BASELINES,
-                n_input_sets=input_sets_for(device, (4 if mode == "fwd" else 8) * numel * itemsize),
-                cleanup=_reset_compile if providers["compile"].unavailable is None else None)
+                n_input_sets=input_sets_for(device, (4 if mode == "fwd" else 8) * numel * itemsize(dtype)),
+                cleanup=compile_cleanup(providers))
 
 
 def _grid(device, quick):
