@@ -193,6 +193,7 @@ attention::CudaArgs cuda_args(const char* fn, attention::Params p, const TensorV
 }  // namespace
 
 GENFAST_REGISTER_BINDINGS(attention) {
+  m.attr("ATTENTION_CUDA_BACKWARD_MAX_HEAD_DIM") = attention::kBackwardMaxHeadDim;
   py::class_<AttentionOptions>(m, "AttentionOptions",
                                "Options of one attention problem (all keyword, all required).")
       .def(py::init([](double scale, double softcap, int64_t window_left, int64_t window_right,

@@ -1,47 +1,12 @@
 // Fused attention on the CPU (see ATTENTION contract in genfast/reference/attention.py).
-// Tensors arrive as raw addresses plus element strides, validated by genfast/ops/attention.py.
+// The problem arrives as attention::Params (kernels/attention_params.h).
 #pragma once
 #include <cstdint>
 
+#include "attention_params.h"
+
 namespace genfast {
 namespace attention {
-
-struct Params {
-  int dtype = 0;  // genfast::DType of q, k, v, bias, out, dout, dq, dk, dv
-  int64_t B = 0, H = 0, Hk = 0, Sq = 0, Sk = 0, D = 0;  // varlen: B == 1, Sq/Sk = totals
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  int64_t q_sb = 0, q_sh = 0, q_ss = 0;  // element strides (batch, head, sequence); dim stride 1
-  int64_t k_sb = 0, k_sh = 0, k_ss = 0;
-  int64_t v_sb = 0, v_sh = 0, v_ss = 0;
-  // Varlen: nseq sequences, cu_q / cu_k int32 (nseq + 1). Decode: seqused_k int32 (B,).
-  const int32_t* cu_q = nullptr;
-  const int32_t* cu_k = nullptr;
-  int64_t nseq = 0;
-  const int32_t* seqused_k = nullptr;
-  double scale = 1.0, softcap = 0.0;
-  int64_t window_left = -1, window_right = -1;
-  bool align_bottom_right = false;
-  const float* alibi = nullptr;  // (H,) or (B, H) fp32
-  int64_t alibi_sb = 0;          // 0 for (H,), H for (B, H)
-  const void* bias = nullptr;    // additive, in the dtype of q
-  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
-  double dropout_p = 0.0;
-  uint64_t seed = 0;
-  uint8_t* keep_mask = nullptr;  // optional (B, H, Sq, Sk) bool output (tests)
-  // Forward outputs / backward inputs: out (B, H, Sq, D) contiguous, lse (B, H, Sq) in the
-  // compute type (fp32; fp64 for fp64 inputs, so fp64 gradients keep fp64 accuracy).
-  void* out = nullptr;
-  void* lse = nullptr;
-  // Backward.
-  const void* dout = nullptr;
-  int64_t do_sb = 0, do_sh = 0, do_ss = 0;
-  void* dq = nullptr;  // (B, H, Sq, D) contiguous
-  void* dk = nullptr;  // (B, Hk, Sk, D) contiguous
-  void* dv = nullptr;
-  int num_threads = 1;
-};
 
 void forward_cpu(const Params& p);
 void backward_cpu(const Params& p);

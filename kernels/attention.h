@@ -1,6 +1,6 @@
 // Fused attention on NVIDIA tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate),
 // for sm_80 and newer. Semantics: the contract in genfast/reference/attention.py, through the
-// same Params as the CPU kernels (csrc/attention_cpu.h), minus what this backend leaves to
+// same Params as the CPU kernels (attention_params.h), minus what this backend leaves to
 // Triton (checked in genfast/ops/attention.py before the call): an additive bias, dropout,
 // fp32/fp64 storage. Head dims: multiples of 8 in [16, 256].
 //
@@ -17,12 +17,12 @@
 #pragma once
 #include <cstdint>
 
-#include "attention_cpu.h"
+#include "attention_params.h"
 
 namespace genfast {
 namespace attention {
 
-constexpr int kBackwardMaxHeadDim = 128;  // genfast/ops/attention.py CUDA_BACKWARD_MAX_HEAD_DIM
+constexpr int kBackwardMaxHeadDim = 128;  // read by Python as _C.ATTENTION_CUDA_BACKWARD_MAX_HEAD_DIM
 
 struct CudaArgs {
   Params p;                  // q/k/v/out/lse/strides/masking; dtype F16 or BF16

@@ -31,7 +31,9 @@ def emulated():
 def _launch_on_the_emulator(emulated, monkeypatch):
     """genfast's CUDA launcher code, unchanged, pointed at the emulated kernels and CPU memory."""
     monkeypatch.setattr(A._ext, "_C", types.SimpleNamespace(attention_forward_cuda=emulated.attention_forward_cuda,
-                                                            attention_backward_cuda=emulated.attention_backward_cuda))
+                                                            attention_backward_cuda=emulated.attention_backward_cuda,
+                                                            AttentionOptions=emulated.AttentionOptions,
+                                                            AttentionCudaLaunch=emulated.AttentionCudaLaunch))
     monkeypatch.setattr(A._ext, "stream_of", lambda t: 0)
     monkeypatch.setattr(A, "_device_index", lambda t: 0)
     monkeypatch.setattr(A, "_cuda_device_info", lambda index: ((9, 0), 132))

@@ -26,6 +26,7 @@ import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher, Unsupported, direct_call_allowed
+from ._define import NativeOp
 from ._validate import ValidatedSignatures
 from ._validate import check_backend, check_real, check_tensor, compiling, is_int, type_name
 from ..reference import attention as reference
@@ -106,13 +107,17 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 SINGLE_THREAD_WORK = 1 << 18
 
 
-@functools.lru_cache(maxsize=256)
 def _options(scale: float, softcap: float, window_left: int, window_right: int, align_bottom_right: bool,
              dropout_p: float):
-    """The extension's AttentionOptions of one problem (one per call signature in practice)."""
-    return _ext._C.AttentionOptions(scale=float(scale), softcap=float(softcap), window_left=int(window_left),
-                                    window_right=int(window_right), align_bottom_right=bool(align_bottom_right),
-                                    dropout_p=float(dropout_p))
+    """The extension's AttentionOptions of one problem (made once per call signature in practice)."""
+    return _options_of(_ext._C.AttentionOptions, scale, softcap, window_left, window_right, align_bottom_right,
+                       dropout_p)
+
+
+@functools.lru_cache(maxsize=256)  # keyed by the class too: the tests' CUDA emulation module has its own
+def _options_of(cls, scale, softcap, window_left, window_right, align_bottom_right, dropout_p):
+    return cls(scale=float(scale), softcap=float(softcap), window_left=int(window_left),
+               window_right=int(window_right), align_bottom_right=bool(align_bottom_right), dropout_p=float(dropout_p))
 
 
 def _cpu_threads(q, k) -> int:
@@ -196,7 +201,8 @@ register_backend("cpu", FLOAT_DTYPES, forward=_cpu_forward, backward=_cpu_backwa
 # forward on one backend and a backward on another agree.
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_BACKWARD_MAX_HEAD_DIM = 128  # kernels/attention.h kBackwardMaxHeadDim
+# kernels/attention.h kBackwardMaxHeadDim, read from the extension (128 stands in without it).
+CUDA_BACKWARD_MAX_HEAD_DIM = getattr(_ext._C, "ATTENTION_CUDA_BACKWARD_MAX_HEAD_DIM", 128)
 CUDA_DECODE_MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its bandwidth
 CUDA_MAX_SPLITS = 128
 
@@ -334,20 +340,19 @@ if importlib.util.find_spec("genfast.triton_kernels.attention") is not None:
 
 # ----------------------------------------------------------------------------- torch.library
 
-_lib = torch.library.Library("genfast", "FRAGMENT")
 _PROBLEM = ("Tensor? bias, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seed, "
             "float scale, SymInt window_left, SymInt window_right, bool align_bottom_right, float softcap, "
             "float dropout_p, SymInt max_seqlen_q, SymInt max_seqlen_k")
 # Returns (out, lse, keep_mask); keep_mask is empty unless return_dropout_mask.
-_lib.define(f"attention_forward(Tensor q, Tensor k, Tensor v, {_PROBLEM}, bool return_dropout_mask, str backend)"
-            " -> (Tensor, Tensor, Tensor)")
-_lib.define(f"attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PROBLEM}, "
-            "bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
-_lib.define("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? alibi_slopes, "
-            "float scale, SymInt window_left, SymInt window_right, float softcap, SymInt num_splits, str backend)"
-            " -> (Tensor, Tensor)")
-_lib.define("attention_kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
-            "Tensor cache_seqlens) -> ()")
+_FORWARD_SCHEMA = (f"attention_forward(Tensor q, Tensor k, Tensor v, {_PROBLEM}, bool return_dropout_mask, "
+                   "str backend) -> (Tensor, Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                    f"{_PROBLEM}, bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
+_DECODE_SCHEMA = ("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+                  "Tensor? alibi_slopes, float scale, SymInt window_left, SymInt window_right, float softcap, "
+                  "SymInt num_splits, str backend) -> (Tensor, Tensor)")
+_APPEND_SCHEMA = ("attention_kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+                  "Tensor cache_seqlens) -> ()")
 
 
 # The ops' ``scale`` NaN stands for the default 1 / sqrt(head dim), resolved inside the ops: a
@@ -411,13 +416,6 @@ def _append_impl(k_cache, v_cache, k, v, cache_seqlens):
     v_cache.index_put_((batch, rows), v.to(v_cache.dtype))
 
 
-for _name, _impl in (("attention_forward", _forward_impl), ("attention_backward", _backward_impl),
-                     ("attention_decode", _decode_impl), ("attention_kvcache_append", _append_impl)):
-    for _key in ("CPU", "CUDA"):
-        _lib.impl(_name, _impl, _key)
-
-
-@torch.library.register_fake("genfast::attention_forward")
 def _forward_fake(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
                   align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, return_dropout_mask, backend):
     keep_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if return_dropout_mask else (0,)
@@ -425,22 +423,25 @@ def _forward_fake(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
             q.new_empty(keep_shape, dtype=torch.bool))
 
 
-@torch.library.register_fake("genfast::attention_backward")
 def _backward_fake(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left,
                    window_right, align_bottom_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic,
                    backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.register_fake("genfast::attention_decode")
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
                  num_splits, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
-@torch.library.register_fake("genfast::attention_kvcache_append")
 def _append_fake(k_cache, v_cache, k, v, cache_seqlens):
     return None
+
+
+attention_forward = NativeOp(_FORWARD_SCHEMA, _forward_impl, _forward_fake)
+attention_backward = NativeOp(_BACKWARD_SCHEMA, _backward_impl, _backward_fake)
+attention_decode = NativeOp(_DECODE_SCHEMA, _decode_impl, _decode_fake)
+attention_kvcache_append = NativeOp(_APPEND_SCHEMA, _append_impl, _append_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -452,8 +453,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, problem, return_dropout_mask,
                 deterministic, backend):
-        forward = _forward_impl if direct_call_allowed(q, k, v, bias) else torch.ops.genfast.attention_forward
-        out, lse, keep = forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem,
+        out, lse, keep = attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem,
                                  return_dropout_mask, backend)
         ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
         ctx.problem, ctx.deterministic, ctx.backend = problem, deterministic, backend
@@ -463,8 +463,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse, _dkeep):
         q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-        backward = _backward_impl if direct_call_allowed(dout, q, k, v) else torch.ops.genfast.attention_backward
-        dq, dk, dv = backward(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
                               *ctx.problem, ctx.deterministic, ctx.backend)
         needs = ctx.needs_input_grad
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 9
@@ -485,10 +484,8 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
     if needs_grad:
         return _AttentionFunction.apply(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, problem,
                                         return_dropout_mask, deterministic, backend)
-    # Eager calls on plain tensors skip the torch.library round trip (see direct_call_allowed).
-    forward = _forward_impl if direct_call_allowed(q, k, v, bias) else torch.ops.genfast.attention_forward
-    return forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem, return_dropout_mask,
-                   backend)
+    return attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem,
+                             return_dropout_mask, backend)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -969,17 +966,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             raise ValueError(f"{fn}: the cache holds {S_max} positions but cache_seqlens (max {hi}) + {S_new} new "
                              f"tokens needs {hi + S_new}; the cache is too small")
     if k is not None and S_new > 0:
-        direct = direct_call_allowed(q, k_cache, v_cache, k, v, cache_seqlens)
-        (_append_impl if direct else torch.ops.genfast.attention_kvcache_append)(k_cache, v_cache, k, v,
-                                                                                 cache_seqlens)
+        attention_kvcache_append(k_cache, v_cache, k, v, cache_seqlens)
         seqlens = cache_seqlens + S_new
     else:
         seqlens = cache_seqlens
     qt = q if q.stride(-1) == 1 else q.contiguous()
     kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
-    decode = _decode_impl if direct_call_allowed(q, k_cache, v_cache, seqlens) else torch.ops.genfast.attention_decode
-    out, lse = decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale, left, right,
+    out, lse = attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale, left, right,
                       softcap, int(num_splits), backend or "")
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out

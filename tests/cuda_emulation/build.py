@@ -201,8 +201,8 @@ class GuardedPointers:
 
 
 class EmulatedExtension:
-    """Stands in for genfast._C: its CUDA functions (names containing "_cuda") are the emulated
-    module's, counted (so a test can check the emulated kernels really ran); anything else is
+    """Stands in for genfast._C: its CUDA functions (names containing "_cuda") and classes are the
+    emulated module's, the functions counted (so a test can check the emulated kernels really ran); anything else is
     the real extension's. Every tensor argument of those calls is passed in storage that ends at
     a guard page (GuardedPointers): an out-of-bounds global read or write faults.
     The device index argument of a CPU tensor is None: passed as 0 (the emulator ignores it)."""
@@ -213,7 +213,8 @@ class EmulatedExtension:
         self.guard = guard
 
     def __getattr__(self, name):
-        if "_cuda" not in name:
+        # The module's own classes (option structs) too: its entry points take only those.
+        if "_cuda" not in name and not isinstance(getattr(self._module, name, None), type):
             real = getattr(self._real, name)
             if self.guard is None or not callable(real):
                 return real

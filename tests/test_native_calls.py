@@ -1,0 +1,127 @@
+"""The extension's typed entry points (csrc/tensor_view.h): tensors are read from torch tensors
+by the bindings and checked against each other, options are named and complete, so a wrong,
+swapped or missing argument raises a clear error instead of reaching a kernel."""
+import pytest
+import torch
+
+from genfast import _ext
+from genfast.ops import attention
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the genfast._C extension is not built")
+
+
+def test_dtype_codes_come_from_the_extension():
+    codes = _ext._C.DTYPE_CODES
+    assert {"float32", "float16", "bfloat16", "float64", "int32", "int64", "bool"} <= set(codes)
+    assert len(set(codes.values())) == len(codes)
+    assert all(_ext.DTYPE_CODES[getattr(torch, name)] == code for name, code in codes.items())
+
+
+def _options(**overrides):
+    fields = dict(scale=0.25, softcap=0.0, window_left=-1, window_right=-1, align_bottom_right=False, dropout_p=0.0)
+    fields.update(overrides)
+    return _ext._C.AttentionOptions(**fields)
+
+
+def test_options_need_every_field_by_name():
+    o = _options(scale=0.5, window_left=3)
+    assert (o.scale, o.window_left, o.window_right) == (0.5, 3, -1)
+    with pytest.raises(TypeError):
+        _ext._C.AttentionOptions(scale=0.25, softcap=0.0, window_left=-1, window_right=-1, align_bottom_right=False)
+    with pytest.raises(TypeError):
+        _options(scale=0.25, causal=True)  # unknown field
+    with pytest.raises(TypeError):
+        _ext._C.AttentionOptions(0.25, 0.0, -1, -1, False, 0.0)  # positional: not accepted
+    with pytest.raises(ValueError, match="dropout_p"):
+        _options(dropout_p=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        _options(scale=float("nan"))
+
+
+def _forward_args(B=2, H=4, Hk=2, Sq=5, Sk=7, D=16, dtype=torch.float32):
+    q = torch.randn(B, H, Sq, D, dtype=dtype)
+    k, v = torch.randn(B, Hk, Sk, D, dtype=dtype), torch.randn(B, Hk, Sk, D, dtype=dtype)
+    out, lse = torch.empty_like(q), torch.empty(B, H, Sq, dtype=torch.float32)
+    return dict(q=q, k=k, v=v, out=out, lse=lse)
+
+
+def _forward(**args):
+    kwargs = dict(bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                  keep_mask=None, seed=0, options=_options(), num_threads=1)
+    kwargs.update({k: args.pop(k) for k in list(args) if k in kwargs})
+    _ext._C.attention_forward_cpu(args["q"], args["k"], args["v"], args["out"], args["lse"], **kwargs)
+
+
+def test_forward_entry_computes_attention():
+    a = _forward_args()
+    _forward(**a)
+    k, v = (t.repeat_interleave(2, dim=1) for t in (a["k"], a["v"]))
+    ref = torch.softmax(a["q"] @ k.transpose(-1, -2) * 0.25, -1) @ v
+    torch.testing.assert_close(a["out"], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    (dict(out=torch.empty(2, 4, 5, 8)), ValueError, "out must have the shape of q"),
+    (dict(lse=torch.empty(2, 4, 5, dtype=torch.float64)), TypeError, "lse must be float32"),
+    (dict(v=torch.randn(2, 2, 6, 16)), ValueError, "v must have the shape of k"),
+    (dict(k=torch.randn(2, 3, 7, 16), v=torch.randn(2, 3, 7, 16)), ValueError, "multiple of the key heads"),
+    (dict(k=torch.randn(2, 2, 7, 16, dtype=torch.float64)), TypeError, "k must be float32"),
+    (dict(out=None), ValueError, "out is required"),
+    (dict(q=torch.randn(2, 4, 5, 16)[..., ::2].repeat(1, 1, 1, 2)[..., ::2]), ValueError, "unit stride"),
+    (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(4\)"),
+    (dict(seqused_k=torch.tensor([3, 4], dtype=torch.int64)), TypeError, "seqused_k must be int32"),
+    (dict(cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "go together"),
+    (dict(bias=torch.randn(2, 4, 5, 6)), ValueError, "bias must have shape"),
+    (dict(num_threads=0), ValueError, "num_threads"),
+])
+def test_forward_entry_rejects_bad_arguments(case, error, message):
+    a = _forward_args()
+    a.update(case)
+    with pytest.raises(error, match=message):
+        _forward(**a)
+
+
+def test_swapped_tensors_raise_instead_of_reading_past_the_end():
+    a = _forward_args(Sq=5, Sk=7)
+    with pytest.raises(ValueError, match="out must have the shape of q"):
+        _ext._C.attention_forward_cpu(a["q"], a["k"], a["v"], a["k"], a["lse"], bias=None, alibi_slopes=None,
+                                      cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, keep_mask=None, seed=0,
+                                      options=_options(), num_threads=1)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        _ext._C.attention_forward_cpu(a["q"], a["k"], a["v"], a["out"], torch.empty(2, 4, 7), bias=None,
+                                      alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                                      keep_mask=None, seed=0, options=_options(), num_threads=1)
+
+
+def test_entry_rejects_non_tensors_and_unknown_keywords():
+    a = _forward_args()
+    with pytest.raises(TypeError):
+        _ext._C.attention_forward_cpu(a["q"].data_ptr(), a["k"], a["v"], a["out"], a["lse"], bias=None,
+                                      alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                                      keep_mask=None, seed=0, options=_options(), num_threads=1)
+    with pytest.raises(TypeError):  # an unknown keyword
+        _ext._C.attention_forward_cpu(a["q"], a["k"], a["v"], a["out"], a["lse"], bias=None, alibi_slopes=None,
+                                      cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, keep_mask=None, seed=0,
+                                      options=_options(), num_threads=1, window=3)
+
+
+def test_backward_entry_checks_gradient_buffers():
+    a = _forward_args()
+    _forward(**a)
+    dq, dk, dv = torch.empty_like(a["q"]), torch.zeros_like(a["k"]), torch.zeros_like(a["v"])
+    common = dict(bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seed=0, options=_options(),
+                  num_threads=1)
+    dout = torch.randn_like(a["q"])
+    _ext._C.attention_backward_cpu(dout, a["q"], a["k"], a["v"], a["out"], a["lse"], dq, dk, dv, **common)
+    assert torch.isfinite(dq).all() and dk.abs().sum() > 0
+    with pytest.raises(ValueError, match="dk must have the shape of k"):
+        _ext._C.attention_backward_cpu(dout, a["q"], a["k"], a["v"], a["out"], a["lse"], dq, dq, dv, **common)
+
+
+def test_attention_ops_are_native_ops():
+    """Every attention op is defined through genfast.ops._define (one way to define an op)."""
+    from genfast.ops._define import NativeOp
+
+    for op in (attention.attention_forward, attention.attention_backward, attention.attention_decode,
+               attention.attention_kvcache_append):
+        assert isinstance(op, NativeOp) and hasattr(torch.ops.genfast, op.name)
