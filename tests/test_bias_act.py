@@ -7,7 +7,7 @@ import torch
 
 import genfast
 from genfast.ops import bias_act
-from genfast.ops.bias_act import DISPATCH
+from genfast.ops.bias_act import ACTIVATIONS, DISPATCH
 from genfast.reference import bias_act as reference
 from genfast.testing import error_vs_reference
 
@@ -234,6 +234,69 @@ def test_device_mismatch_raises_value_error():
     b = torch.zeros(3, device="meta")
     with pytest.raises(ValueError, match="b is on meta but x is on cpu"):
         bias_act(x, b)
+
+
+# ----------------------------------------------------------------------------- the extension entry
+
+def _native_options(**overrides):
+    fields = dict(mode="forward", act="lrelu", dim=1, alpha=0.2, gain=1.0, clamp=-1.0)
+    fields.update(overrides)
+    return genfast._ext._C.BiasActOptions(**fields)
+
+
+def _native_call(**overrides):
+    x = torch.randn(2, 3, 5)
+    args = dict(out=torch.empty_like(x), x=x, b=torch.randn(3), dy=None, ddx=None, db=None,
+                options=_native_options(), num_threads=1)
+    args.update(overrides)
+    genfast._ext._C.bias_act_cpu(**args)
+    return args
+
+
+@pytest.mark.skipif(genfast._ext._C is None, reason="no extension")
+def test_native_entry_matches_the_op(seed):
+    args = _native_call()
+    expected = reference(args["x"].double(), args["b"].double(), act="lrelu", gain=1.0)
+    error_vs_reference(args["out"], expected, reference(args["x"], args["b"], act="lrelu", gain=1.0))
+    # Every activation the Python side offers is known to the extension, by name.
+    assert set(genfast._ext._C.BIAS_ACT_ACTIVATIONS) == set(ACTIVATIONS)
+    assert set(genfast._ext._C.BIAS_ACT_MODES) == {"forward", "grad", "grad2"}
+
+
+@pytest.mark.skipif(genfast._ext._C is None, reason="no extension")
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(b=torch.randn(4)), ValueError, "bias_act_cpu: b must have shape \\(3\\)"),
+    (dict(out=torch.empty(2, 5, 3)), ValueError, "bias_act_cpu: out must have the shape of x"),
+    (dict(out=torch.empty(2, 3, 5, dtype=torch.float64)), TypeError, "bias_act_cpu: out must be float32"),
+    (dict(b=torch.randn(3, dtype=torch.float16)), TypeError, "bias_act_cpu: b must be float32"),
+    (dict(out=None), ValueError, "bias_act_cpu: out is required, got None"),
+    (dict(options=_native_options(mode="grad")), ValueError, "bias_act_cpu: dy is required, got None"),
+    (dict(x=torch.randn(2, 3, 10)[..., ::2]), ValueError, "bias_act_cpu: x must be dense"),
+    (dict(num_threads=0), ValueError, "bias_act_cpu: num_threads must be >= 1"),
+])
+def test_native_entry_rejects_bad_tensors(overrides, error, match):
+    if "x" in overrides:
+        overrides["out"] = torch.empty_like(overrides["x"])
+    with pytest.raises(error, match=match):
+        _native_call(**overrides)
+
+
+@pytest.mark.skipif(genfast._ext._C is None, reason="no extension")
+def test_native_options_are_named_and_complete():
+    with pytest.raises(TypeError):  # an unknown field
+        _native_options(slope=0.2)
+    with pytest.raises(TypeError):  # a missing field
+        genfast._ext._C.BiasActOptions(mode="forward", act="lrelu", dim=1, alpha=0.2, gain=1.0)
+    with pytest.raises(TypeError):  # positional fields
+        genfast._ext._C.BiasActOptions("forward", "lrelu", 1, 0.2, 1.0, -1.0)
+    with pytest.raises(ValueError, match="BiasActOptions: unknown act 'gelu'"):
+        _native_options(act="gelu")
+    with pytest.raises(ValueError, match="BiasActOptions: unknown mode 'backward'"):
+        _native_options(mode="backward")
+    assert _native_options().act == "lrelu" and "BiasActOptions(mode='forward'" in repr(_native_options())
+    with pytest.raises(TypeError):  # tensors are keyword arguments after out and x
+        x = torch.randn(2, 3)
+        genfast._ext._C.bias_act_cpu(torch.empty_like(x), x, torch.randn(3), None, None, None, _native_options(), 1)
 
 
 # ----------------------------------------------------------------------------- torch.library / compile

@@ -195,8 +195,10 @@ def test_cuda_kernels_were_compiled_when_nvcc_is_present():
 
 
 def test_extension_rejects_bad_sizes_instead_of_crashing():
-    with pytest.raises(ValueError, match="bad sizes"):
-        _ext._C.bias_act_cpu(0, 0, 0, 10, 0, 1, 0, 0, 0, 0, 0, 0, 0.0, 1.0, -1.0, 1)
+    options = _ext._C.BiasActOptions(mode="forward", act="linear", dim=0, alpha=0.0, gain=1.0, clamp=-1.0)
+    with pytest.raises(ValueError, match="bias_act_cpu: out must have the shape of x"):
+        _ext._C.bias_act_cpu(torch.empty(3), torch.randn(10), b=None, dy=None, ddx=None, db=None, options=options,
+                             num_threads=1)
 
 
 def test_use_backend_context_picks_the_backend_and_restores_it():

@@ -3,8 +3,9 @@
 Layers of this module, the pattern every op family follows:
   1. ``bias_act()``: the public op. Validates arguments (clear errors before any kernel), then
      goes through an autograd.Function (first and second derivatives).
-  2. ``torch.ops.genfast.bias_act*``: ops registered with torch.library (light form: define +
-     impl + fake), so torch.compile(fullgraph=True) sees them as opaque nodes.
+  2. ``torch.ops.genfast.bias_act*``: NativeOps (ops/_define.py: torch.library define + impl +
+     fake), so torch.compile(fullgraph=True) sees them as opaque nodes; eager calls on plain
+     tensors run the impls directly.
   3. ``DISPATCH``: the op's table of backends (cuda, triton, cpu, reference); the choice is
      made at run time inside the op impl, so compiled graphs stay backend-agnostic.
 
@@ -14,21 +15,29 @@ without copies. Non-dense inputs (slices with gaps) are made contiguous first.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import _ext
 from .._dispatch import OpDispatcher, direct_call_allowed
+from ._define import NativeOp
 from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_real, check_tensor, cpu_threads
+from ._validate import dense as _dense
+from ._validate import is_dense  # noqa: F401  (was defined here; kept importable)
 from ..reference import bias_act as reference
 from ..reference.bias_act import ACTIVATIONS, add_bias, reduce_to_bias
 from ..reference.bias_act import bias_act_derivative as reference_derivative
 
 __all__ = ["bias_act", "fused_leaky_relu", "ACTIVATIONS", "DISPATCH", "FLOAT_DTYPES"]
 
-FORWARD, GRAD, GRAD2 = 0, 1, 2  # kernels/bias_act_math.h Mode
+# Modes and activation codes of the Python backends (the triton kernels number them so); the
+# C++ entry points take both by name (BiasActOptions), the extension's own numbering stays inside it.
+FORWARD, GRAD, GRAD2 = 0, 1, 2
+MODE_NAMES = ("forward", "grad", "grad2")
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+ACTIVATION_NAMES = tuple(ACTIVATIONS)
 # Activations whose second derivative is not identically zero (the rest skip GRAD2 work).
 HAS_SECOND_DERIVATIVE = {"tanh", "sigmoid", "elu", "selu", "softplus", "swish"}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -37,22 +46,6 @@ DISPATCH = OpDispatcher("bias_act")
 
 
 # ----------------------------------------------------------------------------- layout
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """True if ``t`` covers its memory without gaps or overlaps, in any dimension order."""
-    if t.is_contiguous():  # the common case, without sorting the strides
-        return True
-    expected = 1
-    for d in sorted((d for d in range(t.ndim) if t.shape[d] != 1), key=t.stride):
-        if t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if is_dense(t) else t.contiguous()
 
 
 def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -83,19 +76,29 @@ def _sum_into_bias(out: torch.Tensor, db: Optional[torch.Tensor], dim: int) -> N
 # ``out`` and, when ``db`` is given (GRAD mode with a bias), the bias gradient sum(out).
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_options(mode: int, act: int, dim: int, alpha: float, gain: float, clamp: float):
+    return _ext._C.BiasActOptions(mode=MODE_NAMES[mode], act=ACTIVATION_NAMES[act], dim=int(dim), alpha=float(alpha),
+                                  gain=float(gain), clamp=float(clamp))
+
+
+def _options(mode, act, x, b, dim, alpha, gain, clamp):
+    """The extension's BiasActOptions of one call signature. Without a bias, dim is unchecked
+    by the op and unused by the kernels: 0."""
+    return _cached_options(mode, act, dim % x.ndim if b is not None else 0, alpha, gain, clamp)
+
+
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _bias_act_cpu(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
-    # The C++ kernel sums db while each row of dx is still in cache.
-    _ext._C.bias_act_cpu(mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), _ext.address(db),
-                         x.data_ptr(), _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp,
-                         cpu_threads(x.numel()))
+    # The C++ kernel sums db while each row of dx is still in cache. It derives C and S from x.
+    _ext._C.bias_act_cpu(out, x, b=b, dy=dy, ddx=ddx, db=db, options=_options(mode, act, x, b, dim, alpha, gain, clamp),
+                         num_threads=cpu_threads(x.numel()))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16))
 def _bias_act_cuda(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
-    _ext._C.bias_act_cuda(mode, act, _ext.DTYPE_CODES[x.dtype], x.numel(), C, S, out.data_ptr(), x.data_ptr(),
-                          _ext.address(b), _ext.address(dy), _ext.address(ddx), alpha, gain, clamp,
-                          _ext.stream_of(x), x.device.index)
+    _ext._C.bias_act_cuda(out, x, b=b, dy=dy, ddx=ddx, options=_options(mode, act, x, b, dim, alpha, gain, clamp),
+                          stream=_ext.stream_of(x))
     _sum_into_bias(out, db, dim)
 
 
@@ -108,7 +111,7 @@ def _bias_act_triton(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, 
 
 @DISPATCH.register("reference", FLOAT_DTYPES)
 def _bias_act_reference(mode, act, out, db, x, b, dy, ddx, dim, C, S, alpha, gain, clamp):
-    name = list(ACTIVATIONS)[act]
+    name = ACTIVATION_NAMES[act]
     clamp_arg = clamp if clamp >= 0 else None
     if mode == FORWARD:
         result = reference(x, b, dim=dim, act=name, alpha=alpha, gain=gain, clamp=clamp_arg)
@@ -146,14 +149,9 @@ def _output_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_dense(x))
 
 
-# ----------------------------------------------------------------------------- torch.library
+# ----------------------------------------------------------------------------- ops
 
-_lib = torch.library.Library("genfast", "FRAGMENT")
 _PARAMS = "int dim, str act, float alpha, float gain, float clamp, str backend"
-_lib.define(f"bias_act(Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
-# Returns (dx, db); db is empty unless compute_db and b is given.
-_lib.define(f"bias_act_grad(Tensor dy, Tensor x, Tensor? b, bool compute_db, {_PARAMS}) -> (Tensor, Tensor)")
-_lib.define(f"bias_act_grad2(Tensor ddx, Tensor dy, Tensor x, Tensor? b, {_PARAMS}) -> Tensor")
 
 
 def _fwd_impl(x, b, dim, act, alpha, gain, clamp, backend):
@@ -168,24 +166,24 @@ def _grad2_impl(ddx, dy, x, b, dim, act, alpha, gain, clamp, backend):
     return _run(GRAD2, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend)
 
 
-for _name, _impl in (("bias_act", _fwd_impl), ("bias_act_grad", _grad_impl), ("bias_act_grad2", _grad2_impl)):
-    for _key in ("CPU", "CUDA"):
-        _lib.impl(_name, _impl, _key)
-
-
-@torch.library.register_fake("genfast::bias_act")
 def _fwd_fake(x, b, dim, act, alpha, gain, clamp, backend):
     return _output_like(x)
 
 
-@torch.library.register_fake("genfast::bias_act_grad")
 def _grad_fake(dy, x, b, compute_db, dim, act, alpha, gain, clamp, backend):
     return _output_like(x), x.new_empty(_db_size(b, compute_db))
 
 
-@torch.library.register_fake("genfast::bias_act_grad2")
 def _grad2_fake(ddx, dy, x, b, dim, act, alpha, gain, clamp, backend):
     return _output_like(x)
+
+
+BIAS_ACT = NativeOp(f"bias_act(Tensor x, Tensor? b, {_PARAMS}) -> Tensor", _fwd_impl, _fwd_fake)
+# Returns (dx, db); db is empty unless compute_db and b is given.
+BIAS_ACT_GRAD = NativeOp(f"bias_act_grad(Tensor dy, Tensor x, Tensor? b, bool compute_db, {_PARAMS}) "
+                         "-> (Tensor, Tensor)", _grad_impl, _grad_fake)
+BIAS_ACT_GRAD2 = NativeOp(f"bias_act_grad2(Tensor ddx, Tensor dy, Tensor x, Tensor? b, {_PARAMS}) -> Tensor",
+                          _grad2_impl, _grad2_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -196,8 +194,7 @@ class _BiasAct(torch.autograd.Function):
     def forward(ctx, x, b, params):
         ctx.save_for_backward(x, b)
         ctx.params = params
-        forward = _fwd_impl if direct_call_allowed(x, b) else torch.ops.genfast.bias_act
-        return forward(x, b, *params)
+        return BIAS_ACT(x, b, *params)
 
     @staticmethod
     def backward(ctx, dy):
@@ -215,8 +212,7 @@ class _BiasActGrad(torch.autograd.Function):
     def forward(ctx, dy, x, b, params, compute_db):
         ctx.save_for_backward(dy, x, b)
         ctx.params, ctx.compute_db = params, compute_db
-        grad = _grad_impl if direct_call_allowed(dy, x, b) else torch.ops.genfast.bias_act_grad
-        dx, db = grad(dy, x, b, compute_db, *params)
+        dx, db = BIAS_ACT_GRAD(dy, x, b, compute_db, *params)
         if not compute_db:
             ctx.mark_non_differentiable(db)
         return dx, db
@@ -239,8 +235,7 @@ class _BiasActGrad(torch.autograd.Function):
 class _BiasActGrad2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ddx, dy, x, b, params):
-        grad2 = _grad2_impl if direct_call_allowed(ddx, dy, x, b) else torch.ops.genfast.bias_act_grad2
-        return grad2(ddx, dy, x, b, *params)
+        return BIAS_ACT_GRAD2(ddx, dy, x, b, *params)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -340,7 +335,7 @@ def bias_act(
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _BiasAct.apply(x, b, params)
     # Eager calls on plain tensors skip the torch.library round trip (see direct_call_allowed).
-    return _fwd_impl(x, b, *params) if direct else torch.ops.genfast.bias_act(x, b, *params)
+    return _fwd_impl(x, b, *params) if direct else BIAS_ACT.op(x, b, *params)
 
 
 _VALIDATED = ValidatedSignatures()
