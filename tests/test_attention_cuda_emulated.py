@@ -153,12 +153,20 @@ def test_kernel_rejects_what_python_should_have_caught(emulated):
     """The C++ entry point checks its own preconditions (never an out-of-bounds access)."""
     q = rand(1, 1, 8, 32)
     out, lse = torch.empty_like(q), torch.empty(1, 1, 8)
-    params = A._cpu_params(q, q, q, scale=1.0, window_left=-1, window_right=-1, align_bottom_right=False, softcap=0.0,
-                           alibi_slopes=None, bias=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None)
-    params.update(out=out.data_ptr(), lse=lse.data_ptr(), stream=0, device=0)
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
-        emulated.attention_forward_cuda(dict(params, dtype=0))
+    options = emulated.AttentionOptions(scale=1.0, softcap=0.0, window_left=-1, window_right=-1,
+                                        align_bottom_right=False, dropout_p=0.0)
+
+    def forward(q, k, v, out, splits=1):
+        launch = emulated.AttentionCudaLaunch(max_seqlen_q=0, max_seqlen_k=0, pack_gqa=False, num_splits=splits)
+        emulated.attention_forward_cuda(q, k, v, out, lse, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                                        seqused_k=None, out_partial=None, lse_partial=None, options=options,
+                                        launch=launch, stream=0)
+
+    q32 = q.float()
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        forward(q32, q32, q32, torch.empty_like(q32))
+    padded = rand(1, 1, 8, 36)[..., :32]  # row stride 36 elements: not a multiple of 8
     with pytest.raises(ValueError, match="strides must be multiples of 8"):
-        emulated.attention_forward_cuda(dict(params, q_ss=36))
-    with pytest.raises(ValueError, match="split-KV needs"):
-        emulated.attention_forward_cuda(dict(params, num_splits=2))
+        forward(padded, q, q, out)
+    with pytest.raises(ValueError, match="out_partial is required"):
+        forward(q, q, q, out, splits=2)
