@@ -11,13 +11,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import models, nn, ops, reference, schedulers
+from . import distributed, models, nn, ops, reference, schedulers
 from ._dispatch import BACKENDS, BackendWarning, refresh_environment, use_backend
 from ._info import info
 from .optimize import optimize, revert
 from .ops.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                             scaled_dot_product_attention)
+from .ops.merge import merge_attention_states
 
 __all__ = ["__version__", "BACKENDS", "BackendWarning", "info", "models", "nn", "ops", "reference", "schedulers",
            "use_backend", "refresh_environment", "optimize", "revert"]
-__all__ += ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ += ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+            "merge_attention_states", "distributed"]

@@ -8,6 +8,7 @@ from .diffusion import (add_noise, cfg_combine, diffusion_loss, min_snr_weights,
 from .filtered_lrelu import filtered_lrelu
 from .gan import conv2d_resample, minibatch_stddev, modulated_conv2d, pixel_norm
 from .group_norm import group_norm
+from .merge import merge_attention_states
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 from .vae import kl_divergence, reparameterize, reparameterize_kl
 
@@ -20,4 +21,4 @@ __all__ = [
     "kl_divergence", "reparameterize", "reparameterize_kl",
 ]
 __all__ += ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
-            "flash_attn_with_kvcache"]
+            "flash_attn_with_kvcache", "merge_attention_states"]
