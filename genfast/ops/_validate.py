@@ -10,6 +10,7 @@ of a symbolic value stay symbolic (no specialisation), so the helpers may return
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -44,12 +45,17 @@ def is_finite(v) -> bool:
     return abs(v) < math.inf  # False for +-inf and NaN; math.isfinite breaks the graph
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:  # fixed for the process; torch asks the driver on every call
+    return torch.cuda.is_available()
+
+
 def compiling() -> bool:
     """True while torch.compile traces or a CUDA graph captures: value checks that read device
     data (and would synchronise or break the graph) are skipped then."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_available() and torch.cuda.is_current_stream_capturing()
 
 
 def check_tensor(op: str, name: str, t, *, ndim: Optional[int] = None, dtypes=None, optional: bool = False,

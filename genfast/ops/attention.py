@@ -959,7 +959,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     elif is_int(cache_seqlens):  # its value was checked in Python
         cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     elif not _compiling():  # a tensor: its values decide where the new k/v go and how far rows read
-        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one host sync
+        if cache_seqlens.device.type == "cpu" and cache_seqlens.shape[0] <= 256:  # cheaper than two reductions
+            values = cache_seqlens.tolist()
+            lo, hi = min(values, default=0), max(values, default=0)
+        else:
+            lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one host sync
         if lo < 0:
             raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {lo}")
         if hi + S_new > S_max:
