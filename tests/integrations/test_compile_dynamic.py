@@ -172,6 +172,20 @@ def test_flash_attn_with_kvcache():
     check_compiles_once(fn, args, [2, 3, 5], backward=False)
 
 
+def test_merge_attention_states():
+    def fn(out_a, lse_a, out_b, lse_b):
+        return ops.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+    def args(s):
+        lse_a, lse_b = _randn(2, 3, s + 3), _randn(2, 3, s + 3)
+        with torch.no_grad():
+            lse_a[0, 1, 0] = -math.inf  # a row one part never saw a key of
+        return [_randn(2, s + 3, 3, 8 * s), lse_a, _randn(2, s + 3, 3, 8 * s), lse_b]
+
+    # Plain PyTorch (no genfast kernel to find in the graph).
+    check_compiles_once(fn, args, [2, 3, 5], expect_genfast=False)
+
+
 def test_nn_multihead_attention():
     torch.manual_seed(0)
     mha = genfast.nn.MultiheadAttention(32, 2, batch_first=True, dtype=torch.float64)
@@ -397,7 +411,7 @@ COMPILED_OPS = {
     "bias_act", "fused_leaky_relu", "sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine",
     "timestep_embedding", "group_norm", "upfirdn2d", "filter2d", "upsample2d", "downsample2d", "filtered_lrelu",
     "pixel_norm", "minibatch_stddev", "conv2d_resample", "modulated_conv2d", "kl_divergence", "reparameterize",
-    "reparameterize_kl",
+    "reparameterize_kl", "merge_attention_states",
 }
 
 
