@@ -1,8 +1,9 @@
 """Backend dispatch: one registry per op, mapping a backend name to an implementation.
 
 Choice order for ``backend=None`` (automatic): the innermost ``genfast.use_backend(...)``
-context if any, else the ``GENFAST_BACKEND`` environment variable if set, else the first backend that can run on the tensor's device and dtype, the device's native
-kernels first (``cuda`` on GPUs, ``cpu`` on CPUs), then in ``BACKENDS`` order.
+context if any, else the ``GENFAST_BACKEND`` environment variable if set, else the first
+backend that can run on the tensor's device and dtype, the device's native kernels first
+(``cuda`` on GPUs, ``cpu`` on CPUs), then in ``BACKENDS`` order.
 An explicit backend (argument or environment) that cannot run falls back to the next one that
 can, with one warning per (op, backend, reason). A backend that raises at run time is treated
 the same way, unless ``GENFAST_STRICT=1`` (the tests set it, so failures are never hidden).
@@ -265,11 +266,13 @@ class OpDispatcher:
             if reason is None:
                 usable.append(name)
             elif name == requested:
-                warn_once((self.op, name, reason), f"genfast.{self.op}: backend {name!r} cannot run here ({reason}); falling back.")
+                warn_once((self.op, name, reason),
+                          f"genfast.{self.op}: backend {name!r} cannot run here ({reason}); falling back.")
             elif name == device.type and backend_unavailable_reason(name, device) is not None:
                 # The device's own native kernels are missing (no extension, built without
                 # CUDA, driver too old): unexpected, so say it once.
-                warn_once((self.op, name, reason), f"genfast.{self.op}: native {name} kernels unavailable ({reason}); using a slower backend.")
+                warn_once((self.op, name, reason),
+                          f"genfast.{self.op}: native {name} kernels unavailable ({reason}); using a slower backend.")
         return usable
 
     def select(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
@@ -296,7 +299,8 @@ class OpDispatcher:
                     raise
                 self.broken[(name, device.type, dtype)] = f"{type(exc).__name__}: {exc}"
                 self.plans.clear()
-                warn_once((self.op, name, "broken"), f"genfast.{self.op}: backend {name!r} failed ({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
+                warn_once((self.op, name, "broken"), f"genfast.{self.op}: backend {name!r} failed "
+                          f"({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
         raise AssertionError("unreachable")
 
     def _explicit(self, requested: str | None) -> str | None:
@@ -306,7 +310,8 @@ class OpDispatcher:
         if requested is None:
             requested = env_backend(self.op)
             if requested is not None and requested not in BACKENDS:
-                raise ValueError(f"GENFAST_BACKEND asks {self.op} for backend {requested!r}; expected one of {BACKENDS}")
+                raise ValueError(f"GENFAST_BACKEND asks {self.op} for backend {requested!r}; "
+                                 f"expected one of {BACKENDS}")
         return requested
 
     def _usable(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> list:
@@ -318,7 +323,8 @@ class OpDispatcher:
         if requested is not None and strict():
             reason = self.unavailable_reason(requested, device, dtype) if requested in BACKENDS else None
             if reason:
-                raise RuntimeError(f"genfast.{self.op}: backend {requested!r} cannot run here ({reason}) and GENFAST_STRICT is set")
+                raise RuntimeError(f"genfast.{self.op}: backend {requested!r} cannot run here ({reason}) "
+                                   "and GENFAST_STRICT is set")
         usable = self.candidates(requested, device, dtype)
         if not usable:
             raise RuntimeError(f"genfast.{self.op}: no backend can run on {device} with {dtype}")
