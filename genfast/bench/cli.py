@@ -103,7 +103,8 @@ def run(args) -> int:
     meta = metadata(device, copy_gbps, quick)
     meta["ops"] = ops
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
-    paths = write_all(rows, meta, getattr(args, "out", "bench_results"), device, plot=not getattr(args, "no_plot", False))
+    paths = write_all(rows, meta, getattr(args, "out", "bench_results"), device,
+                      plot=not getattr(args, "no_plot", False))
     for path in paths:
         print(f"wrote {path}")
     failed = [r for r in rows if r["kind"] == "genfast" and r["status"] in ("FAIL", "ERROR")]

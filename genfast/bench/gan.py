@@ -82,7 +82,8 @@ def pixel_norm_case(mode: str, shape: tuple, dtype: torch.dtype, device, use_com
                              ("pixel_norm", device.type, mode), no_grad_forward=True)
     return Case(op="pixel_norm", mode=mode, shape=tuple(shape), dtype=dtype, act="dim=1", device=device,
                 bytes_moved=tensors * numel * itemsize(dtype), make_inputs=make_inputs, providers=providers,
-                baselines=BASELINES, n_input_sets=input_sets_for(device, (3 if mode != "fwd" else 2) * numel * itemsize(dtype)),
+                baselines=BASELINES,
+                n_input_sets=input_sets_for(device, (3 if mode != "fwd" else 2) * numel * itemsize(dtype)),
                 cleanup=compile_cleanup(providers))
 
 
@@ -111,7 +112,8 @@ def mlp_case(mode: str, net: str, batch: int, dtype: torch.dtype, device, use_co
         gen = torch.Generator(device=device).manual_seed(99 + i)
         x = torch.randn(batch, layers[0][0], generator=gen, device=device, dtype=torch.float32).to(dtype)
         out = layers[-1][1]
-        dy = torch.randn(batch, out, generator=gen, device=device, dtype=torch.float32).to(dtype) if mode != "fwd" else None
+        dy = (torch.randn(batch, out, generator=gen, device=device, dtype=torch.float32).to(dtype)
+              if mode != "fwd" else None)
         if mode != "fwd":
             x.requires_grad_()
         return {"x": x, "dy": dy}
@@ -134,9 +136,9 @@ def mlp_case(mode: str, net: str, batch: int, dtype: torch.dtype, device, use_co
             def factory(inputs, _inner=inner, _params=params):
                 return _inner(dict(inputs, params=_params))
         providers[name] = Provider(name, kind, factory, reason)
-    return Case(op="mlp_gan", mode=mode, shape=(batch, layers[0][0], layers[-1][1]), dtype=dtype, act=net, device=device,
-                bytes_moved=bytes_moved, make_inputs=make_inputs, providers=providers, baselines=BASELINES,
-                variant=f"{flops / 1e9:.3g} GFLOP", cleanup=compile_cleanup(providers))
+    return Case(op="mlp_gan", mode=mode, shape=(batch, layers[0][0], layers[-1][1]), dtype=dtype, act=net,
+                device=device, bytes_moved=bytes_moved, make_inputs=make_inputs, providers=providers,
+                baselines=BASELINES, variant=f"{flops / 1e9:.3g} GFLOP", cleanup=compile_cleanup(providers))
 
 
 # ----------------------------------------------------------------------------- modulated_conv2d

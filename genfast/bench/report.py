@@ -173,7 +173,8 @@ def format_table(rows: Sequence[dict]) -> str:
                  _num(row["median_ms"], ".3f"), spread, _num(row["gbps"], ".1f"), _num(row["pct_copy"], ".1f")]
         cells += [_num(row.get("tflops"), ".3f")] if with_tflops else []
         if with_throughput:
-            cells.append("-" if row.get("throughput") is None else f"{row['throughput']:.4g} {row.get('unit', '')}".strip())
+            cells.append("-" if row.get("throughput") is None
+                         else f"{row['throughput']:.4g} {row.get('unit', '')}".strip())
         cells += [("-" if row.get(f"vs_{b}") is None else f"{row[f'vs_{b}']:.2f}x") for b in bases]
         cells.append(status)
         body.append(cells)
@@ -205,8 +206,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-META_COLUMNS = ("device", "cpu", "cpu_isa", "cpu_flags", "threads", "copy_gbps", "genfast", "torch", "triton", "git_sha",
-                "date_utc")
+META_COLUMNS = ("device", "cpu", "cpu_isa", "cpu_flags", "threads", "copy_gbps", "genfast", "torch", "triton",
+                "git_sha", "date_utc")
 
 
 def _columns(rows: Sequence[dict]) -> list:
@@ -259,7 +260,8 @@ def write_plot(rows: Sequence[dict], meta: dict, path: Path) -> Optional[Path]:
         return None
     cases, providers, values = [], [], {}
     for row in rows:
-        case = (row["op"], row["mode"], row["dtype"], _numel(row["numel"]), row["act"] + (f",{row['variant']}" if row["variant"] else ""))
+        case = (row["op"], row["mode"], row["dtype"], _numel(row["numel"]),
+                row["act"] + (f",{row['variant']}" if row["variant"] else ""))
         if case not in cases:
             cases.append(case)
         if row["status"] == "ok" and row["gbps"] is not None:
@@ -279,9 +281,11 @@ def write_plot(rows: Sequence[dict], meta: dict, path: Path) -> Optional[Path]:
         ax.bar(xs, ys, width=width, label=provider)
     copy = meta.get("copy_gbps")
     if copy:
-        ax.axhline(copy, color="black", linestyle="--", linewidth=1, label=f"copy {copy:.0f} GB/s" if copy >= 100 else f"copy {copy:.1f} GB/s")
+        ax.axhline(copy, color="black", linestyle="--", linewidth=1,
+                   label=f"copy {copy:.0f} GB/s" if copy >= 100 else f"copy {copy:.1f} GB/s")
     ax.set_xticks(range(n))
-    ax.set_xticklabels([f"{c[1]} {c[2]}\n{c[3]} {c[4]}" for c in cases], rotation=60 if n > 8 else 0, ha="right" if n > 8 else "center", fontsize=8)
+    ax.set_xticklabels([f"{c[1]} {c[2]}\n{c[3]} {c[4]}" for c in cases], rotation=60 if n > 8 else 0,
+                       ha="right" if n > 8 else "center", fontsize=8)
     ax.set_ylabel("GB/s (ideal bytes of the fused op)")
     ops = ", ".join(sorted({c[0] for c in cases}))
     sha = (meta.get("git_sha") or "no git sha")[:12]
