@@ -202,8 +202,8 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     data = load_digits_tensor(device)
-    print(f"genfast demo on {device}: {data.shape[0]} digits (8x8), {'smoke' if settings is SMOKE else 'quick' if args.quick else 'full'} run, "
-          f"output in {out}", flush=True)
+    print(f"genfast demo on {device}: {data.shape[0]} digits (8x8), "
+          f"{'smoke' if settings is SMOKE else 'quick' if args.quick else 'full'} run, output in {out}", flush=True)
     batch = settings["batch"]
 
     def next_batch():
@@ -268,7 +268,8 @@ def run(args) -> int:
         print(f"  {name:<16} fast {t['fast'] * 1e3:8.2f} ms   reference {t['reference'] * 1e3:8.2f} ms   "
               f"speedup {t['reference'] / t['fast']:.2f}x", flush=True)
     summary = dict(device=str(device), settings=settings, seed=args.seed, timing_s=timing,
-                   ddpm_sampling_s=ddpm_sample_s, final_losses=dict(ddpm=ddpm_losses[-1], gan_d=gan_d[-1], gan_g=gan_g[-1]),
+                   ddpm_sampling_s=ddpm_sample_s,
+                   final_losses=dict(ddpm=ddpm_losses[-1], gan_d=gan_d[-1], gan_g=gan_g[-1]),
                    elapsed_s=time.perf_counter() - started)
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     for name in ("digits_real.png", "digits_ddpm.png", "digits_gan.png", "loss_curves.png", "demo.json"):

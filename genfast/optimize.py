@@ -216,7 +216,8 @@ def _swap_multihead_attention(m: nn.MultiheadAttention):
     from .ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 
     if not (MIN_HEAD_DIM <= m.head_dim <= MAX_HEAD_DIM and m.head_dim % 8 == 0):
-        return None, f"head dim {m.head_dim} is outside the kernels' range (a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])"
+        return None, (f"head dim {m.head_dim} is outside the kernels' range "
+                      f"(a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])")
     device, dtype = m.in_proj_weight.device, m.in_proj_weight.dtype
     new = MultiheadAttention(m.embed_dim, m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
                              batch_first=m.batch_first, device=device, dtype=dtype)

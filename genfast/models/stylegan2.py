@@ -123,8 +123,8 @@ class StyleGAN2Discriminator(FastPathModel):
         top = _channels(img_resolution, channel_base, channel_max)
         self.fromrgb = EqualizedConv2d(img_channels, top, 1, activation="lrelu", conv_clamp=conv_clamp)
         self.blocks = nn.ModuleList(
-            DiscriminatorBlock(_channels(res, channel_base, channel_max), _channels(res // 2, channel_base, channel_max),
-                               conv_clamp) for res in resolutions[:-1])
+            DiscriminatorBlock(_channels(res, channel_base, channel_max),
+                               _channels(res // 2, channel_base, channel_max), conv_clamp) for res in resolutions[:-1])
         ch4 = _channels(4, channel_base, channel_max)
         self.mbstd = MinibatchStd(mbstd_group_size, 1)
         self.conv = EqualizedConv2d(ch4 + 1, ch4, 3, activation="lrelu", conv_clamp=conv_clamp)

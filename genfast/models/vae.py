@@ -30,7 +30,8 @@ class VAE(FastPathModel):
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"VAE: likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
         c1, c2 = channels
-        self.in_channels, self.image_size, self.latent_dim, self.likelihood = in_channels, image_size, latent_dim, likelihood
+        self.in_channels, self.image_size, self.latent_dim, self.likelihood = \
+            in_channels, image_size, latent_dim, likelihood
         self.feature_size = image_size // 4
         flat = c2 * self.feature_size ** 2
         self.enc1 = nn.Conv2d(in_channels, c1, 4, 2, 1, bias=False)

@@ -33,7 +33,8 @@ class BiasAct(nn.Module):
 
     def extra_repr(self) -> str:
         channels = None if self.bias is None else self.bias.shape[0]
-        return f"channels={channels}, act={self.act!r}, alpha={self.alpha}, gain={self.gain}, clamp={self.clamp}, dim={self.dim}"
+        return (f"channels={channels}, act={self.act!r}, alpha={self.alpha}, gain={self.gain}, clamp={self.clamp}, "
+                f"dim={self.dim}")
 
 
 class FusedLeakyReLU(nn.Module):
@@ -52,4 +53,5 @@ class FusedLeakyReLU(nn.Module):
         return bias_act(input, b, dim=1, act="lrelu", alpha=self.negative_slope, gain=self.scale)
 
     def extra_repr(self) -> str:
-        return f"channels={None if self.bias is None else self.bias.shape[0]}, negative_slope={self.negative_slope}, scale={self.scale}"
+        return (f"channels={None if self.bias is None else self.bias.shape[0]}, negative_slope={self.negative_slope}, "
+                f"scale={self.scale}")

@@ -187,7 +187,8 @@ class ModulatedConv2d(nn.Module):
         styles = self.affine(w)
         noise = None
         if self.use_noise and noise_mode == "random":
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
+            noise = (torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device)
+                     * self.noise_strength)
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
         x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
@@ -265,7 +266,8 @@ class FusedLinearAct(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"FusedLinearAct: expected x with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+            raise ValueError(f"FusedLinearAct: expected x with last dimension {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
         if self.activation == "linear":
             return F.linear(x, self.weight, self.bias)
         if not fused_epilogue_pays(x.device):
@@ -327,7 +329,8 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fuse_conv_bn: bn has no running statistics (track_running_stats=False); nothing to fold")
     if bn.num_features != conv.out_channels:
-        raise ValueError(f"fuse_conv_bn: bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
+        raise ValueError(f"fuse_conv_bn: bn has {bn.num_features} features but conv has {conv.out_channels} "
+                         "output channels")
     fused = copy.deepcopy(conv)
     dtype = conv.weight.dtype
     scale = bn.running_var.double().add(bn.eps).rsqrt()
@@ -368,8 +371,10 @@ class ConditionalBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"ConditionalBatchNorm2d: expected x of shape [batch, {self.num_features}, H, W], got {tuple(x.shape)}")
-        if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or tuple(y.shape) != (x.shape[0],):
+            raise ValueError(f"ConditionalBatchNorm2d: expected x of shape [batch, {self.num_features}, H, W], "
+                             f"got {tuple(x.shape)}")
+        if (not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32)
+                or tuple(y.shape) != (x.shape[0],)):
             raise ValueError(f"ConditionalBatchNorm2d: y must be integer class labels of shape [{x.shape[0]}], got "
                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
         gamma, beta = self.embed(y).to(x.dtype).chunk(2, dim=1)
@@ -393,7 +398,8 @@ class AdaIN(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"AdaIN: expected x of shape [batch, {self.num_features}, H, W], got {tuple(x.shape)}")
         if style.ndim != 2 or style.shape[0] != x.shape[0] or style.shape[1] != self.style.in_features:
-            raise ValueError(f"AdaIN: expected style of shape [{x.shape[0]}, {self.style.in_features}], got {tuple(style.shape)}")
+            raise ValueError(f"AdaIN: expected style of shape [{x.shape[0]}, {self.style.in_features}], "
+                             f"got {tuple(style.shape)}")
         scale, bias = self.style(style).to(x.dtype).chunk(2, dim=1)
         return torch.addcmul(bias[:, :, None, None], F.instance_norm(x, eps=self.eps), scale[:, :, None, None])
 
