@@ -30,6 +30,9 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 16
 LOCAL = {"contiguous": 7, "zigzag": 6}  # per-rank sequence length; zigzag's two chunks need it even
 CASES = [(layout, causal) for layout in ("contiguous", "zigzag") for causal in (False, True)]
 PAIR_LOCAL = 5
+# Packed sequences: each sequence's length per rank (an empty one included); zigzag's even.
+PACKED_LOCAL = {"contiguous": [3, 0, 5, 2], "zigzag": [4, 2, 6]}
+PACKED_CASES = [("contiguous", True), ("zigzag", True), ("zigzag", False)]
 COLLECTIVE_TIMEOUT_S = 60
 RANK_TIMEOUT_S = 90   # a rank dumps its stack and exits after this long
 LAUNCH_TIMEOUT_S = 120  # the parent kills the ranks after this long
@@ -52,6 +55,38 @@ def _reference(q, k, v, dout, causal: bool, dtype: torch.dtype):
                                   window_right=0 if causal else -1)
     dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), dout.to(dtype).transpose(1, 2))
     return [out.transpose(1, 2).detach(), lse.detach()] + [g.transpose(1, 2) for g in (dq, dk, dv)]
+
+
+def _global_cu(layout: str, world: int) -> torch.Tensor:
+    lengths = torch.tensor([0] + [world * n for n in PACKED_LOCAL[layout]])
+    return lengths.cumsum(0).to(torch.int32)
+
+
+def _reference_packed(q, k, v, dout, cu, causal: bool, dtype: torch.dtype):
+    """_reference per packed sequence: out (total, H, D), lse (H, total), dq, dk, dv."""
+    parts = []
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        parts.append(_reference(*(t[None, a:b] for t in (q, k, v, dout)), causal, dtype))
+    return [torch.cat([p[0][0] for p in parts]), torch.cat([p[1][0] for p in parts], dim=1)] + [
+        torch.cat([p[i][0] for p in parts]) for i in (2, 3, 4)]
+
+
+def _run_packed(rank, world, seed, causal, layout):
+    """ring_attention on packed sequences (this rank's share of each): its results."""
+    from genfast.distributed import local_cu_seqlens
+
+    cu = _global_cu(layout, world)
+    q, k, v, dout = (t[0] for t in _inputs(seed, int(cu[-1])))
+    cu_local, max_local = local_cu_seqlens(cu, world, layout)
+
+    def shard(x):
+        return shard_sequence(x, 0, rank, world, layout, cu_seqlens=cu).detach().clone()
+
+    ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
+    out, lse = ring_attention(ql, kl, vl, causal=causal, layout=layout, cu_seqlens=cu_local, max_seqlen=max_local,
+                              return_lse=True)
+    out.backward(shard(dout))
+    return {"out": out.detach(), "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
 
 
 def _run_ring(rank, world, seed, seq_local, causal, layout, group=None, group_rank=None):
@@ -92,6 +127,11 @@ def _rank_main(rank: int, world: int, port: int, workdir: str, seed: int) -> Non
             before = dict(counts)
             results[layout, causal] = _run_ring(rank, world, seed, LOCAL[layout], causal, layout)
             results[layout, causal]["calls"] = {k: counts[k] - before[k] for k in counts}
+
+        for layout, causal in PACKED_CASES:
+            before = dict(counts)
+            results["packed", layout, causal] = _run_packed(rank, world, seed, causal, layout)
+            results["packed", layout, causal]["calls"] = {k: counts[k] - before[k] for k in counts}
 
         # A group of one rank: no ring, the same as flash_attn_func on the local sequence.
         singles = [dist.new_group([r]) for r in range(world)]
@@ -190,6 +230,24 @@ def test_ring_matches_single_process(launched, layout, causal):
         # Causal contiguous: rank r's queries see blocks 0..r only (later ones are skipped).
         blocks = rank + 1 if causal and layout == "contiguous" else world
         assert r[layout, causal]["calls"] == {"forward": blocks, "backward": blocks}, f"rank {rank}"
+
+
+@pytest.mark.parametrize("layout,causal", PACKED_CASES,
+                         ids=[f"{l}-{'causal' if c else 'full'}" for l, c in PACKED_CASES])
+def test_ring_packed_sequences_match_single_process(launched, layout, causal):
+    world, seed, results = launched
+    cu = _global_cu(layout, world)
+    q, k, v, dout = (t[0] for t in _inputs(seed, int(cu[-1])))
+    ref64 = _reference_packed(q, k, v, dout, cu, causal, torch.float64)
+    ref32 = _reference_packed(q, k, v, dout, cu, causal, torch.float32)
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        got = unshard_sequence([r["packed", layout, causal][name] for r in results], 1 if name == "lse" else 0,
+                               layout, cu_seqlens=cu)
+        error_vs_reference(got, ref64[i], ref32[i], name=f"world {world} packed {layout} causal={causal}: {name} "
+                                                          f"(seed {seed})")
+    for rank, r in enumerate(results):
+        blocks = rank + 1 if causal and layout == "contiguous" else world
+        assert r["packed", layout, causal]["calls"] == {"forward": blocks, "backward": blocks}, f"rank {rank}"
 
 
 def test_group_of_one_rank_is_plain_attention(launched):
