@@ -334,7 +334,7 @@ def _ring_backward(dout, q, k, v, out, lse, scale, causal, layout, ring, backend
     cd = _compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     k_cur, v_cur = k, v
-    grad_requests = None
+    grad_requests = dk_in = dv_in = None  # the gradients arriving from the previous rank
     for step in range(ring.world):
         last = step == ring.world - 1
         if not last:

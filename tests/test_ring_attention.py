@@ -3,7 +3,9 @@
 The ring runs in 2 and 4 CPU processes over gloo (loopback; torch.multiprocessing spawn) on a
 sequence that the ranks shard; the parent unshards their outputs and q/k/v gradients and
 compares them with single-process attention on the whole sequence (float64 reference, the
-float32 PyTorch ops as the precision yardstick). One launch per world size runs every case
+float32 PyTorch ops as the precision yardstick): contiguous and zigzag layouts, causal and
+not, GQA, packed sequences (cu_seqlens), subgroups, a group of one rank, the reference
+backend's path, and ranks that disagree. One launch per world size runs every case
 (each process pays the torch + genfast import once). Every wait is bounded: the store and the
 gloo collectives time out, each rank dumps its stack and exits at its own deadline, and the
 parent kills the ranks at its deadline.
@@ -71,7 +73,7 @@ def _reference_packed(q, k, v, dout, cu, causal: bool, dtype: torch.dtype):
         torch.cat([p[i][0] for p in parts]) for i in (2, 3, 4)]
 
 
-def _run_packed(rank, world, seed, causal, layout):
+def _run_packed(rank, world, seed, causal, layout, backend=None):
     """ring_attention on packed sequences (this rank's share of each): its results."""
     from genfast.distributed import local_cu_seqlens
 
@@ -84,12 +86,12 @@ def _run_packed(rank, world, seed, causal, layout):
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
     out, lse = ring_attention(ql, kl, vl, causal=causal, layout=layout, cu_seqlens=cu_local, max_seqlen=max_local,
-                              return_lse=True)
+                              return_lse=True, backend=backend)
     out.backward(shard(dout))
     return {"out": out.detach(), "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
 
 
-def _run_ring(rank, world, seed, seq_local, causal, layout, group=None, group_rank=None):
+def _run_ring(rank, world, seed, seq_local, causal, layout, group=None, group_rank=None, backend=None):
     """One ring_attention forward + backward on this rank's shard; returns its results."""
     group_rank = rank if group_rank is None else group_rank
     q, k, v, dout = _inputs(seed, world * seq_local)
@@ -98,7 +100,8 @@ def _run_ring(rank, world, seed, seq_local, causal, layout, group=None, group_ra
         return shard_sequence(x, 1, group_rank, world, layout).detach().clone()
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-    out, lse = ring_attention(ql, kl, vl, causal=causal, layout=layout, group=group, return_lse=True)
+    out, lse = ring_attention(ql, kl, vl, causal=causal, layout=layout, group=group, return_lse=True,
+                              backend=backend)
     out.backward(shard(dout))
     return {"out": out.detach(), "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
 
@@ -146,6 +149,12 @@ def _rank_main(rank: int, world: int, port: int, workdir: str, seed: int) -> Non
             pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             results["pair"] = _run_ring(rank, 2, seed + 1 + rank // 2, PAIR_LOCAL, True, "contiguous",
                                         group=pairs[rank // 2], group_rank=rank % 2)
+        if world == 2:
+            # The reference backend's own backward recomputes a block's softmax: the ring uses
+            # its plain-PyTorch block backward from the global lse there instead.
+            results["reference"] = _run_ring(rank, world, seed, LOCAL["zigzag"], True, "zigzag",
+                                             backend="reference")
+            results["reference", "packed"] = _run_packed(rank, world, seed, True, "zigzag", backend="reference")
         if world == 2:  # ranks that disagree on the shapes all raise, none waits forever
             local = 4 + rank
             q, k, v = (torch.randn(1, local, 2, HEAD_DIM) for _ in range(3))
@@ -264,6 +273,10 @@ def test_subgroups_and_disagreeing_ranks(launched):
                      True, "contiguous", f"subgroup {pair}")
     else:
         for rank, r in enumerate(results):
+            for key, fast in (("reference", r["zigzag", True]), (("reference", "packed"), r["packed", "zigzag", True])):
+                for name in ("out", "lse", "dq", "dk", "dv"):
+                    torch.testing.assert_close(r[key][name], fast[name], rtol=1e-5, atol=1e-5,
+                                               msg=lambda m, key=key, name=name: f"rank {rank} {key} {name}: {m}")
             assert r["mismatch"] is not None and "ranks' calls differ" in r["mismatch"], f"rank {rank}: {r['mismatch']}"
 
 
