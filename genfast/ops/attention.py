@@ -986,3 +986,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
 def selected_backend(q: torch.Tensor, backend: Optional[str] = None) -> str:
     """The backend the attention ops would run on for ``q`` (diagnostics, benchmarks)."""
     return FORWARD.select(backend, q.device, q.dtype)
+
+
+from . import attention_dtensor  # noqa: E402,F401  DTensor sharding strategies (registered when DTensor is imported)

@@ -1,0 +1,334 @@
+"""genfast attention with DTensor inputs (genfast/ops/attention_dtensor.py): on a 1-D CPU device
+mesh of 2 gloo processes, q/k/v sharded by heads or by batch go through genfast's kernels on
+each rank's local shard (counted), forward and backward, and give the single-process result;
+the gradients keep the inputs' placements; a tensor-parallel attention module (column-parallel
+q/k/v projections via parallelize_module) reaches genfast; a grouped-query head count that
+cannot be split raises a clear error.
+
+One launch of 2 processes runs every case (each process pays the torch + genfast import once);
+the parent saves the inputs, computes the references while the ranks work and compares. Every
+wait is bounded (see test_distributed.py, whose launch pattern this follows).
+
+This file is also the rank's program: ``python test_dtensor_attention.py RANK WORLD PORT WORKDIR``.
+"""
+import datetime
+import faulthandler
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+WORLD = 2
+RANK_TIMEOUT_S = 100
+COLLECTIVE_TIMEOUT_S = 60
+TEST_TIMEOUT_S = 150
+
+# name: (api, batch, query heads, key/value heads, query len, key len, head dim, causal, sharding)
+# Odd sizes; "heads" shards q/k/v on their head dim, "batch" on the batch dim.
+CASES = {
+    "sdpa_heads": ("sdpa", 3, 4, 4, 5, 7, 16, True, "heads"),
+    "sdpa_heads_uneven": ("sdpa", 2, 3, 3, 7, 5, 16, False, "heads"),  # 2 + 1 heads: independent, still exact
+    "sdpa_batch_gqa": ("sdpa", 3, 6, 2, 5, 9, 16, False, "batch"),
+    "flash_heads_gqa": ("flash", 3, 4, 2, 7, 9, 24, True, "heads"),
+    "flash_batch": ("flash", 5, 3, 3, 9, 7, 16, True, "batch"),
+}
+# GQA with 6 query and 3 key/value heads: 2 shards split the 3 kv heads unevenly.
+BAD_GQA = ("flash", 2, 6, 3, 5, 5, 16, False, "heads")
+MODULE = dict(batch=3, seq=7, dim=64, heads=4)  # head dim 16, genfast's smallest
+# Decode from a KV cache sharded by heads (flash_attn_with_kvcache, no gradients).
+DECODE = dict(batch=3, heads=4, kv_heads=2, cache=11, head_dim=16, new=2, seqlens=(3, 6, 9))
+
+
+def _head_axis(api: str) -> int:
+    return 1 if api == "sdpa" else 2  # sdpa (B, H, S, D); flash-attn (B, S, H, D)
+
+
+def _qkv_shapes(case):
+    api, B, H, Hk, Sq, Sk, D, _, _ = case
+    if api == "sdpa":
+        return (B, H, Sq, D), (B, Hk, Sk, D)
+    return (B, Sq, H, D), (B, Sk, Hk, D)
+
+
+def _attend(case, q, k, v, backend=None):
+    import genfast
+
+    api, B, H, Hk, Sq, Sk, D, causal, _ = case
+    if api == "sdpa":
+        return genfast.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hk, backend=backend)
+    return genfast.flash_attn_func(q, k, v, causal=causal, backend=backend)
+
+
+class TinyAttention(torch.nn.Module):
+    """Self-attention with separate q/k/v projections (column-parallel under tensor
+    parallelism: each rank holds whole heads) and an output projection (row-parallel)."""
+
+    def __init__(self, dim, heads, backend=None):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.out_proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        import genfast
+
+        B, S, _ = x.shape
+        # -1 heads: under tensor parallelism the local projections hold heads / world heads.
+        q, k, v = (p(x).view(B, S, -1, self.out_proj.in_features // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = genfast.scaled_dot_product_attention(q, k, v, is_causal=True, backend=self.backend)
+        return self.out_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+# ----------------------------------------------------------------------------- a rank
+
+
+def _full(t):
+    """A DTensor's global value as a plain tensor (full_tensor() gives a lazily waited one)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _walk(obj, path=()):
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _walk(value, path + (key,))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _walk(value, path + (i,))
+    else:
+        yield path, obj
+
+
+def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor.experimental import implicit_replication
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import genfast
+    from _attention_counts import count_attention_dispatches  # this folder: ranks run the file as a script
+    from genfast.ops import attention
+
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    mesh = DeviceMesh("cpu", list(range(world)))
+    setup = torch.load(workdir / "setup.pt")
+    counts = count_attention_dispatches()
+    decode_real = attention.DECODE.run
+    counts["decode"] = 0
+
+    def counted_decode(*args, **kwargs):
+        counts["decode"] += 1
+        return decode_real(*args, **kwargs)
+
+    attention.DECODE.run = counted_decode
+    result = {}
+
+    for name, case in CASES.items():
+        api, sharding = case[0], case[-1]
+        placement = Shard(_head_axis(api) if sharding == "heads" else 0)
+        q, k, v, dout = (distribute_tensor(t, mesh, [placement]) for t in setup[name]["inputs"])
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        before = dict(counts)
+        out = _attend(case, q, k, v)
+        out.backward(dout)
+        result[name] = {
+            "calls": {key: counts[key] - before[key] for key in counts},
+            "placements": [str(t.placements) for t in (out, q.grad, k.grad, v.grad)],
+            "local_shapes": [tuple(t.to_local().shape) for t in (q, out)],
+            "out": _full(out),
+            "grads": [_full(t.grad) for t in (q, k, v)],
+        }
+
+    q, k, v, _ = (distribute_tensor(t, mesh, [Shard(_head_axis(BAD_GQA[0]))]) for t in setup["bad_gqa"]["inputs"])
+    before = dict(counts)
+    try:
+        _attend(BAD_GQA, q, k, v)
+        result["bad_gqa"] = {"error": None}
+    except Exception as e:  # the message is checked by the parent
+        result["bad_gqa"] = {"error": f"{type(e).__name__}: {e}"}
+    result["bad_gqa"]["calls"] = {key: counts[key] - before[key] for key in counts}
+
+    model = TinyAttention(MODULE["dim"], MODULE["heads"])
+    model.load_state_dict(setup["module"]["state"])
+    # use_local_output=False keeps q/k/v DTensors (sharded by heads) all the way into genfast.
+    plan = {p: ColwiseParallel(use_local_output=False) for p in ("q_proj", "k_proj", "v_proj")}
+    plan["out_proj"] = RowwiseParallel()
+    parallelize_module(model, mesh, plan)
+    before = dict(counts)
+    with torch.no_grad():
+        out = model(setup["module"]["x"])
+    result["module"] = {"calls": {key: counts[key] - before[key] for key in counts},
+                        "out": _full(out),
+                        "weight_placements": str(model.q_proj.weight.placements)}
+
+    d = setup["decode"]
+    q, k_cache, v_cache, k_new, v_new = (distribute_tensor(t.clone(), mesh, [Shard(2)]) for t in d["inputs"])
+    before = dict(counts)
+    # A plain cache_seqlens tensor (the API reads its values on the host) stands for a
+    # replicated one: DTensor's implicit replication lets it meet the sharded caches.
+    with implicit_replication():
+        out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=d["seqlens"],
+                                             causal=True)
+    result["decode"] = {"calls": {key: counts[key] - before[key] for key in counts},
+                        "placements": [str(t.placements) for t in (out, k_cache)],
+                        "out": _full(out), "k_cache": _full(k_cache), "v_cache": _full(v_cache)}
+
+    leaked = [path for path, t in _walk(result) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor]
+    assert not leaked, f"tensor subclasses left in the results: {leaked}"
+    torch.save(result, workdir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+def _launch_ranks(workdir: Path):
+    """Starts the ranks against a store this process hosts (port 0: the OS picks a free one)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), GENFAST_STRICT="1",
+               OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    processes = []
+    for rank in range(WORLD):
+        with open(workdir / f"rank{rank}.log", "w") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, __file__, str(rank), str(WORLD), str(store.port), str(workdir)],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+    return store, processes
+
+
+def _wait(processes, workdir: Path, deadline: float) -> None:
+    """Waits for every rank; as soon as one fails or the deadline passes, kills the rest."""
+    try:
+        while any(p.poll() is None for p in processes):
+            if any(p.poll() not in (None, 0) for p in processes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+    logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{(workdir / f'rank{r}.log').read_text()[-4000:]}"
+                     for r, p in enumerate(processes))
+    assert all(p.returncode == 0 for p in processes), f"a rank failed or timed out:\n{logs}"
+
+
+def _references(case, inputs):
+    """(float64 reference, float32 reference) of out and the q/k/v gradients, in one process."""
+    runs = []
+    for dtype in (torch.float64, torch.float32):
+        q, k, v, dout = (t.to(dtype) for t in inputs)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out = _attend(case, q, k, v, backend="reference")
+        out.backward(dout)
+        runs.append((out.detach(), [q.grad, k.grad, v.grad]))
+    return runs
+
+
+def _decode_reference(inputs, seqlens, dtype):
+    """Decode in one process with the reference backend; returns (out, k_cache, v_cache)."""
+    import genfast
+
+    q, k_cache, v_cache, k_new, v_new = (t.to(dtype).clone() for t in inputs)
+    out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True,
+                                         backend="reference")
+    return out, k_cache, v_cache
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_dtensor_attention_matches_single_process(tmp_path, seed):
+    from genfast.testing import error_vs_reference
+
+    deadline = time.monotonic() + TEST_TIMEOUT_S
+    setup = {}
+    for name, case in {**CASES, "bad_gqa": BAD_GQA}.items():
+        q_shape, kv_shape = _qkv_shapes(case)
+        setup[name] = {"inputs": [torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape),
+                                  torch.randn(q_shape)]}
+    module = TinyAttention(MODULE["dim"], MODULE["heads"])
+    setup["module"] = {"state": module.state_dict(), "x": torch.randn(MODULE["batch"], MODULE["seq"], MODULE["dim"])}
+    d = DECODE
+    setup["decode"] = {"inputs": [torch.randn(d["batch"], 1, d["heads"], d["head_dim"]),
+                                  torch.randn(d["batch"], d["cache"], d["kv_heads"], d["head_dim"]),
+                                  torch.randn(d["batch"], d["cache"], d["kv_heads"], d["head_dim"]),
+                                  torch.randn(d["batch"], d["new"], d["kv_heads"], d["head_dim"]),
+                                  torch.randn(d["batch"], d["new"], d["kv_heads"], d["head_dim"])],
+                       "seqlens": torch.tensor(d["seqlens"], dtype=torch.int32)}
+    torch.save(setup, tmp_path / "setup.pt")
+    store, processes = _launch_ranks(tmp_path)
+    try:
+        refs = {name: _references(case, setup[name]["inputs"]) for name, case in CASES.items()}
+        module_refs = []
+        for dtype in (torch.float64, torch.float32):
+            reference_module = TinyAttention(MODULE["dim"], MODULE["heads"], backend="reference").to(dtype)
+            reference_module.load_state_dict(setup["module"]["state"])
+            with torch.no_grad():
+                module_refs.append(reference_module(setup["module"]["x"].to(dtype)))
+        decode_refs = [_decode_reference(setup["decode"]["inputs"], setup["decode"]["seqlens"], dtype)
+                       for dtype in (torch.float64, torch.float32)]
+        _wait(processes, tmp_path, deadline)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+        del store
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    from torch.distributed.tensor import Shard
+
+    for rank, result in enumerate(results):
+        for name, case in CASES.items():
+            label = f"rank {rank} {name} (seed {seed})"
+            got = result[name]
+            # genfast's own kernels ran on the local shard, once forward and once backward.
+            assert got["calls"] == {"forward": 1, "backward": 1, "decode": 0}, f"{label}: calls {got['calls']}"
+            axis = _head_axis(case[0]) if case[-1] == "heads" else 0
+            assert got["placements"] == [str((Shard(axis),))] * 4, f"{label}: placements {got['placements']}"
+            full = _qkv_shapes(case)[0]
+            assert got["local_shapes"][0][axis] == (full[axis] + WORLD - 1 - rank) // WORLD, (
+                f"{label}: q's local shard {got['local_shapes'][0]} of {full}")
+            (ref64, grads64), (ref32, grads32) = refs[name]
+            error_vs_reference(got["out"], ref64, ref32, name=f"{label}: out")
+            for which, g, g64, g32 in zip("qkv", got["grads"], grads64, grads32):
+                error_vs_reference(g, g64, g32, name=f"{label}: d{which}")
+
+        bad = result["bad_gqa"]
+        assert bad["error"] is not None, f"rank {rank}: head-sharded GQA 6/3 heads on 2 ranks did not raise"
+        # DTensor reports the strategy's ValueError as a RuntimeError with the message kept.
+        assert "shard the heads into 2 parts" in bad["error"], bad["error"]
+        assert "6 query heads and 3 key/value heads" in bad["error"], bad["error"]
+        assert bad["calls"] == {"forward": 0, "backward": 0, "decode": 0}, bad["calls"]
+
+        mod = result["module"]
+        assert mod["calls"] == {"forward": 1, "backward": 0, "decode": 0}, f"rank {rank} module: {mod['calls']}"
+        assert mod["weight_placements"] == str((Shard(0),)), mod["weight_placements"]
+        error_vs_reference(mod["out"], module_refs[0], module_refs[1], name=f"rank {rank} TP module (seed {seed})")
+
+        dec = result["decode"]
+        assert dec["calls"] == {"forward": 0, "backward": 0, "decode": 1}, f"rank {rank} decode: {dec['calls']}"
+        assert dec["placements"] == [str((Shard(2),))] * 2, dec["placements"]
+        for got, ref64, ref32, what in zip((dec["out"], dec["k_cache"], dec["v_cache"]), *decode_refs,
+                                           ("out", "k_cache", "v_cache")):
+            error_vs_reference(got, ref64, ref32, name=f"rank {rank} decode {what} (seed {seed})")
+
+
+if __name__ == "__main__":
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)  # a hung rank shows where, then exits
+    _rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
