@@ -75,7 +75,8 @@ def assert_loop_match(name, cfg, steps=10, step_kwargs=None, set_kwargs=None, as
                                  set_kwargs=set_kwargs, dtype=torch.float64)
         err_ref = ((a.double() - truth).abs().max() / scale).item()
         err_ours = ((b.double() - truth).abs().max() / scale).item()
-        assert err_ours <= max(LOOP_TOL, err_ref), f"{name} {cfg}: genfast {err_ours:.3g} vs diffusers {err_ref:.3g} off float64"
+        assert err_ours <= max(LOOP_TOL, err_ref), \
+            f"{name} {cfg}: genfast {err_ours:.3g} vs diffusers {err_ref:.3g} off float64"
         tol = max(LOOP_TOL, 2 * err_ref)
         if a0[-1] is not None:
             tol = max(tol, 2 * ((a0[-1].double() - truth0[-1]).abs().max() / a0[-1].abs().max()).item())
@@ -135,14 +136,16 @@ CASES += [("EulerDiscreteScheduler", {"use_karras_sigmas": True, "beta_schedule"
           ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
                                       "timestep_spacing": "trailing"})]
 for c in _grid(beta_schedule=BETAS3, prediction_type=("epsilon", "v_prediction"), timestep_spacing=SPACINGS):
-    if c["beta_schedule"] == "squaredcos_cap_v2" and c["prediction_type"] == "v_prediction" and c["timestep_spacing"] != "leading":
+    if (c["beta_schedule"] == "squaredcos_cap_v2" and c["prediction_type"] == "v_prediction"
+            and c["timestep_spacing"] != "leading"):
         continue  # float32-ill-conditioned (diffusers' own error > 1e-5) and stochastic: no float64 truth
     CASES.append(("EulerAncestralDiscreteScheduler", c))
 CASES += [("EulerAncestralDiscreteScheduler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
                                                "timestep_spacing": "trailing"})]
 for c in _grid(beta_schedule=BETAS3 + ("exp",), prediction_type=PREDS, timestep_spacing=SPACINGS):
     CASES.append(("HeunDiscreteScheduler", c))
-CASES += [("HeunDiscreteScheduler", {"use_karras_sigmas": True}), ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),
+CASES += [("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+          ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),
           ("HeunDiscreteScheduler", {"clip_sample": True, "prediction_type": "sample"})]
 for k, c in enumerate(_grid(beta_schedule=BETAS3, algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
                             solver_type=("midpoint", "heun"), prediction_type=PREDS)):
@@ -157,7 +160,8 @@ CASES += [("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
           ("DPMSolverMultistepScheduler", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}),
           ("DPMSolverMultistepScheduler", {"solver_order": 1}),
           ("DPMSolverMultistepScheduler", {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"}),
-          ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}),
+          ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0,
+                                           "prediction_type": "flow_prediction"}),
           ("DPMSolverMultistepScheduler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
                                            "timestep_spacing": "trailing"})]
 for c in _grid(shift=(1.0, 3.0), stochastic_sampling=(False, True)):
@@ -222,7 +226,8 @@ def test_begin_index_img2img_style():
             start = 4 * s.order
             s.set_begin_index(start)
             x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-            x = s.add_noise(x, torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)), s.timesteps[start:start + 1])
+            x = s.add_noise(x, torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)),
+                            s.timesteps[start:start + 1])
             for t in s.timesteps[start:]:
                 x = s.step(denoiser(s.scale_model_input(x, t), t), t, x).prev_sample
             outs.append(x)
@@ -257,11 +262,13 @@ def test_betas_and_alphas_cumprod(beta_schedule, rescale):
     np.testing.assert_allclose(ours.betas.numpy(), ref.betas.numpy(), rtol=2e-6, atol=3e-6 if rescale else 1e-9)
     np.testing.assert_allclose(ours.betas.numpy(), betas.astype(np.float32), rtol=0, atol=0)
     # diffusers' float32 cumprod drifts (1e-5 relative for the cosine tail); genfast's is float64
-    np.testing.assert_allclose(ours._abar, ref.alphas_cumprod.double().numpy(), rtol=3e-5, atol=1e-6 if rescale else 1e-12)
+    np.testing.assert_allclose(ours._abar, ref.alphas_cumprod.double().numpy(), rtol=3e-5,
+                               atol=1e-6 if rescale else 1e-12)
     truth = np.cumprod(1 - betas.astype(np.longdouble)).astype(np.float64)
     np.testing.assert_allclose(ours._abar, truth, rtol=1e-13, atol=0)
     if rescale:
-        assert ours._abar[-1] == 0.0 and abs(ours._abar[0] - S.alphas_cumprod(S.make_betas(beta_schedule, 1000, 1e-4, 0.02))[0]) < 1e-15
+        assert ours._abar[-1] == 0.0
+        assert abs(ours._abar[0] - S.alphas_cumprod(S.make_betas(beta_schedule, 1000, 1e-4, 0.02))[0]) < 1e-15
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
@@ -286,7 +293,8 @@ def test_karras_exponential_flow_and_dedup():
 
 
 @pytest.mark.parametrize("name,cfg", [
-    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}), ("EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
     ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}), ("HeunDiscreteScheduler", {}),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
 ])
@@ -297,7 +305,8 @@ def test_sigmas_timesteps_init_noise_sigma(name, cfg):
     assert_timesteps_match(ours, ref)
     # diffusers forms 1 - alpha_bar in float32: its smallest sigmas are 1e-4 off (genfast's are float64)
     torch.testing.assert_close(ours.sigmas, ref.sigmas.float(), rtol=1e-4, atol=1e-7)
-    assert float(getattr(ours, "init_noise_sigma", 1.0)) == pytest.approx(float(getattr(ref, "init_noise_sigma", 1.0)), rel=2e-6)
+    assert float(getattr(ours, "init_noise_sigma", 1.0)) == pytest.approx(float(getattr(ref, "init_noise_sigma", 1.0)),
+                                                                          rel=2e-6)
     assert len(ours) == len(ref) == 1000 and ours.order == ref.order
 
 
@@ -421,7 +430,8 @@ def test_from_config_between_classes_like_diffusers():
     ("DDPMScheduler", {"beta_schedule": "foo"}), ("DDIMScheduler", {"prediction_type": "bar"}),
     ("DDIMScheduler", {"timestep_spacing": "baz"}), ("EulerDiscreteScheduler", {"interpolation_type": "cubic"}),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "foo"}), ("DPMSolverMultistepScheduler", {"solver_order": 3}),
-    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}), ("HeunDiscreteScheduler", {"beta_schedule": "sigmoid"}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    ("HeunDiscreteScheduler", {"beta_schedule": "sigmoid"}),
     ("EulerAncestralDiscreteScheduler", {"prediction_type": "sample"}), ("DDPMScheduler", {"variance_type": "tiny"}),
     ("FlowMatchEulerDiscreteScheduler", {"time_shift_type": "cubic"}),
 ])
@@ -497,7 +507,8 @@ def test_no_host_sync_per_step(monkeypatch):
     for s in scheds:
         x = torch.randn(SHAPE)
         for t in s.timesteps:
-            x = s.step(denoiser(s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x, 0), t, x).prev_sample
+            x = s.step(denoiser(s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x, 0), t,
+                       x).prev_sample
 
 
 @pytest.mark.gpu
@@ -535,7 +546,8 @@ def test_drop_in_pipeline(pipeline, scheduler, kwargs):
     unet = _tiny_unet()
     pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=getattr(diffusers, scheduler)())
     pipe.set_progress_bar_config(disable=True)
-    args = dict(batch_size=1, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(1), **kwargs)
+    args = dict(batch_size=1, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(1),
+                **kwargs)
     ref = pipe(**args).images
     pipe.scheduler = getattr(G, scheduler).from_config(pipe.scheduler.config)
     args["generator"] = torch.Generator().manual_seed(1)
