@@ -427,7 +427,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     Returns out in q's layout (and lse (B, H, S), or (H, total) when packed, fp32, not
     differentiable, with ``return_lse``); gradients for q, k and v. ``check_ranks`` compares
     every rank's shapes and options first (a small all_gather); turn it off once a setup is
-    known to be right. Every rank of the group must make the same calls in the same order.
+    known to be right. Every rank of the group must make the same calls in the same order,
+    backward included (the backward passes the key/value gradients around the same ring).
     """
     fn = "ring_attention"
     packed = cu_seqlens is not None
