@@ -289,7 +289,8 @@ def test_spectral_norm_matches_torch(seed):
     skip = _power_iteration_vectors_of_close_singular_values(theirs)
     for key, value in theirs.state_dict().items():
         if key not in skip:
-            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"after training: {key}")
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-4, atol=1e-5,
+                                       msg=f"after training: {key}")
     theirs.eval()
     ours.eval()
     x = torch.randn(2, 3, 4, 4)

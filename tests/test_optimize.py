@@ -197,7 +197,8 @@ def test_sdpa_call_from_another_thread_is_not_routed(seed, monkeypatch):
     class SpawnsAThread(nn.Module):
         def forward(self, x):
             # Another thread attends while this forward runs (and is routed): it must get torch's own.
-            worker = threading.Thread(target=lambda: other_thread_result.append(F.scaled_dot_product_attention(q, q, q)))
+            worker = threading.Thread(
+                target=lambda: other_thread_result.append(F.scaled_dot_product_attention(q, q, q)))
             worker.start()
             worker.join()
             return F.scaled_dot_product_attention(x, x, x)

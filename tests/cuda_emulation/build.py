@@ -42,13 +42,15 @@ def sources(family: str) -> list:
     """Every file the module's build reads (its cache key)."""
     files = [HERE / f"{family}_emulated.cpp", ROOT / "kernels" / "cuda_common.cuh"]
     files += [p for p in [ROOT / "csrc" / f"{family}_bindings.cpp"] if p.exists()]  # checks_emulated has none
-    files += sorted(HERE.glob("*.h")) + sorted((ROOT / "kernels").glob(f"{family}*")) + sorted((ROOT / "csrc").glob("*.h"))
+    files += (sorted(HERE.glob("*.h")) + sorted((ROOT / "kernels").glob(f"{family}*"))
+              + sorted((ROOT / "csrc").glob("*.h")))
     return files
 
 
 def target(family: str) -> Path:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources(family))).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"genfast-cuda-emulation-{digest}" / f"{family}_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
+    return (Path(tempfile.gettempdir()) / f"genfast-cuda-emulation-{digest}"
+            / f"{family}_emulated{sysconfig.get_config_var('EXT_SUFFIX')}")
 
 
 class _Job:

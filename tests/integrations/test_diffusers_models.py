@@ -82,7 +82,8 @@ def test_optimized_unet_matches_diffusers(kind, seed, monkeypatch):
 
     report = genfast.optimize(fast)
     text = str(report)
-    assert sorted(p for p, _, new in report.swapped if new.startswith("GenfastAttnProcessor")) == sorted(attentions), text
+    assert sorted(p for p, _, new in report.swapped
+                  if new.startswith("GenfastAttnProcessor")) == sorted(attentions), text
     assert sorted(p for p, _, new in report.swapped if new.startswith("FusedResnetBlock2D")) == sorted(resnets), text
     assert not report.skipped, text
 
@@ -127,7 +128,8 @@ class Blocks(torch.nn.Module):
         self.classic_attention = Attention(32, heads=2, dim_head=16, scale_qk=False)  # AttnProcessor (baddbmm)
         self.narrow_attention = Attention(32, heads=4, dim_head=8)  # head dim 8
         self.mish_resnet = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, non_linearity="mish")
-        self.ada_resnet = ResnetBlockCondNorm2D(in_channels=16, temb_channels=8, groups=4, time_embedding_norm="ada_group")
+        self.ada_resnet = ResnetBlockCondNorm2D(in_channels=16, temb_channels=8, groups=4,
+                                                time_embedding_norm="ada_group")
         self.scale_shift_resnet = ResnetBlock2D(in_channels=16, out_channels=24, temb_channels=8, groups=4,
                                                 time_embedding_norm="scale_shift")
 

@@ -174,14 +174,16 @@ def test_registered_when_diffusers_came_first(monkeypatch):
     pipeline_loading_utils._get_custom_components_and_folders(
         "user/repo", {"scheduler": ["genfast.schedulers", "DDIMScheduler"]}, filenames=[])
     # the base class diffusers looks up by that name in the library
-    assert all(issubclass(getattr(G, n), genfast.schedulers.SchedulerMixin) for n in G.__all__ if n.endswith("Scheduler"))
+    assert all(issubclass(getattr(G, n), genfast.schedulers.SchedulerMixin)
+               for n in G.__all__ if n.endswith("Scheduler"))
 
 
 def test_genfast_first_does_not_import_diffusers_and_registers_later():
     code = ("import sys, genfast\n"
             "assert 'diffusers' not in sys.modules, 'importing genfast imported diffusers'\n"
             "from diffusers.pipelines import pipeline_loading_utils as u\n"
-            "assert u.LOADABLE_CLASSES['genfast.schedulers'] == {'SchedulerMixin': ['save_pretrained', 'from_pretrained']}\n"
+            "assert u.LOADABLE_CLASSES['genfast.schedulers'] == "
+            "{'SchedulerMixin': ['save_pretrained', 'from_pretrained']}\n"
             "import diffusers.pipelines.pipeline_loading_utils as v\n"
             "assert v.__loader__.get_source(v.__name__)  # the wrapped loader still serves the source\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -62,8 +62,9 @@ def check(backend, dtype, shape, num_groups, layout="contiguous", silu=False, af
         assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
         sized = floors.get(name, eps * count ** 0.5 * r.abs().max().item() if name in ("dweight", "dbias") else 0.0)
         floor_here = max(floor or 0.0, sized, rounding_floor(dtype, r.abs().max().item()))
-        error_vs_reference(g, r.to(g.device), p, floor=floor_here, name=f"{backend} {dtype} {tuple(shape)} G={num_groups} {layout} "
-                                                       f"silu={silu} affine={affine} {name}")
+        error_vs_reference(g, r.to(g.device), p, floor=floor_here,
+                           name=f"{backend} {dtype} {tuple(shape)} G={num_groups} {layout} "
+                                f"silu={silu} affine={affine} {name}")
     if layout != "strided":  # a dense layout is kept, for the output and the input gradient
         assert got[0].stride() == x.stride(), f"layout not kept: {got[0].stride()} vs {x.stride()}"
         assert got[1].stride() == x.stride()
