@@ -16,8 +16,8 @@ from .flow_match import FlowMatchEulerDiscreteScheduler
 from .base import FrozenConfig, LCMSchedulerOutput, SampleOutput, SchedulerMixin, SchedulerOutput, randn_tensor
 from . import _diffusers
 
-__all__ = ["schedules", "DDPMScheduler", "DDIMScheduler", "LCMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-           "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+__all__ = ["schedules", "DDPMScheduler", "DDIMScheduler", "LCMScheduler", "EulerDiscreteScheduler",
+           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
            "FlowMatchEulerDiscreteScheduler", "SchedulerMixin", "FrozenConfig", "SchedulerOutput",
            "SampleOutput", "LCMSchedulerOutput", "randn_tensor"]
 

@@ -201,7 +201,8 @@ class DDPMScheduler(AlphaScheduleMixin, SchedulerMixin):
         self.timesteps = torch.from_numpy(ts.copy()).to(device)
         self._finish_set_timesteps(device)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
         name = type(self).__name__
         learned = self.variance_type in ("learned", "learned_range")
         self._check_tensors(name, model_output, sample, 2 if learned else 1)
@@ -382,7 +383,8 @@ class LCMScheduler(AlphaScheduleMixin, SchedulerMixin):
             raise ValueError(f"{name}.set_timesteps: pass num_inference_steps or timesteps")
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError(f"{name}.set_timesteps: pass num_inference_steps or timesteps, not both")
-        original_steps = original_inference_steps if original_inference_steps is not None else cfg.original_inference_steps
+        original_steps = (original_inference_steps if original_inference_steps is not None
+                          else cfg.original_inference_steps)
         if original_steps > T:
             raise ValueError(f"{name}.set_timesteps: original_inference_steps={original_steps} exceeds "
                              f"num_train_timesteps={T}")
@@ -405,7 +407,8 @@ class LCMScheduler(AlphaScheduleMixin, SchedulerMixin):
                                  f"num_train_timesteps={T}")
             if len(origin) // num_inference_steps < 1:
                 raise ValueError(f"{name}.set_timesteps: original_inference_steps x strength = "
-                                 f"{original_steps} x {strength} is smaller than num_inference_steps={num_inference_steps}")
+                                 f"{original_steps} x {strength} is smaller than "
+                                 f"num_inference_steps={num_inference_steps}")
             if num_inference_steps > original_steps:
                 raise ValueError(f"{name}.set_timesteps: num_inference_steps={num_inference_steps} exceeds "
                                  f"original_inference_steps={original_steps}")
@@ -436,7 +439,8 @@ class LCMScheduler(AlphaScheduleMixin, SchedulerMixin):
         self.timesteps = torch.from_numpy(ts.copy()).to(device=device, dtype=torch.long)
         self._finish_set_timesteps(device)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
         name = type(self).__name__
         if self.num_inference_steps is None:
             raise ValueError(f"{name}.step: call set_timesteps(num_inference_steps) first")

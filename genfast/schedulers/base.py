@@ -102,7 +102,8 @@ class ConfigMixin:
         if not isinstance(config, dict) and isinstance(getattr(config, "config", None), dict):
             config = config.config
         if not isinstance(config, dict):
-            raise TypeError(f"{cls.__name__}.from_config: config must be a dict or FrozenDict, got {type(config).__name__}")
+            raise TypeError(f"{cls.__name__}.from_config: config must be a dict or FrozenDict, "
+                            f"got {type(config).__name__}")
         defaults = set(config.get("_use_default_values", []))
         original = {k: v for k, v in config.items() if k not in defaults and k != "_use_default_values"}
         expected = cls._init_keys()
@@ -138,7 +139,8 @@ class ConfigMixin:
         data = {k: v for k, v in self.config.items() if k != "_use_default_values"}
         data["_class_name"] = type(self).__name__
         with open(os.path.join(save_directory, self.config_name), "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+            json.dump(data, f, indent=2, sort_keys=True,
+                      default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
     save_pretrained = save_config
 
@@ -149,8 +151,9 @@ class ConfigMixin:
         ``from_config``. A Hub repo: ``cls.from_config(diffusers_class.load_config(repo, subfolder=...))``."""
         path = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", cls.config_name)
         if not os.path.isfile(path):
-            raise ValueError(f"{cls.__name__}.from_pretrained: no {cls.config_name} at {path!r}; genfast schedulers load "
-                             "from a local directory (for a Hub repo: from_config(<diffusers class>.load_config(repo)))")
+            raise ValueError(f"{cls.__name__}.from_pretrained: no {cls.config_name} at {path!r}; "
+                             "genfast schedulers load from a local directory "
+                             "(for a Hub repo: from_config(<diffusers class>.load_config(repo)))")
         with open(path) as f:
             return cls.from_config(json.load(f), **kwargs)
 
@@ -329,7 +332,8 @@ class SchedulerMixin(ConfigMixin):
             T = self.config.num_train_timesteps
             where = "out of range [0, %d)" % T if not (0 <= value < T) else "not in the schedule"
             raise ValueError(f"{type(self).__name__}.step: timestep {value!r} is {where}; the schedule is "
-                             f"{self._timesteps_host[:4]}...{self._timesteps_host[-2:]} ({len(self._timesteps_host)} steps)")
+                             f"{self._timesteps_host[:4]}...{self._timesteps_host[-2:]} "
+                             f"({len(self._timesteps_host)} steps)")
         return hits[0] if first or len(hits) == 1 else hits[1]
 
     def _view_index(self, timestep: torch.Tensor) -> Optional[int]:
@@ -356,11 +360,14 @@ class SchedulerMixin(ConfigMixin):
             if i is not None:
                 return i
             if timestep.numel() != 1:
-                raise ValueError(f"{type(self).__name__}.step: timestep must be a scalar, got shape {tuple(timestep.shape)}")
+                raise ValueError(f"{type(self).__name__}.step: timestep must be a scalar, "
+                                 f"got shape {tuple(timestep.shape)}")
             timestep = timestep.reshape(()).item()  # CPU: no device sync; device: once per loop
         if isinstance(timestep, bool) or not isinstance(timestep, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{type(self).__name__}.step: timestep must be a number or a tensor, got {type(timestep).__name__}")
-        return self._lookup(timestep.item() if isinstance(timestep, (np.integer, np.floating)) else timestep, first_lookup)
+            raise TypeError(f"{type(self).__name__}.step: timestep must be a number or a tensor, "
+                            f"got {type(timestep).__name__}")
+        return self._lookup(timestep.item() if isinstance(timestep, (np.integer, np.floating)) else timestep,
+                            first_lookup)
 
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is not None:
@@ -375,15 +382,16 @@ class SchedulerMixin(ConfigMixin):
         if not self._has_step_counter:
             # DDPM/DDIM are stateless in diffusers: the timestep says where we are. A device
             # tensor that is not a view of self.timesteps uses the counter (one sync to start it).
-            if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu" and self._view_index(timestep) is None \
-                    and self._step_index is not None and self._step_index < n:
+            if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu" \
+                    and self._view_index(timestep) is None and self._step_index is not None and self._step_index < n:
                 return self._step_index
             return self._index_from_timestep(timestep, first_lookup=True)
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
         if i >= n:
-            raise ValueError(f"{type(self).__name__}.step: all {n} steps of the schedule are done; call set_timesteps again")
+            raise ValueError(f"{type(self).__name__}.step: all {n} steps of the schedule are done; "
+                             "call set_timesteps again")
         if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
             if self._lookup_ok(timestep, i) is False:
                 raise ValueError(f"{type(self).__name__}.step: timestep {timestep!r} is not step {i} of the schedule "

@@ -28,8 +28,9 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerM
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
                  lower_order_final: bool = True, euler_at_final: bool = False, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_lu_lambdas: bool = False,
                  use_flow_sigmas: bool = False, flow_shift: float = 1.0, final_sigmas_type: str = "zero",
@@ -44,7 +45,8 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerM
         check_choice(name, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
         check_choice(name, "solver_type", solver_type, ("midpoint", "heun"))
         if solver_order not in (1, 2):
-            raise ValueError(f"{name}: solver_order must be 1 or 2 in genfast (3 is not implemented), got {solver_order}")
+            raise ValueError(f"{name}: solver_order must be 1 or 2 in genfast (3 is not implemented), "
+                             f"got {solver_order}")
         check_choice(name, "prediction_type", prediction_type, ("epsilon", "sample", "v_prediction", "flow_prediction"))
         check_choice(name, "timestep_spacing", timestep_spacing, S.TIMESTEP_SPACINGS)
         check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))

@@ -12,8 +12,8 @@ from ..reference.diffusion import (AUX_X0, PREV_HIST1, PREV_HIST2, PREV_NOISE, P
 from . import _ops
 from . import schedules as S
 from .alpha import AlphaScheduleMixin
-from .base import (KARRAS_COMPATIBLES, PREDICTION_TYPES, SampleOutput, SchedulerMixin, check_choice, fold_x0, new_rows, randn_tensor,
-                   register_to_config)
+from .base import (KARRAS_COMPATIBLES, PREDICTION_TYPES, SampleOutput, SchedulerMixin, check_choice, fold_x0, new_rows,
+                   randn_tensor, register_to_config)
 from .sigma_base import SigmaStepMixin
 
 
@@ -253,7 +253,8 @@ class EulerAncestralDiscreteScheduler(_SigmaSchedule):
         self.timesteps = torch.from_numpy(ts32.copy()).to(device)
         self._finish_set_timesteps(device)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
         name = type(self).__name__
         _reject_integer_timestep(name, timestep)
         self._check_tensors(name, model_output, sample)

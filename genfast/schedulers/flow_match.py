@@ -85,7 +85,8 @@ class FlowMatchEulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         else:
             sig = np.asarray(sigmas, dtype=np.float32).astype(np.float64)
             n = len(sig)
-        sig = S.time_shift(mu, 1.0, sig, cfg.time_shift_type) if cfg.use_dynamic_shifting else S.flow_shift(sig, self.shift)
+        sig = (S.time_shift(mu, 1.0, sig, cfg.time_shift_type) if cfg.use_dynamic_shifting
+               else S.flow_shift(sig, self.shift))
         if cfg.shift_terminal:
             sig = S.stretch_shift_to_terminal(sig, cfg.shift_terminal)
         if cfg.use_karras_sigmas:
