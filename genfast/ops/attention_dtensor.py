@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.abc
 import math
 import sys
+import warnings
 
 import torch
 
@@ -218,7 +219,13 @@ class _RegisteringLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        register()
+        try:
+            register()
+        except Exception as e:  # never break the user's import of DTensor; say what is missing
+            from .._dispatch import BackendWarning
+
+            warnings.warn(f"genfast: registering the DTensor sharding strategies of the attention ops failed "
+                          f"({type(e).__name__}: {e}); genfast attention will not accept DTensors", BackendWarning)
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
         return getattr(self.loader, name)

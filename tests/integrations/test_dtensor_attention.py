@@ -1,9 +1,11 @@
 """genfast attention with DTensor inputs (genfast/ops/attention_dtensor.py): on a 1-D CPU device
-mesh of 2 gloo processes, q/k/v sharded by heads or by batch go through genfast's kernels on
-each rank's local shard (counted), forward and backward, and give the single-process result;
-the gradients keep the inputs' placements; a tensor-parallel attention module (column-parallel
-q/k/v projections via parallelize_module) reaches genfast; a grouped-query head count that
-cannot be split raises a clear error.
+mesh of 2 gloo processes, q/k/v sharded by heads or by batch (with GQA, masks, ALiBi slopes,
+varlen) go through genfast's kernels on each rank's local shard (counted), forward and backward,
+and give the single-process result; the gradients keep the inputs' placements; a
+tensor-parallel attention module (column-parallel q/k/v projections via parallelize_module)
+reaches genfast; decode appends to and reads a head-sharded KV cache; a grouped-query head
+count that cannot be split raises a clear error; the strategies register whether DTensor is
+imported before or after genfast.
 
 One launch of 2 processes runs every case (each process pays the torch + genfast import once);
 the parent saves the inputs, computes the references while the ranks work and compares. Every
@@ -11,8 +13,10 @@ wait is bounded (see test_distributed.py, whose launch pattern this follows).
 
 This file is also the rank's program: ``python test_dtensor_attention.py RANK WORLD PORT WORKDIR``.
 """
+import contextlib
 import datetime
 import faulthandler
+import importlib
 import os
 import subprocess
 import sys
@@ -27,40 +31,63 @@ RANK_TIMEOUT_S = 100
 COLLECTIVE_TIMEOUT_S = 60
 TEST_TIMEOUT_S = 150
 
-# name: (api, batch, query heads, key/value heads, query len, key len, head dim, causal, sharding)
-# Odd sizes; "heads" shards q/k/v on their head dim, "batch" on the batch dim.
+# name: (api, batch, query heads, key/value heads, query len, key len, head dim, causal, sharding,
+# extra input). Odd sizes; "heads" shards q/k/v on their head dim, "batch" on the batch dim.
+# Extras: "mask" an additive float mask (batch, 1, Sq, Sk) sharded like q's batch dim or
+# replicated; "alibi" / "alibi_bh" ALiBi slopes (H,) / (B, H), replicated (the strategy splits
+# them); "varlen" flash_attn_varlen_func on the batch's rows packed into one sequence each.
 CASES = {
-    "sdpa_heads": ("sdpa", 3, 4, 4, 5, 7, 16, True, "heads"),
-    "sdpa_heads_uneven": ("sdpa", 2, 3, 3, 7, 5, 16, False, "heads"),  # 2 + 1 heads: independent, still exact
-    "sdpa_batch_gqa": ("sdpa", 3, 6, 2, 5, 9, 16, False, "batch"),
-    "flash_heads_gqa": ("flash", 3, 4, 2, 7, 9, 24, True, "heads"),
-    "flash_batch": ("flash", 5, 3, 3, 9, 7, 16, True, "batch"),
+    "sdpa_heads_mask": ("sdpa", 3, 4, 4, 5, 7, 16, False, "heads", "mask"),
+    "sdpa_heads_uneven": ("sdpa", 2, 3, 3, 7, 5, 16, True, "heads", None),  # 2 + 1 heads: independent, exact
+    "sdpa_batch_gqa_mask": ("sdpa", 3, 6, 2, 5, 9, 16, False, "batch", "mask"),
+    "flash_heads_gqa_alibi": ("flash", 3, 4, 2, 7, 9, 24, True, "heads", "alibi"),
+    "flash_batch_alibi": ("flash", 5, 3, 3, 9, 7, 16, True, "batch", "alibi_bh"),
+    "varlen_heads_gqa": ("varlen", 3, 4, 2, 5, 7, 16, True, "heads", "varlen"),
 }
 # GQA with 6 query and 3 key/value heads: 2 shards split the 3 kv heads unevenly.
-BAD_GQA = ("flash", 2, 6, 3, 5, 5, 16, False, "heads")
+BAD_GQA = ("flash", 2, 6, 3, 5, 5, 16, False, "heads", None)
 MODULE = dict(batch=3, seq=7, dim=64, heads=4)  # head dim 16, genfast's smallest
 # Decode from a KV cache sharded by heads (flash_attn_with_kvcache, no gradients).
 DECODE = dict(batch=3, heads=4, kv_heads=2, cache=11, head_dim=16, new=2, seqlens=(3, 6, 9))
 
 
 def _head_axis(api: str) -> int:
-    return 1 if api == "sdpa" else 2  # sdpa (B, H, S, D); flash-attn (B, S, H, D)
+    return 1 if api == "sdpa" else (2 if api == "flash" else 1)  # sdpa (B, H, S, D); flash (B, S, H, D); varlen (T, H, D)
 
 
 def _qkv_shapes(case):
-    api, B, H, Hk, Sq, Sk, D, _, _ = case
+    api, B, H, Hk, Sq, Sk, D = case[:7]
     if api == "sdpa":
         return (B, H, Sq, D), (B, Hk, Sk, D)
+    if api == "varlen":  # B sequences of lengths Sq - b (and Sk - b) packed
+        return (sum(Sq - b for b in range(B)), H, D), (sum(Sk - b for b in range(B)), Hk, D)
     return (B, Sq, H, D), (B, Sk, Hk, D)
 
 
-def _attend(case, q, k, v, backend=None):
+def _make_extra(case):
+    api, B, H, Hk, Sq, Sk, D, causal, sharding, extra = case
+    if extra == "mask":
+        return torch.randn(B if sharding == "batch" else 1, 1, Sq, Sk)  # float32 additive, any query dtype
+    if extra == "alibi":
+        return torch.rand(H)
+    if extra == "alibi_bh":
+        return torch.rand(B, H)
+    if extra == "varlen":
+        lengths = [(Sq - b, Sk - b) for b in range(B)]
+        return torch.tensor([[0, 0]] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).T.contiguous()
+    return None
+
+
+def _attend(case, q, k, v, extra, backend=None):
     import genfast
 
-    api, B, H, Hk, Sq, Sk, D, causal, _ = case
+    api, B, H, Hk, Sq, Sk, D, causal, _, kind = case
     if api == "sdpa":
-        return genfast.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hk, backend=backend)
-    return genfast.flash_attn_func(q, k, v, causal=causal, backend=backend)
+        return genfast.scaled_dot_product_attention(q, k, v, attn_mask=extra, is_causal=causal, enable_gqa=H != Hk,
+                                                    backend=backend)
+    if api == "varlen":
+        return genfast.flash_attn_varlen_func(q, k, v, extra[0], extra[1], Sq, Sk, causal=causal, backend=backend)
+    return genfast.flash_attn_func(q, k, v, causal=causal, alibi_slopes=extra, backend=backend)
 
 
 class TinyAttention(torch.nn.Module):
@@ -106,9 +133,17 @@ def _walk(obj, path=()):
 
 
 def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
+    # The strategies register at genfast's import when DTensor is already imported (rank 1),
+    # else right after DTensor's first import (rank 0); importing genfast never imports DTensor.
+    if rank == 1:
+        importlib.import_module("torch.distributed.tensor")
+    import genfast.ops.attention_dtensor as attention_dtensor
+
+    registration = {"dtensor_imported": "torch.distributed.tensor" in sys.modules,
+                    "registered_at_genfast_import": attention_dtensor._registered}
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.experimental import implicit_replication
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -120,6 +155,7 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     mesh = DeviceMesh("cpu", list(range(world)))
+    registration["registered"] = attention_dtensor._registered
     setup = torch.load(workdir / "setup.pt")
     counts = count_attention_dispatches()
     decode_real = attention.DECODE.run
@@ -130,17 +166,25 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
         return decode_real(*args, **kwargs)
 
     attention.DECODE.run = counted_decode
-    result = {}
+    result = {"registration": registration}
 
     for name, case in CASES.items():
-        api, sharding = case[0], case[-1]
+        api, sharding, kind = case[0], case[8], case[9]
         placement = Shard(_head_axis(api) if sharding == "heads" else 0)
         q, k, v, dout = (distribute_tensor(t, mesh, [placement]) for t in setup[name]["inputs"])
         for t in (q, k, v):
             t.requires_grad_(True)
+        extra = setup[name]["extra"]
+        if kind == "mask":  # a batch-sized mask shards with the batch; a broadcast one is replicated
+            extra = distribute_tensor(extra, mesh, [placement if extra.shape[0] > 1 else Replicate()])
+        elif kind in ("alibi", "alibi_bh"):
+            extra = distribute_tensor(extra, mesh, [Replicate()])
         before = dict(counts)
-        out = _attend(case, q, k, v)
-        out.backward(dout)
+        # varlen: the API reads cu_seqlens on the host, so they stay plain tensors, which DTensor
+        # takes as replicated under implicit_replication (the backward reuses them: inside too).
+        with implicit_replication() if kind == "varlen" else contextlib.nullcontext():
+            out = _attend(case, q, k, v, extra)
+            out.backward(dout)
         result[name] = {
             "calls": {key: counts[key] - before[key] for key in counts},
             "placements": [str(t.placements) for t in (out, q.grad, k.grad, v.grad)],
@@ -152,7 +196,7 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
     q, k, v, _ = (distribute_tensor(t, mesh, [Shard(_head_axis(BAD_GQA[0]))]) for t in setup["bad_gqa"]["inputs"])
     before = dict(counts)
     try:
-        _attend(BAD_GQA, q, k, v)
+        _attend(BAD_GQA, q, k, v, None)
         result["bad_gqa"] = {"error": None}
     except Exception as e:  # the message is checked by the parent
         result["bad_gqa"] = {"error": f"{type(e).__name__}: {e}"}
@@ -229,14 +273,14 @@ def _wait(processes, workdir: Path, deadline: float) -> None:
     assert all(p.returncode == 0 for p in processes), f"a rank failed or timed out:\n{logs}"
 
 
-def _references(case, inputs):
+def _references(case, inputs, extra):
     """(float64 reference, float32 reference) of out and the q/k/v gradients, in one process."""
     runs = []
     for dtype in (torch.float64, torch.float32):
         q, k, v, dout = (t.to(dtype) for t in inputs)
         for t in (q, k, v):
             t.requires_grad_(True)
-        out = _attend(case, q, k, v, backend="reference")
+        out = _attend(case, q, k, v, extra, backend="reference")
         out.backward(dout)
         runs.append((out.detach(), [q.grad, k.grad, v.grad]))
     return runs
@@ -261,7 +305,7 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
     for name, case in {**CASES, "bad_gqa": BAD_GQA}.items():
         q_shape, kv_shape = _qkv_shapes(case)
         setup[name] = {"inputs": [torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape),
-                                  torch.randn(q_shape)]}
+                                  torch.randn(q_shape)], "extra": _make_extra(case)}
     module = TinyAttention(MODULE["dim"], MODULE["heads"])
     setup["module"] = {"state": module.state_dict(), "x": torch.randn(MODULE["batch"], MODULE["seq"], MODULE["dim"])}
     d = DECODE
@@ -274,7 +318,7 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
     torch.save(setup, tmp_path / "setup.pt")
     store, processes = _launch_ranks(tmp_path)
     try:
-        refs = {name: _references(case, setup[name]["inputs"]) for name, case in CASES.items()}
+        refs = {name: _references(case, setup[name]["inputs"], setup[name]["extra"]) for name, case in CASES.items()}
         module_refs = []
         for dtype in (torch.float64, torch.float32):
             reference_module = TinyAttention(MODULE["dim"], MODULE["heads"], backend="reference").to(dtype)
@@ -293,13 +337,17 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
 
     from torch.distributed.tensor import Shard
 
+    assert results[0]["registration"] == {"dtensor_imported": False, "registered_at_genfast_import": False,
+                                          "registered": True}, results[0]["registration"]
+    assert results[1]["registration"] == {"dtensor_imported": True, "registered_at_genfast_import": True,
+                                          "registered": True}, results[1]["registration"]
     for rank, result in enumerate(results):
         for name, case in CASES.items():
             label = f"rank {rank} {name} (seed {seed})"
             got = result[name]
             # genfast's own kernels ran on the local shard, once forward and once backward.
             assert got["calls"] == {"forward": 1, "backward": 1, "decode": 0}, f"{label}: calls {got['calls']}"
-            axis = _head_axis(case[0]) if case[-1] == "heads" else 0
+            axis = _head_axis(case[0]) if case[8] == "heads" else 0
             assert got["placements"] == [str((Shard(axis),))] * 4, f"{label}: placements {got['placements']}"
             full = _qkv_shapes(case)[0]
             assert got["local_shapes"][0][axis] == (full[axis] + WORLD - 1 - rank) // WORLD, (
