@@ -718,10 +718,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     out, lse, _ = _attention(q4, k4, v4, bias=bias, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
                              align_bottom_right=False, dropout_p=dropout_p, backend=backend)
-    out = out.reshape(query.shape)
-    if return_lse:
-        return out, lse.reshape(query.shape[:-1])
-    return out
+    if query.ndim != 4:  # 4-D: already query's shape
+        out, lse = out.reshape(query.shape), lse.reshape(query.shape[:-1])
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------- flash-attn API
