@@ -106,7 +106,8 @@ MATRIX = [(sq, sk, d, GQA[i % 3], i % 2 == 1) for i, ((sq, sk), d) in enumerate(
 
 
 @pytest.mark.parametrize("backend,dtype", backend_params())
-@pytest.mark.parametrize("sq,sk,d,heads,causal", MATRIX, ids=[f"{a}x{b}-d{d}-h{h[0]}k{h[1]}-{'causal' if c else 'full'}" for a, b, d, h, c in MATRIX])
+@pytest.mark.parametrize("sq,sk,d,heads,causal", MATRIX,
+                         ids=[f"{a}x{b}-d{d}-h{h[0]}k{h[1]}-{'causal' if c else 'full'}" for a, b, d, h, c in MATRIX])
 def test_flash_attn_func_matrix(backend, dtype, sq, sk, d, heads, causal, seed):
     skip_big_for_interpreter(backend, sq, sk)
     H, Hk = heads
@@ -150,7 +151,8 @@ def test_forward_long_sequence(backend, seed):
 
 @pytest.mark.parametrize("backend", [b for b in backends(torch.float64) if b != "triton"])
 def test_float64(backend, seed):
-    q, k, v = rand(2, 19, 4, 32, dtype=torch.float64), rand(2, 23, 2, 32, dtype=torch.float64), rand(2, 23, 2, 32, dtype=torch.float64)
+    q = rand(2, 19, 4, 32, dtype=torch.float64)
+    k, v = rand(2, 23, 2, 32, dtype=torch.float64), rand(2, 23, 2, 32, dtype=torch.float64)
     check(lambda q, k, v: genfast.flash_attn_func(q, k, v, causal=True, softcap=3.0, backend=backend),
           lambda q, k, v: flash_ref(q, k, v, causal=True, softcap=3.0), [q, k, v], torch.float64)
 
@@ -240,7 +242,11 @@ def test_sdpa_matches_torch(backend, dtype, case, seed):
         keep[0, 1, 3] = False  # a fully masked row: torch and genfast give 0
         if mask_kind == "bool-b1":
             keep = keep[:, :1]
-        mask = keep if mask_kind.startswith("bool") else torch.zeros(keep.shape, device=DEVICE, dtype=dtype).masked_fill(~keep, -math.inf) + rand(*keep.shape, dtype=dtype) * 0.5
+        if mask_kind.startswith("bool"):
+            mask = keep
+        else:
+            mask = (torch.zeros(keep.shape, device=DEVICE, dtype=dtype).masked_fill(~keep, -math.inf)
+                    + rand(*keep.shape, dtype=dtype) * 0.5)
         c["attn_mask"] = mask
 
     def torch_sdpa(q, k, v):
@@ -631,7 +637,8 @@ def test_multihead_attention_matches_torch(case, seed):
         k, v = (q, q) if len(xs) == 1 else xs[1:]
         return module(q, k, v, need_weights=False, **kw)[0]
 
-    check(lambda *xs: run(mod, *xs), lambda *xs: run(ref.double() if xs[0].dtype == torch.float64 else ref.float(), *xs),
+    check(lambda *xs: run(mod, *xs),
+          lambda *xs: run(ref.double() if xs[0].dtype == torch.float64 else ref.float(), *xs),
           inputs, torch.float32, grads=False, name=case)
     ref.float()
     # gradients of the parameters match torch's

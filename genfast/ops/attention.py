@@ -515,7 +515,8 @@ def _check_qkv(fn: str, q, k, v, head_dim_axis: int = -1):
         raise ValueError(f"{fn}: value head dim {v.shape[head_dim_axis]} != query head dim {D}; genfast requires "
                          "the value head dim to equal the query/key head dim")
     if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % 8 == 0):
-        raise ValueError(f"{fn}: unsupported head dim {D}; expected a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+        raise ValueError(f"{fn}: unsupported head dim {D}; expected a multiple of 8 in "
+                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
     if q.dtype == torch.float64 and q.device.type == "cuda":
         raise TypeError(f"{fn}: float64 attention runs on the CPU only (cpu and reference backends)")
 
@@ -628,7 +629,8 @@ def _sdpa_mask_to_bias(fn: str, attn_mask, q: torch.Tensor, target: tuple):
             raise ValueError(f"{fn}: gradients with respect to attn_mask are not supported; pass attn_mask.detach()")
         bias = attn_mask.to(q.dtype)
     else:
-        raise TypeError(f"{fn}: attn_mask must be bool, float32 or the query's dtype ({q.dtype}), got {attn_mask.dtype}")
+        raise TypeError(f"{fn}: attn_mask must be bool, float32 or the query's dtype ({q.dtype}), "
+                        f"got {attn_mask.dtype}")
     try:
         return torch.broadcast_to(bias, target)
     except RuntimeError:
@@ -676,7 +678,8 @@ def _check_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, e
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both")
     H, Hk, Hv = ((t.shape[-3] if t.ndim > 3 else 1) for t in (query, key, value))
     if Hk != H and not enable_gqa:
-        raise ValueError(f"{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped-query attention")
+        raise ValueError(f"{fn}: query has {H} heads but key has {Hk}; pass enable_gqa=True for grouped-query "
+                         "attention")
     _check_heads(fn, H, Hk, Hv)
     return dropout_p, scale
 
@@ -806,7 +809,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse, keep = _attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), alibi_slopes=alibi,
                                 scale=scale, window_left=left, window_right=right, align_bottom_right=True,
-                                softcap=softcap, dropout_p=dropout_p, return_dropout_mask=return_attn_probs and dropout_p > 0,
+                                softcap=softcap, dropout_p=dropout_p,
+                                return_dropout_mask=return_attn_probs and dropout_p > 0,
                                 deterministic=bool(deterministic), backend=backend)
     return _flash_result(out.transpose(1, 2).contiguous(), lse, keep, return_attn_probs, dropout_p)
 
@@ -831,7 +835,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_heads(fn, H, k.shape[1], v.shape[1])
     check_values = not _compiling()
     _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q", q.device, check_values)
-    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device, check_values)
+    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device,
+                      check_values)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{fn}: cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
                          f"{cu_seqlens_k.numel()}; both are (number of sequences + 1)")
@@ -913,7 +918,8 @@ def _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
         if cache_seqlens.device != q.device:
             raise ValueError(f"{fn}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
         if cache_seqlens.shape[0] != B:
-            raise ValueError(f"{fn}: cache_seqlens must have {B} entries (one per batch row), got {cache_seqlens.shape[0]}")
+            raise ValueError(f"{fn}: cache_seqlens must have {B} entries (one per batch row), "
+                             f"got {cache_seqlens.shape[0]}")
     scale = _check_scale(fn, softmax_scale, D)
     left, right = _flash_window(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
@@ -976,8 +982,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     qt = q if q.stride(-1) == 1 else q.contiguous()
     kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
-    out, lse = attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale, left, right,
-                      softcap, int(num_splits), backend or "")
+    out, lse = attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale,
+                                left, right, softcap, int(num_splits), backend or "")
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
 
