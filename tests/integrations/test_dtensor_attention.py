@@ -166,6 +166,15 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
         return decode_real(*args, **kwargs)
 
     attention.DECODE.run = counted_decode
+    # The q each forward kernel call received: the rank's local shard, in the ops' (B, H, S, D).
+    kernel_q_shapes = []
+    forward_counted = attention.FORWARD.run
+
+    def recording_forward(*args, **kwargs):
+        kernel_q_shapes.append(tuple(args[3][0].shape))
+        return forward_counted(*args, **kwargs)
+
+    attention.FORWARD.run = recording_forward
     result = {"registration": registration}
 
     for name, case in CASES.items():
@@ -188,7 +197,8 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
         result[name] = {
             "calls": {key: counts[key] - before[key] for key in counts},
             "placements": [str(t.placements) for t in (out, q.grad, k.grad, v.grad)],
-            "local_shapes": [tuple(t.to_local().shape) for t in (q, out)],
+            "local_q_shape": tuple(q.to_local().shape),
+            "kernel_q_shape": kernel_q_shapes[-1],
             "out": _full(out),
             "grads": [_full(t.grad) for t in (q, k, v)],
         }
@@ -350,8 +360,16 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
             axis = _head_axis(case[0]) if case[8] == "heads" else 0
             assert got["placements"] == [str((Shard(axis),))] * 4, f"{label}: placements {got['placements']}"
             full = _qkv_shapes(case)[0]
-            assert got["local_shapes"][0][axis] == (full[axis] + WORLD - 1 - rank) // WORLD, (
-                f"{label}: q's local shard {got['local_shapes'][0]} of {full}")
+            local = got["local_q_shape"]
+            assert local[axis] == (full[axis] + WORLD - 1 - rank) // WORLD, f"{label}: q's local shard {local} of {full}"
+            # The kernel got exactly the local shard (heads / batch split, nothing gathered).
+            if case[0] == "sdpa":
+                in_kernel = local
+            elif case[0] == "flash":  # (B, S, H, D) -> (B, H, S, D)
+                in_kernel = (local[0], local[2], local[1], local[3])
+            else:  # varlen (T, H, D) -> (1, H, T, D)
+                in_kernel = (1, local[1], local[0], local[2])
+            assert got["kernel_q_shape"] == in_kernel, f"{label}: the kernel saw q {got['kernel_q_shape']}"
             (ref64, grads64), (ref32, grads32) = refs[name]
             error_vs_reference(got["out"], ref64, ref32, name=f"{label}: out")
             for which, g, g64, g32 in zip("qkv", got["grads"], grads64, grads32):
