@@ -96,7 +96,8 @@ def _bias(bias, q, dim: int, Replicate, Shard):
 
 def _problem_strategies(op, q, k, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, dropout_p, head_dim_ok,
                         Replicate, Shard):
-    """(name, placement of q-like tensors, of bias, of alibi, of cu_seqlens) per strategy."""
+    """Per strategy (replicate; batch unless varlen; heads if valid): its name and the placements
+    of the q-like tensors (q/k/v/out/lse/grads), bias, ALiBi slopes, cu_seqlens and seed."""
     _refuse_dropout(op, dropout_p)
     varlen = cu_seqlens_q is not None
     strategies = [("replicate", Replicate(), None if bias is None else Replicate(),

@@ -52,7 +52,7 @@ DECODE = dict(batch=3, heads=4, kv_heads=2, cache=11, head_dim=16, new=2, seqlen
 
 
 def _head_axis(api: str) -> int:
-    return 1 if api == "sdpa" else (2 if api == "flash" else 1)  # sdpa (B, H, S, D); flash (B, S, H, D); varlen (T, H, D)
+    return 2 if api == "flash" else 1  # sdpa (B, H, S, D); flash (B, S, H, D); varlen (T, H, D)
 
 
 def _qkv_shapes(case):
@@ -361,7 +361,7 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
             assert got["placements"] == [str((Shard(axis),))] * 4, f"{label}: placements {got['placements']}"
             full = _qkv_shapes(case)[0]
             local = got["local_q_shape"]
-            assert local[axis] == (full[axis] + WORLD - 1 - rank) // WORLD, f"{label}: q's local shard {local} of {full}"
+            assert local[axis] == (full[axis] + WORLD - 1 - rank) // WORLD, f"{label}: q's shard {local} of {full}"
             # The kernel got exactly the local shard (heads / batch split, nothing gathered).
             if case[0] == "sdpa":
                 in_kernel = local
