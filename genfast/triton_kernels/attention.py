@@ -983,8 +983,10 @@ def _bwd_blocks(D, dtype, prec="tf32", has_bias=False):
     (28 B), which fits in one stage; at D256 16 x 32 on 8 warps in one stage (244-255)."""
     if _INTERPRET:
         return 16, 16, 4, 1
-    if dtype == torch.float32 and prec == "ieee":  # FMA code: only small tiles fit registers
-        return 16, 32, 8, 1
+    if dtype == torch.float32 and prec == "ieee":
+        # FMA code: only small tiles fit registers. 16 x 32 spilled 8-56 B at D64-D128 and
+        # 1.3-2.4 KB at D256 with the atomic dq on sm_80 (ptxas held most at 128 registers).
+        return 16, 16, 8, 1
     if D <= 64:
         return (64, 64, 4, 3) if dtype == torch.float32 else (32, 32, 4, 2)
     if D <= 128:
@@ -994,6 +996,17 @@ def _bwd_blocks(D, dtype, prec="tf32", has_bias=False):
     if dtype == torch.float32:  # fp32 tiles at head dim 256 overflow an A100's 164 KB of shared memory
         return 16, 32, 8, 1
     return 16, 32, 8, 1  # 16 x 64 spilled 764-988 B; two stages 44-116 B
+
+
+def _bwd_register_budgets(block_d, dtype, prec, atomic_dq):
+    """maxnreg of the (dK/dV, dQ) kernels; None: ptxas's choice. Exact fp32 (FMA code, 8 warps):
+    left to itself, ptxas trimmed configs that need 90-174 registers to 64 or 80 (more blocks per
+    SM) and spilled 4-32 B on sm_80. With a budget it keeps to what fits: 128 (2 blocks per SM)
+    where every config fits it, 255 for the dK/dV kernel with the atomic dq past D64 and at
+    D256, which need 166-255."""
+    if _INTERPRET or dtype != torch.float32 or prec != "ieee":
+        return None, None
+    return (255 if block_d > 128 or (atomic_dq and block_d > 64) else 128), 128
 
 
 def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1, align_bottom_right=True,
@@ -1030,6 +1043,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     prec = _dot_precision(q.dtype)
     block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype, prec, bias is not None)
     atomic_dq = not deterministic
+    dkdv_maxnreg, dq_maxnreg = _bwd_register_budgets(block_d, q.dtype, prec, atomic_dq)
     if atomic_dq:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
@@ -1052,7 +1066,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
             qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
             drop_state, drop_threshold, drop_scale,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, DOT_PREC=prec,
-            num_warps=warps, num_stages=stages, **flags)
+            num_warps=warps, num_stages=stages, maxnreg=dkdv_maxnreg, **flags)
         if not atomic_dq:
             dq_block_m, dq_block_n = (block_n, block_m) if not _INTERPRET else (16, 16)
             _bwd_dq_kernel[grid_1d(max_q, dq_block_m, nseq * H)](
@@ -1062,7 +1076,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
                 qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
                 drop_state, drop_threshold, drop_scale,
                 HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, DOT_PREC=prec,
-                num_warps=warps, num_stages=stages, **flags)
+                num_warps=warps, num_stages=stages, maxnreg=dq_maxnreg, **flags)
     dq = dq_buf.to(q.dtype) if atomic_dq else dq_buf
     return dq, dk, dv
 
@@ -1123,7 +1137,10 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=prec,
-            num_warps=8 if prec == "ieee" and not _INTERPRET else 4, num_stages=1 if _INTERPRET else 2)
+            num_warps=8 if prec == "ieee" and not _INTERPRET else 4, num_stages=1 if _INTERPRET else 2,
+            # exact fp32 up to D128: ptxas trimmed it to 64 registers and spilled 4-8 B on sm_80
+            # (4 warps spilled 488 B on sm_90); with 128 allowed it takes 78-104
+            maxnreg=128 if prec == "ieee" and block_d <= 128 and not _INTERPRET else None)
         _decode_combine_kernel[(B * H * Sq,)](
             ws_out, ws_lse, out, lse, out.stride(0), out.stride(1), out.stride(2), H, Sq, B * H * Sq, num_splits,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
