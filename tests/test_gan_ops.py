@@ -307,3 +307,52 @@ def test_modulated_conv2d_bad_input():
         modulated_conv2d(x, torch.randn(3, 4), styles)
     with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
         modulated_conv2d(x, weight, styles, noise=1.0)
+
+
+# ----------------------------------------------------------------------------- the extension entry
+
+_C = __import__("genfast")._ext._C
+native = pytest.mark.skipif(_C is None, reason="no extension")
+
+
+def _pixel_norm_native(**overrides):
+    x = torch.randn(2, 5, 3)
+    args = dict(out=torch.empty_like(x), x=x, dy=None, options=_C.PixelNormOptions(mode="forward", dim=1, eps=1e-8),
+                num_threads=1)
+    args.update(overrides)
+    _C.pixel_norm_cpu(**args)
+    return args
+
+
+@native
+def test_pixel_norm_native_entry_matches_the_reference(seed):
+    args = _pixel_norm_native()
+    error_vs_reference(args["out"], reference.pixel_norm(args["x"].double(), 1, 1e-8),
+                       reference.pixel_norm(args["x"], 1, 1e-8))
+
+
+@native
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(out=torch.empty(2, 3, 5)), ValueError, "pixel_norm_cpu: out must have the shape of x"),
+    (dict(out=torch.empty(2, 5, 3, dtype=torch.float16)), TypeError, "pixel_norm_cpu: out must be float32"),
+    (dict(out=None), ValueError, "pixel_norm_cpu: out is required, got None"),
+    (dict(options=_C.PixelNormOptions(mode="grad", dim=1, eps=1e-8) if _C else None), ValueError,
+     "pixel_norm_cpu: dy is required, got None"),
+    (dict(options=_C.PixelNormOptions(mode="forward", dim=3, eps=1e-8) if _C else None), ValueError,
+     "pixel_norm_cpu: options.dim=3 is out of range"),
+    (dict(x=torch.randn(2, 5, 6)[..., ::2], out=torch.empty(2, 5, 3)), ValueError, "pixel_norm_cpu: x must be dense"),
+])
+def test_pixel_norm_native_entry_rejects_bad_tensors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _pixel_norm_native(**overrides)
+
+
+@native
+def test_pixel_norm_native_options_are_named_and_complete():
+    with pytest.raises(TypeError):  # an unknown field
+        _C.PixelNormOptions(mode="forward", dim=1, eps=1e-8, axis=1)
+    with pytest.raises(TypeError):  # a missing field
+        _C.PixelNormOptions(mode="forward", dim=1)
+    with pytest.raises(ValueError, match="PixelNormOptions: unknown mode 'backward'"):
+        _C.PixelNormOptions(mode="backward", dim=1, eps=1e-8)
+    assert set(_C.PIXEL_NORM_MODES) == {"forward", "grad"}

@@ -378,3 +378,64 @@ def test_gpu_shapes(seed, backend, shape, groups):
     for layout in ("contiguous", "channels_last"):
         check(backend, torch.float16, shape, groups, layout, silu=True, device=GPU)
     check(backend, torch.float32, shape, groups, "contiguous", silu=False, mean=1e4, scale=1.0, device=GPU)
+
+
+# ----------------------------------------------------------------------------- the extension entry
+
+_C = __import__("genfast")._ext._C
+native = pytest.mark.skipif(_C is None, reason="no extension")
+
+
+def _forward_native(**overrides):
+    x = torch.randn(2, 6, 5)
+    args = dict(x=x, y=torch.empty_like(x), mean=torch.empty(2, 3), rstd=torch.empty(2, 3), weight=torch.randn(6),
+                bias=torch.randn(6), options=_C.GroupNormOptions(num_groups=3, eps=1e-5, silu=False), num_threads=1)
+    args.update(overrides)
+    _C.group_norm_fwd_cpu(**args)
+    return args
+
+
+@native
+def test_native_entry_matches_torch(seed):
+    args = _forward_native()
+    x, w, b = (args[k].double() for k in ("x", "weight", "bias"))
+    torch.testing.assert_close(args["y"].double(), F.group_norm(x, 3, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    # channels_last x: the entry reads the layout from the strides
+    xl = torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    args = _forward_native(x=xl, y=torch.empty_like(xl), weight=args["weight"], bias=args["bias"])
+    torch.testing.assert_close(args["y"].double(), F.group_norm(xl.double(), 3, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@native
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(y=torch.empty(2, 5, 6)), ValueError, "group_norm_fwd_cpu: y must have the shape of x"),
+    (dict(mean=torch.empty(2, 2)), ValueError, "group_norm_fwd_cpu: mean must have shape \\(2, 3\\)"),
+    (dict(rstd=torch.empty(2, 3, dtype=torch.float64)), TypeError, "group_norm_fwd_cpu: rstd must be float32"),
+    (dict(weight=torch.randn(5)), ValueError, "group_norm_fwd_cpu: weight must have shape \\(6\\)"),
+    (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, "group_norm_fwd_cpu: bias must be float32"),
+    (dict(y=None), ValueError, "group_norm_fwd_cpu: y is required, got None"),
+    (dict(options=_C.GroupNormOptions(num_groups=4, eps=1e-5, silu=False) if _C else None), ValueError,
+     "group_norm_fwd_cpu: the 6 channels of x are not divisible by options.num_groups=4"),
+    (dict(x=torch.randn(2, 6, 10)[..., ::2]), ValueError, "group_norm_fwd_cpu: x must be contiguous \\(NCHW\\) or"),
+])
+def test_native_entry_rejects_bad_tensors(overrides, error, match):
+    if "x" in overrides:
+        overrides["y"] = torch.empty(overrides["x"].shape)
+    with pytest.raises(error, match=match):
+        _forward_native(**overrides)
+
+
+@native
+def test_native_options_are_named_and_complete():
+    with pytest.raises(TypeError):  # an unknown field
+        _C.GroupNormOptions(num_groups=2, eps=1e-5, silu=False, affine=True)
+    with pytest.raises(TypeError):  # a missing field
+        _C.GroupNormOptions(num_groups=2, eps=1e-5)
+    with pytest.raises(TypeError):  # positional fields
+        _C.GroupNormOptions(2, 1e-5, False)
+    with pytest.raises(ValueError, match="GroupNormOptions: num_groups must be >= 1"):
+        _C.GroupNormOptions(num_groups=0, eps=1e-5, silu=False)
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="group_norm_bwd_cpu: dx is required, got None"):
+        _C.group_norm_bwd_cpu(x, x, torch.empty(2, 2), torch.empty(2, 2), None, weight=None, bias=None, dweight=None,
+                              dbias=None, options=_C.GroupNormOptions(num_groups=2, eps=1e-5, silu=True), num_threads=1)

@@ -144,3 +144,57 @@ def test_gpu_backends_match_reference(backend, dtype, shape, seed):
     require(backend, device, dtype)
     check_against_reference(backend, dtype, shape, device=device)
     check_against_reference(backend, dtype, shape, device=device, strided=True)
+
+
+# ----------------------------------------------------------------------------- the extension entry
+
+_C = __import__("genfast")._ext._C
+native = pytest.mark.skipif(_C is None, reason="no extension")
+
+
+def _vae_forward_native(**overrides):
+    mu, logvar, eps = torch.randn(3, 7), torch.randn(3, 7) * 0.5, torch.randn(3, 7)
+    args = dict(mu=mu, logvar=logvar, eps=eps, z=torch.empty_like(mu), kl_partial=torch.empty(3, 1), num_threads=1)
+    args.update(overrides)
+    _C.vae_forward_cpu(**args)
+    return args
+
+
+@native
+def test_native_entry_matches_the_reference(seed):
+    from genfast.reference import vae as reference
+
+    args = _vae_forward_native()
+    mu, logvar, eps = (args[k].double() for k in ("mu", "logvar", "eps"))
+    torch.testing.assert_close(args["z"].double(), reference.reparameterize(mu, logvar, eps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(args["kl_partial"][:, 0].double(), reference.kl_per_sample(mu, logvar), rtol=1e-5,
+                               atol=1e-5)
+    assert _C.VAE_CHUNK_COLS == CHUNK_COLS
+
+
+@native
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(logvar=torch.randn(3, 8)), ValueError, "vae_forward_cpu: logvar must have the shape of mu"),
+    (dict(eps=torch.randn(3, 7, dtype=torch.float64)), TypeError, "vae_forward_cpu: eps must be float32"),
+    (dict(kl_partial=torch.empty(3, 2)), ValueError, "vae_forward_cpu: kl_partial must have shape \\(3, 1\\)"),
+    (dict(kl_partial=torch.empty(3, 1, dtype=torch.float16)), TypeError, "vae_forward_cpu: kl_partial must be float32"),
+    (dict(eps=None), ValueError, "vae_forward_cpu: eps is required to write z"),
+    (dict(logvar=None), ValueError, "vae_forward_cpu: logvar is required, got None"),
+    (dict(z=torch.empty(7, 3).t()), ValueError, "vae_forward_cpu: z must be contiguous"),
+])
+def test_native_entry_rejects_bad_tensors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _vae_forward_native(**overrides)
+
+
+@native
+def test_native_entry_takes_named_arguments_only():
+    mu = torch.randn(2, 3)
+    with pytest.raises(TypeError):  # an unknown argument
+        _C.vae_forward_cpu(mu, mu, eps=mu, z=None, kl_partial=None, num_threads=1, chunk=4096)
+    with pytest.raises(TypeError):  # a missing argument
+        _C.vae_forward_cpu(mu, mu, eps=mu, z=None, num_threads=1)
+    with pytest.raises(TypeError):  # tensors after mu and logvar are keywords
+        _C.vae_backward_cpu(mu, mu, mu, None, None, torch.empty_like(mu), torch.empty_like(mu), 1)
+    with pytest.raises(ValueError, match="vae_backward_cpu: dlogvar is required, got None"):
+        _C.vae_backward_cpu(mu, mu, eps=mu, dz=mu, dkl=None, dmu=torch.empty_like(mu), dlogvar=None, num_threads=1)

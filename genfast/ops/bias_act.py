@@ -25,7 +25,6 @@ from .._dispatch import OpDispatcher, direct_call_allowed
 from ._define import NativeOp
 from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_real, check_tensor, cpu_threads
 from ._validate import dense as _dense
-from ._validate import is_dense  # noqa: F401  (was defined here; kept importable)
 from ..reference import bias_act as reference
 from ..reference.bias_act import ACTIVATIONS, add_bias, reduce_to_bias
 from ..reference.bias_act import bias_act_derivative as reference_derivative

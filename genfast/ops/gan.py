@@ -20,16 +20,21 @@ from typing import Optional
 
 import torch
 
+import functools
+
 from .. import _ext
-from .._dispatch import OpDispatcher, direct_call_allowed, triton_interpreted
+from .._dispatch import OpDispatcher, triton_interpreted
 from ..reference import gan as reference
-from ._validate import check_backend, check_int, check_tensor, cpu_threads, is_finite, is_int, is_real, type_name
-from .bias_act import is_dense
+from ._define import NativeOp
+from ._validate import check_backend, check_int, check_tensor, cpu_threads, dense, is_finite, is_int, is_real, type_name
 from .upfirdn2d import upfirdn2d
 
 __all__ = ["pixel_norm", "minibatch_stddev", "conv2d_resample", "modulated_conv2d", "DISPATCH"]
 
-FORWARD, GRAD = 0, 1  # kernels/gan.h PixelNormMode
+# Modes of the Python backends (the triton kernel numbers them so); the C++ entries take the
+# mode by name (PixelNormOptions).
+FORWARD, GRAD = 0, 1
+_MODE_NAMES = ("forward", "grad")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 DISPATCH = OpDispatcher("pixel_norm")
@@ -53,16 +58,21 @@ def _geometry(x: torch.Tensor, dim: int) -> tuple:
 # Every backend: fn(mode, out, x, dy, dim, outer, C, S, eps) fills ``out``.
 
 
+@functools.lru_cache(maxsize=256)
+def _options(mode: int, dim: int, eps: float):
+    """The extension's PixelNormOptions of one call signature (the mode by name)."""
+    return _ext._C.PixelNormOptions(mode=_MODE_NAMES[mode], dim=int(dim), eps=float(eps))
+
+
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _pixel_norm_cpu(mode, out, x, dy, dim, outer, C, S, eps):
-    _ext._C.pixel_norm_cpu(mode, _ext.DTYPE_CODES[x.dtype], outer, C, S, out.data_ptr(), x.data_ptr(),
-                           _ext.address(dy), eps, cpu_threads(x.numel()))
+    # The C++ entry derives outer, C and S from x and dim.
+    _ext._C.pixel_norm_cpu(out, x, dy=dy, options=_options(mode, dim % x.ndim, eps), num_threads=cpu_threads(x.numel()))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16))
 def _pixel_norm_cuda(mode, out, x, dy, dim, outer, C, S, eps):
-    _ext._C.pixel_norm_cuda(mode, _ext.DTYPE_CODES[x.dtype], outer, C, S, out.data_ptr(), x.data_ptr(),
-                            _ext.address(dy), eps, _ext.stream_of(x), x.device.index)
+    _ext._C.pixel_norm_cuda(out, x, dy=dy, options=_options(mode, dim % x.ndim, eps), stream=_ext.stream_of(x))
 
 
 @DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
@@ -87,7 +97,7 @@ def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _run(mode, x, dy, dim, eps, backend):
-    x = x if is_dense(x) else x.contiguous()
+    x = dense(x)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
@@ -95,11 +105,6 @@ def _run(mode, x, dy, dim, eps, backend):
     outer, C, S = _geometry(x, dim)
     DISPATCH.run(backend or None, x.device, x.dtype, mode, out, x, dy, dim, outer, C, S, eps)
     return out
-
-
-_lib = torch.library.Library("genfast", "FRAGMENT")
-_lib.define("pixel_norm(Tensor x, int dim, float eps, str backend) -> Tensor")
-_lib.define("pixel_norm_grad(Tensor dy, Tensor x, int dim, float eps, str backend) -> Tensor")
 
 
 def _fwd_impl(x, dim, eps, backend):
@@ -110,19 +115,17 @@ def _grad_impl(dy, x, dim, eps, backend):
     return _run(GRAD, x, dy, dim, eps, backend)
 
 
-for _name, _impl in (("pixel_norm", _fwd_impl), ("pixel_norm_grad", _grad_impl)):
-    for _key in ("CPU", "CUDA"):
-        _lib.impl(_name, _impl, _key)
-
-
-@torch.library.register_fake("genfast::pixel_norm")
 def _fwd_fake(x, dim, eps, backend):
-    return torch.empty_like(x if is_dense(x) else x.contiguous())
+    return torch.empty_like(dense(x))
 
 
-@torch.library.register_fake("genfast::pixel_norm_grad")
 def _grad_fake(dy, x, dim, eps, backend):
-    return torch.empty_like(x if is_dense(x) else x.contiguous())
+    return torch.empty_like(dense(x))
+
+
+PIXEL_NORM = NativeOp("pixel_norm(Tensor x, int dim, float eps, str backend) -> Tensor", _fwd_impl, _fwd_fake)
+PIXEL_NORM_GRAD = NativeOp("pixel_norm_grad(Tensor dy, Tensor x, int dim, float eps, str backend) -> Tensor",
+                           _grad_impl, _grad_fake)
 
 
 class _PixelNorm(torch.autograd.Function):
@@ -130,7 +133,7 @@ class _PixelNorm(torch.autograd.Function):
     def forward(ctx, x, dim, eps, backend):
         ctx.save_for_backward(x)
         ctx.params = (dim, eps, backend)
-        return (_fwd_impl if direct_call_allowed(x) else torch.ops.genfast.pixel_norm)(x, dim, eps, backend)
+        return PIXEL_NORM(x, dim, eps, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -146,7 +149,7 @@ class _PixelNormGrad(torch.autograd.Function):
     def forward(ctx, dy, x, dim, eps, backend):
         ctx.save_for_backward(dy, x)
         ctx.params = (dim, eps)
-        return (_grad_impl if direct_call_allowed(dy, x) else torch.ops.genfast.pixel_norm_grad)(dy, x, dim, eps, backend)
+        return PIXEL_NORM_GRAD(dy, x, dim, eps, backend)
 
     @staticmethod
     def backward(ctx, ddx):
@@ -200,7 +203,7 @@ def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8, backend: Option
     backend = _check_backend(backend, op)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PixelNorm.apply(x, dim, float(eps), backend)
-    return (_fwd_impl if direct_call_allowed(x) else torch.ops.genfast.pixel_norm)(x, dim, float(eps), backend)
+    return PIXEL_NORM(x, dim, float(eps), backend)
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:

@@ -2,8 +2,9 @@
 
 Layers, as in every op family (see ops/bias_act.py):
   1. ``group_norm()``: the public op; validates arguments, then an autograd.Function.
-  2. ``torch.ops.genfast.group_norm`` / ``group_norm_backward``: torch.library ops (define +
-     impl + fake), opaque nodes for torch.compile(fullgraph=True).
+  2. ``torch.ops.genfast.group_norm`` / ``group_norm_backward``: NativeOps (ops/_define.py:
+     define + impl + fake), opaque nodes for torch.compile(fullgraph=True); eager calls on plain
+     tensors run the impls directly.
   3. ``DISPATCH``: backends cuda, triton, cpu, reference, chosen at run time.
 
 Kernels see ``x`` (N, C, *spatial) as N x C x S (S = product of the spatial sizes) in one of
@@ -23,6 +24,7 @@ dx = rstd * (w dz - (sum_g(w B) + xhat * sum_g(w A)) / M), M = (C / G) * S.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +32,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, direct_call_allowed
+from .._dispatch import OpDispatcher
+from ._define import NativeOp
 from ._validate import check_backend, check_int, check_tensor, cpu_threads, is_finite, is_real, type_name
 from ..reference import group_norm as reference
 
@@ -106,22 +109,23 @@ def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # w and b are contiguous 1-D tensors or None; all x-sized tensors share x's layout.
 
 
+@functools.lru_cache(maxsize=256)
+def _options(num_groups: int, eps: float, silu: bool):
+    """The extension's GroupNormOptions of one call signature (the backward's eps is unused)."""
+    return _ext._C.GroupNormOptions(num_groups=int(num_groups), eps=float(eps), silu=bool(silu))
+
+
+# The C++ entries derive N, C, S and the layout (NCHW / NHWC) from x itself.
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _group_norm_cpu(mode, *args):
-    C_ = _ext._C
     if mode == FORWARD:
         x, w, b, y, mean, rstd, geo, eps, silu = args
-        threads = cpu_threads(x.numel())
-        C_.group_norm_fwd_cpu(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
-                              x.data_ptr(), _ext.address(w), _ext.address(b), y.data_ptr(), mean.data_ptr(),
-                              rstd.data_ptr(), float(eps), bool(silu), threads)
+        _ext._C.group_norm_fwd_cpu(x, y, mean, rstd, weight=w, bias=b, options=_options(geo.G, eps, silu),
+                                   num_threads=cpu_threads(x.numel()))
     else:
         dy, x, mean, rstd, w, b, dx, dw, db, geo, silu = args
-        threads = cpu_threads(x.numel())
-        C_.group_norm_bwd_cpu(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
-                              dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ext.address(w),
-                              _ext.address(b), dx.data_ptr(), _ext.address(dw), _ext.address(db), bool(silu),
-                              threads)
+        _ext._C.group_norm_bwd_cpu(dy, x, mean, rstd, dx, weight=w, bias=b, dweight=dw, dbias=db,
+                                   options=_options(geo.G, 0.0, silu), num_threads=cpu_threads(x.numel()))
 
 
 @DISPATCH.register("cuda", GPU_DTYPES)
@@ -129,21 +133,16 @@ def _group_norm_cuda(mode, *args):
     C_ = _ext._C
     if mode == FORWARD:
         x, w, b, y, mean, rstd, geo, eps, silu = args
-        code = _ext.DTYPE_CODES[x.dtype]
-        work = torch.empty(C_.group_norm_cuda_workspace(code, geo.N, geo.C, geo.S, geo.G, geo.channels_last),
-                           dtype=torch.float32, device=x.device)
-        C_.group_norm_fwd_cuda(code, geo.N, geo.C, geo.S, geo.G, geo.channels_last,
-                               x.data_ptr(), _ext.address(w), _ext.address(b), y.data_ptr(), mean.data_ptr(),
-                               rstd.data_ptr(), float(eps), bool(silu), work.data_ptr(), _ext.stream_of(x),
-                               x.device.index)
+        options = _options(geo.G, eps, silu)
+        work = torch.empty(C_.group_norm_cuda_workspace(x, options=options), dtype=torch.float32, device=x.device)
+        C_.group_norm_fwd_cuda(x, y, mean, rstd, weight=w, bias=b, workspace=work, options=options,
+                               stream=_ext.stream_of(x))
     else:
         dy, x, mean, rstd, w, b, dx, dw, db, geo, silu = args
         # Per-(n, c) partial sums of the backward (reduced over n here: N x C floats), then scratch.
         work = torch.empty(2 * geo.N * geo.C + 2 * geo.N * geo.G, dtype=torch.float32, device=x.device)
-        C_.group_norm_bwd_cuda(_ext.DTYPE_CODES[x.dtype], geo.N, geo.C, geo.S, geo.G, geo.channels_last,
-                               dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ext.address(w),
-                               _ext.address(b), dx.data_ptr(), work.data_ptr(), bool(silu),
-                               _ext.stream_of(x), x.device.index)
+        C_.group_norm_bwd_cuda(dy, x, mean, rstd, dx, weight=w, bias=b, sums=work, options=_options(geo.G, 0.0, silu),
+                               stream=_ext.stream_of(x))
         sums = work[:2 * geo.N * geo.C].view(2, geo.N, geo.C)
         if dw is not None:
             torch.sum(sums[0], dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(sums[0].sum(0))
@@ -257,33 +256,29 @@ def _backward_impl(dy, x, mean, rstd, weight, bias, num_groups, silu, need_dw, n
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------- torch.library
-
-_lib = torch.library.Library("genfast", "FRAGMENT")
-_lib.define("group_norm(Tensor x, Tensor? weight, Tensor? bias, SymInt num_groups, float eps, bool silu, str backend)"
-            " -> (Tensor, Tensor, Tensor)")
-# Returns (dx, dweight, dbias); dweight (dbias) is empty unless need_dw (need_db) and weight (bias) is given.
-_lib.define("group_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias,"
-            " SymInt num_groups, bool silu, bool need_dw, bool need_db, str backend) -> (Tensor, Tensor, Tensor)")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("group_norm", _forward_impl, _key)
-    _lib.impl("group_norm_backward", _backward_impl, _key)
+# ----------------------------------------------------------------------------- ops
 
 
 def _output_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_prepare(x)[0])
 
 
-@torch.library.register_fake("genfast::group_norm")
 def _forward_fake(x, weight, bias, num_groups, eps, silu, backend):
     mean, rstd = _empty_stats(x, num_groups)
     return _output_like(x), mean, rstd
 
 
-@torch.library.register_fake("genfast::group_norm_backward")
 def _backward_fake(dy, x, mean, rstd, weight, bias, num_groups, silu, need_dw, need_db, backend):
     n_dw, n_db = _affine_grad_sizes(x, weight, bias, need_dw, need_db)
     return _output_like(x), x.new_empty(n_dw), x.new_empty(n_db)
+
+
+GROUP_NORM = NativeOp("group_norm(Tensor x, Tensor? weight, Tensor? bias, SymInt num_groups, float eps, bool silu, "
+                      "str backend) -> (Tensor, Tensor, Tensor)", _forward_impl, _forward_fake)
+# Returns (dx, dweight, dbias); dweight (dbias) is empty unless need_dw (need_db) and weight (bias) is given.
+GROUP_NORM_BACKWARD = NativeOp("group_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+                               "Tensor? bias, SymInt num_groups, bool silu, bool need_dw, bool need_db, str backend) "
+                               "-> (Tensor, Tensor, Tensor)", _backward_impl, _backward_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -292,7 +287,7 @@ def _backward_fake(dy, x, mean, rstd, weight, bias, num_groups, silu, need_dw, n
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, silu, backend):
-        y, mean, rstd = (_forward_impl if direct_call_allowed(x, weight, bias) else torch.ops.genfast.group_norm)(x, weight, bias, num_groups, eps, silu, backend)
+        y, mean, rstd = GROUP_NORM(x, weight, bias, num_groups, eps, silu, backend)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.params = (num_groups, eps, silu, backend)
         return y
@@ -307,9 +302,7 @@ class _GroupNorm(torch.autograd.Function):
             # composition of the reference, so higher derivatives are exact (and slower).
             return _differentiable_backward(dy, x, weight, bias, num_groups, eps, silu, need_x, need_w, need_b)
         need_w, need_b = need_w and weight is not None, need_b and bias is not None
-        dx, dw, db = (_backward_impl if direct_call_allowed(dy, x, weight, bias)
-                      else torch.ops.genfast.group_norm_backward)(dy, x, mean, rstd, weight, bias, num_groups, silu,
-                                                           need_w, need_b, backend)
+        dx, dw, db = GROUP_NORM_BACKWARD(dy, x, mean, rstd, weight, bias, num_groups, silu, need_w, need_b, backend)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None)
 
 
@@ -404,8 +397,7 @@ def group_norm(
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if grads:
         return _GroupNorm.apply(x, weight, bias, num_groups, eps, silu, backend)
-    forward = _forward_impl if direct_call_allowed(x, weight, bias) else torch.ops.genfast.group_norm
-    return forward(x, weight, bias, num_groups, eps, silu, backend)[0]
+    return GROUP_NORM(x, weight, bias, num_groups, eps, silu, backend)[0]
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, direct_call_allowed
+from .._dispatch import OpDispatcher
+from ._define import NativeOp
 from ._validate import check_backend, check_tensor, cpu_threads
 from ..reference import vae as reference
 
@@ -21,9 +22,10 @@ __all__ = ["reparameterize", "kl_divergence", "reparameterize_kl", "DISPATCH", "
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Columns per KL partial: kernels/vae.h kChunkCols, read from the extension so the two cannot
-# drift; the same value for the Triton and reference backends where the extension is not built.
-CHUNK_COLS = int(getattr(_ext._C, "vae_chunk_cols", 4096))
+# Columns per KL partial: kernels/vae.h kChunkCols, read from the extension (which checks the
+# kl_partial it is given against it). Without the extension the Triton and reference backends
+# use 4096 on their own: any value works for them, the partials only fix the summation order.
+CHUNK_COLS = int(_ext._C.VAE_CHUNK_COLS) if _ext._C is not None else 4096
 REDUCTIONS = ("none", "sum", "mean")
 
 DISPATCH = OpDispatcher("vae")
@@ -46,28 +48,23 @@ def _num_chunks(cols: int) -> int:
 class _Cpu:
     @staticmethod
     def forward(mu, logvar, eps, z, kl_partial, rows, cols):
-        _ext._C.vae_forward_cpu(_ext.DTYPE_CODES[mu.dtype], rows, cols, mu.data_ptr(), logvar.data_ptr(),
-                                _ext.address(eps), _ext.address(z), _ext.address(kl_partial), cpu_threads(rows * cols))
+        _ext._C.vae_forward_cpu(mu, logvar, eps=eps, z=z, kl_partial=kl_partial, num_threads=cpu_threads(rows * cols))
 
     @staticmethod
     def backward(mu, logvar, eps, dz, dkl, dmu, dlogvar, rows, cols):
-        _ext._C.vae_backward_cpu(_ext.DTYPE_CODES[mu.dtype], rows, cols, mu.data_ptr(), logvar.data_ptr(),
-                                 _ext.address(eps), _ext.address(dz), _ext.address(dkl), dmu.data_ptr(),
-                                 dlogvar.data_ptr(), cpu_threads(rows * cols))
+        _ext._C.vae_backward_cpu(mu, logvar, eps=eps, dz=dz, dkl=dkl, dmu=dmu, dlogvar=dlogvar,
+                                 num_threads=cpu_threads(rows * cols))
 
 
 class _Cuda:
     @staticmethod
     def forward(mu, logvar, eps, z, kl_partial, rows, cols):
-        _ext._C.vae_forward_cuda(_ext.DTYPE_CODES[mu.dtype], rows, cols, mu.data_ptr(), logvar.data_ptr(),
-                                 _ext.address(eps), _ext.address(z), _ext.address(kl_partial),
-                                 _ext.stream_of(mu), mu.device.index)
+        _ext._C.vae_forward_cuda(mu, logvar, eps=eps, z=z, kl_partial=kl_partial, stream=_ext.stream_of(mu))
 
     @staticmethod
     def backward(mu, logvar, eps, dz, dkl, dmu, dlogvar, rows, cols):
-        _ext._C.vae_backward_cuda(_ext.DTYPE_CODES[mu.dtype], rows, cols, mu.data_ptr(), logvar.data_ptr(),
-                                  _ext.address(eps), _ext.address(dz), _ext.address(dkl), dmu.data_ptr(),
-                                  dlogvar.data_ptr(), _ext.stream_of(mu), mu.device.index)
+        _ext._C.vae_backward_cuda(mu, logvar, eps=eps, dz=dz, dkl=dkl, dmu=dmu, dlogvar=dlogvar,
+                                  stream=_ext.stream_of(mu))
 
 
 class _Triton:
@@ -120,14 +117,7 @@ def _rows_cols(t: torch.Tensor) -> tuple:
     return rows, (t.numel() // rows if rows else 0)
 
 
-# ----------------------------------------------------------------------------- torch.library
-
-_lib = torch.library.Library("genfast", "FRAGMENT")
-# z is empty unless want_z; kl (batch,) in float32 (float64 for float64) is empty unless want_kl.
-_lib.define("vae_forward(Tensor mu, Tensor logvar, Tensor? eps, bool want_z, bool want_kl, str backend) "
-            "-> (Tensor, Tensor)")
-_lib.define("vae_backward(Tensor mu, Tensor logvar, Tensor? eps, Tensor? dz, Tensor? dkl, str backend) "
-            "-> (Tensor, Tensor)")
+# ----------------------------------------------------------------------------- ops
 
 
 def _forward_impl(mu, logvar, eps, want_z, want_kl, backend):
@@ -160,22 +150,22 @@ def _backward_impl(mu, logvar, eps, dz, dkl, backend):
     return dmu, dlogvar
 
 
-for _key in ("CPU", "CUDA"):
-    _lib.impl("vae_forward", _forward_impl, _key)
-    _lib.impl("vae_backward", _backward_impl, _key)
-
-
-@torch.library.register_fake("genfast::vae_forward")
 def _forward_fake(mu, logvar, eps, want_z, want_kl, backend):
     z = torch.empty(mu.shape if want_z else (0,), dtype=mu.dtype, device=mu.device)
     kl = mu.new_empty(mu.shape[0] if want_kl else 0, dtype=_compute_dtype(mu.dtype))
     return z, kl
 
 
-@torch.library.register_fake("genfast::vae_backward")
 def _backward_fake(mu, logvar, eps, dz, dkl, backend):
     return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device), torch.empty(logvar.shape, dtype=mu.dtype,
                                                                                device=mu.device)
+
+
+# z is empty unless want_z; kl (batch,) in float32 (float64 for float64) is empty unless want_kl.
+VAE_FORWARD = NativeOp("vae_forward(Tensor mu, Tensor logvar, Tensor? eps, bool want_z, bool want_kl, str backend) "
+                       "-> (Tensor, Tensor)", _forward_impl, _forward_fake)
+VAE_BACKWARD = NativeOp("vae_backward(Tensor mu, Tensor logvar, Tensor? eps, Tensor? dz, Tensor? dkl, str backend) "
+                        "-> (Tensor, Tensor)", _backward_impl, _backward_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -186,7 +176,7 @@ class _ReparameterizeKL(torch.autograd.Function):
     def forward(ctx, mu, logvar, eps, want_z, want_kl, backend):
         ctx.save_for_backward(mu, logvar, eps)
         ctx.backend = backend
-        return (_forward_impl if direct_call_allowed(mu, logvar, eps) else torch.ops.genfast.vae_forward)(mu, logvar, eps, want_z, want_kl, backend)
+        return VAE_FORWARD(mu, logvar, eps, want_z, want_kl, backend)
 
     @staticmethod
     def backward(ctx, dz, dkl):
@@ -206,8 +196,7 @@ class _ReparameterizeKLGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, eps, dz, dkl, backend):
-        backward = _backward_impl if direct_call_allowed(mu, logvar, eps, dz, dkl) else torch.ops.genfast.vae_backward
-        return backward(mu, logvar, eps, dz, dkl, backend)
+        return VAE_BACKWARD(mu, logvar, eps, dz, dkl, backend)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -251,8 +240,7 @@ def _apply(mu, logvar, eps, want_z, want_kl, backend):
                                               or (eps is not None and eps.requires_grad))
     if needs_grad:
         return _ReparameterizeKL.apply(mu, logvar, eps, want_z, want_kl, backend or "")
-    forward = _forward_impl if direct_call_allowed(mu, logvar, eps) else torch.ops.genfast.vae_forward
-    return forward(mu, logvar, eps, want_z, want_kl, backend or "")
+    return VAE_FORWARD(mu, logvar, eps, want_z, want_kl, backend or "")
 
 
 def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None,
