@@ -623,7 +623,8 @@ def _sdpa_mask_to_bias(fn: str, attn_mask, q: torch.Tensor, target: tuple):
     if attn_mask.device != q.device:
         raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
     if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, -math.inf)
+        # zeros_like: a DTensor mask stays a DTensor (with its placements)
+        bias = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(~attn_mask, -math.inf)
     elif attn_mask.dtype in (q.dtype, torch.float32):  # torch accepts float32 masks with any query dtype
         if attn_mask.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{fn}: gradients with respect to attn_mask are not supported; pass attn_mask.detach()")
@@ -964,11 +965,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     elif is_int(cache_seqlens):  # its value was checked in Python
         cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     elif not _compiling():  # a tensor: its values decide where the new k/v go and how far rows read
-        if cache_seqlens.device.type == "cpu" and cache_seqlens.shape[0] <= 256:  # cheaper than two reductions
-            values = cache_seqlens.tolist()
+        lengths = cache_seqlens.full_tensor() if hasattr(cache_seqlens, "full_tensor") else cache_seqlens  # DTensor
+        if lengths.device.type == "cpu" and lengths.shape[0] <= 256:  # cheaper than two reductions
+            values = lengths.tolist()
             lo, hi = min(values, default=0), max(values, default=0)
         else:
-            lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one host sync
+            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync
         if lo < 0:
             raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {lo}")
         if hi + S_new > S_max:
