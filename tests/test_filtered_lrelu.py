@@ -3,6 +3,8 @@ every backend that runs here, forward and gradients (dx, db), up/down factors, s
 full filters, flip, clamp, padding forms, layouts, gradcheck/gradgradcheck, bad inputs,
 torch.library and torch.compile."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -322,3 +324,53 @@ def test_gpu_cuda_float64(seed):
     require("cuda", device, torch.float64)
     check("cuda", torch.float64, 2, 2, ("sep", 12), ("sep", 12), [10, 9, 11, 8], clamp=0.9, shape=(2, 3, 9, 11),
           device=device)
+
+
+# ----------------------------------------------------------------------------- typed native calls
+
+
+def test_entry_checks_its_arguments_and_shares_the_sign_codes():
+    """filtered_lrelu_cpu reads sizes, strides, dtype and taps from the tensors and checks each
+    by name; the sign record's codes are the extension's."""
+    pytest.importorskip("genfast._C")
+    from genfast import _ext
+    module = importlib.import_module("genfast.ops.filtered_lrelu")
+
+    C = _ext._C
+    assert C.FILTERED_LRELU_SIGN_CODES == {"positive": CODE_POSITIVE, "negative": CODE_NEGATIVE,
+                                           "clamped": CODE_CLAMPED}
+    x, f = torch.randn(2, 3, 6, 5), torch.rand(4)
+    plan = module.forward_plan(6, 5, f, f, 2, 2, (2, 1, 2, 1))
+    options = module._options(module.ACT, plan, 1.4, 0.2, -1.0)
+    out = torch.empty(2, 3, plan.oh, plan.ow)
+    signs = torch.empty(2, 3, plan.th, plan.tw, dtype=torch.uint8)
+    C.filtered_lrelu_cpu(out, x, b=None, signs=signs, g1=f, g2=f, options=options, num_threads=1)
+    assert torch.isfinite(out).all() and set(signs.unique().tolist()) <= {CODE_POSITIVE, CODE_NEGATIVE}
+    kwargs = dict(b=None, signs=signs, g1=f, g2=f, options=options, num_threads=1)
+    with pytest.raises(ValueError, match=r"filtered_lrelu_cpu: signs must have shape \(2, 3, "):
+        C.filtered_lrelu_cpu(out, x, **{**kwargs, "signs": signs[:, :, 1:]})
+    with pytest.raises(TypeError, match="filtered_lrelu_cpu: out must be float32"):
+        C.filtered_lrelu_cpu(out.half(), x, **kwargs)
+    with pytest.raises(ValueError, match=r"filtered_lrelu_cpu: b must have shape \(3\)"):
+        C.filtered_lrelu_cpu(out, x, **{**kwargs, "b": torch.zeros(4)})
+    with pytest.raises(ValueError, match="filtered_lrelu_cpu: g2 is required, got None"):
+        C.filtered_lrelu_cpu(out, x, **{**kwargs, "g2": None})
+    with pytest.raises(ValueError, match="filtered_lrelu_cpu: signs is required, got None"):
+        C.filtered_lrelu_cpu(out, x, **{**kwargs, "signs": None,
+                                        "options": module._options(module.MASK, plan, 1.4, 0.2, -1.0)})
+    fields = dict(mode="act", up=2, pad1_x=0, pad1_y=0, tmp_h=4, tmp_w=4, down=1, pad2_x=0, pad2_y=0, gain=1.0,
+                  slope=0.2, clamp=-1.0)
+    with pytest.raises(TypeError):  # a missing field
+        C.FilteredLReLUOptions(**{k: v for k, v in fields.items() if k != "slope"})
+    with pytest.raises(TypeError):  # an unknown field
+        C.FilteredLReLUOptions(**fields, flip_filter=False)
+    with pytest.raises(ValueError, match="mode must be 'act' or 'mask'"):
+        C.FilteredLReLUOptions(**{**fields, "mode": "relu"})
+
+
+def test_filtered_lrelu_ops_are_native_ops():
+    from genfast.ops._define import NativeOp
+
+    module = importlib.import_module("genfast.ops.filtered_lrelu")
+    for op in (module.FORWARD, module.MASKED):
+        assert isinstance(op, NativeOp) and hasattr(torch.ops.genfast, op.name)

@@ -4,6 +4,8 @@ forward, first and second derivatives, layouts, helpers, bad inputs, torch.libra
 torch.compile."""
 import random
 
+import importlib
+
 import pytest
 import torch
 
@@ -339,3 +341,47 @@ def test_gpu_stylegan_shapes(backend, shape, taps, up, down, seed):
     xl = x.detach().requires_grad_()
     (dxl,) = torch.autograd.grad(reference(xl, f, up, down, pad), xl, torch.ones_like(y))
     error_vs_reference(dx, dxr, dxl, name=f"{backend} dx")
+
+
+# ----------------------------------------------------------------------------- typed native calls
+
+
+def test_entry_runs_and_checks_its_arguments():
+    """upfirdn2d_cpu reads sizes, dtype, taps and layout from the tensors and checks each by name."""
+    pytest.importorskip("genfast._C")
+    from genfast import _ext
+    module = importlib.import_module("genfast.ops.upfirdn2d")
+
+    torch.manual_seed(0)
+    C = _ext._C
+    x, g = torch.randn(2, 3, 7, 5), torch.rand(4)
+    options = module._options(2, 2, 1, 1, 2, 1, 2, 1)  # up 2, padding (2, 1, 2, 1), 4 taps: out 14 x 10
+    out = torch.empty(2, 3, 14, 10)
+    C.upfirdn2d_cpu(out, x, g, options=options, num_threads=1)
+    want = reference(x.double(), g.double(), 2, 1, (2, 1, 2, 1), flip_filter=True)
+    error_vs_reference(out, want, reference(x, g, 2, 1, (2, 1, 2, 1), flip_filter=True))
+    with pytest.raises(ValueError, match=r"upfirdn2d_cpu: out must have shape \(2, 3, 14, 10\)"):
+        C.upfirdn2d_cpu(torch.empty(2, 3, 15, 11), x, g, options=options, num_threads=1)
+    with pytest.raises(TypeError, match="upfirdn2d_cpu: out must be float32"):
+        C.upfirdn2d_cpu(out.double(), x, g, options=options, num_threads=1)
+    with pytest.raises(TypeError, match="upfirdn2d_cpu: g must be float32"):
+        C.upfirdn2d_cpu(out, x, g.double(), options=options, num_threads=1)
+    with pytest.raises(ValueError, match="upfirdn2d_cpu: g is required, got None"):
+        C.upfirdn2d_cpu(out, x, None, options=options, num_threads=1)
+    with pytest.raises(ValueError, match="upfirdn2d_cpu: out must be channels_last"):
+        C.upfirdn2d_cpu(out, x.to(memory_format=torch.channels_last), g, options=options, num_threads=1)
+    with pytest.raises(ValueError, match="x must be contiguous or channels_last"):
+        C.upfirdn2d_cpu(out, torch.randn(2, 3, 7, 10)[..., ::2], g, options=options, num_threads=1)
+    with pytest.raises(TypeError):  # a missing field
+        C.Upfirdn2dOptions(upx=1, upy=1, downx=1, downy=1, padx0=0, padx1=0, pady0=0)
+    with pytest.raises(TypeError):  # an unknown field
+        C.Upfirdn2dOptions(upx=1, upy=1, downx=1, downy=1, padx0=0, padx1=0, pady0=0, pady1=0, gain=2.0)
+    with pytest.raises(ValueError, match="factors must be >= 1"):
+        C.Upfirdn2dOptions(upx=0, upy=1, downx=1, downy=1, padx0=0, padx1=0, pady0=0, pady1=0)
+
+
+def test_upfirdn2d_op_is_a_native_op():
+    from genfast.ops._define import NativeOp
+
+    op = importlib.import_module("genfast.ops.upfirdn2d").UPFIRDN2D
+    assert isinstance(op, NativeOp) and op.op is torch.ops.genfast.upfirdn2d

@@ -32,13 +32,15 @@ themselves the op is not differentiable.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, direct_call_allowed
+from .._dispatch import OpDispatcher
+from ._define import NativeOp
 from ._validate import check_backend, check_real, check_tensor, cpu_threads, is_int, type_name
 from ..reference.filtered_lrelu import filtered_lrelu as reference  # noqa: F401  (the spec)
 from ..reference.upfirdn2d import upfirdn2d as reference_upfirdn2d
@@ -46,7 +48,12 @@ from ..reference.upfirdn2d import upfirdn2d as reference_upfirdn2d
 __all__ = ["filtered_lrelu", "DISPATCH", "FLOAT_DTYPES", "selected_backend"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ACT, MASK = 0, 1  # kernel modes (kernels/filtered_lrelu.h Mode)
+# The backends' mode argument (the Triton kernel's MODE constexpr); the C++ entries take the name.
+ACT, MASK = 0, 1
+MODE_NAMES = {ACT: "act", MASK: "mask"}
+# The sign record's bytes (see the module docstring): every backend writes and reads these, so a
+# forward on one backend and a backward on another agree. The C++/CUDA kernels' values are
+# _C.FILTERED_LRELU_SIGN_CODES (tests check they are these).
 CODE_POSITIVE, CODE_NEGATIVE, CODE_CLAMPED = 0, 1, 2
 
 DISPATCH = OpDispatcher("filtered_lrelu")
@@ -145,27 +152,30 @@ def _new_output(x: torch.Tensor, n: int, c: int, oh: int, ow: int) -> torch.Tens
 # contiguous: written in ACT mode when not None, read in MASK mode. clamp < 0: none.
 
 
+@functools.lru_cache(maxsize=256)
+def _options(mode: int, plan: Plan, gain: float, slope: float, clamp: float):
+    """The extension's FilteredLReLUOptions of one chain (the output size comes from ``out``)."""
+    return _ext._C.FilteredLReLUOptions(
+        mode=MODE_NAMES[mode], up=int(plan.u1), pad1_x=int(plan.p1x), pad1_y=int(plan.p1y), tmp_h=int(plan.th),
+        tmp_w=int(plan.tw), down=int(plan.d2), pad2_x=int(plan.p2x), pad2_y=int(plan.p2y), gain=float(gain),
+        slope=float(slope), clamp=float(clamp))
+
+
+# The C++ and CUDA entries read sizes, strides, dtype and the filters' taps from the tensors.
+
+
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _filtered_lrelu_cpu(mode, out, signs, x, b, g1, g2, plan, gain, slope, clamp):
-    n, c, h, w = x.shape
     g1h, g1w = _filter_size(g1)
     g2h, g2w = _filter_size(g2)
-    _ext._C.filtered_lrelu_cpu(
-        mode, _ext.DTYPE_CODES[x.dtype], n, c, h, w, list(x.stride()), out.data_ptr(), list(out.stride()),
-        x.data_ptr(), _ext.address(b), _ext.address(signs), g1.data_ptr(), g1h, g1w, g1.ndim == 1,
-        g2.data_ptr(), g2h, g2w, g2.ndim == 1, list(plan), gain, slope, clamp,
-        cpu_threads(out.numel() * (g1h * g1w + g2h * g2w), 1 << 18))
+    _ext._C.filtered_lrelu_cpu(out, x, b=b, signs=signs, g1=g1, g2=g2, options=_options(mode, plan, gain, slope, clamp),
+                               num_threads=cpu_threads(out.numel() * (g1h * g1w + g2h * g2w), 1 << 18))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 def _filtered_lrelu_cuda(mode, out, signs, x, b, g1, g2, plan, gain, slope, clamp):
-    n, c, h, w = x.shape
-    g1h, g1w = _filter_size(g1)
-    g2h, g2w = _filter_size(g2)
-    _ext._C.filtered_lrelu_cuda(
-        mode, _ext.DTYPE_CODES[x.dtype], n, c, h, w, list(x.stride()), out.data_ptr(), list(out.stride()),
-        x.data_ptr(), _ext.address(b), _ext.address(signs), g1.data_ptr(), g1h, g1w, g1.ndim == 1,
-        g2.data_ptr(), g2h, g2w, g2.ndim == 1, list(plan), gain, slope, clamp, _ext.stream_of(x), x.device.index)
+    _ext._C.filtered_lrelu_cuda(out, x, b=b, signs=signs, g1=g1, g2=g2,
+                                options=_options(mode, plan, gain, slope, clamp), stream=_ext.stream_of(x))
 
 
 @DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
@@ -224,19 +234,6 @@ def _chain(mode, inp, b, signs, fu, fd, up, down, padding, flip_filter, adjoint,
 
 # ----------------------------------------------------------------------------- torch.library
 
-_lib = torch.library.Library("genfast", "FRAGMENT")
-# SymInt: the backward's geometry is computed from (symbolic) sizes; plain ints would make
-# torch.compile specialise on them.
-_GEOMETRY = "SymInt up, SymInt down, SymInt px0, SymInt px1, SymInt py0, SymInt py1"
-# Returns (y, signs); signs is empty unless write_signs.
-_lib.define(f"filtered_lrelu(Tensor x, Tensor fu, Tensor fd, Tensor? b, {_GEOMETRY}, float gain, float slope, "
-            "float clamp, bool flip_filter, bool write_signs, str backend) -> (Tensor, Tensor)")
-# The chain with a fixed sign mask, linear in its input: adjoint=False maps x-sized tensors to
-# y-sized ones (forward direction), adjoint=True maps dy to dx. (h, w): the size of x.
-_lib.define(f"filtered_lrelu_masked(Tensor input, Tensor fu, Tensor fd, Tensor signs, {_GEOMETRY}, SymInt h, SymInt w, "
-            "float gain, float slope, bool flip_filter, bool adjoint, str backend) -> Tensor")
-
-
 def _signs_shape(x, fu, up, padding) -> tuple:
     uh, uw = upsampled_size(x.shape[2], x.shape[3], fu, up, padding)
     return (x.shape[0], x.shape[1], uh, uw)
@@ -265,17 +262,11 @@ def _masked_impl(inp, fu, fd, signs, up, down, px0, px1, py0, py1, h, w, gain, s
                   backend)
 
 
-for _key in ("CPU", "CUDA"):
-    _lib.impl("filtered_lrelu", _fwd_impl, _key)
-    _lib.impl("filtered_lrelu_masked", _masked_impl, _key)
-
-
 def _fake_output(x, oh, ow):
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
-@torch.library.register_fake("genfast::filtered_lrelu")
 def _fwd_fake(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, write_signs, backend):
     padding = (px0, px1, py0, py1)
     oh, ow = output_size(x.shape[2], x.shape[3], fu, fd, up, down, padding)
@@ -283,11 +274,24 @@ def _fwd_fake(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp, fl
     return _fake_output(x, oh, ow), torch.empty(shape, dtype=torch.uint8, device=x.device)
 
 
-@torch.library.register_fake("genfast::filtered_lrelu_masked")
 def _masked_fake(inp, fu, fd, signs, up, down, px0, px1, py0, py1, h, w, gain, slope, flip_filter, adjoint, backend):
     padding = (px0, px1, py0, py1)
     oh, ow = (h, w) if adjoint else output_size(h, w, fu, fd, up, down, padding)
     return _fake_output(inp, oh, ow)
+
+
+# SymInt: the backward's geometry is computed from (symbolic) sizes; plain ints would make
+# torch.compile specialise on them.
+_GEOMETRY = "SymInt up, SymInt down, SymInt px0, SymInt px1, SymInt py0, SymInt py1"
+# Returns (y, signs); signs is empty unless write_signs.
+FORWARD = NativeOp(f"filtered_lrelu(Tensor x, Tensor fu, Tensor fd, Tensor? b, {_GEOMETRY}, float gain, float slope, "
+                   "float clamp, bool flip_filter, bool write_signs, str backend) -> (Tensor, Tensor)",
+                   _fwd_impl, _fwd_fake)
+# The chain with a fixed sign mask, linear in its input: adjoint=False maps x-sized tensors to
+# y-sized ones (forward direction), adjoint=True maps dy to dx. (h, w): the size of x.
+MASKED = NativeOp(f"filtered_lrelu_masked(Tensor input, Tensor fu, Tensor fd, Tensor signs, {_GEOMETRY}, SymInt h, "
+                  "SymInt w, float gain, float slope, bool flip_filter, bool adjoint, str backend) -> Tensor",
+                  _masked_impl, _masked_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -301,8 +305,7 @@ class _Masked(torch.autograd.Function):
     def forward(ctx, inp, fu, fd, signs, geometry, rest, adjoint):
         ctx.save_for_backward(fu, fd, signs)
         ctx.geometry, ctx.rest, ctx.adjoint = geometry, rest, adjoint
-        masked = _masked_impl if direct_call_allowed(inp, fu, fd, signs) else torch.ops.genfast.filtered_lrelu_masked
-        return masked(inp, fu, fd, signs, *geometry, *rest[:3], adjoint, rest[3])
+        return MASKED(inp, fu, fd, signs, *geometry, *rest[:3], adjoint, rest[3])
 
     @staticmethod
     def backward(ctx, dout):
@@ -314,9 +317,7 @@ class _FilteredLReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, fu, fd, params):
         up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, backend = params
-        forward = _fwd_impl if direct_call_allowed(x, fu, fd, b) else torch.ops.genfast.filtered_lrelu
-        y, signs = forward(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp,
-                                                    flip_filter, True, backend)
+        y, signs = FORWARD(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, True, backend)
         ctx.save_for_backward(fu, fd, signs)
         ctx.geometry = (up, down, px0, px1, py0, py1, x.shape[2], x.shape[3])
         ctx.rest = (gain, slope, flip_filter, backend)
@@ -462,8 +463,7 @@ def filtered_lrelu(x: torch.Tensor, fu: Optional[torch.Tensor] = None, fd: Optio
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _FilteredLReLU.apply(x, b, fu, fd, params)
     up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, backend = params
-    forward = _fwd_impl if direct_call_allowed(x, fu, fd, b) else torch.ops.genfast.filtered_lrelu
-    return forward(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, False, backend)[0]
+    return FORWARD(x, fu, fd, b, up, down, px0, px1, py0, py1, gain, slope, clamp, flip_filter, False, backend)[0]
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:

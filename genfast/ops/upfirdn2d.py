@@ -19,12 +19,14 @@ channels_last (NHWC in memory).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, direct_call_allowed
+from .._dispatch import OpDispatcher
+from ._define import NativeOp
 from ._validate import check_backend, check_tensor, cpu_threads, is_finite, is_int, is_real, type_name
 from ..reference.upfirdn2d import output_size, parse_padding
 from ..reference.upfirdn2d import upfirdn2d as reference
@@ -82,24 +84,28 @@ def prepared_filter(f: torch.Tensor, flip_filter: bool, gain: float) -> torch.Te
 MULTIPLY_ADDS_ONE_THREAD = 1 << 18
 
 
+@functools.lru_cache(maxsize=256)
+def _options(upx, upy, downx, downy, padx0, padx1, pady0, pady1):
+    """The extension's Upfirdn2dOptions of one configuration."""
+    return _ext._C.Upfirdn2dOptions(upx=int(upx), upy=int(upy), downx=int(downx), downy=int(downy), padx0=int(padx0),
+                                    padx1=int(padx1), pady0=int(pady0), pady1=int(pady1))
+
+
+# The C++ and CUDA entries read sizes, dtype, the filter's taps and the memory format from the
+# tensors themselves and check out's shape against the options.
+
+
 @DISPATCH.register("cpu", FLOAT_DTYPES)
 def _upfirdn2d_cpu(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
-    n, c, h, w = x.shape
     fh, fw = _filter_size(g)
-    _ext._C.upfirdn2d_cpu(_ext.DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), g.data_ptr(), n, c, h, w,
-                          out.shape[2], out.shape[3], fh, fw, g.ndim == 1, is_channels_last(x),
-                          upx, upy, downx, downy, padx0, padx1, pady0, pady1,
-                          cpu_threads(out.numel() * fh * fw, MULTIPLY_ADDS_ONE_THREAD))
+    _ext._C.upfirdn2d_cpu(out, x, g, options=_options(upx, upy, downx, downy, padx0, padx1, pady0, pady1),
+                          num_threads=cpu_threads(out.numel() * fh * fw, MULTIPLY_ADDS_ONE_THREAD))
 
 
 @DISPATCH.register("cuda", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 def _upfirdn2d_cuda(out, x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
-    n, c, h, w = x.shape
-    fh, fw = _filter_size(g)
-    _ext._C.upfirdn2d_cuda(_ext.DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), g.data_ptr(), n, c, h, w,
-                           out.shape[2], out.shape[3], fh, fw, g.ndim == 1, is_channels_last(x),
-                           upx, upy, downx, downy, padx0, padx1, pady0, pady1,
-                           _ext.stream_of(x), x.device.index)
+    _ext._C.upfirdn2d_cuda(out, x, g, options=_options(upx, upy, downx, downy, padx0, padx1, pady0, pady1),
+                           stream=_ext.stream_of(x))
 
 
 @DISPATCH.register("triton", (torch.float32, torch.float16, torch.bfloat16))
@@ -131,19 +137,17 @@ def _run(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, 
 
 # ----------------------------------------------------------------------------- torch.library
 
-_lib = torch.library.Library("genfast", "FRAGMENT")
-# SymInt: the backward's padding is computed from the (symbolic) sizes of x and dy, and the
-# helpers' from the filter's; plain ints would make torch.compile specialise on every size.
-_lib.define("upfirdn2d(Tensor x, Tensor f, SymInt upx, SymInt upy, SymInt downx, SymInt downy, SymInt padx0, "
-            "SymInt padx1, SymInt pady0, SymInt pady1, bool flip_filter, float gain, str backend) -> Tensor")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("upfirdn2d", _run, _key)
 
-
-@torch.library.register_fake("genfast::upfirdn2d")
 def _upfirdn2d_fake(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, backend):
     shape = _output_shape(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+# SymInt: the backward's padding is computed from the (symbolic) sizes of x and dy, and the
+# helpers' from the filter's; plain ints would make torch.compile specialise on every size.
+UPFIRDN2D = NativeOp("upfirdn2d(Tensor x, Tensor f, SymInt upx, SymInt upy, SymInt downx, SymInt downy, SymInt padx0, "
+                     "SymInt padx1, SymInt pady0, SymInt pady1, bool flip_filter, float gain, str backend) -> Tensor",
+                     _run, _upfirdn2d_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -164,7 +168,7 @@ def _backward_params(params: tuple, x_shape, dy_shape, f: torch.Tensor) -> tuple
 def _apply(x: torch.Tensor, f: torch.Tensor, params: tuple) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _Upfirdn2d.apply(x, f, params)
-    return (_run if direct_call_allowed(x, f) else torch.ops.genfast.upfirdn2d)(x, f, *params)
+    return UPFIRDN2D(x, f, *params)
 
 
 class _Upfirdn2d(torch.autograd.Function):
@@ -175,7 +179,7 @@ class _Upfirdn2d(torch.autograd.Function):
     def forward(ctx, x, f, params):
         ctx.save_for_backward(f)
         ctx.x_shape, ctx.params = tuple(x.shape), params
-        return (_run if direct_call_allowed(x, f) else torch.ops.genfast.upfirdn2d)(x, f, *params)
+        return UPFIRDN2D(x, f, *params)
 
     @staticmethod
     def backward(ctx, dy):
