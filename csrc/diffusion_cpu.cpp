@@ -111,8 +111,11 @@ inline float cos_2pi(float u) {
 }
 
 // Standard normal noise for elements [begin, begin + len): Box-Muller on Philox uniforms.
+// Not inlined into the ISA clones: compiled once, so every kernel (sampler_step, add_noise) and
+// every clone draws bit-identical noise for a (seed, offset); inlined, the compiler contracted
+// it into FMAs differently per call site (1-ulp differences between the kernels on AVX2).
 template <typename F>
-inline void normal_noise(F* __restrict dst, uint64_t seed, int64_t begin, int64_t len) {
+__attribute__((noinline)) void normal_noise(F* __restrict dst, uint64_t seed, int64_t begin, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
     float u1, u2;
     philox_uniforms(seed, uint64_t(begin + i), u1, u2);

@@ -22,7 +22,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kVec = 4;
-constexpr int kSumsChunk = 16384;  // genfast/ops/diffusion.py CUDA_SUMS_CHUNK
+constexpr int kSumsChunk = static_cast<int>(CUDA_SUMS_CHUNK);  // diffusion.h
 
 constexpr const char* kFamily = "diffusion";
 

@@ -120,7 +120,11 @@ struct EmbedArgs {
   uintptr_t stream = 0;
   int device = 0;
 };
-constexpr int INT64_CODE = 4;  // timesteps only; genfast/ops/diffusion.py INT64_CODE
+constexpr int INT64_CODE = 4;  // timesteps only; equal to genfast::I64 (checked in the bindings)
+// Elements of one sample summed by one block of the CUDA per-sample sums kernel; the caller
+// allocates (B, ceil(per_sample / CUDA_SUMS_CHUNK), width) partial sums (exported to Python as
+// _C.DIFFUSION_CUDA_SUMS_CHUNK).
+constexpr int64_t CUDA_SUMS_CHUNK = 16384;
 
 void sampler_step_cpu(const StepArgs& a);
 void add_noise_cpu(const NoiseArgs& a);

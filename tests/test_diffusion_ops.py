@@ -361,6 +361,104 @@ def test_loss_cfg_embedding_bad_input():
         ops.timestep_embedding(torch.zeros(2), 0)
 
 
+# ----------------------------------------------------------------------------- typed native calls
+# The extension's entry points check every tensor by name before any kernel runs.
+
+
+def _step_entry(**change):
+    from genfast import _ext
+
+    x = torch.randn(2, 3, 5)
+    args = dict(prev=torch.empty_like(x), aux=None, sample=x, model_output=torch.randn(2, 3, 5),
+                model_output_uncond=None, history=None, history2=None, noise=None, coefs=random_coefs(2, True),
+                clamp=None, seed=None, options=ops._step_options(-1.0, False, 1.0), num_threads=1)
+    args.update(change)
+    prev, aux, sample, model_output = (args.pop(k) for k in ("prev", "aux", "sample", "model_output"))
+    _ext._C.diffusion_sampler_step_cpu(prev, aux, sample, model_output, **args)
+    return prev
+
+
+def test_sampler_step_entry_runs_and_checks_its_arguments():
+    pytest.importorskip("genfast._C")
+    torch.manual_seed(0)
+    x, m, c = torch.randn(2, 3, 5), torch.randn(2, 3, 5), random_coefs(2, True)
+    error_vs_reference(_step_entry(sample=x, model_output=m, coefs=c), ref.sampler_step(x.double(), m.double(), c)[0],
+                       ref.sampler_step(x, m, c)[0])
+    with pytest.raises(ValueError, match="diffusion_sampler_step_cpu: model_output must have the shape of sample"):
+        _step_entry(model_output=torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="diffusion_sampler_step_cpu: coefs must be float32 or float64"):
+        _step_entry(coefs=torch.zeros(2, 16, dtype=torch.float16))
+    with pytest.raises(TypeError, match="model_output must be float32, float16, bfloat16 or float64"):
+        _step_entry(model_output=torch.zeros(2, 3, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="model_output is required, got None"):
+        _step_entry(model_output=None)
+    with pytest.raises(ValueError, match=r"coefs must have shape \(2, 16\)"):
+        _step_entry(coefs=torch.zeros(3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="history must have the memory layout"):
+        _step_entry(history=torch.randn(2, 5, 3).transpose(1, 2))
+    with pytest.raises(ValueError, match="noise and seed are exclusive"):
+        _step_entry(noise=torch.randn(2, 3, 5), seed=3)
+    with pytest.raises(ValueError, match="batch dimension outermost"):
+        x = torch.randn(3, 5, 2).permute(2, 0, 1)
+        _step_entry(sample=x, model_output=x, prev=torch.empty_like(x))
+
+
+def test_diffusion_entries_check_their_arguments():
+    pytest.importorskip("genfast._C")
+    from genfast import _ext
+
+    C = _ext._C
+    x = torch.randn(2, 4)
+    t = torch.tensor([1, 2])
+    table = torch.rand(5)
+    with pytest.raises(TypeError, match="diffusion_add_noise_cpu: timesteps must be int64"):
+        C.diffusion_add_noise_cpu(torch.empty_like(x), None, x, x, t.int(), table, table, seed=None,
+                                  options=ops._noise_options(0), num_threads=1)
+    with pytest.raises(ValueError, match=r"noise_scale must have shape \(5\)"):
+        C.diffusion_add_noise_cpu(torch.empty_like(x), None, x, x, t, table, torch.rand(4), seed=None,
+                                  options=ops._noise_options(0), num_threads=1)
+    with pytest.raises(ValueError, match=r"diffusion_per_sample_sums_cpu: out must have shape \(2, 4\)"):
+        C.diffusion_per_sample_sums_cpu(x, x, torch.empty(2, 1, dtype=torch.float64),
+                                        options=ops._sums_options(ops.SUMS_CFG, 7.5), num_threads=1)
+    with pytest.raises(ValueError, match=r"diffusion_combine_cpu: factor must have shape \(2\)"):
+        C.diffusion_combine_cpu(torch.empty_like(x), None, x, x, factor=torch.ones(3),
+                                options=ops._combine_options(1.0, 2.0), num_threads=1)
+    with pytest.raises(TypeError, match="diffusion_timestep_embedding_cpu: out must be float32"):
+        C.diffusion_timestep_embedding_cpu(torch.empty(2, 8, dtype=torch.float64), t,
+                                           options=ops._embed_options(False, 1.0, 1.0, 10000.0), num_threads=1)
+
+
+def test_diffusion_options_are_keyword_and_complete():
+    pytest.importorskip("genfast._C")
+    from genfast import _ext
+
+    C = _ext._C
+    with pytest.raises(TypeError):  # a missing field
+        C.SamplerStepOptions(clamp_value=-1.0, x0_rescale=False)
+    with pytest.raises(TypeError):  # an unknown field
+        C.SamplerStepOptions(clamp_value=-1.0, x0_rescale=False, guidance_scale=1.0, clamp=2.0)
+    with pytest.raises(TypeError):  # positional
+        C.CombineOptions(1.0, 2.0)
+    with pytest.raises(ValueError, match="target must be None, 'epsilon'"):
+        C.AddNoiseOptions(target="eps")
+    with pytest.raises(ValueError, match="mode must be 'loss' or 'cfg'"):
+        C.PerSampleSumsOptions(mode="mse", scale=0.0)
+    assert C.AddNoiseOptions(target=None).target is None
+    assert C.PerSampleSumsOptions(mode="cfg", scale=2.0).width == ops.SUMS_WIDTH[ops.SUMS_CFG]
+    # The names the Python side uses are the extension's.
+    assert set(C.DIFFUSION_TARGETS) == set(ops.TARGETS)
+    assert all(C.PerSampleSumsOptions(mode=ops.SUMS_MODE_NAMES[m], scale=0.0).width == w
+               for m, w in ops.SUMS_WIDTH.items())
+
+
+def test_diffusion_ops_are_native_ops():
+    """Every diffusion op is defined through genfast.ops._define (one way to define an op)."""
+    from genfast.ops._define import NativeOp
+
+    for op in (ops.SAMPLER_STEP, ops.ADD_NOISE, ops.PER_SAMPLE_SUMS, ops.PER_SAMPLE_COMBINE, ops.TIMESTEP_EMBEDDING):
+        assert isinstance(op, NativeOp) and hasattr(torch.ops.genfast, op.name)
+
+
 # ----------------------------------------------------------------------------- torch.library / compile
 
 

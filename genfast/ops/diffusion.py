@@ -48,6 +48,7 @@ differentiable reference composition instead.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -57,19 +58,22 @@ from .. import _ext
 from .._dispatch import OpDispatcher, direct_call_allowed
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
-from ._validate import (ValidatedSignatures, cacheable, check_backend, check_real, check_tensor, cpu_threads, is_int,
-                        tensor_key, type_name)
-from .bias_act import _dense, is_dense
+from ._define import NativeOp
+from ._validate import (ValidatedSignatures, cacheable, check_backend, check_real, check_tensor, cpu_threads, dense,
+                        is_dense, is_int, tensor_key, type_name)
 
 __all__ = ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
            "DISPATCH", "FLOAT_DTYPES", "TARGETS", "PREDICTION_TYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TARGET_CODES = {None: 0, "epsilon": 1, "v_prediction": 2, "sample": 3, "flow": 4}  # kernels/diffusion.h Target
-SUMS_LOSS, SUMS_CFG = 0, 1  # kernels/diffusion.h SumsMode
-SUMS_WIDTH = {SUMS_LOSS: 1, SUMS_CFG: 4}
-INT64_CODE = 4  # kernels/diffusion.h INT64_CODE
+# The ops' int arguments (torch.library schemas, and the Triton kernels' constexprs); the C++
+# entry points take the target and sums mode by name (AddNoiseOptions, PerSampleSumsOptions).
+TARGET_CODES = {None: 0, "epsilon": 1, "v_prediction": 2, "sample": 3, "flow": 4}
+TARGET_NAMES = {code: name for name, code in TARGET_CODES.items()}
+SUMS_LOSS, SUMS_CFG = 0, 1
+SUMS_MODE_NAMES = {SUMS_LOSS: "loss", SUMS_CFG: "cfg"}
+SUMS_WIDTH = {SUMS_LOSS: 1, SUMS_CFG: 4}  # columns of the (B, width) sums; the bindings check out's shape
 MAX_SEED = 2 ** 63 - 1
 
 DISPATCH = {name: OpDispatcher(name) for name in
@@ -90,7 +94,7 @@ def _layout(t: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
     """The memory layout a kernel runs in: any dense layout when nothing is per sample, else a
     batch-outer one; a copy (contiguous) only when ``t`` does not qualify."""
     if not per_sample:
-        return _dense(t)
+        return dense(t)
     return t if batch_outer(t) else t.contiguous()
 
 
@@ -104,16 +108,6 @@ def _same_layout(t: Optional[torch.Tensor], like: torch.Tensor, like_strides=Non
 
 def _compute_f64(*tensors) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
-
-
-_KERNEL_DTYPE_CODES = {**_ext.DTYPE_CODES, torch.int64: INT64_CODE}
-
-
-def _op(t: Optional[torch.Tensor]) -> tuple:
-    """(address, dtype code) of an optional tensor for the C++/CUDA kernels."""
-    if t is None:
-        return 0, 0
-    return t.data_ptr(), _KERNEL_DTYPE_CODES[t.dtype]
 
 
 def _per_sample_count(x: torch.Tensor, per_sample_inputs: bool) -> int:
@@ -149,20 +143,52 @@ def _seeded_noise_like(like: torch.Tensor, seed: int, dtype: torch.dtype) -> tor
 # fn(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample)
 
 
+# The extension's options objects, one per static configuration (the C++ entries check them).
+
+
+@functools.lru_cache(maxsize=256)
+def _step_options(clamp_value: float, x0_rescale: bool, guidance_scale: float):
+    return _ext._C.SamplerStepOptions(clamp_value=float(clamp_value), x0_rescale=bool(x0_rescale),
+                                      guidance_scale=float(guidance_scale))
+
+
+@functools.lru_cache(maxsize=16)
+def _noise_options(target_code: int):
+    return _ext._C.AddNoiseOptions(target=TARGET_NAMES[target_code])
+
+
+@functools.lru_cache(maxsize=256)
+def _sums_options(mode: int, scale: float):
+    return _ext._C.PerSampleSumsOptions(mode=SUMS_MODE_NAMES[mode], scale=float(scale))
+
+
+@functools.lru_cache(maxsize=256)
+def _combine_options(alpha: float, beta: float):
+    return _ext._C.CombineOptions(alpha=float(alpha), beta=float(beta))
+
+
+@functools.lru_cache(maxsize=256)
+def _embed_options(flip: bool, shift: float, scale: float, max_period: float):
+    return _ext._C.TimestepEmbeddingOptions(flip_sin_to_cos=bool(flip), downscale_freq_shift=float(shift),
+                                            scale=float(scale), max_period=float(max_period))
+
+
+# The C++ and CUDA entries read sizes, per-sample counts (2-D coefs or a clamp tensor: per
+# sample), dtypes and the compute type from the tensors themselves.
+
+
 @DISPATCH["sampler_step"].register("cpu", FLOAT_DTYPES)
 def _step_cpu(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample):
     _ext._C.diffusion_sampler_step_cpu(
-        x.numel(), per_sample, x.dtype == torch.float64, *_op(prev), *_op(aux),
-        *_op(x), *_op(m), *_op(mu), *_op(h1), *_op(h2), *_op(z), *_op(coefs), coef_stride, *_op(clamp),
-        clamp_value, rescale, g, seed is not None, seed or 0, cpu_threads(x.numel()))
+        prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs, clamp=clamp, seed=seed,
+        options=_step_options(clamp_value, rescale, g), num_threads=cpu_threads(x.numel()))
 
 
 @DISPATCH["sampler_step"].register("cuda", GPU_DTYPES)
 def _step_cuda(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, rescale, g, seed, per_sample):
     _ext._C.diffusion_sampler_step_cuda(
-        x.numel(), per_sample, False, *_op(prev), *_op(aux),
-        *_op(x), *_op(m), *_op(mu), *_op(h1), *_op(h2), *_op(z), *_op(coefs), coef_stride, *_op(clamp),
-        clamp_value, rescale, g, seed is not None, seed or 0, _ext.stream_of(x), x.device.index)
+        prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs, clamp=clamp, seed=seed,
+        options=_step_options(clamp_value, rescale, g), stream=_ext.stream_of(x))
 
 
 @DISPATCH["sampler_step"].register("triton", GPU_DTYPES)
@@ -188,18 +214,14 @@ def _step_reference(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, c
 
 @DISPATCH["add_noise"].register("cpu", FLOAT_DTYPES)
 def _noise_cpu(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample):
-    _ext._C.diffusion_add_noise_cpu(
-        x0.numel(), per_sample, x0.dtype == torch.float64, noisy.data_ptr(), _op(target)[0], _op(noisy)[1],
-        *_op(x0), *_op(noise), timesteps.data_ptr(), *_op(signal), *_op(noise_scale), signal.numel(), target_code,
-        seed is not None, seed or 0, cpu_threads(x0.numel()))
+    _ext._C.diffusion_add_noise_cpu(noisy, target, x0, noise, timesteps, signal, noise_scale, seed=seed,
+                                    options=_noise_options(target_code), num_threads=cpu_threads(x0.numel()))
 
 
 @DISPATCH["add_noise"].register("cuda", GPU_DTYPES)
 def _noise_cuda(noisy, target, x0, noise, timesteps, signal, noise_scale, target_code, seed, per_sample):
-    _ext._C.diffusion_add_noise_cuda(
-        x0.numel(), per_sample, False, noisy.data_ptr(), _op(target)[0], _op(noisy)[1],
-        *_op(x0), *_op(noise), timesteps.data_ptr(), *_op(signal), *_op(noise_scale), signal.numel(), target_code,
-        seed is not None, seed or 0, _ext.stream_of(x0), x0.device.index)
+    _ext._C.diffusion_add_noise_cuda(noisy, target, x0, noise, timesteps, signal, noise_scale, seed=seed,
+                                     options=_noise_options(target_code), stream=_ext.stream_of(x0))
 
 
 @DISPATCH["add_noise"].register("triton", GPU_DTYPES)
@@ -232,20 +254,17 @@ def _noise_reference(noisy, target, x0, noise, timesteps, signal, noise_scale, t
 @DISPATCH["per_sample_sums"].register("cpu", FLOAT_DTYPES)
 def _sums_cpu(a, b, mode, scale, per_sample, width):
     out = torch.empty(a.numel() // per_sample, width, dtype=torch.float64)
-    _ext._C.diffusion_per_sample_sums_cpu(a.numel(), per_sample, mode, *_op(a), *_op(b), scale, out.data_ptr(),
-                                          cpu_threads(a.numel()))
+    _ext._C.diffusion_per_sample_sums_cpu(a, b, out, options=_sums_options(mode, scale),
+                                          num_threads=cpu_threads(a.numel()))
     return out
-
-
-CUDA_SUMS_CHUNK = 16384  # elements per block of the CUDA sums kernel
 
 
 @DISPATCH["per_sample_sums"].register("cuda", GPU_DTYPES)
 def _sums_cuda(a, b, mode, scale, per_sample, width):
-    chunks = max(1, -(-per_sample // CUDA_SUMS_CHUNK))
+    chunks = max(1, -(-per_sample // _ext._C.DIFFUSION_CUDA_SUMS_CHUNK))  # blocks per sample (partial sums)
     partial = torch.empty(a.numel() // per_sample, chunks, width, dtype=torch.float64, device=a.device)
-    _ext._C.diffusion_per_sample_sums_cuda(a.numel(), per_sample, mode, *_op(a), *_op(b), scale, partial.data_ptr(),
-                                           chunks, _ext.stream_of(a), a.device.index)
+    _ext._C.diffusion_per_sample_sums_cuda(a, b, partial, options=_sums_options(mode, scale),
+                                           stream=_ext.stream_of(a))
     return partial.sum(dim=1)
 
 
@@ -274,14 +293,14 @@ def _sums_reference(a, b, mode, scale, per_sample, width):
 
 @DISPATCH["per_sample_combine"].register("cpu", FLOAT_DTYPES)
 def _combine_cpu(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
-    _ext._C.diffusion_combine_cpu(a.numel(), per_sample, compute_f64, *_op(out), *_op(out2), *_op(a), *_op(b),
-                                  *_op(factor), alpha, beta, cpu_threads(a.numel()))
+    _ext._C.diffusion_combine_cpu(out, out2, a, b, factor=factor, options=_combine_options(alpha, beta),
+                                  num_threads=cpu_threads(a.numel()))
 
 
 @DISPATCH["per_sample_combine"].register("cuda", GPU_DTYPES)
 def _combine_cuda(out, out2, a, b, factor, alpha, beta, per_sample, compute_f64):
-    _ext._C.diffusion_combine_cuda(a.numel(), per_sample, compute_f64, *_op(out), *_op(out2), *_op(a), *_op(b),
-                                   *_op(factor), alpha, beta, _ext.stream_of(a), a.device.index)
+    _ext._C.diffusion_combine_cuda(out, out2, a, b, factor=factor, options=_combine_options(alpha, beta),
+                                   stream=_ext.stream_of(a))
 
 
 @DISPATCH["per_sample_combine"].register("triton", GPU_DTYPES)
@@ -309,14 +328,14 @@ def _combine_reference(out, out2, a, b, factor, alpha, beta, per_sample, compute
 
 @DISPATCH["timestep_embedding"].register("cpu", FLOAT_DTYPES + (torch.int64,))
 def _embed_cpu(out, timesteps, dim, flip, shift, scale, max_period):
-    _ext._C.diffusion_timestep_embedding_cpu(timesteps.numel(), dim, *_op(out), *_op(timesteps), flip, shift, scale,
-                                             max_period, cpu_threads(timesteps.numel() * dim))
+    _ext._C.diffusion_timestep_embedding_cpu(out, timesteps, options=_embed_options(flip, shift, scale, max_period),
+                                             num_threads=cpu_threads(timesteps.numel() * dim))
 
 
 @DISPATCH["timestep_embedding"].register("cuda", FLOAT_DTYPES + (torch.int64,))
 def _embed_cuda(out, timesteps, dim, flip, shift, scale, max_period):
-    _ext._C.diffusion_timestep_embedding_cuda(timesteps.numel(), dim, *_op(out), *_op(timesteps), flip, shift, scale,
-                                              max_period, _ext.stream_of(out), out.device.index)
+    _ext._C.diffusion_timestep_embedding_cuda(out, timesteps, options=_embed_options(flip, shift, scale, max_period),
+                                              stream=_ext.stream_of(out))
 
 
 @DISPATCH["timestep_embedding"].register("triton", (torch.float32, torch.float16, torch.bfloat16, torch.int64))
@@ -333,20 +352,6 @@ def _embed_reference(out, timesteps, dim, flip, shift, scale, max_period):
 
 
 # ----------------------------------------------------------------------------- torch.library
-
-_lib = torch.library.Library("genfast", "FRAGMENT")
-_lib.define("diffusion_sampler_step(Tensor sample, Tensor model_output, Tensor coefs, Tensor? history, "
-            "Tensor? history2, Tensor? noise, Tensor? model_output_uncond, Tensor? clamp, float clamp_value, "
-            "bool x0_rescale, float guidance_scale, int seed, bool return_aux, ScalarType out_dtype, "
-            "ScalarType aux_dtype, str backend) -> (Tensor, Tensor)")
-_lib.define("diffusion_add_noise(Tensor x0, Tensor? noise, Tensor timesteps, Tensor signal_scale, "
-            "Tensor noise_scale, int target, int seed, str backend) -> (Tensor, Tensor)")
-_lib.define("diffusion_per_sample_sums(Tensor a, Tensor b, int mode, float scale, str backend) -> Tensor")
-_lib.define("diffusion_per_sample_combine(Tensor a, Tensor b, Tensor? factor, float alpha, float beta, "
-            "bool second, ScalarType out_dtype, ScalarType out2_dtype, str backend) -> (Tensor, Tensor)")
-_lib.define("diffusion_timestep_embedding(Tensor timesteps, SymInt dim, bool flip_sin_to_cos, float shift, "
-            "float scale, float max_period, str backend) -> Tensor")
-
 
 def _backend(name: str) -> Optional[str]:
     return name or None
@@ -383,8 +388,10 @@ def _step_run(sample, model_output, coefs, history, history2, noise, model_outpu
     per_sample = _per_sample_count(x, by_sample)
     strides = x.stride()
     m = _same_layout(model_output, x, strides)
-    mu, h1, h2, z = (None if t is None else _same_layout(t, x, strides)
-                     for t in (model_output_uncond, history, history2, noise))
+    mu = _same_layout(model_output_uncond, x, strides)
+    h1 = _same_layout(history, x, strides)
+    h2 = _same_layout(history2, x, strides)
+    z = _same_layout(noise, x, strides)
     DISPATCH["sampler_step"].run(backend or None, x.device, x.dtype, prev, aux, x, m, mu, h1, h2, z,
                                  coefs.contiguous(), NUM_STEP_COEFS if coefs.ndim == 2 else 0,
                                  clamp.contiguous() if clamp is not None else None, clamp_value, x0_rescale,
@@ -449,40 +456,49 @@ def _embed_impl(timesteps, dim, flip_sin_to_cos, shift, scale, max_period, backe
     return out
 
 
-for _name, _impl in (("diffusion_sampler_step", _step_impl), ("diffusion_add_noise", _noise_impl),
-                     ("diffusion_per_sample_sums", _sums_impl), ("diffusion_per_sample_combine", _combine_impl),
-                     ("diffusion_timestep_embedding", _embed_impl)):
-    for _key in ("CPU", "CUDA"):
-        _lib.impl(_name, _impl, _key)
-
-
-@torch.library.register_fake("genfast::diffusion_sampler_step")
 def _step_fake(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp, clamp_value,
                x0_rescale, guidance_scale, seed, return_aux, out_dtype, aux_dtype, backend):
     return _step_outputs(sample, _step_per_sample(coefs, clamp), return_aux, out_dtype, aux_dtype)
 
 
-@torch.library.register_fake("genfast::diffusion_add_noise")
 def _noise_fake(x0, noise, timesteps, signal_scale, noise_scale, target, seed, backend):
     x = _layout(x0)
     return torch.empty_like(x), (torch.empty_like(x) if target else x.new_empty(0))
 
 
-@torch.library.register_fake("genfast::diffusion_per_sample_sums")
 def _sums_fake(a, b, mode, scale, backend):
     return a.new_empty(a.shape[0] if a.ndim >= 1 else 1, SUMS_WIDTH[mode], dtype=torch.float64)
 
 
-@torch.library.register_fake("genfast::diffusion_per_sample_combine")
 def _combine_fake(a, b, factor, alpha, beta, second, out_dtype, out2_dtype, backend):
     x = _layout(a, factor is not None)
     return (torch.empty_like(x, dtype=out_dtype),
             torch.empty_like(x, dtype=out2_dtype) if second else x.new_empty(0, dtype=out2_dtype))
 
 
-@torch.library.register_fake("genfast::diffusion_timestep_embedding")
 def _embed_fake(timesteps, dim, flip_sin_to_cos, shift, scale, max_period, backend):
     return timesteps.new_empty(timesteps.shape[0], dim, dtype=torch.float32)
+
+
+# The torch.library ops (opaque nodes for torch.compile); calling one runs its impl directly in
+# plain eager mode (see genfast.ops._define.NativeOp).
+SAMPLER_STEP = NativeOp(
+    "diffusion_sampler_step(Tensor sample, Tensor model_output, Tensor coefs, Tensor? history, Tensor? history2, "
+    "Tensor? noise, Tensor? model_output_uncond, Tensor? clamp, float clamp_value, bool x0_rescale, "
+    "float guidance_scale, int seed, bool return_aux, ScalarType out_dtype, ScalarType aux_dtype, str backend) "
+    "-> (Tensor, Tensor)", _step_impl, _step_fake)
+ADD_NOISE = NativeOp(
+    "diffusion_add_noise(Tensor x0, Tensor? noise, Tensor timesteps, Tensor signal_scale, Tensor noise_scale, "
+    "int target, int seed, str backend) -> (Tensor, Tensor)", _noise_impl, _noise_fake)
+PER_SAMPLE_SUMS = NativeOp(
+    "diffusion_per_sample_sums(Tensor a, Tensor b, int mode, float scale, str backend) -> Tensor", _sums_impl,
+    _sums_fake)
+PER_SAMPLE_COMBINE = NativeOp(
+    "diffusion_per_sample_combine(Tensor a, Tensor b, Tensor? factor, float alpha, float beta, bool second, "
+    "ScalarType out_dtype, ScalarType out2_dtype, str backend) -> (Tensor, Tensor)", _combine_impl, _combine_fake)
+TIMESTEP_EMBEDDING = NativeOp(
+    "diffusion_timestep_embedding(Tensor timesteps, SymInt dim, bool flip_sin_to_cos, float shift, float scale, "
+    "float max_period, str backend) -> Tensor", _embed_impl, _embed_fake)
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -608,7 +624,7 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
     if direct:  # eager, plain tensors: no torch.library round trip (see direct_call_allowed)
         return _step_run(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor,
                          clamp_value, x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
-    prev, aux = torch.ops.genfast.diffusion_sampler_step(
+    prev, aux = SAMPLER_STEP.op(
         sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
         x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
     return prev, (aux if return_aux else None)
@@ -688,7 +704,7 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
     if _needs_grad(x0, noise, signal_scale, noise_scale):
         z = noise if seed < 0 else _seeded_noise_like(_layout(x0), seed, x0.dtype)
         return ref.add_noise(x0, z, timesteps.long(), signal_scale, noise_scale, target)
-    run = _noise_impl if direct else torch.ops.genfast.diffusion_add_noise
+    run = _noise_impl if direct else ADD_NOISE.op
     noisy, tgt = run(x0, noise, timesteps, signal_scale, noise_scale, TARGET_CODES[target], seed, backend)
     return noisy if target is None else (noisy, tgt)
 
@@ -750,8 +766,7 @@ class _PerSampleMSE(torch.autograd.Function):
     def forward(ctx, m, t, backend):
         ctx.save_for_backward(m, t)
         ctx.backend = backend
-        sums = (_sums_impl if direct_call_allowed(m, t) else torch.ops.genfast.diffusion_per_sample_sums)(
-            m, t, SUMS_LOSS, 0.0, backend)
+        sums = PER_SAMPLE_SUMS(m, t, SUMS_LOSS, 0.0, backend)
         per_sample = max(1, m.numel() // max(1, m.shape[0]))
         cd = torch.float64 if m.dtype == torch.float64 else torch.float32
         return (sums[:, 0] / per_sample).to(cd)
@@ -762,8 +777,8 @@ class _PerSampleMSE(torch.autograd.Function):
         m, t = ctx.saved_tensors
         per_sample = max(1, m.numel() // max(1, m.shape[0]))
         factor = grad * (2.0 / per_sample)
-        combine = _combine_impl if direct_call_allowed(m, t, factor) else torch.ops.genfast.diffusion_per_sample_combine
-        dm, dt = combine(m, t, factor, 0.0, -1.0, bool(ctx.needs_input_grad[1]), m.dtype, t.dtype, ctx.backend)
+        dm, dt = PER_SAMPLE_COMBINE(m, t, factor, 0.0, -1.0, bool(ctx.needs_input_grad[1]), m.dtype, t.dtype,
+                                    ctx.backend)
         return (dm if ctx.needs_input_grad[0] else None), (dt if ctx.needs_input_grad[1] else None), None
 
 
@@ -788,8 +803,7 @@ def diffusion_loss(model_output, target, weights=None, reduction: str = "mean", 
     if _needs_grad(model_output, target):
         per_sample = _PerSampleMSE.apply(model_output, target, backend)
     else:
-        sums = (_sums_impl if direct else torch.ops.genfast.diffusion_per_sample_sums)(model_output, target,
-                                                                                      SUMS_LOSS, 0.0, backend)
+        sums = (_sums_impl if direct else PER_SAMPLE_SUMS.op)(model_output, target, SUMS_LOSS, 0.0, backend)
         cd = torch.float64 if model_output.dtype == torch.float64 else torch.float32
         per_sample = (sums[:, 0] / max(1, model_output.numel() // max(1, model_output.shape[0]))).to(cd)
     if weights is not None:
@@ -856,16 +870,14 @@ def cfg_combine(uncond, cond, guidance_scale, guidance_rescale: float = 0.0, *, 
         return ref.cfg_combine(uncond, cond, g, rescale)
     factor = None
     if rescale > 0:
-        sums = (_sums_impl if direct else torch.ops.genfast.diffusion_per_sample_sums)(uncond, cond, SUMS_CFG, g,
-                                                                                      backend)
+        sums = (_sums_impl if direct else PER_SAMPLE_SUMS.op)(uncond, cond, SUMS_CFG, g, backend)
         n = max(1, cond.numel() // max(1, cond.shape[0]))
         var_cond = (sums[:, 1] - sums[:, 0] * sums[:, 0] / n) / max(1, n - 1)
         var_cfg = (sums[:, 3] - sums[:, 2] * sums[:, 2] / n) / max(1, n - 1)
         factor = rescale * torch.sqrt(var_cond / var_cfg) + (1.0 - rescale)
     if direct:
         return _combine_run(uncond, cond, factor, 1.0, g, False, cond.dtype, cond.dtype, backend)[0]
-    out, _ = torch.ops.genfast.diffusion_per_sample_combine(uncond, cond, factor, 1.0, g, False, cond.dtype,
-                                                            cond.dtype, backend)
+    out, _ = PER_SAMPLE_COMBINE.op(uncond, cond, factor, 1.0, g, False, cond.dtype, cond.dtype, backend)
     return out
 
 
@@ -901,7 +913,7 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downs
     shift, scale, max_period, backend = checked
     if timesteps.dtype not in FLOAT_DTYPES:
         timesteps = timesteps.to(torch.int64)
-    embed = _embed_impl if direct else torch.ops.genfast.diffusion_timestep_embedding
+    embed = _embed_impl if direct else TIMESTEP_EMBEDDING.op
     return embed(timesteps, int(dim), flip_sin_to_cos, shift, scale, max_period, backend)
 
 
