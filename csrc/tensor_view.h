@@ -162,32 +162,58 @@ template <>
 struct type_caster<genfast::TensorView> {
   PYBIND11_TYPE_CASTER(genfast::TensorView, const_name("Tensor | None"));
 
+  // Called for every tensor argument of every entry point, so it stays on the CPython API:
+  // interned attribute names, no hasattr, no pybind11 casts (this is host time of small calls).
   bool load(handle src, bool) {
     value = genfast::TensorView{};
     if (src.is_none()) return true;
-    if (!hasattr(src, "data_ptr") || !hasattr(src, "stride")) return false;  // pybind11 names the argument
-    object shape = src.attr("shape");
-    object strides = src.attr("stride")();
-    const auto n = static_cast<int>(len(shape));
-    if (n > genfast::kMaxDims)
-      throw value_error("a tensor with " + std::to_string(n) + " dimensions reached a genfast kernel (at most " +
+    const Names& n = names();
+    PyObject* t = src.ptr();
+    object shape = reinterpret_steal<object>(PyObject_GetAttr(t, n.shape));
+    object strides = shape ? reinterpret_steal<object>(PyObject_CallMethodNoArgs(t, n.stride)) : object();
+    if (!shape || !strides || !PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) {
+      PyErr_Clear();
+      return false;  // not a tensor: pybind11 raises TypeError naming the entry point's arguments
+    }
+    const auto ndim = static_cast<int>(PyTuple_GET_SIZE(shape.ptr()));
+    if (ndim > genfast::kMaxDims || PyTuple_GET_SIZE(strides.ptr()) != ndim)
+      throw value_error("a tensor with " + std::to_string(ndim) + " dimensions reached a genfast kernel (at most " +
                         std::to_string(genfast::kMaxDims) + ")");
-    value.ndim = n;
-    for (int d = 0; d < n; ++d) {
+    value.ndim = ndim;
+    for (int d = 0; d < ndim; ++d) {
       value.shape[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d));
       value.strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
     }
-    value.dtype = dtype_of(src.attr("dtype"));
-    value.device = src.attr("get_device")().cast<int>();
-    if (value.device < 0 && !src.attr("is_cpu").cast<bool>())
-      throw value_error("a tensor on a device other than the CPU or a CUDA GPU reached a genfast kernel (" +
-                        str(src.attr("device")).cast<std::string>() + ")");
-    value.data = reinterpret_cast<void*>(src.attr("data_ptr")().cast<uintptr_t>());
+    object dtype = reinterpret_steal<object>(PyObject_GetAttr(t, n.dtype));
+    object device = reinterpret_steal<object>(PyObject_CallMethodNoArgs(t, n.get_device));
+    object data = reinterpret_steal<object>(PyObject_CallMethodNoArgs(t, n.data_ptr));
+    if (!dtype || !device || !data) throw error_already_set();
+    value.dtype = dtype_of(dtype);
+    value.device = static_cast<int>(PyLong_AsLong(device.ptr()));
+    if (value.device < 0) {  // -1: the CPU, or a device no kernel takes (meta, mps, ...)
+      object is_cpu = reinterpret_steal<object>(PyObject_GetAttr(t, n.is_cpu));
+      if (!is_cpu) throw error_already_set();
+      if (is_cpu.ptr() != Py_True)
+        throw value_error("a tensor on a device other than the CPU or a CUDA GPU reached a genfast kernel (" +
+                          str(src.attr("device")).cast<std::string>() + ")");
+    }
+    value.data = PyLong_AsVoidPtr(data.ptr());
+    if (PyErr_Occurred()) throw error_already_set();
     value.present = true;
     return true;
   }
 
  private:
+  struct Names {
+    PyObject *shape, *stride, *dtype, *get_device, *is_cpu, *data_ptr;
+  };
+  static const Names& names() {  // interned once, never freed (like the module)
+    static const Names n{PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("stride"),
+                         PyUnicode_InternFromString("dtype"), PyUnicode_InternFromString("get_device"),
+                         PyUnicode_InternFromString("is_cpu"), PyUnicode_InternFromString("data_ptr")};
+    return n;
+  }
+
   // torch.dtype objects are singletons: remember each one's code by identity.
   static int dtype_of(handle dtype) {
     static std::unordered_map<PyObject*, int> known;
