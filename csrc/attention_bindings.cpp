@@ -25,20 +25,20 @@ namespace {
 
 // What a call's signature fixes (genfast/ops/attention.py builds one per signature).
 struct AttentionOptions {
-  double scale = 1.0;       // applied to q.k before the softmax (already resolved, never NaN)
-  double softcap = 0.0;     // > 0: scores become softcap * tanh(scores / softcap)
-  int64_t window_left = -1;  // keys at most this far left of the query's diagonal; -1: unbounded
-  int64_t window_right = -1;  // ... right of it; 0 with window_left -1: causal
+  double scale = 1.0;               // applied to q.k before the softmax (already resolved, never NaN)
+  double softcap = 0.0;             // > 0: scores become softcap * tanh(scores / softcap)
+  int64_t window_left = -1;         // keys at most this far left of the query's diagonal; -1: unbounded
+  int64_t window_right = -1;        // ... right of it; 0 with window_left -1: causal
   bool align_bottom_right = false;  // the diagonal ends at the last key (flash-attn), not the first (SDPA)
-  double dropout_p = 0.0;   // CPU only (the CUDA kernels have no dropout)
+  double dropout_p = 0.0;           // CPU only (the CUDA kernels have no dropout)
 };
 
 // CUDA launch shape: varlen grid bounds, GQA packing and split-KV decode.
 struct AttentionCudaLaunch {
   int64_t max_seqlen_q = 0;  // varlen: the longest query / key sequence (size the grids)
   int64_t max_seqlen_k = 0;
-  bool pack_gqa = false;     // the H / Hk query heads of one key head share a block
-  int num_splits = 1;        // > 1: keys split into chunks (out_partial / lse_partial workspaces)
+  bool pack_gqa = false;  // the H / Hk query heads of one key head share a block
+  int num_splits = 1;     // > 1: keys split into chunks (out_partial / lse_partial workspaces)
 };
 
 // The common part of every entry: q, k, v and the optional inputs, checked, into Params.
@@ -58,23 +58,35 @@ attention::Params make_params(const char* fn, const TensorView& q, const TensorV
   expect_same_shape(fn, "v", v, "k", k);
   attention::Params p;
   p.dtype = q.dtype;
-  p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3);
-  p.Hk = k.size(1); p.Sk = k.size(2);
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Sq = q.size(2);
+  p.D = q.size(3);
+  p.Hk = k.size(1);
+  p.Sk = k.size(2);
   if (k.size(0) != p.B || k.size(3) != p.D)
     fail_value(fn, "k must have shape (" + std::to_string(p.B) + ", Hk, Sk, " + std::to_string(p.D) + ") to match q " +
                        describe(q) + ", got " + describe(k));
   if (p.Hk < 1 || p.H % p.Hk != 0)
     fail_value(fn, "the query heads (" + std::to_string(p.H) + ") must be a multiple of the key heads (" +
                        std::to_string(p.Hk) + ")");
-  p.q = q.data; p.k = k.data; p.v = v.data;
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_ss = v.stride(2);
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.q_sb = q.stride(0);
+  p.q_sh = q.stride(1);
+  p.q_ss = q.stride(2);
+  p.k_sb = k.stride(0);
+  p.k_sh = k.stride(1);
+  p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0);
+  p.v_sh = v.stride(1);
+  p.v_ss = v.stride(2);
   if (cu_seqlens_q.present != cu_seqlens_k.present) fail_value(fn, "cu_seqlens_q and cu_seqlens_k go together");
   if (cu_seqlens_q.present) {
     if (p.B != 1) fail_value(fn, "varlen problems have batch 1 (sequences packed along Sq), got q " + describe(q));
-    for (auto [name, t] : {std::pair<const char*, const TensorView*>{"cu_seqlens_q", &cu_seqlens_q},
-                           {"cu_seqlens_k", &cu_seqlens_k}}) {
+    for (auto [name, t] :
+         {std::pair<const char*, const TensorView*>{"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}}) {
       expect_dtype(fn, name, *t, I32);
       expect_ndim(fn, name, *t, 1);
       expect_contiguous(fn, name, *t);
@@ -95,8 +107,10 @@ attention::Params make_params(const char* fn, const TensorView& q, const TensorV
   }
   if (alibi.present) {
     expect_dtype(fn, "alibi_slopes", alibi, F32);
-    if (alibi.ndim == 1) expect_shape(fn, "alibi_slopes", alibi, {p.H});
-    else expect_shape(fn, "alibi_slopes", alibi, {p.cu_q ? p.nseq : p.B, p.H});  // varlen: one row per sequence
+    if (alibi.ndim == 1)
+      expect_shape(fn, "alibi_slopes", alibi, {p.H});
+    else
+      expect_shape(fn, "alibi_slopes", alibi, {p.cu_q ? p.nseq : p.B, p.H});  // varlen: one row per sequence
     expect_contiguous(fn, "alibi_slopes", alibi);
     expect_same_device(fn, "alibi_slopes", alibi, q);
     p.alibi = alibi.ptr<const float>();
@@ -134,7 +148,10 @@ void set_bias(const char* fn, attention::Params& p, const TensorView& q, const T
   expect_shape(fn, "bias", bias, {p.B, p.H, p.Sq, p.Sk});  // broadcast views (stride 0) are fine
   expect_same_device(fn, "bias", bias, q);
   p.bias = bias.data;
-  p.bias_sb = bias.stride(0); p.bias_sh = bias.stride(1); p.bias_si = bias.stride(2); p.bias_sj = bias.stride(3);
+  p.bias_sb = bias.stride(0);
+  p.bias_sh = bias.stride(1);
+  p.bias_si = bias.stride(2);
+  p.bias_sj = bias.stride(3);
 }
 
 // dout (B, H, Sq, D) with unit last stride; dq like q, dk / dv like k, all dense.
@@ -145,16 +162,21 @@ void set_grads(const char* fn, attention::Params& p, const TensorView& q, const 
   expect_unit_last_stride(fn, "dout", dout);
   expect_same_device(fn, "dout", dout, q);
   p.dout = dout.data;
-  p.do_sb = dout.stride(0); p.do_sh = dout.stride(1); p.do_ss = dout.stride(2);
+  p.do_sb = dout.stride(0);
+  p.do_sh = dout.stride(1);
+  p.do_ss = dout.stride(2);
   for (auto [name, t, like, like_name] :
        {std::tuple<const char*, const TensorView*, const TensorView*, const char*>{"dq", &dq, &q, "q"},
-        {"dk", &dk, &k, "k"}, {"dv", &dv, &k, "v"}}) {
+        {"dk", &dk, &k, "k"},
+        {"dv", &dv, &k, "v"}}) {
     expect_dtype(fn, name, *t, q.dtype);
     expect_same_shape(fn, name, *t, like_name, *like);
     expect_contiguous(fn, name, *t);
     expect_same_device(fn, name, *t, q);
   }
-  p.dq = dq.data; p.dk = dk.data; p.dv = dv.data;
+  p.dq = dq.data;
+  p.dk = dk.data;
+  p.dv = dv.data;
 }
 
 int lse_dtype_of(int dtype) { return dtype == F64 ? F64 : F32; }
@@ -176,7 +198,8 @@ std::string repr(const AttentionOptions& o) {
 attention::CudaArgs cuda_args(const char* fn, attention::Params p, const TensorView& q, const AttentionCudaLaunch& l,
                               uintptr_t stream) {
   expect_cuda(fn, "q", q);
-  if (p.dtype != F16 && p.dtype != BF16) fail_type(fn, "the CUDA kernels take float16 or bfloat16, got q " + describe(q));
+  if (p.dtype != F16 && p.dtype != BF16)
+    fail_type(fn, "the CUDA kernels take float16 or bfloat16, got q " + describe(q));
   if (p.dropout_p != 0.0) fail_value(fn, "the CUDA kernels have no dropout");
   attention::CudaArgs a;
   a.p = p;
@@ -194,10 +217,9 @@ attention::CudaArgs cuda_args(const char* fn, attention::Params p, const TensorV
 
 GENFAST_REGISTER_BINDINGS(attention) {
   m.attr("ATTENTION_CUDA_BACKWARD_MAX_HEAD_DIM") = attention::kBackwardMaxHeadDim;
-  py::class_<AttentionOptions>(m, "AttentionOptions",
-                               "Options of one attention problem (all keyword, all required).")
-      .def(py::init([](double scale, double softcap, int64_t window_left, int64_t window_right,
-                       bool align_bottom_right, double dropout_p) {
+  py::class_<AttentionOptions>(m, "AttentionOptions", "Options of one attention problem (all keyword, all required).")
+      .def(py::init([](double scale, double softcap, int64_t window_left, int64_t window_right, bool align_bottom_right,
+                       double dropout_p) {
              const char* fn = "AttentionOptions";
              if (!(scale == scale)) fail_value(fn, "scale is NaN (resolve the default 1/sqrt(D) first)");
              if (softcap < 0) fail_value(fn, "softcap must be >= 0");

@@ -77,9 +77,13 @@ struct AlignedAllocator {
     ::new (static_cast<void*>(ptr)) U(std::forward<Args>(args)...);
   }
   template <typename U>
-  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  bool operator==(const AlignedAllocator<U>&) const {
+    return true;
+  }
   template <typename U>
-  bool operator!=(const AlignedAllocator<U>&) const { return false; }
+  bool operator!=(const AlignedAllocator<U>&) const {
+    return false;
+  }
 };
 template <typename F>
 using Buffer = std::vector<F, AlignedAllocator<F>>;
@@ -87,16 +91,25 @@ using Buffer = std::vector<F, AlignedAllocator<F>>;
 template <typename F>
 struct ForwardWork {
   Buffer<F> q, kt, v, s, z, o, m, l;
-  explicit ForwardWork(int64_t D)
-      : q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), z(BN), o(BM * D), m(BM), l(BM) {}
+  explicit ForwardWork(int64_t D) : q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), z(BN), o(BM * D), m(BM), l(BM) {}
 };
 
 template <typename F>
 struct BackwardWork {
   Buffer<F> q, dout, k, kt, vt, s, dp, t, tanh_s, z, dk, dv, dq, delta, lse;
   explicit BackwardWork(int64_t D)
-      : q(BM * D), dout(BM * D), k(BN * D), kt(D * BN), vt(D * BN), s(BM * BN), dp(BM * BN), t(BN * BM),
-        tanh_s(BN), z(BN), dk(BN * D), dv(BN * D) {}
+      : q(BM * D),
+        dout(BM * D),
+        k(BN * D),
+        kt(D * BN),
+        vt(D * BN),
+        s(BM * BN),
+        dp(BM * BN),
+        t(BN * BM),
+        tanh_s(BN),
+        z(BN),
+        dk(BN * D),
+        dv(BN * D) {}
 };
 
 // Each clone: GF_ATTN_VEC_BYTES is its vector width (32: 8 floats, 64: 16 floats) and
@@ -106,7 +119,7 @@ struct BackwardWork {
 namespace avx512 {
 #pragma GCC push_options
 GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX512)
-#define GF_ATTN_FMA 1  // GCC does not define __FMA__ inside a target pragma in C++
+#define GF_ATTN_FMA       1  // GCC does not define __FMA__ inside a target pragma in C++
 #define GF_ATTN_VEC_BYTES 64
 #define GF_ATTN_WIDE_VECS 4
 #include "attention_cpu_kernels.inc"
@@ -119,7 +132,7 @@ GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX512)
 namespace avx2 {
 #pragma GCC push_options
 GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX2)
-#define GF_ATTN_FMA 1
+#define GF_ATTN_FMA       1
 #define GF_ATTN_VEC_BYTES 32
 #define GF_ATTN_WIDE_VECS 2
 #include "attention_cpu_kernels.inc"
@@ -146,20 +159,18 @@ namespace base {
 
 // Calls `avx512::call`, `avx2::call` or `base::call` for the clone I (a template argument).
 #ifdef GF_ATTN_CLONES
-#define GF_ATTN_CALL(I, ...)                        \
-  do {                                              \
-    if constexpr (I == CpuIsa::Avx512)              \
-      avx512::__VA_ARGS__;                          \
-    else if constexpr (I == CpuIsa::Avx2)           \
-      avx2::__VA_ARGS__;                            \
-    else                                            \
-      base::__VA_ARGS__;                            \
+#define GF_ATTN_CALL(I, ...)              \
+  do {                                    \
+    if constexpr (I == CpuIsa::Avx512)    \
+      avx512::__VA_ARGS__;                \
+    else if constexpr (I == CpuIsa::Avx2) \
+      avx2::__VA_ARGS__;                  \
+    else                                  \
+      base::__VA_ARGS__;                  \
   } while (0)
 #else
 #define GF_ATTN_CALL(I, ...) \
-  do {                       \
-    base::__VA_ARGS__;       \
-  } while (0)
+  do { base::__VA_ARGS__; } while (0)
 #endif
 
 namespace {
@@ -312,7 +323,8 @@ void by_dtype(int dtype, const char* what, Fn&& fn) {
 }  // namespace
 
 void forward_cpu(const Params& p) {
-  if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0) throw std::invalid_argument("attention_forward_cpu: bad sizes");
+  if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0)
+    throw std::invalid_argument("attention_forward_cpu: bad sizes");
   by_dtype(p.dtype, "attention_forward_cpu", [&](auto tag) {
     using T = decltype(tag);
     switch (cpu_isa()) {
@@ -324,7 +336,8 @@ void forward_cpu(const Params& p) {
 }
 
 void backward_cpu(const Params& p) {
-  if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0) throw std::invalid_argument("attention_backward_cpu: bad sizes");
+  if (p.D <= 0 || p.H <= 0 || p.Hk <= 0 || p.H % p.Hk != 0)
+    throw std::invalid_argument("attention_backward_cpu: bad sizes");
   by_dtype(p.dtype, "attention_backward_cpu", [&](auto tag) {
     using T = decltype(tag);
     switch (cpu_isa()) {

@@ -25,8 +25,8 @@ namespace {
 
 // Names of the kernels' enumerations (kernels/bias_act_math.h), exported as dicts so Python
 // never keeps a numbering of its own.
-const std::pair<const char*, int> kModes[] = {{"forward", bias_act::FORWARD}, {"grad", bias_act::GRAD},
-                                              {"grad2", bias_act::GRAD2}};
+const std::pair<const char*, int> kModes[] = {
+    {"forward", bias_act::FORWARD}, {"grad", bias_act::GRAD}, {"grad2", bias_act::GRAD2}};
 const std::pair<const char*, int> kActivations[] = {
     {"linear", bias_act::LINEAR}, {"relu", bias_act::RELU},         {"lrelu", bias_act::LRELU},
     {"tanh", bias_act::TANH},     {"sigmoid", bias_act::SIGMOID},   {"elu", bias_act::ELU},
@@ -78,13 +78,21 @@ bias_act::Args make_args(const char* fn, const TensorView& out, const TensorView
   expect_dense(fn, "x", x);
   expect_layout_of(fn, "out", out, x);
   const bool needs_dy = o.mode_code != bias_act::FORWARD, needs_ddx = o.mode_code == bias_act::GRAD2;
-  if (needs_dy) expect_layout_of(fn, "dy", dy, x);
-  else expect_absent(fn, "dy", dy, o);
-  if (needs_ddx) expect_layout_of(fn, "ddx", ddx, x);
-  else expect_absent(fn, "ddx", ddx, o);
+  if (needs_dy)
+    expect_layout_of(fn, "dy", dy, x);
+  else
+    expect_absent(fn, "dy", dy, o);
+  if (needs_ddx)
+    expect_layout_of(fn, "ddx", ddx, x);
+  else
+    expect_absent(fn, "ddx", ddx, o);
   bias_act::Args a{};
-  a.mode = o.mode_code; a.act = o.act_code; a.dtype = x.dtype;
-  a.n = x.numel(); a.C = 1; a.S = a.n;  // without a bias: one channel spanning everything
+  a.mode = o.mode_code;
+  a.act = o.act_code;
+  a.dtype = x.dtype;
+  a.n = x.numel();
+  a.C = 1;
+  a.S = a.n;  // without a bias: one channel spanning everything
   if (b.present) {
     if (o.dim >= x.ndim)
       fail_value(fn, "options.dim=" + std::to_string(o.dim) + " is out of range for x " + describe(x));
@@ -92,7 +100,10 @@ bias_act::Args make_args(const char* fn, const TensorView& out, const TensorView
     expect_shape(fn, "b", b, {x.size(o.dim)});
     expect_contiguous(fn, "b", b);
     expect_same_device(fn, "b", b, x);
-    if (x.size(o.dim) != 1) { a.C = x.size(o.dim); a.S = x.stride(o.dim); }
+    if (x.size(o.dim) != 1) {
+      a.C = x.size(o.dim);
+      a.S = x.stride(o.dim);
+    }
   }
   if (db.present) {
     if (o.mode_code != bias_act::GRAD || !b.present) fail_value(fn, "db is only written in grad mode with a bias b");
@@ -101,8 +112,12 @@ bias_act::Args make_args(const char* fn, const TensorView& out, const TensorView
     expect_contiguous(fn, "db", db);
     expect_same_device(fn, "db", db, x);
   }
-  a.out = out.data; a.db = db.data;
-  a.x = x.data; a.b = b.data; a.dy = dy.data; a.ddx = ddx.data;
+  a.out = out.data;
+  a.db = db.data;
+  a.x = x.data;
+  a.b = b.data;
+  a.dy = dy.data;
+  a.ddx = ddx.data;
   a.p = bias_act::Params{o.alpha, o.gain, o.clamp};
   return a;
 }
@@ -121,7 +136,8 @@ GENFAST_REGISTER_BINDINGS(bias_act) {
              o.mode_code = code_of(fn, "mode", mode, kModes);
              o.act_code = code_of(fn, "act", act, kActivations);
              if (dim < 0) fail_value(fn, "dim must be >= 0 (normalise it first), got " + std::to_string(dim));
-             if (!(alpha == alpha) || !(gain == gain) || !(clamp == clamp)) fail_value(fn, "alpha, gain and clamp must not be NaN");
+             if (!(alpha == alpha) || !(gain == gain) || !(clamp == clamp))
+               fail_value(fn, "alpha, gain and clamp must not be NaN");
              return o;
            }),
            py::kw_only(), py::arg("mode"), py::arg("act"), py::arg("dim"), py::arg("alpha"), py::arg("gain"),

@@ -37,8 +37,8 @@ int thread_index() {
 struct Plan {
   bool on_cols;
   int64_t C, row_len, rows;
-  int64_t chunk;      // rows per task
-  int64_t split;      // pieces per row (rows longer than kChunk)
+  int64_t chunk;  // rows per task
+  int64_t split;  // pieces per row (rows longer than kChunk)
   int64_t piece_len;
   int64_t tasks;
 };
@@ -127,7 +127,8 @@ void run(const Args& a) {
 
 template <typename T>
 void by_act(const Args& a) {
-  with_act_and_mode(a.act, a.mode, [&](auto act, auto mode) { run<T, decltype(act)::value, decltype(mode)::value>(a); });
+  with_act_and_mode(a.act, a.mode,
+                    [&](auto act, auto mode) { run<T, decltype(act)::value, decltype(mode)::value>(a); });
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ inline void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
 }  // namespace genfast
 
-#define GENFAST_REGISTER_BINDINGS(family)                              \
-  static void bind_##family(pybind11::module_& m);                     \
+#define GENFAST_REGISTER_BINDINGS(family)                                        \
+  static void bind_##family(pybind11::module_& m);                               \
   static genfast::RegisterBindings register_##family##_bindings(&bind_##family); \
   static void bind_##family(pybind11::module_& m)

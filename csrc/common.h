@@ -1,19 +1,10 @@
-// Shared helpers for the pybind11 bindings and the C++ CPU kernels. No libtorch here:
-// tensors arrive as raw addresses plus sizes, already validated by the Python wrappers.
+// Shared helpers for the pybind11 bindings and the C++ CPU kernels (dtype codes, 16-bit
+// float conversions). No libtorch here. The CPU kernels' instruction-set clones: cpu_isa.h.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
-
-// CPU kernels marked GF_CPU_MULTIVERSION are compiled twice, for the x86-64 baseline and for
-// AVX2, and the loader picks the one the CPU supports (GCC/Clang function multiversioning).
-// Mark the function that holds the hot loops (everything it inlines is compiled per ISA).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define GF_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default"), noinline))
-#else
-#define GF_CPU_MULTIVERSION
-#endif
 
 namespace genfast {
 
@@ -37,18 +28,30 @@ inline const char* dtype_name(int code) {
 }
 
 // Storage types for the 16-bit formats on the CPU; arithmetic is always done in float.
-struct half_t { uint16_t bits; };
-struct bf16_t { uint16_t bits; };
+struct half_t {
+  uint16_t bits;
+};
+struct bf16_t {
+  uint16_t bits;
+};
 
-inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 // IEEE half <-> float, round to nearest even; branch-light so loops vectorise.
 inline float to_float(half_t h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
   const uint32_t em = h.bits & 0x7fffu;
   // Normal and inf/nan: rebias the exponent by shifting into place and scaling.
-  float mag = bits_to_float(em << 13) * 5.192296858534828e+33f;  // 2^112
+  float mag = bits_to_float(em << 13) * 5.192296858534828e+33f;      // 2^112
   if (em >= 0x7c00u) mag = bits_to_float((em << 13) | 0x7f800000u);  // inf / nan
   return bits_to_float(float_to_bits(mag) | sign);
 }
@@ -74,19 +77,38 @@ inline float to_float(bf16_t h) { return bits_to_float(uint32_t(h.bits) << 16); 
 inline bf16_t to_bf16(float f) {
   uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};  // quiet nan
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  u += 0x7fffu + ((u >> 16) & 1u);                                                  // round to nearest even
   return bf16_t{uint16_t(u >> 16)};
 }
 inline float to_float(float f) { return f; }
 inline double to_float(double f) { return f; }
 
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
+template <typename T>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
 
-template <typename T> inline T from_compute(typename Compute<T>::type v);
-template <> inline float from_compute<float>(float v) { return v; }
-template <> inline double from_compute<double>(double v) { return v; }
-template <> inline half_t from_compute<half_t>(float v) { return to_half(v); }
-template <> inline bf16_t from_compute<bf16_t>(float v) { return to_bf16(v); }
+template <typename T>
+inline T from_compute(typename Compute<T>::type v);
+template <>
+inline float from_compute<float>(float v) {
+  return v;
+}
+template <>
+inline double from_compute<double>(double v) {
+  return v;
+}
+template <>
+inline half_t from_compute<half_t>(float v) {
+  return to_half(v);
+}
+template <>
+inline bf16_t from_compute<bf16_t>(float v) {
+  return to_bf16(v);
+}
 
 }  // namespace genfast

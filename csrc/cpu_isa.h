@@ -43,7 +43,7 @@ std::string cpu_isa_flags();
   "avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe,prefer-vector-width=512"
 // `#pragma GCC target` does not expand macros; GF_CPU_TARGET_PRAGMA(GF_CPU_TARGET_AVX2) does. (GCC
 // ignores a malformed target pragma without a warning: the AVX2 clone then runs SSE2 code.)
-#define GF_CPU_PRAGMA(x) _Pragma(#x)
+#define GF_CPU_PRAGMA(x)               _Pragma(#x)
 #define GF_CPU_TARGET_PRAGMA(features) GF_CPU_PRAGMA(GCC target(features))
 
 namespace genfast {
@@ -66,23 +66,20 @@ __attribute__((noinline)) void run_baseline(const Body& body) {
 }  // namespace genfast
 
 #define GF_CPU_KERNEL inline __attribute__((always_inline))
-#define GF_CPU_DISPATCH(...)                                                                      \
-  do {                                                                                            \
-    switch (::genfast::cpu_isa()) {                                                               \
-      case ::genfast::CpuIsa::Avx512:                                                             \
-        ::genfast::isa_clone::run_avx512([&]() __attribute__((always_inline)) { __VA_ARGS__; });   \
-        break;                                                                                    \
-      case ::genfast::CpuIsa::Avx2:                                                               \
-        ::genfast::isa_clone::run_avx2([&]() __attribute__((always_inline)) { __VA_ARGS__; });     \
-        break;                                                                                    \
-      default:                                                                                    \
-        ::genfast::isa_clone::run_baseline([&]() __attribute__((always_inline)) { __VA_ARGS__; }); \
-    }                                                                                             \
+#define GF_CPU_DISPATCH(...)                                                                              \
+  do {                                                                                                    \
+    switch (::genfast::cpu_isa()) {                                                                       \
+      case ::genfast::CpuIsa::Avx512:                                                                     \
+        ::genfast::isa_clone::run_avx512([&]() __attribute__((always_inline)) { __VA_ARGS__; });          \
+        break;                                                                                            \
+      case ::genfast::CpuIsa::Avx2:                                                                       \
+        ::genfast::isa_clone::run_avx2([&]() __attribute__((always_inline)) { __VA_ARGS__; });            \
+        break;                                                                                            \
+      default: ::genfast::isa_clone::run_baseline([&]() __attribute__((always_inline)) { __VA_ARGS__; }); \
+    }                                                                                                     \
   } while (0)
 #else
 #define GF_CPU_KERNEL inline
 #define GF_CPU_DISPATCH(...) \
-  do {                       \
-    __VA_ARGS__;             \
-  } while (0)
+  do { __VA_ARGS__; } while (0)
 #endif

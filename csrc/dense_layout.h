@@ -26,7 +26,8 @@ inline bool dense(const TensorView& t) {
 
 inline void expect_dense(const char* fn, const char* name, const TensorView& t) {
   expect_present(fn, name, t);
-  if (!dense(t)) fail_value(fn, std::string(name) + " must be dense (contiguous in some dimension order), got " + describe(t));
+  if (!dense(t))
+    fail_value(fn, std::string(name) + " must be dense (contiguous in some dimension order), got " + describe(t));
 }
 
 // t has the dtype, shape, device and memory layout of x (the kernels index them alike).

@@ -35,8 +35,8 @@ namespace genfast {
 namespace diffusion {
 
 struct SamplerStepOptions {
-  double clamp_value = -1.0;  // < 0 and no clamp tensor: no x0 clamp
-  bool x0_rescale = false;    // divide the clamped x0 by its bound
+  double clamp_value = -1.0;    // < 0 and no clamp tensor: no x0 clamp
+  bool x0_rescale = false;      // divide the clamped x0 by its bound
   double guidance_scale = 1.0;  // fused classifier-free guidance (with m_uncond)
 };
 
@@ -70,7 +70,8 @@ int target_code(const std::optional<std::string>& name) {
   if (!name) return TARGET_NONE;
   for (int code = TARGET_EPSILON; code <= TARGET_FLOW; ++code)
     if (*name == kTargetNames[code]) return code;
-  fail_value("AddNoiseOptions", "target must be None, 'epsilon', 'v_prediction', 'sample' or 'flow', got '" + *name + "'");
+  fail_value("AddNoiseOptions",
+             "target must be None, 'epsilon', 'v_prediction', 'sample' or 'flow', got '" + *name + "'");
 }
 
 int sums_mode(const std::string& name) {
@@ -109,8 +110,10 @@ int64_t samples_of(const TensorView& x) { return x.ndim >= 1 ? x.size(0) : 1; }
 // with per-sample values, batch-outer (sample b owns one contiguous range of memory).
 void expect_sample(const char* fn, const char* name, const TensorView& x, bool per_sample, bool cuda) {
   expect_float_dtype(fn, name, x);
-  if (cuda) expect_cuda(fn, name, x);
-  else expect_cpu(fn, name, x);
+  if (cuda)
+    expect_cuda(fn, name, x);
+  else
+    expect_cpu(fn, name, x);
   if (!dense(x)) fail_value(fn, std::string(name) + " must be dense (any dimension order), got " + describe(x));
   if (per_sample && x.ndim >= 1 && x.size(0) > 1 && x.stride(0) * x.size(0) != x.numel())
     fail_value(fn, std::string(name) + " must have its batch dimension outermost in memory (per-sample values), got " +
@@ -173,9 +176,12 @@ StepArgs step_args(const char* fn, bool cuda, const TensorView& prev, const Tens
   expect_optional_like(fn, "noise", noise, "sample", x);
   const int64_t samples = samples_of(x);
   expect_present(fn, "coefs", coefs);
-  if (coefs.dtype != F32 && coefs.dtype != F64) fail_type(fn, "coefs must be float32 or float64, got " + describe(coefs));
-  if (coefs.ndim == 1) expect_shape(fn, "coefs", coefs, {NUM_COLS});
-  else expect_shape(fn, "coefs", coefs, {samples, NUM_COLS});
+  if (coefs.dtype != F32 && coefs.dtype != F64)
+    fail_type(fn, "coefs must be float32 or float64, got " + describe(coefs));
+  if (coefs.ndim == 1)
+    expect_shape(fn, "coefs", coefs, {NUM_COLS});
+  else
+    expect_shape(fn, "coefs", coefs, {samples, NUM_COLS});
   expect_contiguous(fn, "coefs", coefs);
   expect_same_device(fn, "coefs", coefs, x);
   if (clamp.present) expect_vector(fn, "clamp", clamp, samples, x);
@@ -186,10 +192,16 @@ StepArgs step_args(const char* fn, bool cuda, const TensorView& prev, const Tens
   a.n = x.numel();
   a.per_sample = by_sample && samples > 0 ? std::max<int64_t>(1, a.n / samples) : std::max<int64_t>(1, a.n);
   a.compute_f64 = x.dtype == F64;
-  a.prev = prev.data; a.prev_dtype = prev.dtype;
-  a.aux = aux.present ? aux.data : nullptr; a.aux_dtype = aux.present ? aux.dtype : 0;
-  a.x = operand(x); a.m = operand(m); a.m_uncond = operand(m_uncond);
-  a.h1 = operand(history); a.h2 = operand(history2); a.z = operand(noise);
+  a.prev = prev.data;
+  a.prev_dtype = prev.dtype;
+  a.aux = aux.present ? aux.data : nullptr;
+  a.aux_dtype = aux.present ? aux.dtype : 0;
+  a.x = operand(x);
+  a.m = operand(m);
+  a.m_uncond = operand(m_uncond);
+  a.h1 = operand(history);
+  a.h2 = operand(history2);
+  a.z = operand(noise);
   a.coefs = operand(coefs);
   a.coef_stride = coefs.ndim == 2 ? NUM_COLS : 0;
   a.clamp = operand(clamp);
@@ -232,9 +244,11 @@ NoiseArgs noise_args(const char* fn, bool cuda, const TensorView& noisy, const T
   a.noisy = noisy.data;
   a.target = target.present ? target.data : nullptr;
   a.out_dtype = noisy.dtype;
-  a.x0 = operand(x0); a.noise = operand(noise);
+  a.x0 = operand(x0);
+  a.noise = operand(noise);
   a.timesteps = timesteps.ptr<const int64_t>();
-  a.signal = operand(signal_scale); a.noise_scale = operand(noise_scale);
+  a.signal = operand(signal_scale);
+  a.noise_scale = operand(noise_scale);
   a.table_len = signal_scale.size(0);
   a.target_kind = o.target;
   a.has_seed = seed.has_value();
@@ -243,8 +257,8 @@ NoiseArgs noise_args(const char* fn, bool cuda, const TensorView& noisy, const T
 }
 
 // out: (B, width) on the CPU, (B, chunks, width) partial sums on CUDA.
-SumsArgs sums_args(const char* fn, bool cuda, const TensorView& a_view, const TensorView& b_view,
-                   const TensorView& out, const PerSampleSumsOptions& o) {
+SumsArgs sums_args(const char* fn, bool cuda, const TensorView& a_view, const TensorView& b_view, const TensorView& out,
+                   const PerSampleSumsOptions& o) {
   expect_sample(fn, "a", a_view, true, cuda);
   expect_like(fn, "b", b_view, "a", a_view);
   const int64_t samples = samples_of(a_view);
@@ -252,7 +266,8 @@ SumsArgs sums_args(const char* fn, bool cuda, const TensorView& a_view, const Te
   a.n = a_view.numel();
   a.per_sample = samples > 0 ? std::max<int64_t>(1, a.n / samples) : 1;
   a.mode = o.mode;
-  a.a = operand(a_view); a.b = operand(b_view);
+  a.a = operand(a_view);
+  a.b = operand(b_view);
   a.scale = o.scale;
   expect_dtype(fn, "out", out, F64);
   if (cuda) {
@@ -280,18 +295,25 @@ CombineArgs combine_args(const char* fn, bool cuda, const TensorView& out, const
   a.n = a_view.numel();
   a.per_sample = factor.present && samples > 0 ? std::max<int64_t>(1, a.n / samples) : std::max<int64_t>(1, a.n);
   a.compute_f64 = a_view.dtype == F64 || b_view.dtype == F64;
-  a.out = out.data; a.out_dtype = out.dtype;
-  a.out2 = out2.present ? out2.data : nullptr; a.out2_dtype = out2.present ? out2.dtype : 0;
-  a.a = operand(a_view); a.b = operand(b_view); a.factor = operand(factor);
-  a.alpha = o.alpha; a.beta = o.beta;
+  a.out = out.data;
+  a.out_dtype = out.dtype;
+  a.out2 = out2.present ? out2.data : nullptr;
+  a.out2_dtype = out2.present ? out2.dtype : 0;
+  a.a = operand(a_view);
+  a.b = operand(b_view);
+  a.factor = operand(factor);
+  a.alpha = o.alpha;
+  a.beta = o.beta;
   return a;
 }
 
 EmbedArgs embed_args(const char* fn, bool cuda, const TensorView& out, const TensorView& timesteps,
                      const TimestepEmbeddingOptions& o) {
   expect_present(fn, "timesteps", timesteps);
-  if (cuda) expect_cuda(fn, "timesteps", timesteps);
-  else expect_cpu(fn, "timesteps", timesteps);
+  if (cuda)
+    expect_cuda(fn, "timesteps", timesteps);
+  else
+    expect_cpu(fn, "timesteps", timesteps);
   if (timesteps.dtype != I64 && (timesteps.dtype < F32 || timesteps.dtype > F64))
     fail_type(fn, "timesteps must be int64 or a float dtype, got " + describe(timesteps));
   expect_ndim(fn, "timesteps", timesteps, 1);
@@ -304,10 +326,13 @@ EmbedArgs embed_args(const char* fn, bool cuda, const TensorView& out, const Ten
   EmbedArgs a;
   a.count = timesteps.size(0);
   a.dim = out.size(1);
-  a.out = out.data; a.out_dtype = out.dtype;
+  a.out = out.data;
+  a.out_dtype = out.dtype;
   a.timesteps = operand(timesteps);
   a.flip_sin_to_cos = o.flip_sin_to_cos;
-  a.downscale_freq_shift = o.downscale_freq_shift; a.scale = o.scale; a.max_period = o.max_period;
+  a.downscale_freq_shift = o.downscale_freq_shift;
+  a.scale = o.scale;
+  a.max_period = o.max_period;
   return a;
 }
 
@@ -337,12 +362,15 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
                ", x0_rescale=" + (o.x0_rescale ? "True" : "False") + ", guidance_scale=" + real(o.guidance_scale) + ")";
       });
 
-  py::class_<AddNoiseOptions>(m, "AddNoiseOptions", py::module_local(), "Options of diffusion_add_noise_* (all keyword, all required).")
+  py::class_<AddNoiseOptions>(m, "AddNoiseOptions", py::module_local(),
+                              "Options of diffusion_add_noise_* (all keyword, all required).")
       .def(py::init([](std::optional<std::string> target) { return AddNoiseOptions{target_code(target)}; }),
            py::kw_only(), py::arg("target"))
-      .def_property_readonly("target", [](const AddNoiseOptions& o) -> py::object {
-        return o.target == TARGET_NONE ? py::object(py::none()) : py::object(py::str(kTargetNames[o.target]));
-      })
+      .def_property_readonly("target",
+                             [](const AddNoiseOptions& o) -> py::object {
+                               return o.target == TARGET_NONE ? py::object(py::none())
+                                                              : py::object(py::str(kTargetNames[o.target]));
+                             })
       .def("__repr__", [](const AddNoiseOptions& o) {
         return std::string("AddNoiseOptions(target=") +
                (o.target == TARGET_NONE ? std::string("None") : "'" + std::string(kTargetNames[o.target]) + "'") + ")";
@@ -362,7 +390,8 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
         return std::string("PerSampleSumsOptions(mode='") + kSumsModeNames[o.mode] + "', scale=" + real(o.scale) + ")";
       });
 
-  py::class_<CombineOptions>(m, "CombineOptions", py::module_local(), "Options of diffusion_combine_* (all keyword, all required).")
+  py::class_<CombineOptions>(m, "CombineOptions", py::module_local(),
+                             "Options of diffusion_combine_* (all keyword, all required).")
       .def(py::init([](double alpha, double beta) { return CombineOptions{alpha, beta}; }), py::kw_only(),
            py::arg("alpha"), py::arg("beta"))
       .def_readonly("alpha", &CombineOptions::alpha)
@@ -406,8 +435,8 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
          const TensorView& timesteps, const TensorView& signal_scale, const TensorView& noise_scale,
          std::optional<uint64_t> seed, const AddNoiseOptions& options, int num_threads) {
         const char* fn = "diffusion_add_noise_cpu";
-        NoiseArgs a = noise_args(fn, false, noisy, target, x0, noise, timesteps, signal_scale, noise_scale, seed,
-                                 options);
+        NoiseArgs a =
+            noise_args(fn, false, noisy, target, x0, noise, timesteps, signal_scale, noise_scale, seed, options);
         a.num_threads = checked_threads(fn, num_threads);
         py::gil_scoped_release release;
         add_noise_cpu(a);
@@ -436,8 +465,8 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
         py::gil_scoped_release release;
         combine_cpu(a);
       },
-      py::arg("out"), py::arg("out2"), py::arg("a"), py::arg("b"), py::kw_only(), py::arg("factor"),
-      py::arg("options"), py::arg("num_threads"));
+      py::arg("out"), py::arg("out2"), py::arg("a"), py::arg("b"), py::kw_only(), py::arg("factor"), py::arg("options"),
+      py::arg("num_threads"));
   m.def(
       "diffusion_timestep_embedding_cpu",
       [](const TensorView& out, const TensorView& timesteps, const TimestepEmbeddingOptions& options, int num_threads) {
@@ -457,8 +486,8 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
          const TensorView& noise, const TensorView& coefs, const TensorView& clamp, std::optional<uint64_t> seed,
          const SamplerStepOptions& options, uintptr_t stream) {
         const char* fn = "diffusion_sampler_step_cuda";
-        StepArgs a = step_args(fn, true, prev, aux, sample, model_output, model_output_uncond, history, history2,
-                               noise, coefs, clamp, seed, options);
+        StepArgs a = step_args(fn, true, prev, aux, sample, model_output, model_output_uncond, history, history2, noise,
+                               coefs, clamp, seed, options);
         a.stream = stream;
         a.device = device_of(sample);
         py::gil_scoped_release release;
@@ -473,8 +502,8 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
          const TensorView& timesteps, const TensorView& signal_scale, const TensorView& noise_scale,
          std::optional<uint64_t> seed, const AddNoiseOptions& options, uintptr_t stream) {
         const char* fn = "diffusion_add_noise_cuda";
-        NoiseArgs a = noise_args(fn, true, noisy, target, x0, noise, timesteps, signal_scale, noise_scale, seed,
-                                 options);
+        NoiseArgs a =
+            noise_args(fn, true, noisy, target, x0, noise, timesteps, signal_scale, noise_scale, seed, options);
         a.stream = stream;
         a.device = device_of(x0);
         py::gil_scoped_release release;
@@ -506,8 +535,8 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
         py::gil_scoped_release release;
         combine_cuda(a);
       },
-      py::arg("out"), py::arg("out2"), py::arg("a"), py::arg("b"), py::kw_only(), py::arg("factor"),
-      py::arg("options"), py::arg("stream"));
+      py::arg("out"), py::arg("out2"), py::arg("a"), py::arg("b"), py::kw_only(), py::arg("factor"), py::arg("options"),
+      py::arg("stream"));
   m.def(
       "diffusion_timestep_embedding_cuda",
       [](const TensorView& out, const TensorView& timesteps, const TimestepEmbeddingOptions& options,

@@ -183,8 +183,10 @@ GF_CPU_KERNEL void step_chunk(const StepArgs& a, int64_t b, int64_t begin, int64
     }
   }
   if (a.z.ptr || a.has_seed) {
-    if (a.z.ptr) load(t, a.z, begin, len);
-    else normal_noise(t, a.seed, begin, len);
+    if (a.z.ptr)
+      load(t, a.z, begin, len);
+    else
+      normal_noise(t, a.seed, begin, len);
     for (int64_t i = 0; i < len; ++i) prev[i] += c[PREV_NOISE] * t[i];
   }
   store(a.prev, a.prev_dtype, prev, begin, len);
@@ -200,8 +202,10 @@ GF_CPU_KERNEL void noise_chunk(const NoiseArgs& a, int64_t b, int64_t begin, int
   step = step < 0 ? 0 : (step >= a.table_len ? a.table_len - 1 : step);  // validated on the host when free
   const F sa = F(read_scalar(a.signal, step)), sn = F(read_scalar(a.noise_scale, step));
   load(x, a.x0, begin, len);
-  if (a.noise.ptr) load(z, a.noise, begin, len);
-  else normal_noise(z, a.seed, begin, len);
+  if (a.noise.ptr)
+    load(z, a.noise, begin, len);
+  else
+    normal_noise(z, a.seed, begin, len);
   for (int64_t i = 0; i < len; ++i) out[i] = sa * x[i] + sn * z[i];
   store(a.noisy, a.out_dtype, out, begin, len);
   switch (a.target_kind) {
@@ -250,7 +254,10 @@ GF_CPU_KERNEL void sums_chunk(const SumsArgs& a, int64_t begin, int64_t len, dou
       s2 += cfg;
       s3 += cfg * cfg;
     }
-    acc[0] = s0; acc[1] = s1; acc[2] = s2; acc[3] = s3;
+    acc[0] = s0;
+    acc[1] = s1;
+    acc[2] = s2;
+    acc[3] = s3;
   }
 }
 
@@ -294,29 +301,37 @@ GF_CPU_KERNEL void combine_chunk(const CombineArgs& a, int64_t b, int64_t begin,
 
 void sampler_step_cpu(const StepArgs& a) {
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
-    if (a.compute_f64) GF_CPU_DISPATCH(step_chunk<double>(a, b, begin, len));
-    else GF_CPU_DISPATCH(step_chunk<float>(a, b, begin, len));
+    if (a.compute_f64)
+      GF_CPU_DISPATCH(step_chunk<double>(a, b, begin, len));
+    else
+      GF_CPU_DISPATCH(step_chunk<float>(a, b, begin, len));
   });
 }
 
 void add_noise_cpu(const NoiseArgs& a) {
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
-    if (a.compute_f64) GF_CPU_DISPATCH(noise_chunk<double>(a, b, begin, len));
-    else GF_CPU_DISPATCH(noise_chunk<float>(a, b, begin, len));
+    if (a.compute_f64)
+      GF_CPU_DISPATCH(noise_chunk<double>(a, b, begin, len));
+    else
+      GF_CPU_DISPATCH(noise_chunk<float>(a, b, begin, len));
   });
 }
 
 void per_sample_sums_cpu(const SumsArgs& a) {
   if (a.n == 0) return;
   const bool f64 = a.a.dtype == F64 || a.b.dtype == F64;
-  if (f64) sums<double>(a);
-  else sums<float>(a);
+  if (f64)
+    sums<double>(a);
+  else
+    sums<float>(a);
 }
 
 void combine_cpu(const CombineArgs& a) {
   for_each_chunk(a.n, a.per_sample, a.num_threads, [&](int64_t b, int64_t begin, int64_t len) {
-    if (a.compute_f64) GF_CPU_DISPATCH(combine_chunk<double>(a, b, begin, len));
-    else GF_CPU_DISPATCH(combine_chunk<float>(a, b, begin, len));
+    if (a.compute_f64)
+      GF_CPU_DISPATCH(combine_chunk<double>(a, b, begin, len));
+    else
+      GF_CPU_DISPATCH(combine_chunk<float>(a, b, begin, len));
   });
 }
 

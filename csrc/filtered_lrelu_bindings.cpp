@@ -49,7 +49,8 @@ int mode_code(const std::string& name) {
 void set_filter(const char* fn, const char* name, const TensorView& g, const TensorView& x, const float*& ptr,
                 int& taps_h, int& taps_w, bool& separable) {
   expect_dtype(fn, name, g, F32);
-  if (g.ndim != 1 && g.ndim != 2) fail_value(fn, std::string(name) + " must be 1-D (separable) or 2-D, got " + describe(g));
+  if (g.ndim != 1 && g.ndim != 2)
+    fail_value(fn, std::string(name) + " must be 1-D (separable) or 2-D, got " + describe(g));
   expect_contiguous(fn, name, g);
   expect_same_device(fn, name, g, x);
   if (g.numel() < 1) fail_value(fn, std::string(name) + " must have at least one tap, got " + describe(g));
@@ -60,12 +61,14 @@ void set_filter(const char* fn, const char* name, const TensorView& g, const Ten
 }
 
 filtered_lrelu::Args make_args(const char* fn, bool cuda, const TensorView& out, const TensorView& x,
-                               const TensorView& b, const TensorView& signs, const TensorView& g1,
-                               const TensorView& g2, const FilteredLReLUOptions& o) {
+                               const TensorView& b, const TensorView& signs, const TensorView& g1, const TensorView& g2,
+                               const FilteredLReLUOptions& o) {
   expect_float_dtype(fn, "x", x);
   expect_ndim(fn, "x", x, 4);
-  if (cuda) expect_cuda(fn, "x", x);
-  else expect_cpu(fn, "x", x);
+  if (cuda)
+    expect_cuda(fn, "x", x);
+  else
+    expect_cpu(fn, "x", x);
   const int64_t n = x.size(0), c = x.size(1);
   expect_dtype(fn, "out", out, x.dtype);
   expect_shape(fn, "out", out, {n, c, -1, -1});
@@ -73,8 +76,14 @@ filtered_lrelu::Args make_args(const char* fn, bool cuda, const TensorView& out,
   filtered_lrelu::Args a{};
   a.mode = o.mode;
   a.dtype = x.dtype;
-  a.N = n; a.C = c; a.in_h = x.size(2); a.in_w = x.size(3);
-  for (int d = 0; d < 4; ++d) { a.in_s[d] = x.stride(d); a.out_s[d] = out.stride(d); }
+  a.N = n;
+  a.C = c;
+  a.in_h = x.size(2);
+  a.in_w = x.size(3);
+  for (int d = 0; d < 4; ++d) {
+    a.in_s[d] = x.stride(d);
+    a.out_s[d] = out.stride(d);
+  }
   a.out = out.data;
   a.x = x.data;
   if (b.present) {
@@ -94,9 +103,19 @@ filtered_lrelu::Args make_args(const char* fn, bool cuda, const TensorView& out,
   }
   set_filter(fn, "g1", g1, x, a.g1, a.g1h, a.g1w, a.g1_sep);
   set_filter(fn, "g2", g2, x, a.g2, a.g2h, a.g2w, a.g2_sep);
-  a.u1 = o.up; a.p1x = o.pad1_x; a.p1y = o.pad1_y; a.th = o.tmp_h; a.tw = o.tmp_w;
-  a.d2 = o.down; a.p2x = o.pad2_x; a.p2y = o.pad2_y; a.oh = out.size(2); a.ow = out.size(3);
-  a.gain = o.gain; a.slope = o.slope; a.clamp = o.mode == filtered_lrelu::ACT ? o.clamp : -1.0;
+  a.u1 = o.up;
+  a.p1x = o.pad1_x;
+  a.p1y = o.pad1_y;
+  a.th = o.tmp_h;
+  a.tw = o.tmp_w;
+  a.d2 = o.down;
+  a.p2x = o.pad2_x;
+  a.p2y = o.pad2_y;
+  a.oh = out.size(2);
+  a.ow = out.size(3);
+  a.gain = o.gain;
+  a.slope = o.slope;
+  a.clamp = o.mode == filtered_lrelu::ACT ? o.clamp : -1.0;
   return a;
 }
 
@@ -118,19 +137,21 @@ GENFAST_REGISTER_BINDINGS(filtered_lrelu) {
 
   py::class_<FilteredLReLUOptions>(m, "FilteredLReLUOptions", py::module_local(),
                                    "Geometry and activation of filtered_lrelu_* (all keyword, all required).")
-      .def(py::init([](const std::string& mode, int64_t up, int64_t pad1_x, int64_t pad1_y, int64_t tmp_h,
-                       int64_t tmp_w, int64_t down, int64_t pad2_x, int64_t pad2_y, double gain, double slope,
-                       double clamp) {
-             const char* fn = "FilteredLReLUOptions";
-             const int code = mode_code(mode);
-             if (up < 1 || down < 1) fail_value(fn, "up and down must be >= 1");
-             if (tmp_h < 0 || tmp_w < 0) fail_value(fn, "tmp_h and tmp_w must be >= 0");
-             if (gain != gain || slope != slope || clamp != clamp) fail_value(fn, "gain, slope and clamp must not be NaN");
-             return FilteredLReLUOptions{code, up, pad1_x, pad1_y, tmp_h, tmp_w, down, pad2_x, pad2_y, gain, slope, clamp};
-           }),
-           py::kw_only(), py::arg("mode"), py::arg("up"), py::arg("pad1_x"), py::arg("pad1_y"), py::arg("tmp_h"),
-           py::arg("tmp_w"), py::arg("down"), py::arg("pad2_x"), py::arg("pad2_y"), py::arg("gain"), py::arg("slope"),
-           py::arg("clamp"))
+      .def(
+          py::init([](const std::string& mode, int64_t up, int64_t pad1_x, int64_t pad1_y, int64_t tmp_h, int64_t tmp_w,
+                      int64_t down, int64_t pad2_x, int64_t pad2_y, double gain, double slope, double clamp) {
+            const char* fn = "FilteredLReLUOptions";
+            const int code = mode_code(mode);
+            if (up < 1 || down < 1) fail_value(fn, "up and down must be >= 1");
+            if (tmp_h < 0 || tmp_w < 0) fail_value(fn, "tmp_h and tmp_w must be >= 0");
+            if (gain != gain || slope != slope || clamp != clamp)
+              fail_value(fn, "gain, slope and clamp must not be NaN");
+            return FilteredLReLUOptions{code, up,     pad1_x, pad1_y, tmp_h, tmp_w,
+                                        down, pad2_x, pad2_y, gain,   slope, clamp};
+          }),
+          py::kw_only(), py::arg("mode"), py::arg("up"), py::arg("pad1_x"), py::arg("pad1_y"), py::arg("tmp_h"),
+          py::arg("tmp_w"), py::arg("down"), py::arg("pad2_x"), py::arg("pad2_y"), py::arg("gain"), py::arg("slope"),
+          py::arg("clamp"))
       .def_property_readonly("mode", [](const FilteredLReLUOptions& o) { return std::string(kModeNames[o.mode]); })
       .def_readonly("up", &FilteredLReLUOptions::up)
       .def_readonly("pad1_x", &FilteredLReLUOptions::pad1_x)
@@ -154,8 +175,8 @@ GENFAST_REGISTER_BINDINGS(filtered_lrelu) {
 
   m.def(
       "filtered_lrelu_cpu",
-      [](const TensorView& out, const TensorView& x, const TensorView& b, const TensorView& signs,
-         const TensorView& g1, const TensorView& g2, const FilteredLReLUOptions& options, int num_threads) {
+      [](const TensorView& out, const TensorView& x, const TensorView& b, const TensorView& signs, const TensorView& g1,
+         const TensorView& g2, const FilteredLReLUOptions& options, int num_threads) {
         const char* fn = "filtered_lrelu_cpu";
         auto a = make_args(fn, false, out, x, b, signs, g1, g2, options);
         a.num_threads = checked_threads(fn, num_threads);
@@ -168,8 +189,8 @@ GENFAST_REGISTER_BINDINGS(filtered_lrelu) {
 #ifdef GENFAST_WITH_CUDA
   m.def(
       "filtered_lrelu_cuda",
-      [](const TensorView& out, const TensorView& x, const TensorView& b, const TensorView& signs,
-         const TensorView& g1, const TensorView& g2, const FilteredLReLUOptions& options, uintptr_t stream) {
+      [](const TensorView& out, const TensorView& x, const TensorView& b, const TensorView& signs, const TensorView& g1,
+         const TensorView& g2, const FilteredLReLUOptions& options, uintptr_t stream) {
         const char* fn = "filtered_lrelu_cuda";
         auto a = make_args(fn, true, out, x, b, signs, g1, g2, options);
         a.stream = stream;

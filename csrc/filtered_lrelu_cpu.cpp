@@ -28,15 +28,18 @@ struct UpAxis {
   int64_t u, pad, taps;
   int64_t j0(int64_t t) const { return ceil_div(t - pad, u); }
   int64_t k0(int64_t t) const { return u * j0(t) - (t - pad); }
-  int64_t ntaps(int64_t t) const { const int64_t k = k0(t); return k < taps ? (taps - k + u - 1) / u : 0; }
+  int64_t ntaps(int64_t t) const {
+    const int64_t k = k0(t);
+    return k < taps ? (taps - k + u - 1) / u : 0;
+  }
 };
 
 // Column geometry shared by every row of every task.
 struct Columns {
-  int64_t tc_lo, tc_n;   // T columns computed: [tc_lo, tc_lo + tc_n)
-  int64_t jx_lo, xp_len; // padded input row: index j - jx_lo, j in [jx_lo, jx_lo + xp_len)
-  int64_t rw;            // padded T' row length (index q, T column q - p2x)
-  int64_t q_off;         // index q of T column tc_lo
+  int64_t tc_lo, tc_n;    // T columns computed: [tc_lo, tc_lo + tc_n)
+  int64_t jx_lo, xp_len;  // padded input row: index j - jx_lo, j in [jx_lo, jx_lo + xp_len)
+  int64_t rw;             // padded T' row length (index q, T column q - p2x)
+  int64_t q_off;          // index q of T column tc_lo
 };
 
 template <typename F>
@@ -47,8 +50,7 @@ struct Buffers {
 // One row of the upsampling FIR: dst[t - tc_lo] (+)= sum_m xp[j0(t) + m - jx_lo] * g[k0(t) + u m]
 // for the tc_n columns. Done per phase (t mod u) so that the inner loops are contiguous.
 template <typename F>
-inline void up_row(const UpAxis& ax, const Columns& col, const F* xp, const float* g, F* dst, bool accumulate,
-                   F* tmp) {
+inline void up_row(const UpAxis& ax, const Columns& col, const F* xp, const float* g, F* dst, bool accumulate, F* tmp) {
   const int64_t u = ax.u;
   for (int64_t r = 0; r < std::min<int64_t>(u, col.tc_n); ++r) {
     const int64_t t = col.tc_lo + r;
@@ -122,7 +124,7 @@ struct Band {
 // The whole chain for one band of output rows of one plane.
 template <typename T>
 GF_CPU_KERNEL void run_band(const Args& a, const Columns& col, const Band& band,
-                                  Buffers<typename Compute<T>::type>& buf) {
+                            Buffers<typename Compute<T>::type>& buf) {
   using F = typename Compute<T>::type;
   const int64_t n = band.plane / a.C, c = band.plane % a.C;
   T* out = static_cast<T*>(a.out) + n * a.out_s[0] + c * a.out_s[1];
@@ -205,8 +207,7 @@ GF_CPU_KERNEL void run_band(const Args& a, const Columns& col, const Band& band,
   if (a.g2_sep) {
     buf.hd.resize(size_t(ntr * a.ow));
     for (int64_t i = 0; i < ntr; ++i)
-      down_row(buf.rp.data() + i * col.rw, a.g2, a.g2w, a.d2, a.ow, buf.hd.data() + i * a.ow, false,
-               buf.phase.data());
+      down_row(buf.rp.data() + i * col.rw, a.g2, a.g2w, a.d2, a.ow, buf.hd.data() + i * a.ow, false, buf.phase.data());
   }
   for (int64_t oy = band.oy_begin; oy < band.oy_end; ++oy) {
     std::fill(yrow, yrow + a.ow, F(0));
@@ -258,8 +259,8 @@ void run(const Args& a) {
   const int64_t bands = (a.oh + band_rows - 1) / band_rows;
   const int64_t tasks = planes * bands;
   const double work = double(planes) * double(a.th) * double(a.tw) * double(a.g1w + a.g2w);
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(threads_wanted), tasks,
-                                                                     int64_t(work / 2e5) + 1})));
+  const int threads =
+      int(std::max<int64_t>(1, std::min<int64_t>({int64_t(threads_wanted), tasks, int64_t(work / 2e5) + 1})));
 
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -286,7 +287,8 @@ void run(const Args& a) {
 void filtered_lrelu_cpu(const Args& a) {
   if (a.N * a.C == 0 || a.oh <= 0 || a.ow <= 0) return;
   if (a.mode != ACT && a.mode != MASK) throw std::invalid_argument("filtered_lrelu: unknown mode");
-  if (a.mode == MASK && a.signs == nullptr) throw std::invalid_argument("filtered_lrelu: MASK mode needs the sign record");
+  if (a.mode == MASK && a.signs == nullptr)
+    throw std::invalid_argument("filtered_lrelu: MASK mode needs the sign record");
   switch (a.dtype) {
     case F32: return run<float>(a);
     case F64: return run<double>(a);

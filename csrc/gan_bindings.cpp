@@ -41,18 +41,27 @@ gan::PixelNormArgs make_args(const char* fn, const TensorView& out, const Tensor
   expect_float_dtype(fn, "x", x);
   expect_dense(fn, "x", x);
   expect_layout_of(fn, "out", out, x);
-  if (o.mode_code == gan::PN_GRAD) expect_layout_of(fn, "dy", dy, x);
-  else if (dy.present) fail_value(fn, "dy must be None in forward mode");
+  if (o.mode_code == gan::PN_GRAD)
+    expect_layout_of(fn, "dy", dy, x);
+  else if (dy.present)
+    fail_value(fn, "dy must be None in forward mode");
   if (o.dim >= x.ndim) fail_value(fn, "options.dim=" + std::to_string(o.dim) + " is out of range for x " + describe(x));
   gan::PixelNormArgs a{};
-  a.mode = o.mode_code; a.dtype = x.dtype;
+  a.mode = o.mode_code;
+  a.dtype = x.dtype;
   const int64_t n = x.numel(), C = x.size(o.dim);
   if (C == 1) {  // every element is its own row
-    a.outer = n; a.C = 1; a.S = 1;
+    a.outer = n;
+    a.C = 1;
+    a.S = 1;
   } else {
-    a.C = C; a.S = x.stride(o.dim); a.outer = n / (C * a.S);
+    a.C = C;
+    a.S = x.stride(o.dim);
+    a.outer = n / (C * a.S);
   }
-  a.out = out.data; a.x = x.data; a.dy = dy.data;
+  a.out = out.data;
+  a.x = x.data;
+  a.dy = dy.data;
   a.eps = o.eps;
   return a;
 }
@@ -69,9 +78,12 @@ GENFAST_REGISTER_BINDINGS(gan) {
       .def(py::init([](const std::string& mode, int64_t dim, double eps) {
              const char* fn = "PixelNormOptions";
              PixelNormOptions o{mode, dim, eps};
-             if (mode == "forward") o.mode_code = gan::PN_FORWARD;
-             else if (mode == "grad") o.mode_code = gan::PN_GRAD;
-             else fail_value(fn, "unknown mode '" + mode + "'; expected one of forward, grad");
+             if (mode == "forward")
+               o.mode_code = gan::PN_FORWARD;
+             else if (mode == "grad")
+               o.mode_code = gan::PN_GRAD;
+             else
+               fail_value(fn, "unknown mode '" + mode + "'; expected one of forward, grad");
              if (dim < 0) fail_value(fn, "dim must be >= 0 (normalise it first), got " + std::to_string(dim));
              if (!(eps >= 0)) fail_value(fn, "eps must be >= 0");
              return o;

@@ -55,15 +55,20 @@ group_norm::Shape make_shape(const char* fn, const TensorView& x, const GroupNor
   if (x.ndim < 2) fail_value(fn, "x must have shape (N, C, *), got " + describe(x));
   group_norm::Shape s{};
   s.dtype = x.dtype;
-  s.N = x.size(0); s.C = x.size(1); s.G = o.num_groups;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.G = o.num_groups;
   s.S = 1;
   for (int d = 2; d < x.ndim; ++d) s.S *= x.size(d);
   if (s.C % s.G != 0)
-    fail_value(fn, "the " + std::to_string(s.C) + " channels of x are not divisible by options.num_groups=" +
-                       std::to_string(s.G));
-  if (x.contiguous()) s.channels_last = false;  // checked first: a layout that is both reads as NCHW
-  else if (channels_last(x)) s.channels_last = true;
-  else fail_value(fn, "x must be contiguous (NCHW) or channels_last (NHWC), got " + describe(x));
+    fail_value(fn, "the " + std::to_string(s.C) +
+                       " channels of x are not divisible by options.num_groups=" + std::to_string(s.G));
+  if (x.contiguous())
+    s.channels_last = false;  // checked first: a layout that is both reads as NCHW
+  else if (channels_last(x))
+    s.channels_last = true;
+  else
+    fail_value(fn, "x must be contiguous (NCHW) or channels_last (NHWC), got " + describe(x));
   return s;
 }
 
@@ -105,9 +110,14 @@ group_norm::ForwardArgs make_forward(const char* fn, const TensorView& x, const 
   expect_stats(fn, "rstd", rstd, x, a.shape);
   expect_per_channel(fn, "weight", weight, x, a.shape);
   expect_per_channel(fn, "bias", bias, x, a.shape);
-  a.x = x.data; a.weight = weight.data; a.bias = bias.data;
-  a.y = y.data; a.mean = mean.data; a.rstd = rstd.data;
-  a.eps = o.eps; a.silu = o.silu;
+  a.x = x.data;
+  a.weight = weight.data;
+  a.bias = bias.data;
+  a.y = y.data;
+  a.mean = mean.data;
+  a.rstd = rstd.data;
+  a.eps = o.eps;
+  a.silu = o.silu;
   return a;
 }
 
@@ -122,8 +132,12 @@ group_norm::BackwardArgs make_backward(const char* fn, const TensorView& dy, con
   expect_stats(fn, "rstd", rstd, x, a.shape);
   expect_per_channel(fn, "weight", weight, x, a.shape);
   expect_per_channel(fn, "bias", bias, x, a.shape);
-  a.dy = dy.data; a.x = x.data; a.mean = mean.data; a.rstd = rstd.data;
-  a.weight = weight.data; a.bias = bias.data;
+  a.dy = dy.data;
+  a.x = x.data;
+  a.mean = mean.data;
+  a.rstd = rstd.data;
+  a.weight = weight.data;
+  a.bias = bias.data;
   a.dx = dx.data;
   a.silu = o.silu;
   return a;
@@ -196,8 +210,8 @@ GENFAST_REGISTER_BINDINGS(group_norm) {
   m.def(
       "group_norm_fwd_cuda",
       [](const TensorView& x, const TensorView& y, const TensorView& mean, const TensorView& rstd,
-         const TensorView& weight, const TensorView& bias, const TensorView& workspace,
-         const GroupNormOptions& options, uintptr_t stream) {
+         const TensorView& weight, const TensorView& bias, const TensorView& workspace, const GroupNormOptions& options,
+         uintptr_t stream) {
         const char* fn = "group_norm_fwd_cuda";
         expect_cuda(fn, "x", x);
         if (x.dtype == F64) fail_type(fn, "the CUDA kernels take float32, float16 or bfloat16, got x " + describe(x));

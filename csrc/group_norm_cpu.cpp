@@ -166,7 +166,7 @@ GF_CPU_KERNEL void forward_group_nchw(const ForwardArgs& a, int64_t n, int64_t g
 // Exact two-pass moments of every group over rows [r0, r1) of sample n (NHWC).
 template <typename T>
 GF_CPU_KERNEL void block_moments_nhwc(const ForwardArgs& a, int64_t n, int64_t r0, int64_t r1, Moments* out,
-                                            StatT<T>* scratch) {
+                                      StatT<T>* scratch) {
   using F = StatT<T>;
   const Shape& sh = a.shape;
   const int64_t C = sh.C, G = sh.G, D = C / G;
@@ -210,8 +210,8 @@ GF_CPU_KERNEL void block_moments_nhwc(const ForwardArgs& a, int64_t n, int64_t r
 
 template <typename T, bool SILU>
 GF_CPU_KERNEL void normalize_block_nhwc(const ForwardArgs& a, int64_t n, int64_t r0, int64_t r1,
-                                              const StatT<T>* __restrict cm, const StatT<T>* __restrict ck,
-                                              const StatT<T>* __restrict cb) {
+                                        const StatT<T>* __restrict cm, const StatT<T>* __restrict ck,
+                                        const StatT<T>* __restrict cb) {
   using F = StatT<T>;
   const int64_t C = a.shape.C;
   const T* __restrict x = static_cast<const T*>(a.x) + (n * a.shape.S + r0) * C;
@@ -383,9 +383,9 @@ GF_CPU_KERNEL void backward_group_nchw(const BackwardArgs& a, int64_t n, int64_t
 // Per-channel sums A = sum(dz * xhat), B = sum(dz) over rows [r0, r1) of sample n (NHWC).
 template <typename T, bool SILU>
 GF_CPU_KERNEL void block_sums_nhwc(const BackwardArgs& a, int64_t n, int64_t r0, int64_t r1,
-                                         const StatT<T>* __restrict cm, const StatT<T>* __restrict cr,
-                                         const StatT<T>* __restrict cw, const StatT<T>* __restrict cb,
-                                         double* __restrict A, double* __restrict B, StatT<T>* __restrict scratch) {
+                                   const StatT<T>* __restrict cm, const StatT<T>* __restrict cr,
+                                   const StatT<T>* __restrict cw, const StatT<T>* __restrict cb, double* __restrict A,
+                                   double* __restrict B, StatT<T>* __restrict scratch) {
   using F = StatT<T>;
   const int64_t C = a.shape.C;
   const int64_t offset = (n * a.shape.S + r0) * C;
@@ -412,10 +412,10 @@ GF_CPU_KERNEL void block_sums_nhwc(const BackwardArgs& a, int64_t n, int64_t r0,
 
 template <typename T, bool SILU>
 GF_CPU_KERNEL void dx_block_nhwc(const BackwardArgs& a, int64_t n, int64_t r0, int64_t r1,
-                                       const StatT<T>* __restrict cm, const StatT<T>* __restrict cr,
-                                       const StatT<T>* __restrict cw, const StatT<T>* __restrict cb,
-                                       const StatT<T>* __restrict kz, const StatT<T>* __restrict k0,
-                                       const StatT<T>* __restrict kx) {
+                                 const StatT<T>* __restrict cm, const StatT<T>* __restrict cr,
+                                 const StatT<T>* __restrict cw, const StatT<T>* __restrict cb,
+                                 const StatT<T>* __restrict kz, const StatT<T>* __restrict k0,
+                                 const StatT<T>* __restrict kx) {
   using F = StatT<T>;
   const int64_t C = a.shape.C;
   const int64_t offset = (n * a.shape.S + r0) * C;
@@ -544,8 +544,7 @@ void backward_typed(const BackwardArgs& a) {
 }
 
 void check_shape(const Shape& s) {
-  if (s.N < 0 || s.C < 1 || s.S < 0 || s.G < 1 || s.C % s.G != 0)
-    throw std::invalid_argument("group_norm: bad sizes");
+  if (s.N < 0 || s.C < 1 || s.S < 0 || s.G < 1 || s.C % s.G != 0) throw std::invalid_argument("group_norm: bad sizes");
 }
 
 }  // namespace

@@ -45,7 +45,10 @@ struct TensorView {
     }
     return true;
   }
-  template <typename T> T* ptr() const { return static_cast<T*>(data); }
+  template <typename T>
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
   uintptr_t address() const { return reinterpret_cast<uintptr_t>(data); }
 };
 
@@ -60,8 +63,12 @@ inline std::string describe(const TensorView& t) {
   return s.str();
 }
 
-[[noreturn]] inline void fail_value(const char* fn, const std::string& message) { throw std::invalid_argument(std::string(fn) + ": " + message); }
-[[noreturn]] inline void fail_type(const char* fn, const std::string& message) { throw pybind11::type_error(std::string(fn) + ": " + message); }
+[[noreturn]] inline void fail_value(const char* fn, const std::string& message) {
+  throw std::invalid_argument(std::string(fn) + ": " + message);
+}
+[[noreturn]] inline void fail_type(const char* fn, const std::string& message) {
+  throw pybind11::type_error(std::string(fn) + ": " + message);
+}
 
 inline void expect_present(const char* fn, const char* name, const TensorView& t) {
   if (!t.present) fail_value(fn, std::string(name) + " is required, got None");
@@ -90,12 +97,13 @@ inline void expect_shape(const char* fn, const char* name, const TensorView& t, 
 }
 
 inline void expect_same_shape(const char* fn, const char* name, const TensorView& t, const char* other_name,
-                       const TensorView& other) {
+                              const TensorView& other) {
   expect_present(fn, name, t);
   bool same = t.ndim == other.ndim;
   for (int d = 0; same && d < t.ndim; ++d) same = t.shape[d] == other.shape[d];
-  if (!same) fail_value(fn, std::string(name) + " must have the shape of " + other_name + " (" + describe(other) +
-                                "), got " + describe(t));
+  if (!same)
+    fail_value(fn, std::string(name) + " must have the shape of " + other_name + " (" + describe(other) + "), got " +
+                       describe(t));
 }
 
 inline void expect_dtype(const char* fn, const char* name, const TensorView& t, int dtype) {
@@ -111,8 +119,9 @@ inline void expect_float_dtype(const char* fn, const char* name, const TensorVie
 
 inline void expect_same_device(const char* fn, const char* name, const TensorView& t, const TensorView& ref) {
   expect_present(fn, name, t);
-  if (t.device != ref.device) fail_value(fn, std::string(name) + " is on another device than the other tensors: " +
-                                                 describe(t) + " vs " + describe(ref));
+  if (t.device != ref.device)
+    fail_value(fn, std::string(name) + " is on another device than the other tensors: " + describe(t) + " vs " +
+                       describe(ref));
 }
 
 inline void expect_cpu(const char* fn, const char* name, const TensorView& t) {
@@ -208,8 +217,8 @@ struct type_caster<genfast::TensorView> {
     PyObject *shape, *stride, *dtype, *get_device, *is_cpu, *data_ptr;
   };
   static const Names& names() {  // interned once, never freed (like the module)
-    static const Names n{PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("stride"),
-                         PyUnicode_InternFromString("dtype"), PyUnicode_InternFromString("get_device"),
+    static const Names n{PyUnicode_InternFromString("shape"),  PyUnicode_InternFromString("stride"),
+                         PyUnicode_InternFromString("dtype"),  PyUnicode_InternFromString("get_device"),
                          PyUnicode_InternFromString("is_cpu"), PyUnicode_InternFromString("data_ptr")};
     return n;
   }

@@ -47,8 +47,10 @@ upfirdn2d::Args make_args(const char* fn, bool cuda, const TensorView& out, cons
                           const Upfirdn2dOptions& o) {
   expect_float_dtype(fn, "x", x);
   expect_ndim(fn, "x", x, 4);
-  if (cuda) expect_cuda(fn, "x", x);
-  else expect_cpu(fn, "x", x);
+  if (cuda)
+    expect_cuda(fn, "x", x);
+  else
+    expect_cpu(fn, "x", x);
   const bool channels_last = !x.contiguous();
   if (channels_last && !channels_last_dense(x))
     fail_value(fn, "x must be contiguous or channels_last (dense), got " + describe(x));
@@ -58,12 +60,22 @@ upfirdn2d::Args make_args(const char* fn, bool cuda, const TensorView& out, cons
   expect_same_device(fn, "g", g, x);
   upfirdn2d::Args a{};
   a.dtype = x.dtype;
-  a.n = x.size(0); a.c = x.size(1); a.h = x.size(2); a.w = x.size(3);
+  a.n = x.size(0);
+  a.c = x.size(1);
+  a.h = x.size(2);
+  a.w = x.size(3);
   a.separable = g.ndim == 1;
-  a.fh = g.size(0); a.fw = a.separable ? g.size(0) : g.size(1);
+  a.fh = g.size(0);
+  a.fw = a.separable ? g.size(0) : g.size(1);
   if (a.fh < 1 || a.fw < 1) fail_value(fn, "g must have at least one tap, got " + describe(g));
-  a.upx = o.upx; a.upy = o.upy; a.downx = o.downx; a.downy = o.downy;
-  a.padx0 = o.padx0; a.padx1 = o.padx1; a.pady0 = o.pady0; a.pady1 = o.pady1;
+  a.upx = o.upx;
+  a.upy = o.upy;
+  a.downx = o.downx;
+  a.downy = o.downy;
+  a.padx0 = o.padx0;
+  a.padx1 = o.padx1;
+  a.pady0 = o.pady0;
+  a.pady1 = o.pady1;
   a.oh = upfirdn2d::floor_div(a.h * a.upy + a.pady0 + a.pady1 - a.fh, a.downy) + 1;
   a.ow = upfirdn2d::floor_div(a.w * a.upx + a.padx0 + a.padx1 - a.fw, a.downx) + 1;
   if (a.oh < 0 || a.ow < 0)
@@ -89,7 +101,8 @@ int checked_threads(const char* fn, int num_threads) {
 }  // namespace
 
 GENFAST_REGISTER_BINDINGS(upfirdn2d) {
-  py::class_<Upfirdn2dOptions>(m, "Upfirdn2dOptions", py::module_local(), "Factors and padding of upfirdn2d_* (all keyword, all required).")
+  py::class_<Upfirdn2dOptions>(m, "Upfirdn2dOptions", py::module_local(),
+                               "Factors and padding of upfirdn2d_* (all keyword, all required).")
       .def(py::init([](int64_t upx, int64_t upy, int64_t downx, int64_t downy, int64_t padx0, int64_t padx1,
                        int64_t pady0, int64_t pady1) {
              if (upx < 1 || upy < 1 || downx < 1 || downy < 1)

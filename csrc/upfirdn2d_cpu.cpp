@@ -45,7 +45,7 @@ struct AxisPlan {
   int64_t up, down, pad0, in, out, taps;
   int64_t P, S;
   std::vector<Phase> phases;
-  int64_t lo, hi;  // input index range the phases read (may extend past [0, in))
+  int64_t lo, hi;     // input index range the phases read (may extend past [0, in))
   int64_t phase_len;  // outputs per phase, at most
 
   AxisPlan(int64_t up_, int64_t down_, int64_t pad0_, int64_t in_, int64_t out_, int64_t taps_)
@@ -97,10 +97,10 @@ struct PlaneView {
 
 template <typename F>
 struct Scratch {
-  std::vector<F> rows;   // the task's input rows, converted to F with zero margins (RowLayout)
-  std::vector<F> tmp;    // the phases' outputs before interleaving (lanes == 1): [P][phase_len]
-  std::vector<F> acc;    // one output row: [ow][lanes]
-  std::vector<F> strip;  // x-pass rows (separable): [rows][ow][lanes]
+  std::vector<F> rows;         // the task's input rows, converted to F with zero margins (RowLayout)
+  std::vector<F> tmp;          // the phases' outputs before interleaving (lanes == 1): [P][phase_len]
+  std::vector<F> acc;          // one output row: [ow][lanes]
+  std::vector<F> strip;        // x-pass rows (separable): [rows][ow][lanes]
   std::vector<const F*> ptrs;  // terms of one dot_rows call
   std::vector<F> weights;
 };
@@ -112,7 +112,10 @@ template <int K, typename F>
 inline void dot_fixed(F* __restrict out, const F* const* ptr, const F* w, int64_t count, bool accumulate) {
   const F* p[K];
   F c[K];
-  for (int k = 0; k < K; ++k) { p[k] = ptr[k]; c[k] = w[k]; }
+  for (int k = 0; k < K; ++k) {
+    p[k] = ptr[k];
+    c[k] = w[k];
+  }
   if (accumulate) {
 #pragma GCC ivdep
     for (int64_t m = 0; m < count; ++m) {
@@ -132,7 +135,8 @@ inline void dot_fixed(F* __restrict out, const F* const* ptr, const F* w, int64_
 
 // Any number of terms, in chunks of at most 8.
 template <typename F>
-inline void dot_rows(F* __restrict out, const F* const* ptr, const F* w, int64_t terms, int64_t count, bool accumulate) {
+inline void dot_rows(F* __restrict out, const F* const* ptr, const F* w, int64_t terms, int64_t count,
+                     bool accumulate) {
   if (terms == 0) {
     if (!accumulate) std::fill(out, out + count, F(0));
     return;
@@ -164,7 +168,9 @@ struct RowLayout {
   }
   // Where position q of a loaded row starts (lanes == 1: the run of q's residue class).
   template <typename F>
-  const F* at(const F* row, int64_t q) const { return row + (q % S) * L + q / S; }
+  const F* at(const F* row, int64_t q) const {
+    return row + (q % S) * L + q / S;
+  }
 };
 
 // Load input row iy of a plane into row. Positions outside [0, in) must already be zero.
@@ -246,9 +252,12 @@ inline void x_pass(F* __restrict out, const F* __restrict row, const float* __re
     }
   }
   if (lanes == 1 && ax.P > 1) {
-    if (ax.P == 2) interleave<2>(out, tmp, ax, accumulate);
-    else if (ax.P == 4) interleave<4>(out, tmp, ax, accumulate);
-    else interleave<0>(out, tmp, ax, accumulate);
+    if (ax.P == 2)
+      interleave<2>(out, tmp, ax, accumulate);
+    else if (ax.P == 4)
+      interleave<4>(out, tmp, ax, accumulate);
+    else
+      interleave<0>(out, tmp, ax, accumulate);
   }
 }
 
@@ -353,9 +362,12 @@ GF_CPU_KERNEL void run_task(const Args& a, const Plan& pl, int64_t task, Scratch
         F* dst = ax.P == 1 ? acc : s.tmp.data() + ph * ax.phase_len;
         dot_rows(dst, s.ptrs.data(), s.weights.data(), int64_t(s.ptrs.size()), p.count, false);
       }
-      if (ax.P == 2) interleave<2>(acc, s.tmp.data(), ax, false);
-      else if (ax.P == 4) interleave<4>(acc, s.tmp.data(), ax, false);
-      else if (ax.P > 1) interleave<0>(acc, s.tmp.data(), ax, false);
+      if (ax.P == 2)
+        interleave<2>(acc, s.tmp.data(), ax, false);
+      else if (ax.P == 4)
+        interleave<4>(acc, s.tmp.data(), ax, false);
+      else if (ax.P > 1)
+        interleave<0>(acc, s.tmp.data(), ax, false);
       store_row(y, acc, vout, oy, a.ow, lanes);
     }
   } else {
@@ -375,16 +387,20 @@ GF_CPU_KERNEL void run_task(const Args& a, const Plan& pl, int64_t task, Scratch
 template <typename T>
 void run(const Args& a) {
   using F = typename Compute<T>::type;
-  Plan pl{AxisPlan(a.upx, a.downx, a.padx0, a.w, a.ow, a.fw), AxisPlan(a.upy, a.downy, a.pady0, a.h, a.oh, a.fh),
-          1, 1, 1, 1};
+  Plan pl{AxisPlan(a.upx, a.downx, a.padx0, a.w, a.ow, a.fw),
+          AxisPlan(a.upy, a.downy, a.pady0, a.h, a.oh, a.fh),
+          1,
+          1,
+          1,
+          1};
   pl.lanes = a.channels_last ? std::min(a.c, kMaxLanes) : 1;
   pl.cblocks = a.channels_last ? (a.c + pl.lanes - 1) / pl.lanes : 1;
   const int64_t planes = a.channels_last ? a.n * pl.cblocks : a.n * a.c;
   // Strips: enough rows to amortise the separable pass's overlap, few enough to stay in cache
   // and to give every thread work when there are few planes.
   // Bytes per output row: its x-pass row plus the input rows it accounts for (down / up of them).
-  const int64_t row_bytes = std::max<int64_t>(
-      1, (a.ow + pl.ax.span() * a.downy / a.upy) * pl.lanes * int64_t(sizeof(F)));
+  const int64_t row_bytes =
+      std::max<int64_t>(1, (a.ow + pl.ax.span() * a.downy / a.upy) * pl.lanes * int64_t(sizeof(F)));
   pl.strip_rows = std::clamp<int64_t>(kStripBytes / row_bytes, 8, std::max<int64_t>(a.oh, 8));
   const int64_t threads_wanted = std::max<int64_t>(1, a.num_threads);
   while (pl.strip_rows > 8 && planes * ((a.oh + pl.strip_rows - 1) / pl.strip_rows) < 4 * threads_wanted)

@@ -46,7 +46,9 @@ vae::Args make_args(const char* fn, const TensorView& mu, const TensorView& logv
   a.dtype = mu.dtype;
   a.rows = mu.size(0);
   a.cols = a.rows ? mu.numel() / a.rows : 0;
-  a.mu = mu.data; a.logvar = logvar.data; a.eps = eps.data;
+  a.mu = mu.data;
+  a.logvar = logvar.data;
+  a.eps = eps.data;
   return a;
 }
 
@@ -58,13 +60,13 @@ vae::Args forward_args(const char* fn, const TensorView& mu, const TensorView& l
     expect_like_mu(fn, "z", z, mu);
   }
   if (kl_partial.present) expect_compute(fn, "kl_partial", kl_partial, mu, {a.rows, vae::num_chunks(a.cols)});
-  a.z = z.data; a.kl_partial = kl_partial.data;
+  a.z = z.data;
+  a.kl_partial = kl_partial.data;
   return a;
 }
 
 vae::Args backward_args(const char* fn, const TensorView& mu, const TensorView& logvar, const TensorView& eps,
-                        const TensorView& dz, const TensorView& dkl, const TensorView& dmu,
-                        const TensorView& dlogvar) {
+                        const TensorView& dz, const TensorView& dkl, const TensorView& dmu, const TensorView& dlogvar) {
   auto a = make_args(fn, mu, logvar, eps);
   if (dz.present) {
     if (!eps.present) fail_value(fn, "eps is required with dz, got None");
@@ -73,7 +75,10 @@ vae::Args backward_args(const char* fn, const TensorView& mu, const TensorView& 
   if (dkl.present) expect_compute(fn, "dkl", dkl, mu, {a.rows});
   expect_like_mu(fn, "dmu", dmu, mu);
   expect_like_mu(fn, "dlogvar", dlogvar, mu);
-  a.dz = dz.data; a.dkl = dkl.data; a.dmu = dmu.data; a.dlogvar = dlogvar.data;
+  a.dz = dz.data;
+  a.dkl = dkl.data;
+  a.dmu = dmu.data;
+  a.dlogvar = dlogvar.data;
   return a;
 }
 
@@ -122,7 +127,8 @@ GENFAST_REGISTER_BINDINGS(vae) {
          const TensorView& kl_partial, uintptr_t stream) {
         const char* fn = "vae_forward_cuda";
         expect_cuda(fn, "mu", mu);
-        if (mu.dtype == F64) fail_type(fn, "the CUDA kernels take float32, float16 or bfloat16, got mu " + describe(mu));
+        if (mu.dtype == F64)
+          fail_type(fn, "the CUDA kernels take float32, float16 or bfloat16, got mu " + describe(mu));
         auto a = forward_args(fn, mu, logvar, eps, z, kl_partial);
         a.stream = stream;
         a.device = mu.device < 0 ? 0 : mu.device;  // the CPU-hosted emulation runs on CPU tensors
@@ -138,7 +144,8 @@ GENFAST_REGISTER_BINDINGS(vae) {
          const TensorView& dkl, const TensorView& dmu, const TensorView& dlogvar, uintptr_t stream) {
         const char* fn = "vae_backward_cuda";
         expect_cuda(fn, "mu", mu);
-        if (mu.dtype == F64) fail_type(fn, "the CUDA kernels take float32, float16 or bfloat16, got mu " + describe(mu));
+        if (mu.dtype == F64)
+          fail_type(fn, "the CUDA kernels take float32, float16 or bfloat16, got mu " + describe(mu));
         auto a = backward_args(fn, mu, logvar, eps, dz, dkl, dmu, dlogvar);
         a.stream = stream;
         a.device = mu.device < 0 ? 0 : mu.device;

@@ -46,8 +46,10 @@ __host__ __device__ constexpr int row_pitch(int dp) { return dp + 8; }  // in 16
 // Forward: Q, and two stages of K and V (the next tile is copied while this one is used).
 constexpr size_t smem_bytes(int dp) { return size_t(kBM + 4 * block_n(dp)) * row_pitch(dp) * sizeof(uint16_t); }
 
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -66,7 +68,8 @@ template <> struct Mma<__half> {
 #endif
   }
 };
-template <> struct Mma<__nv_bfloat16> {
+template <>
+struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -101,7 +104,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* ro
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t a = uint32_t(__cvta_generic_to_shared(row_address));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
 #elif defined(GENFAST_CUDA_EMULATION)
   gf_emu::ldmatrix<4, false>(r, row_address);
 #else
@@ -112,7 +116,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t a = uint32_t(__cvta_generic_to_shared(row_address));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
 #elif defined(GENFAST_CUDA_EMULATION)
   gf_emu::ldmatrix<4, true>(r, row_address);
 #else
@@ -237,8 +242,8 @@ __device__ __forceinline__ void accumulate_cb(float (&acc)[kND][4], const float 
 // vectors; rows past n_rows and the head-dim padding become 0 (finite: 0-weight rows must not
 // meet NaN garbage).
 template <int kRows, int kDP, typename T>
-__device__ __forceinline__ void load_rows(uint16_t* dst, const T* src, int64_t row_stride, int64_t row0,
-                                          int64_t n_rows, int64_t D) {
+__device__ __forceinline__ void load_rows(uint16_t* dst, const T* src, int64_t row_stride, int64_t row0, int64_t n_rows,
+                                          int64_t D) {
   constexpr int kChunks = kDP / 8;
   for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
     const int r = c / kChunks, d = (c % kChunks) * 8;
@@ -342,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   constexpr int kKD = kDP / 16;  // k16 steps over the head dim
   GF_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* sQ = smem;
-  uint16_t* sK_stages = sQ + kBM * kLD;         // [2][kBN][kLD]
+  uint16_t* sK_stages = sQ + kBM * kLD;  // [2][kBN][kLD]
   uint16_t* sV_stages = sK_stages + 2 * kBN * kLD;
 
   const Params& p = a.p;
@@ -431,7 +436,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
       load_rows_async<kBN, kDP>(sK_stages + (stage ^ 1) * kBN * kLD, k_base, p.k_ss, n0 + kBN, Sk, p.D);
       load_rows_async<kBN, kDP>(sV_stages + (stage ^ 1) * kBN * kLD, v_base, p.v_ss, n0 + kBN, Sk, p.D);
     }
-    cp_async_commit();  // (possibly empty: keeps one group per iteration)
+    cp_async_commit();   // (possibly empty: keeps one group per iteration)
     cp_async_wait<1>();  // this tile's group has landed; the next one may still be in flight
     __syncthreads();     // ... for every thread's copies (and, first time, Q is stored)
     if (warp_active) {
@@ -448,7 +453,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
         for (int e = 0; e < 4; ++e) {
           const int rr = e >> 1;
           float unused_grad;
-          s[nb][e] = rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope[rr], need_mask, unused_grad);
+          s[nb][e] =
+              rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope[rr], need_mask, unused_grad);
           tile_max[rr] = fmaxf(tile_max[rr], s[nb][e]);
         }
       }
@@ -509,7 +515,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
 #pragma unroll
       for (int nd = 0; nd < kND; ++nd) {
         if (nd * 8 >= p.D) break;
-        *reinterpret_cast<uint32_t*>(o + nd * 8 + 2 * t) = Mma<T>::pack(acc[nd][2 * rr] * inv, acc[nd][2 * rr + 1] * inv);
+        *reinterpret_cast<uint32_t*>(o + nd * 8 + 2 * t) =
+            Mma<T>::pack(acc[nd][2 * rr] * inv, acc[nd][2 * rr + 1] * inv);
       }
       if (t == 0) static_cast<float*>(p.lse)[row] = lse;
     }
@@ -582,8 +589,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a)
   const int64_t i0 = int64_t(blockIdx.x) * kBM;
   if (i0 >= ext.Sq) return;
   const ScoreRules rules = score_rules(p, ext);
-  load_rows<kBM, kDP>(sQ, static_cast<const T*>(p.q) + ext.batch * p.q_sb + h * p.q_sh + ext.q_off * p.q_ss, p.q_ss,
-                      i0, ext.Sq, p.D);
+  load_rows<kBM, kDP>(sQ, static_cast<const T*>(p.q) + ext.batch * p.q_sb + h * p.q_sh + ext.q_off * p.q_ss, p.q_ss, i0,
+                      ext.Sq, p.D);
   load_rows<kBM, kDP>(sdO, static_cast<const T*>(p.dout) + ext.batch * p.do_sb + h * p.do_sh + ext.q_off * p.do_ss,
                       p.do_ss, i0, ext.Sq, p.D);
 
@@ -629,7 +636,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const CudaArgs a)
       for (int e = 0; e < 4; ++e) {
         const int rr = e >> 1;
         float dscore_draw;
-        const float x = rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope, need_mask, dscore_draw);
+        const float x =
+            rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope, need_mask, dscore_draw);
         const float prob = exp2f(x - lse2[rr]);
         s[nb][e] = prob * (dp[nb][e] - delta[rr]) * dscore_draw;
       }
@@ -806,22 +814,32 @@ void launch_backward(const CudaArgs& a, cudaStream_t stream) {
 template <typename T>
 void launch_backward_for_head_dim(const CudaArgs& a, cudaStream_t stream) {
   const int64_t D = a.p.D;
-  if (D <= 32) launch_backward<T, 32>(a, stream);
-  else if (D <= 64) launch_backward<T, 64>(a, stream);
-  else if (D <= 96) launch_backward<T, 96>(a, stream);
-  else launch_backward<T, 128>(a, stream);
+  if (D <= 32)
+    launch_backward<T, 32>(a, stream);
+  else if (D <= 64)
+    launch_backward<T, 64>(a, stream);
+  else if (D <= 96)
+    launch_backward<T, 96>(a, stream);
+  else
+    launch_backward<T, 128>(a, stream);
 }
 
 template <typename T>
 void launch_for_head_dim(const CudaArgs& a, cudaStream_t stream) {
   // Head dims are padded (with zeros in shared memory) to the next instantiated size.
   const int64_t D = a.p.D;
-  if (D <= 32) launch<T, 32>(a, stream);
-  else if (D <= 64) launch<T, 64>(a, stream);
-  else if (D <= 96) launch<T, 96>(a, stream);
-  else if (D <= 128) launch<T, 128>(a, stream);
-  else if (D <= 192) launch<T, 192>(a, stream);
-  else launch<T, 256>(a, stream);
+  if (D <= 32)
+    launch<T, 32>(a, stream);
+  else if (D <= 64)
+    launch<T, 64>(a, stream);
+  else if (D <= 96)
+    launch<T, 96>(a, stream);
+  else if (D <= 128)
+    launch<T, 128>(a, stream);
+  else if (D <= 192)
+    launch<T, 192>(a, stream);
+  else
+    launch<T, 256>(a, stream);
 }
 
 // Checks shared by both entry points (the Python side checks first; these guard the kernels).
@@ -853,7 +871,8 @@ void forward_cuda(const CudaArgs& a) {
   if (a.num_splits < 1) throw std::invalid_argument("genfast attention (CUDA): num_splits must be >= 1");
   if (a.num_splits > 1 && (a.out_partial == nullptr || a.lse_partial == nullptr || p.cu_q != nullptr))
     throw std::invalid_argument("genfast attention (CUDA): split-KV needs both workspaces and no varlen");
-  if (a.pack_gqa && p.cu_q != nullptr) throw std::invalid_argument("genfast attention (CUDA): pack_gqa is for decode only");
+  if (a.pack_gqa && p.cu_q != nullptr)
+    throw std::invalid_argument("genfast attention (CUDA): pack_gqa is for decode only");
 #ifndef GENFAST_CUDA_EMULATION
   cuda::DeviceGuard guard(a.device);
 #endif

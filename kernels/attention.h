@@ -28,8 +28,8 @@ struct CudaArgs {
   Params p;                  // q/k/v/out/lse/strides/masking; dtype F16 or BF16
   int64_t max_seqlen_q = 0;  // varlen: the longest query / key sequences (size the grids)
   int64_t max_seqlen_k = 0;
-  bool pack_gqa = false;     // rows of the H / Hk query heads of a key head share one block
-  int num_splits = 1;        // > 1: split the keys into chunks (needs the two workspaces)
+  bool pack_gqa = false;        // rows of the H / Hk query heads of a key head share one block
+  int num_splits = 1;           // > 1: split the keys into chunks (needs the two workspaces)
   void* out_partial = nullptr;  // fp32 (num_splits, B, H, Sq, D)
   void* lse_partial = nullptr;  // fp32 (num_splits, B, H, Sq)
   const void* delta = nullptr;  // backward: fp32 (B, H, Sq) rowsum(dout * out)

@@ -9,7 +9,7 @@ namespace genfast {
 namespace attention {
 
 struct Params {
-  int dtype = 0;  // genfast::DType of q, k, v, bias, out, dout, dq, dk, dv
+  int dtype = 0;                                        // genfast::DType of q, k, v, bias, out, dout, dq, dk, dv
   int64_t B = 0, H = 0, Hk = 0, Sq = 0, Sk = 0, D = 0;  // varlen: B == 1, Sq/Sk = totals
   const void* q = nullptr;
   const void* k = nullptr;

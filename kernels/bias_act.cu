@@ -93,8 +93,12 @@ void launch(const Args& a) {
   p.b = static_cast<const T*>(a.b);
   p.dy = static_cast<const T*>(a.dy);
   p.ddx = static_cast<const T*>(a.ddx);
-  p.n = a.n; p.C = a.C; p.S = a.S;
-  p.alpha = float(a.p.alpha); p.gain = float(a.p.gain); p.clamp = float(a.p.clamp);
+  p.n = a.n;
+  p.C = a.C;
+  p.S = a.S;
+  p.alpha = float(a.p.alpha);
+  p.gain = float(a.p.gain);
+  p.clamp = float(a.p.clamp);
   auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
   p.aligned = aligned(p.out) && aligned(p.x) && (M < GRAD || aligned(p.dy)) && (M < GRAD2 || aligned(p.ddx));
 
@@ -105,14 +109,17 @@ void launch(const Args& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   // 32-bit indexing is cheaper; 64-bit whenever an index could pass 2^31.
   if (cuda::int32_index_fits(a.n + int64_t(kThreads) * VEC))
-    cuda::launch_kernel(bias_act_kernel<T, A, M, int32_t>, unsigned(blocks), kThreads, 0, stream, kFamily, "kernel launch", p);
+    cuda::launch_kernel(bias_act_kernel<T, A, M, int32_t>, unsigned(blocks), kThreads, 0, stream, kFamily,
+                        "kernel launch", p);
   else
-    cuda::launch_kernel(bias_act_kernel<T, A, M, int64_t>, unsigned(blocks), kThreads, 0, stream, kFamily, "kernel launch", p);
+    cuda::launch_kernel(bias_act_kernel<T, A, M, int64_t>, unsigned(blocks), kThreads, 0, stream, kFamily,
+                        "kernel launch", p);
 }
 
 template <typename T>
 void by_act(const Args& a) {
-  with_act_and_mode(a.act, a.mode, [&](auto act, auto mode) { launch<T, decltype(act)::value, decltype(mode)::value>(a); });
+  with_act_and_mode(a.act, a.mode,
+                    [&](auto act, auto mode) { launch<T, decltype(act)::value, decltype(mode)::value>(a); });
 }
 
 }  // namespace

@@ -25,9 +25,9 @@ struct Args {
   const void* dy;
   const void* ddx;
   Params p;
-  int num_threads;    // CPU only
-  uintptr_t stream;   // CUDA only: the cudaStream_t to launch on
-  int device;         // CUDA only: device index
+  int num_threads;   // CPU only
+  uintptr_t stream;  // CUDA only: the cudaStream_t to launch on
+  int device;        // CUDA only: device index
 };
 
 // Calls fn(std::integral_constant<int, act>, std::integral_constant<int, mode>) for the runtime

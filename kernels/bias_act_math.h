@@ -106,7 +106,9 @@ GF_HD float gf_tanh(float v) {
   const float z = v * v;
   const float small =
       ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
-       3.33332819422e-1f) * z * v + v;
+       3.33332819422e-1f) *
+          z * v +
+      v;
   float large = 1.0f - 2.0f / (host_expf(2.0f * a) + 1.0f);
   large = v < 0.0f ? -large : large;
   return a < 0.625f ? small : large;  // NaN: the comparison fails, large is NaN
@@ -145,11 +147,33 @@ GF_HD double gf_log1p(double v) { return log1p(v); }
 template <int A, typename F>
 GF_HD void activation(F z, F alpha, F& f, F& d1, F& d2) {
   const F one = F(1), zero = F(0);
-  if (A == LINEAR) { f = z; d1 = one; d2 = zero; }
-  if (A == RELU) { f = z > zero ? z : zero; d1 = z > zero ? one : zero; d2 = zero; }
-  if (A == LRELU) { f = z > zero ? z : z * alpha; d1 = z > zero ? one : alpha; d2 = zero; }
-  if (A == TANH) { F t = gf_tanh(z); f = t; d1 = one - t * t; d2 = F(-2) * t * d1; }
-  if (A == SIGMOID) { F s = one / (one + gf_exp(-z)); f = s; d1 = s * (one - s); d2 = d1 * (one - F(2) * s); }
+  if (A == LINEAR) {
+    f = z;
+    d1 = one;
+    d2 = zero;
+  }
+  if (A == RELU) {
+    f = z > zero ? z : zero;
+    d1 = z > zero ? one : zero;
+    d2 = zero;
+  }
+  if (A == LRELU) {
+    f = z > zero ? z : z * alpha;
+    d1 = z > zero ? one : alpha;
+    d2 = zero;
+  }
+  if (A == TANH) {
+    F t = gf_tanh(z);
+    f = t;
+    d1 = one - t * t;
+    d2 = F(-2) * t * d1;
+  }
+  if (A == SIGMOID) {
+    F s = one / (one + gf_exp(-z));
+    f = s;
+    d1 = s * (one - s);
+    d2 = d1 * (one - F(2) * s);
+  }
   if (A == ELU) {
     F em1 = gf_expm1(z > zero ? zero : z), e = em1 + one;
     f = z > zero ? z : em1;

@@ -77,26 +77,31 @@ void launch_kernel(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, cu
   gf_emu::check_dynamic_shared(kernel, shared_bytes);
   gf_emu::launch(kernel, grid, block, shared_bytes, args...);
 #else
-  kernel<<<grid, block, shared_bytes, stream>>>(args...);
+  kernel<<<grid, block, shared_bytes, stream> > >(args...);
   check(cudaGetLastError(), family, what);
 #endif
 }
 
 // Storage type <-> float (all arithmetic is done in float; in double for double).
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
   static __device__ __forceinline__ float to(float v) { return v; }
   static __device__ __forceinline__ float from(float v) { return v; }
 };
-template <> struct Cvt<double> {  // the families that also run float64 (arithmetic in double)
+template <>
+struct Cvt<double> {  // the families that also run float64 (arithmetic in double)
   static __device__ __forceinline__ double to(double v) { return v; }
   static __device__ __forceinline__ double from(double v) { return v; }
 };
-template <> struct Cvt<__half> {
+template <>
+struct Cvt<__half> {
   static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
 };
-template <> struct Cvt<__nv_bfloat16> {
+template <>
+struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };

@@ -56,27 +56,39 @@ __device__ __forceinline__ void load4(float (&dst)[kVec], const Operand& o, int6
     switch (o.dtype) {
       case F32: {
         const float4 v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(o.ptr) + i0));
-        dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+        dst[0] = v.x;
+        dst[1] = v.y;
+        dst[2] = v.z;
+        dst[3] = v.w;
         return;
       }
       case F16: {
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(static_cast<const __half*>(o.ptr) + i0));
         const __half2* h = reinterpret_cast<const __half2*>(&raw);
         const float2 a = __half22float2(h[0]), b = __half22float2(h[1]);
-        dst[0] = a.x; dst[1] = a.y; dst[2] = b.x; dst[3] = b.y;
+        dst[0] = a.x;
+        dst[1] = a.y;
+        dst[2] = b.x;
+        dst[3] = b.y;
         return;
       }
       case BF16: {
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(o.ptr) + i0));
         const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
         const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-        dst[0] = a.x; dst[1] = a.y; dst[2] = b.x; dst[3] = b.y;
+        dst[0] = a.x;
+        dst[1] = a.y;
+        dst[2] = b.x;
+        dst[3] = b.y;
         return;
       }
       default: {
         const double2* p = reinterpret_cast<const double2*>(static_cast<const double*>(o.ptr) + i0);
         const double2 a = __ldg(p), b = __ldg(p + 1);
-        dst[0] = float(a.x); dst[1] = float(a.y); dst[2] = float(b.x); dst[3] = float(b.y);
+        dst[0] = float(a.x);
+        dst[1] = float(a.y);
+        dst[2] = float(b.x);
+        dst[3] = float(b.y);
         return;
       }
     }
@@ -89,9 +101,13 @@ __device__ __forceinline__ void store4(void* p, int dtype, const float (&src)[kV
   switch (dtype) {
     case F32: {
       float* d = static_cast<float*>(p) + i0;
-      if (vec) { *reinterpret_cast<float4*>(d) = make_float4(src[0], src[1], src[2], src[3]); return; }
+      if (vec) {
+        *reinterpret_cast<float4*>(d) = make_float4(src[0], src[1], src[2], src[3]);
+        return;
+      }
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) if (i0 + k < n) d[k] = src[k];
+      for (int k = 0; k < kVec; ++k)
+        if (i0 + k < n) d[k] = src[k];
       return;
     }
     case F16: {
@@ -102,7 +118,8 @@ __device__ __forceinline__ void store4(void* p, int dtype, const float (&src)[kV
         return;
       }
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) if (i0 + k < n) d[k] = __float2half_rn(src[k]);
+      for (int k = 0; k < kVec; ++k)
+        if (i0 + k < n) d[k] = __float2half_rn(src[k]);
       return;
     }
     case BF16: {
@@ -113,7 +130,8 @@ __device__ __forceinline__ void store4(void* p, int dtype, const float (&src)[kV
         return;
       }
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) if (i0 + k < n) d[k] = __float2bfloat16_rn(src[k]);
+      for (int k = 0; k < kVec; ++k)
+        if (i0 + k < n) d[k] = __float2bfloat16_rn(src[k]);
       return;
     }
     default: {
@@ -124,7 +142,8 @@ __device__ __forceinline__ void store4(void* p, int dtype, const float (&src)[kV
         return;
       }
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) if (i0 + k < n) d[k] = src[k];
+      for (int k = 0; k < kVec; ++k)
+        if (i0 + k < n) d[k] = src[k];
       return;
     }
   }
@@ -149,7 +168,11 @@ struct SampleWalk {
     r = i0 - b * per_sample;
   }
   __device__ bool next() {  // true when the next element starts a new sample
-    if (++r == per_sample) { r = 0; ++b; return true; }
+    if (++r == per_sample) {
+      r = 0;
+      ++b;
+      return true;
+    }
     return false;
   }
 };
@@ -199,10 +222,18 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const StepArgs a
       }
       float p = c[PREV_X0] * x0 + c[PREV_SAMPLE] * x[k] + c[PREV_MODEL] * m[k];
       float q = c[AUX_X0] * x0 + c[AUX_SAMPLE] * x[k] + c[AUX_MODEL] * m[k];
-      if (a.h1.ptr) { p += c[PREV_HIST1] * h1[k]; q += c[AUX_HIST1] * h1[k]; }
-      if (a.h2.ptr) { p += c[PREV_HIST2] * h2[k]; q += c[AUX_HIST2] * h2[k]; }
-      if (a.z.ptr) p += c[PREV_NOISE] * z[k];
-      else if (a.has_seed && i0 + k < a.n) p += c[PREV_NOISE] * normal_noise(a.seed, i0 + k);
+      if (a.h1.ptr) {
+        p += c[PREV_HIST1] * h1[k];
+        q += c[AUX_HIST1] * h1[k];
+      }
+      if (a.h2.ptr) {
+        p += c[PREV_HIST2] * h2[k];
+        q += c[AUX_HIST2] * h2[k];
+      }
+      if (a.z.ptr)
+        p += c[PREV_NOISE] * z[k];
+      else if (a.has_seed && i0 + k < a.n)
+        p += c[PREV_NOISE] * normal_noise(a.seed, i0 + k);
       prev[k] = p;
       aux[k] = q;
     }
@@ -220,7 +251,8 @@ __global__ void __launch_bounds__(kThreads) add_noise_kernel(const NoiseArgs a, 
     const bool full = vec && i0 + kVec <= a.n;
     float x[kVec], z[kVec], noisy[kVec], tgt[kVec];
     load4(x, a.x0, i0, a.n, full);
-    if (a.noise.ptr) load4(z, a.noise, i0, a.n, full);
+    if (a.noise.ptr)
+      load4(z, a.noise, i0, a.n, full);
     else
 #pragma unroll
       for (int k = 0; k < kVec; ++k) z[k] = i0 + k < a.n ? normal_noise(a.seed, i0 + k) : 0.0f;
@@ -301,7 +333,11 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(const SumsArgs a, bool v
       }
     }
     acc[0] += s0;
-    if (MODE != SUMS_LOSS) { acc[1] += s1; acc[2] += s2; acc[3] += s3; }
+    if (MODE != SUMS_LOSS) {
+      acc[1] += s1;
+      acc[2] += s2;
+      acc[3] += s3;
+    }
   }
   block_sum_store<W>(acc, a.out + (b * a.chunks + chunk) * W);
 }
@@ -341,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a, 
 // reduction is exact. The float rounding of the reduced turn adds at most pi * 2^-25.
 __device__ __forceinline__ float sin_or_cos(float arg, bool cosine) {
   const double half_turns = double(arg) * 0.318309886183790671537767526745;  // arg / pi
-  const float r = float(half_turns - 2.0 * rint(0.5 * half_turns));           // in [-1, 1]
+  const float r = float(half_turns - 2.0 * rint(0.5 * half_turns));          // in [-1, 1]
   return cosine ? cospif(r) : sinpif(r);
 }
 
@@ -354,11 +390,13 @@ __global__ void __launch_bounds__(kThreads) embedding_kernel(const EmbedArgs a, 
     // diffusers' float32 order: exp(-ln(P) * j / (half - shift)), then (t * freq) * scale.
     const float freq = expf(log_period * float(j) / denominator);
     const float t = a.timesteps.dtype == INT64_CODE ? float(__ldg(static_cast<const long long*>(a.timesteps.ptr) + row))
-                                                     : load1(a.timesteps, row);
+                                                    : load1(a.timesteps, row);
     const float arg = scale * (t * freq);
     float value = 0.0f;
-    if (col < half) value = sin_or_cos(arg, a.flip_sin_to_cos);
-    else if (col < 2 * half) value = sin_or_cos(arg, !a.flip_sin_to_cos);
+    if (col < half)
+      value = sin_or_cos(arg, a.flip_sin_to_cos);
+    else if (col < 2 * half)
+      value = sin_or_cos(arg, !a.flip_sin_to_cos);
     const float v[kVec] = {value, 0.0f, 0.0f, 0.0f};
     store4(a.out, a.out_dtype, v, i, i + 1, false);
   }
@@ -423,8 +461,9 @@ void timestep_embedding_cuda(const EmbedArgs& a) {
 #endif
   const float log_period = -float(std::log(a.max_period));
   const float denominator = float(double(a.dim / 2) - a.downscale_freq_shift);
-  cuda::launch_kernel(embedding_kernel, grid_for(a.count * a.dim), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream),
-                      kFamily, "timestep_embedding launch", a, log_period, denominator);
+  cuda::launch_kernel(embedding_kernel, grid_for(a.count * a.dim), kThreads, 0,
+                      reinterpret_cast<cudaStream_t>(a.stream), kFamily, "timestep_embedding launch", a, log_period,
+                      denominator);
 }
 
 }  // namespace diffusion

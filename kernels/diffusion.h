@@ -21,9 +21,19 @@ namespace diffusion {
 
 // Column indices of a sampler_step coefficient row: genfast/reference/diffusion.py.
 enum Col : int {
-  X0_FROM_SAMPLE = 0, X0_FROM_MODEL = 1,
-  PREV_X0 = 2, PREV_SAMPLE = 3, PREV_MODEL = 4, PREV_HIST1 = 5, PREV_HIST2 = 6, PREV_NOISE = 7,
-  AUX_X0 = 8, AUX_SAMPLE = 9, AUX_MODEL = 10, AUX_HIST1 = 11, AUX_HIST2 = 12,
+  X0_FROM_SAMPLE = 0,
+  X0_FROM_MODEL = 1,
+  PREV_X0 = 2,
+  PREV_SAMPLE = 3,
+  PREV_MODEL = 4,
+  PREV_HIST1 = 5,
+  PREV_HIST2 = 6,
+  PREV_NOISE = 7,
+  AUX_X0 = 8,
+  AUX_SAMPLE = 9,
+  AUX_MODEL = 10,
+  AUX_HIST1 = 11,
+  AUX_HIST2 = 12,
   NUM_COLS = 16
 };
 
@@ -70,7 +80,7 @@ struct NoiseArgs {
   int out_dtype = 0;
   Operand x0, noise;
   const int64_t* timesteps = nullptr;  // (B,), indexes the tables; clamped to [0, T)
-  Operand signal, noise_scale;          // (T,) tables
+  Operand signal, noise_scale;         // (T,) tables
   int64_t table_len = 0;
   int target_kind = TARGET_NONE;
   int has_seed = 0;

@@ -33,9 +33,9 @@ constexpr int kThreads = 256;
 
 struct Geometry {
   // Output tile and the intermediate / input tiles it needs.
-  int toy, tox;   // output tile
-  int trn, tcn;   // intermediate tile rows, columns
-  int xr, xc;     // input tile rows, columns
+  int toy, tox;  // output tile
+  int trn, tcn;  // intermediate tile rows, columns
+  int xr, xc;    // input tile rows, columns
   size_t smem_bytes;
 };
 
@@ -72,10 +72,10 @@ __global__ void __launch_bounds__(kThreads) filtered_lrelu_kernel(KernelArgs<T> 
   const int g2w = G2 ? G2 : p.g2w, g2h = G2 ? G2 : p.g2h;
   const bool sep1 = G1 ? true : p.g1_sep, sep2 = G2 ? true : p.g2_sep;
   const Geometry& geo = p.geo;
-  F* xs = smem;                                    // [xr][xc]
-  F* h1 = xs + geo.xr * geo.xc;                     // [xr][tcn]  (separable upsampling)
-  F* ts = h1 + (sep1 ? geo.xr * geo.tcn : 0);       // [trn][tcn]
-  F* hd = ts + geo.trn * geo.tcn;                   // [trn][tox] (separable downsampling)
+  F* xs = smem;                                // [xr][xc]
+  F* h1 = xs + geo.xr * geo.xc;                // [xr][tcn]  (separable upsampling)
+  F* ts = h1 + (sep1 ? geo.xr * geo.tcn : 0);  // [trn][tcn]
+  F* hd = ts + geo.trn * geo.tcn;              // [trn][tox] (separable downsampling)
 
   const int tile = blockIdx.x;
   const int64_t oy0 = int64_t(tile / p.tiles_x) * geo.toy, ox0 = int64_t(tile % p.tiles_x) * geo.tox;
@@ -264,13 +264,36 @@ void launch(const Args& a) {
   p.x = static_cast<const T*>(a.x);
   p.b = static_cast<const T*>(a.b);
   p.signs = a.signs;
-  p.g1 = a.g1; p.g2 = a.g2;
-  p.planes = a.N * a.C; p.C = a.C; p.in_h = a.in_h; p.in_w = a.in_w;
-  for (int i = 0; i < 4; ++i) { p.in_s[i] = a.in_s[i]; p.out_s[i] = a.out_s[i]; }
-  p.g1h = a.g1h; p.g1w = a.g1w; p.g2h = a.g2h; p.g2w = a.g2w; p.g1_sep = a.g1_sep; p.g2_sep = a.g2_sep;
-  p.u1 = a.u1; p.p1x = a.p1x; p.p1y = a.p1y; p.th = a.th; p.tw = a.tw;
-  p.d2 = a.d2; p.p2x = a.p2x; p.p2y = a.p2y; p.oh = a.oh; p.ow = a.ow;
-  p.gain = a.gain; p.slope = a.slope; p.clamp = a.clamp; p.mode = a.mode;
+  p.g1 = a.g1;
+  p.g2 = a.g2;
+  p.planes = a.N * a.C;
+  p.C = a.C;
+  p.in_h = a.in_h;
+  p.in_w = a.in_w;
+  for (int i = 0; i < 4; ++i) {
+    p.in_s[i] = a.in_s[i];
+    p.out_s[i] = a.out_s[i];
+  }
+  p.g1h = a.g1h;
+  p.g1w = a.g1w;
+  p.g2h = a.g2h;
+  p.g2w = a.g2w;
+  p.g1_sep = a.g1_sep;
+  p.g2_sep = a.g2_sep;
+  p.u1 = a.u1;
+  p.p1x = a.p1x;
+  p.p1y = a.p1y;
+  p.th = a.th;
+  p.tw = a.tw;
+  p.d2 = a.d2;
+  p.p2x = a.p2x;
+  p.p2y = a.p2y;
+  p.oh = a.oh;
+  p.ow = a.ow;
+  p.gain = a.gain;
+  p.slope = a.slope;
+  p.clamp = a.clamp;
+  p.mode = a.mode;
 
   // Largest output tile (16 x 16 down to 4 x 4) whose shared tiles fit the device.
   int device_smem = 0;
@@ -280,11 +303,15 @@ void launch(const Args& a) {
   bool found = false;
   for (int t = 16; t >= 1; t /= 2) {
     geo = make_geometry(a, t, t, sizeof(F));
-    if (geo.smem_bytes <= size_t(device_smem)) { found = true; break; }
+    if (geo.smem_bytes <= size_t(device_smem)) {
+      found = true;
+      break;
+    }
   }
   if (!found)
-    throw std::invalid_argument("genfast filtered_lrelu (CUDA): the filters are too large for shared memory "
-                                "(use the triton or reference backend)");
+    throw std::invalid_argument(
+        "genfast filtered_lrelu (CUDA): the filters are too large for shared memory "
+        "(use the triton or reference backend)");
   p.geo = geo;
   p.tiles_x = int((a.ow + geo.tox - 1) / geo.tox);
   p.tiles_y = int((a.oh + geo.toy - 1) / geo.toy);
@@ -300,7 +327,8 @@ void launch(const Args& a) {
 
 void filtered_lrelu_cuda(const Args& a) {
   if (a.N * a.C == 0 || a.oh <= 0 || a.ow <= 0) return;
-  if (a.mode == MASK && a.signs == nullptr) throw std::invalid_argument("filtered_lrelu: MASK mode needs the sign record");
+  if (a.mode == MASK && a.signs == nullptr)
+    throw std::invalid_argument("filtered_lrelu: MASK mode needs the sign record");
 #ifndef GENFAST_CUDA_EMULATION
   cuda::DeviceGuard guard(a.device);
 #endif

@@ -27,7 +27,7 @@ struct Args {
   int64_t out_s[4];
   void* out;
   const void* x;
-  const void* b;  // ACT only, may be null
+  const void* b;   // ACT only, may be null
   uint8_t* signs;  // ACT: written when not null; MASK: read
   const float* g1;
   int g1h, g1w;
@@ -38,9 +38,9 @@ struct Args {
   // Geometry of the chain.
   int64_t u1, p1x, p1y, th, tw, d2, p2x, p2y, oh, ow;
   double gain, slope, clamp;  // clamp < 0: none
-  int num_threads;   // CPU only
-  uintptr_t stream;  // CUDA only
-  int device;        // CUDA only
+  int num_threads;            // CPU only
+  uintptr_t stream;           // CUDA only
+  int device;                 // CUDA only
 };
 
 void filtered_lrelu_cpu(const Args& a);

@@ -133,7 +133,9 @@ void launch(const PixelNormArgs& a) {
   p.out = static_cast<T*>(a.out);
   p.x = static_cast<const T*>(a.x);
   p.dy = static_cast<const T*>(a.dy);
-  p.outer = a.outer; p.C = a.C; p.S = a.S;
+  p.outer = a.outer;
+  p.C = a.C;
+  p.S = a.S;
   p.eps = float(a.eps);
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (a.S == 1) {
@@ -142,8 +144,8 @@ void launch(const PixelNormArgs& a) {
     constexpr int VEC = 16 / sizeof(T);
     auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
     const bool vec = a.C % VEC == 0 && aligned(p.out) && aligned(p.x) && (M == PN_FORWARD || aligned(p.dy));
-    cuda::launch_kernel(vec ? rows_kernel<T, M, VEC> : rows_kernel<T, M, 1>, unsigned(blocks), kThreads, 0, stream, kFamily,
-                        "kernel launch", p);
+    cuda::launch_kernel(vec ? rows_kernel<T, M, VEC> : rows_kernel<T, M, 1>, unsigned(blocks), kThreads, 0, stream,
+                        kFamily, "kernel launch", p);
   } else {
     const int64_t tiles_per_outer = (a.S + 31) / 32;
     const int64_t blocks = a.outer * tiles_per_outer;

@@ -37,7 +37,9 @@ constexpr int kRowsNHWC = 64;  // rows per block of the NHWC reductions
 constexpr int kLanesY = 8;     // row lanes of the NHWC blocks (blockDim = 32 x 8)
 
 template <typename T>
-constexpr int vec_of() { return 16 / int(sizeof(T)); }
+constexpr int vec_of() {
+  return 16 / int(sizeof(T));
+}
 
 struct Plan {
   int64_t chunk;  // elements (NCHW, of the flat group) or rows (NHWC) per partial
@@ -136,9 +138,9 @@ __device__ __forceinline__ float sigmoidf_(float z) { return 1.f / (1.f + __expf
 
 // NCHW: 1-D grid of N * G * K blocks; block (group, k) reduces chunk k of the contiguous group.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) moments_nchw(const T* __restrict__ x, float* __restrict__ pmean,
-                                                         float* __restrict__ pm2, int64_t len, int64_t chunk,
-                                                         int64_t K, bool vector_ok) {
+__global__ void __launch_bounds__(kThreads)
+    moments_nchw(const T* __restrict__ x, float* __restrict__ pmean, float* __restrict__ pm2, int64_t len,
+                 int64_t chunk, int64_t K, bool vector_ok) {
   constexpr int VEC = vec_of<T>();
   const int64_t group = int64_t(blockIdx.x) / K, k = int64_t(blockIdx.x) % K;
   const int64_t begin = k * chunk, end = min(len, begin + chunk);
@@ -184,9 +186,9 @@ __global__ void __launch_bounds__(kThreads) moments_nchw(const T* __restrict__ x
 
 // NHWC: block (32, kLanesY), grid (K, channel blocks, N). Thread x owns VEC channels.
 template <typename T>
-__global__ void __launch_bounds__(32 * kLanesY) moments_nhwc(const T* __restrict__ x, float* __restrict__ pmean,
-                                                            float* __restrict__ pm2, int64_t S, int64_t C,
-                                                            int64_t D, bool vector_ok) {
+__global__ void __launch_bounds__(32 * kLanesY)
+    moments_nhwc(const T* __restrict__ x, float* __restrict__ pmean, float* __restrict__ pm2, int64_t S, int64_t C,
+                 int64_t D, bool vector_ok) {
   constexpr int VEC = vec_of<T>();
   constexpr int WIDTH = 32 * VEC;
   __shared__ float sh_mean[kLanesY][WIDTH], sh_m2[kLanesY][WIDTH];
@@ -243,11 +245,10 @@ __global__ void __launch_bounds__(32 * kLanesY) moments_nhwc(const T* __restrict
 // The partials are moments of x - shift, shift = x[n, first channel of the group, s = 0]:
 // values of the size of the data's spread, so float32 partial means lose nothing to a large mean.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) finalize(const T* __restrict__ x, const float* __restrict__ pmean,
-                                                     const float* __restrict__ pm2, float* __restrict__ mean_out,
-                                                     float* __restrict__ rstd_out, int64_t P, int64_t K,
-                                                     int64_t chunk, int64_t len, float M, float eps, int64_t G,
-                                                     int64_t D, int64_t S, int64_t C, bool channels_last) {
+__global__ void __launch_bounds__(kThreads)
+    finalize(const T* __restrict__ x, const float* __restrict__ pmean, const float* __restrict__ pm2,
+             float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t P, int64_t K, int64_t chunk,
+             int64_t len, float M, float eps, int64_t G, int64_t D, int64_t S, int64_t C, bool channels_last) {
   const int64_t ng = blockIdx.x, n = ng / G, g = ng % G;
   const float* pmv = pmean + ng * P;
   const float* pm2v = pm2 + ng * P;
@@ -290,9 +291,21 @@ struct Walker {
   }
   __device__ __forceinline__ void next(Index C, Index S, bool channels_last) {
     if (channels_last) {
-      if (++c == C) { c = 0; if (++r == S) { r = 0; ++n; } }
+      if (++c == C) {
+        c = 0;
+        if (++r == S) {
+          r = 0;
+          ++n;
+        }
+      }
     } else {
-      if (++r == S) { r = 0; if (++c == C) { c = 0; ++n; } }
+      if (++r == S) {
+        r = 0;
+        if (++c == C) {
+          c = 0;
+          ++n;
+        }
+      }
     }
   }
 };
@@ -387,12 +400,11 @@ __device__ __forceinline__ void accumulate(float x, float dy, float mean, float 
 
 // NCHW: grid (K, C, N); block sums chunk k of the row (n, c) and adds into sums.
 template <typename T, bool SILU>
-__global__ void __launch_bounds__(kThreads) grad_sums_nchw(const T* __restrict__ x, const T* __restrict__ dy,
-                                                           const float* __restrict__ mean_in,
-                                                           const float* __restrict__ rstd_in,
-                                                           const T* __restrict__ w, const T* __restrict__ b,
-                                                           float* __restrict__ sums, int64_t N, int64_t S,
-                                                           int64_t G, int64_t D, int64_t chunk, bool vector_ok) {
+__global__ void __launch_bounds__(kThreads)
+    grad_sums_nchw(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ mean_in,
+                   const float* __restrict__ rstd_in, const T* __restrict__ w, const T* __restrict__ b,
+                   float* __restrict__ sums, int64_t N, int64_t S, int64_t G, int64_t D, int64_t chunk,
+                   bool vector_ok) {
   constexpr int VEC = vec_of<T>();
   const int64_t n = blockIdx.z, c = blockIdx.y, C = int64_t(gridDim.y);
   const int64_t begin = int64_t(blockIdx.x) * chunk, end = min(S, begin + chunk);
@@ -422,12 +434,10 @@ __global__ void __launch_bounds__(kThreads) grad_sums_nchw(const T* __restrict__
 
 // NHWC: block (32, kLanesY), grid (K, channel blocks, N).
 template <typename T, bool SILU>
-__global__ void __launch_bounds__(32 * kLanesY) grad_sums_nhwc(const T* __restrict__ x, const T* __restrict__ dy,
-                                                              const float* __restrict__ mean_in,
-                                                              const float* __restrict__ rstd_in,
-                                                              const T* __restrict__ w, const T* __restrict__ b,
-                                                              float* __restrict__ sums, int64_t N, int64_t S,
-                                                              int64_t C, int64_t G, int64_t D, bool vector_ok) {
+__global__ void __launch_bounds__(32 * kLanesY)
+    grad_sums_nhwc(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ mean_in,
+                   const float* __restrict__ rstd_in, const T* __restrict__ w, const T* __restrict__ b,
+                   float* __restrict__ sums, int64_t N, int64_t S, int64_t C, int64_t G, int64_t D, bool vector_ok) {
   constexpr int VEC = vec_of<T>();
   constexpr int WIDTH = 32 * VEC;
   __shared__ float sh_a[kLanesY][WIDTH], sh_b[kLanesY][WIDTH];
@@ -556,7 +566,10 @@ void forward(const ForwardArgs& a) {
   p.mean = static_cast<const float*>(a.mean);
   p.rstd = static_cast<const float*>(a.rstd);
   p.total = s.N * s.C * s.S;
-  p.C = s.C; p.S = s.S; p.G = s.G; p.D = D;
+  p.C = s.C;
+  p.S = s.S;
+  p.G = s.G;
+  p.D = D;
   p.channels_last = s.channels_last;
   p.aligned = aligned16(p.x) && aligned16(p.out);
   if (a.silu)
@@ -592,8 +605,8 @@ void backward(const BackwardArgs& a) {
     check_grid((s.C + width - 1) / width, s.N);
     const bool vector_ok = aligned16(x) && aligned16(dy) && s.C % VEC == 0;
     dim3 grid(unsigned((s.S + kRowsNHWC - 1) / kRowsNHWC), unsigned((s.C + width - 1) / width), unsigned(s.N));
-    cuda::launch_kernel(grad_sums_nhwc<T, SILU>, grid, dim3(32, kLanesY), 0, stream, kFamily, "grad sums launch", x,
-                        dy, mean, rstd, w, b, sums, s.N, s.S, s.C, s.G, D, vector_ok);
+    cuda::launch_kernel(grad_sums_nhwc<T, SILU>, grid, dim3(32, kLanesY), 0, stream, kFamily, "grad sums launch", x, dy,
+                        mean, rstd, w, b, sums, s.N, s.S, s.C, s.G, D, vector_ok);
   }
   const int64_t groups = s.N * s.G;
   cuda::launch_kernel(group_coefficients<T>, unsigned((groups + kThreads - 1) / kThreads), kThreads, 0, stream, kFamily,
@@ -609,7 +622,10 @@ void backward(const BackwardArgs& a) {
   p.rstd = rstd;
   p.coef = coef;
   p.total = s.N * s.C * s.S;
-  p.C = s.C; p.S = s.S; p.G = s.G; p.D = D;
+  p.C = s.C;
+  p.S = s.S;
+  p.G = s.G;
+  p.D = D;
   p.inv_m = 1.f / float(D * s.S);
   p.channels_last = s.channels_last;
   p.aligned = aligned16(p.x) && aligned16(p.dy) && aligned16(p.out);

@@ -51,9 +51,7 @@ struct KernelParams {
   bool separable;
 };
 
-__device__ __forceinline__ int64_t dev_ceil_div(int64_t a, int64_t b) {
-  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
-}
+__device__ __forceinline__ int64_t dev_ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
 
 // ----------------------------------------------------------------------------- general
 
@@ -71,13 +69,17 @@ __global__ void __launch_bounds__(kGeneralThreads) general_kernel(KernelParams p
     if (nhwc) {
       c = i % p.c;
       int64_t r = i / p.c;
-      ox = r % p.ow; r /= p.ow;
-      oy = r % p.oh; n = r / p.oh;
+      ox = r % p.ow;
+      r /= p.ow;
+      oy = r % p.oh;
+      n = r / p.oh;
     } else {
       ox = i % p.ow;
       int64_t r = i / p.ow;
-      oy = r % p.oh; r /= p.oh;
-      c = r % p.c; n = r / p.c;
+      oy = r % p.oh;
+      r /= p.oh;
+      c = r % p.c;
+      n = r / p.c;
     }
     const int64_t sx0 = ox * p.downx - p.padx0, sy0 = oy * p.downy - p.pady0;
     const int64_t ix0 = dev_ceil_div(sx0, p.upx), iy0 = dev_ceil_div(sy0, p.upy);
@@ -140,8 +142,15 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(KernelParams p, in
     // Load the input tile, zero outside the image.
     for (int i = tid; i < CB * TIH * TIW; i += kTiledThreads) {
       int c, r, q;
-      if (NHWC) { c = i % CB; q = (i / CB) % TIW; r = i / (CB * TIW); }
-      else { q = i % TIW; r = (i / TIW) % TIH; c = i / (TIW * TIH); }
+      if (NHWC) {
+        c = i % CB;
+        q = (i / CB) % TIW;
+        r = i / (CB * TIW);
+      } else {
+        q = i % TIW;
+        r = (i / TIW) % TIH;
+        c = i / (TIW * TIH);
+      }
       const int64_t iy = iy_base + r, ix = ix_base + q, cc = c0 + c;
       float v = 0.0f;
       if (iy >= 0 && iy < p.h && ix >= 0 && ix < p.w && cc < p.c)
@@ -154,8 +163,15 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(KernelParams p, in
       // x pass over every loaded row into s_mid.
       for (int i = tid; i < CB * TIH * TOW; i += kTiledThreads) {
         int c, r, ol;
-        if (NHWC) { c = i % CB; ol = (i / CB) % TOW; r = i / (CB * TOW); }
-        else { ol = i % TOW; r = (i / TOW) % TIH; c = i / (TOW * TIH); }
+        if (NHWC) {
+          c = i % CB;
+          ol = (i / CB) % TOW;
+          r = i / (CB * TOW);
+        } else {
+          ol = i % TOW;
+          r = (i / TOW) % TIH;
+          c = i / (TOW * TIH);
+        }
         const int64_t s0 = (ox0 + ol) * DOWN - p.padx0;
         const int64_t ix0 = dev_ceil_div(s0, UP);
         const int k0 = int(ix0 * UP - s0);
@@ -174,8 +190,15 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(KernelParams p, in
     // Output pixels (y pass for separable filters, the full 2-D sum otherwise).
     for (int i = tid; i < CB * TOH * TOW; i += kTiledThreads) {
       int c, rl, ol;
-      if (NHWC) { c = i % CB; ol = (i / CB) % TOW; rl = i / (CB * TOW); }
-      else { ol = i % TOW; rl = (i / TOW) % TOH; c = i / (TOW * TOH); }
+      if (NHWC) {
+        c = i % CB;
+        ol = (i / CB) % TOW;
+        rl = i / (CB * TOW);
+      } else {
+        ol = i % TOW;
+        rl = (i / TOW) % TOH;
+        c = i / (TOW * TOH);
+      }
       const int64_t oy = oy0 + rl, ox = ox0 + ol, cc = c0 + c;
       if (oy >= p.oh || ox >= p.ow || cc >= p.c) continue;
       const int64_t sy = oy * DOWN - p.pady0;
@@ -227,11 +250,15 @@ template <typename T, int UP, int DOWN, int TAPS, bool SEP>
 void launch_tiled_layout(const KernelParams& p, bool nhwc, cudaStream_t stream) {
   // Static shared memory stays under 48 KiB for every instantiation (ptxas checks it).
   if (nhwc) {
-    if constexpr (DOWN > 1) launch_tiled<T, UP, DOWN, TAPS, SEP, true, 8, 8, 8>(p, stream);
-    else launch_tiled<T, UP, DOWN, TAPS, SEP, true, 8, 8, 16>(p, stream);
+    if constexpr (DOWN > 1)
+      launch_tiled<T, UP, DOWN, TAPS, SEP, true, 8, 8, 8>(p, stream);
+    else
+      launch_tiled<T, UP, DOWN, TAPS, SEP, true, 8, 8, 16>(p, stream);
   } else {
-    if constexpr (DOWN > 1) launch_tiled<T, UP, DOWN, TAPS, SEP, false, 32, 16, 1>(p, stream);
-    else launch_tiled<T, UP, DOWN, TAPS, SEP, false, 64, 16, 1>(p, stream);
+    if constexpr (DOWN > 1)
+      launch_tiled<T, UP, DOWN, TAPS, SEP, false, 32, 16, 1>(p, stream);
+    else
+      launch_tiled<T, UP, DOWN, TAPS, SEP, false, 64, 16, 1>(p, stream);
   }
 }
 
@@ -241,17 +268,17 @@ bool try_tiled(const Args& a, const KernelParams& p, cudaStream_t stream) {
   if (a.upx != a.upy || a.downx != a.downy || a.fw != a.fh) return false;
   const int64_t up = a.upx, down = a.downx, taps = a.fw;
   const bool nhwc = a.channels_last, sep = a.separable;
-#define GF_TILED(U, D, K, S)                                                     \
-  if (up == U && down == D && taps == K && sep == S) {                           \
-    launch_tiled_layout<T, U, D, K, S>(p, nhwc, stream);                         \
-    return true;                                                                 \
+#define GF_TILED(U, D, K, S)                             \
+  if (up == U && down == D && taps == K && sep == S) {   \
+    launch_tiled_layout<T, U, D, K, S>(p, nhwc, stream); \
+    return true;                                         \
   }
-  GF_TILED(2, 1, 4, false)   // StyleGAN2 upsample2d, [1, 3, 3, 1] outer product
-  GF_TILED(1, 2, 4, false)   // StyleGAN2 downsample2d
-  GF_TILED(1, 1, 4, false)   // StyleGAN2 filter2d
+  GF_TILED(2, 1, 4, false)  // StyleGAN2 upsample2d, [1, 3, 3, 1] outer product
+  GF_TILED(1, 2, 4, false)  // StyleGAN2 downsample2d
+  GF_TILED(1, 1, 4, false)  // StyleGAN2 filter2d
   GF_TILED(2, 1, 4, true)
   GF_TILED(1, 2, 4, true)
-  GF_TILED(2, 1, 12, true)   // StyleGAN3 2x up / down filters
+  GF_TILED(2, 1, 12, true)  // StyleGAN3 2x up / down filters
   GF_TILED(1, 2, 12, true)
   GF_TILED(2, 1, 6, true)
   GF_TILED(1, 2, 6, true)
@@ -263,9 +290,23 @@ template <typename T>
 void run(const Args& a) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   KernelParams p{};
-  p.x = a.x; p.out = a.out; p.g = a.g;
-  p.n = a.n; p.c = a.c; p.h = a.h; p.w = a.w; p.oh = a.oh; p.ow = a.ow; p.fh = a.fh; p.fw = a.fw;
-  p.upx = a.upx; p.upy = a.upy; p.downx = a.downx; p.downy = a.downy; p.padx0 = a.padx0; p.pady0 = a.pady0;
+  p.x = a.x;
+  p.out = a.out;
+  p.g = a.g;
+  p.n = a.n;
+  p.c = a.c;
+  p.h = a.h;
+  p.w = a.w;
+  p.oh = a.oh;
+  p.ow = a.ow;
+  p.fh = a.fh;
+  p.fw = a.fw;
+  p.upx = a.upx;
+  p.upy = a.upy;
+  p.downx = a.downx;
+  p.downy = a.downy;
+  p.padx0 = a.padx0;
+  p.pady0 = a.pady0;
   p.separable = a.separable;
   if (a.channels_last) {
     p.sx = Strides{a.h * a.w * a.c, 1, a.w * a.c, a.c};

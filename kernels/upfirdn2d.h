@@ -16,16 +16,16 @@ struct Args {
   void* out;
   const void* x;
   const float* g;
-  int64_t n, c, h, w;    // input sizes
-  int64_t oh, ow;        // output sizes (validated by Python)
-  int64_t fh, fw;        // filter taps (fh == fw for a separable filter)
-  bool separable;        // g is 1-D: applied along x, then along y
-  bool channels_last;    // x and out are NHWC in memory (else NCHW); both dense
+  int64_t n, c, h, w;  // input sizes
+  int64_t oh, ow;      // output sizes (validated by Python)
+  int64_t fh, fw;      // filter taps (fh == fw for a separable filter)
+  bool separable;      // g is 1-D: applied along x, then along y
+  bool channels_last;  // x and out are NHWC in memory (else NCHW); both dense
   int64_t upx, upy, downx, downy;
   int64_t padx0, padx1, pady0, pady1;
-  int num_threads;       // CPU only
-  uintptr_t stream;      // CUDA only: the cudaStream_t to launch on
-  int device;            // CUDA only: device index
+  int num_threads;   // CPU only
+  uintptr_t stream;  // CUDA only: the cudaStream_t to launch on
+  int device;        // CUDA only: device index
 };
 
 // Floor division and positive remainder for possibly negative numerators.

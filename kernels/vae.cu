@@ -93,8 +93,8 @@ void launch(const Args& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    cuda::launch_kernel(Forward ? forward_kernel<T> : backward_kernel<T>, unsigned(blocks), kThreads, 0, stream, kFamily,
-                        "kernel launch", a);
+    cuda::launch_kernel(Forward ? forward_kernel<T> : backward_kernel<T>, unsigned(blocks), kThreads, 0, stream,
+                        kFamily, "kernel launch", a);
   };
   switch (a.dtype) {
     case F32: go(float{}); break;

@@ -32,8 +32,8 @@ struct Args {
   void* z;           // may be null (KL only)
   void* kl_partial;  // [rows, ceil(cols / kChunkCols)] in the compute dtype; may be null (z only)
   // backward
-  const void* dz;    // may be null (no gradient through z)
-  const void* dkl;   // [rows] in the compute dtype; may be null (no gradient through the KL)
+  const void* dz;   // may be null (no gradient through z)
+  const void* dkl;  // [rows] in the compute dtype; may be null (no gradient through the KL)
   void* dmu;
   void* dlogvar;
   int num_threads;   // CPU only
