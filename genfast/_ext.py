@@ -25,7 +25,8 @@ except Exception as exc:  # ImportError, or an undefined symbol from a broken bu
 
     if (_Path(__file__).resolve().parents[1] / "CMakeLists.txt").exists():
         load_error += (f"; genfast was imported from the source checkout {_Path(__file__).resolve().parent}, "
-                       "which has no built extension: install it with `pip install -e .`, or run from another directory")
+                       "which has no built extension: install it with `pip install -e .`, or run from another "
+                       "directory")
 
 # GENFAST_CPU_ISA=baseline|avx2|avx512 runs a narrower instruction-set clone of the C++ CPU
 # kernels than the widest this CPU supports (csrc/cpu_isa.h); unset or "auto": the widest.
