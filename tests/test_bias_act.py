@@ -39,7 +39,8 @@ def test_cpu_backend_matches_reference(seed, dtype, act, layout, clamp, use_bias
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_backend_matches_reference(seed, dtype, act, layout):
     require("triton", CPU, dtype)
-    check_against_reference("triton", dtype, act, layout, use_bias=True, clamp=0.7 if act in ("lrelu", "swish") else None)
+    check_against_reference("triton", dtype, act, layout, use_bias=True,
+                            clamp=0.7 if act in ("lrelu", "swish") else None)
 
 
 @pytest.mark.parametrize("act", ["lrelu", "tanh"])
@@ -47,7 +48,8 @@ def test_triton_backend_without_bias_and_channel_on_columns(seed, act):
     require("triton", CPU, torch.float32)
     check_against_reference("triton", torch.float32, act, "contiguous", use_bias=False, clamp=None)
     # dim = last: the channel is the innermost (column) index.
-    check_against_reference("triton", torch.float32, act, "contiguous", use_bias=True, clamp=None, shape=(2, 3, 5, 6), dim=3)
+    check_against_reference("triton", torch.float32, act, "contiguous", use_bias=True, clamp=None,
+                            shape=(2, 3, 5, 6), dim=3)
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -395,7 +397,8 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def test_gpu_backends_match_reference(seed, backend, dtype, act, layout):
     device = torch.device("cuda")
     require(backend, device, dtype)
-    for use_bias, clamp, shape in ((True, None, (3, 37, 5, 7)), (True, 0.7, (4, 64, 33, 17)), (False, 0.7, (3, 37, 5, 7))):
+    for use_bias, clamp, shape in ((True, None, (3, 37, 5, 7)), (True, 0.7, (4, 64, 33, 17)),
+                                   (False, 0.7, (3, 37, 5, 7))):
         check_against_reference(backend, dtype, act, layout, use_bias, clamp, shape=shape, device=device)
 
 
@@ -426,7 +429,8 @@ def test_gpu_64bit_indexing(backend):
     tail = slice(x.shape[0] - 3, None)
     want = reference(x[tail].float(), b[tail].float(), dim=0, act="lrelu")
     torch.testing.assert_close(y[tail].float(), want, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(y[:3].float(), reference(x[:3].float(), b[:3].float(), dim=0, act="lrelu"), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y[:3].float(), reference(x[:3].float(), b[:3].float(), dim=0, act="lrelu"),
+                               rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.gpu

@@ -71,7 +71,8 @@ def test_seeded_noise(seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_add_noise(seed, dtype, target):
     for layout in checks.LAYOUTS:
-        checks.check_add_noise("cuda", dtype, layout, target, table_dtype=torch.float32 if layout == "strided" else torch.float64)
+        checks.check_add_noise("cuda", dtype, layout, target,
+                               table_dtype=torch.float32 if layout == "strided" else torch.float64)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -84,7 +85,8 @@ def test_diffusion_loss_several_chunks_per_sample(seed):
     """Samples of 16384 + 1000 elements: two blocks of the sums kernel per sample."""
     m, t = torch.randn(2, 17384), torch.randn(2, 17384)
     got = ops.diffusion_loss(m, t, reduction="none", backend="cuda")
-    error_vs_reference(got, ref.diffusion_loss(m.double(), t.double(), None, "none"), ref.diffusion_loss(m, t, None, "none"))
+    error_vs_reference(got, ref.diffusion_loss(m.double(), t.double(), None, "none"),
+                       ref.diffusion_loss(m, t, None, "none"))
 
 
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
@@ -94,14 +96,14 @@ def test_cfg_combine(seed, dtype, rescale):
         u = checks.make(checks.SHAPE, dtype, layout)
         c = checks.make(checks.SHAPE, dtype, layout, scale=1.3)
         got = ops.cfg_combine(u, c, 7.5, rescale, backend="cuda")
-        error_vs_reference(got, ref.cfg_combine(u.double(), c.double(), 7.5, rescale), ref.cfg_combine(u, c, 7.5, rescale),
-                           name=f"{dtype} {layout} rescale={rescale}")
+        error_vs_reference(got, ref.cfg_combine(u.double(), c.double(), 7.5, rescale),
+                           ref.cfg_combine(u, c, 7.5, rescale), name=f"{dtype} {layout} rescale={rescale}")
 
 
 def test_cfg_rescale_several_chunks_per_sample(seed):
     u, c = torch.randn(2, 3, 80, 80), torch.randn(2, 3, 80, 80) * 1.2 + 0.1
-    error_vs_reference(ops.cfg_combine(u, c, 6.0, 0.7, backend="cuda"), ref.cfg_combine(u.double(), c.double(), 6.0, 0.7),
-                       ref.cfg_combine(u, c, 6.0, 0.7))
+    error_vs_reference(ops.cfg_combine(u, c, 6.0, 0.7, backend="cuda"),
+                       ref.cfg_combine(u.double(), c.double(), 6.0, 0.7), ref.cfg_combine(u, c, 6.0, 0.7))
 
 
 @pytest.mark.parametrize("dim,flip,shift,scale", [(320, True, 0, 1), (256, False, 1, 1), (33, False, 1, 1000),

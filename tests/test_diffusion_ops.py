@@ -295,7 +295,8 @@ def _step_args():
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (dict(model_output=torch.randn(2, 3, 5)), ValueError, r"model_output has shape \(2, 3, 5\) but the sample has shape \(2, 3, 4\)"),
+    (dict(model_output=torch.randn(2, 3, 5)), ValueError,
+     r"model_output has shape \(2, 3, 5\) but the sample has shape \(2, 3, 4\)"),
     (dict(coefs=torch.zeros(15)), ValueError, r"coefs must have shape \(16,\) or \(B, 16\)"),
     (dict(coefs=torch.zeros(3, 16)), ValueError, r"B = sample.shape\[0\] = 2, got \(3, 16\)"),
     (dict(coefs=torch.zeros(16, dtype=torch.float16)), TypeError, "coefs must be float32 or float64"),
@@ -553,7 +554,8 @@ def test_gpu_loss_cfg_embedding_and_noise(seed, backend):
         c = make((3, 4, 64, 63), dtype, "channels_last", device, scale=1.3)
         for rescale in (0.0, 0.7):
             error_vs_reference(ops.cfg_combine(u, c, 7.5, rescale, backend=backend),
-                               ref.cfg_combine(u.double(), c.double(), 7.5, rescale), ref.cfg_combine(u, c, 7.5, rescale))
+                               ref.cfg_combine(u.double(), c.double(), 7.5, rescale),
+                               ref.cfg_combine(u, c, 7.5, rescale))
         m = u.detach().requires_grad_()
         w = torch.rand(3, device=device)
         loss = ops.diffusion_loss(m, c, w, backend=backend)

@@ -302,7 +302,8 @@ def test_gpu_backends_match_reference(seed, backend, dtype, config):
     device = torch.device("cuda")
     require(backend, device, dtype)
     up, down, fu, fd, padding, flip, clamp = config
-    for layout, shape in (("contiguous", (2, 3, 7, 9)), ("channels_last", (4, 16, 36, 36)), ("strided", (2, 5, 19, 23))):
+    for layout, shape in (("contiguous", (2, 3, 7, 9)), ("channels_last", (4, 16, 36, 36)),
+                          ("strided", (2, 5, 19, 23))):
         check(backend, dtype, up, down, fu, fd, padding, flip, clamp, layout=layout, shape=shape, device=device)
 
 

@@ -25,7 +25,8 @@ def test_matches_reference(seed, config):
 
 # The other storage types on the unrolled StyleGAN3 specialisation, the general path with the
 # largest tiles (float64: above 48 KiB of shared memory, the opt-in) and negative padding.
-@pytest.mark.parametrize("config", [checks.CONFIGS[i] for i in (0, 7, 6)], ids=[checks.CONFIG_IDS[i] for i in (0, 7, 6)])
+@pytest.mark.parametrize("config", [checks.CONFIGS[i] for i in (0, 7, 6)],
+                         ids=[checks.CONFIG_IDS[i] for i in (0, 7, 6)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_storage_types(seed, dtype, config):
     up, down, fu, fd, padding, flip, clamp = config
@@ -41,7 +42,8 @@ def test_layouts(seed, layout):
 
 def test_odd_sizes_no_bias_and_several_tiles(seed):
     checks.check("cuda", torch.float32, shape=(1, 1, 1, 1), padding=[9, 8, 10, 7], use_bias=False)
-    checks.check("cuda", torch.float32, 2, 2, ("sep", 3), ("full", 2), [1, 0, 1, 2], shape=(3, 2, 1, 13), use_bias=False)
+    checks.check("cuda", torch.float32, 2, 2, ("sep", 3), ("full", 2), [1, 0, 1, 2], shape=(3, 2, 1, 13),
+                 use_bias=False)
     # Outputs of 34 x 19 pixels: three by two tiles of 16 x 16, the last ones partial.
     checks.check("cuda", torch.float32, 1, 1, ("sep", 3), ("sep", 2), [1, 1], shape=(1, 2, 34, 19), clamp=0.8)
     checks.check("cuda", torch.float16, 2, 2, ("sep", 12), ("sep", 12), [10, 10, 10, 10], clamp=256.0,

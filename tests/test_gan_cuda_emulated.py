@@ -45,9 +45,11 @@ def test_pixel_norm_misaligned(seed):
     """A data pointer off the 16-byte grid: the rows kernel must take its scalar path."""
     x = torch.randn(1 + 6 * 64)[1:].view(6, 64)
     assert x.data_ptr() % 16 != 0
-    error_vs_reference(pixel_norm(x, -1, backend="cuda"), reference.pixel_norm(x.double(), -1), reference.pixel_norm(x, -1))
+    error_vs_reference(pixel_norm(x, -1, backend="cuda"), reference.pixel_norm(x.double(), -1),
+                       reference.pixel_norm(x, -1))
 
 
 def test_pixel_norm_one_channel(seed):
     x = torch.randn(6, 1, 2, 3) * 1.7
-    error_vs_reference(pixel_norm(x, 1, backend="cuda"), reference.pixel_norm(x.double(), 1), reference.pixel_norm(x, 1))
+    error_vs_reference(pixel_norm(x, 1, backend="cuda"), reference.pixel_norm(x.double(), 1),
+                       reference.pixel_norm(x, 1))

@@ -56,7 +56,8 @@ def test_pixel_norm_one_channel(seed, backend):
     x = torch.randn(6, 1, 2, 3) * 1.7
     dy = torch.randn_like(x)
     fast = pixel_norm_derivatives(lambda t: pixel_norm(t, 1, backend=backend), x, dy, torch.ones_like(x))
-    ref = pixel_norm_derivatives(lambda t: reference.pixel_norm(t, 1), x.double(), dy.double(), torch.ones_like(x).double())
+    ref = pixel_norm_derivatives(lambda t: reference.pixel_norm(t, 1), x.double(), dy.double(),
+                                 torch.ones_like(x).double())
     error_vs_reference(fast[0], ref[0], reference.pixel_norm(x, 1), f"{backend} y")
     # (the second derivatives, of order r^3 ~ 1e12 near x = 0, are not compared here)
     for name, f, r in zip(["dx"], fast[1:2], ref[1:2]):

@@ -67,5 +67,5 @@ def test_misaligned_input(seed):
     x = torch.randn(1 + 2 * 8 * 16)[1:].view(2, 8, 16)
     assert x.data_ptr() % 16 != 0
     w, b = torch.randn(8), torch.randn(8)
-    error_vs_reference(group_norm(x, 4, w, b, backend="cuda"), reference.group_norm(x.double(), 4, w.double(), b.double()),
-                       reference.group_norm(x, 4, w, b))
+    error_vs_reference(group_norm(x, 4, w, b, backend="cuda"),
+                       reference.group_norm(x.double(), 4, w.double(), b.double()), reference.group_norm(x, 4, w, b))

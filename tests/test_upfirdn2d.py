@@ -316,7 +316,8 @@ def test_gpu_tiled_cases(backend, spec, layout, shape, seed):
         ref64 = reference(x.double(), f, up, down, padding, gain=up * up)
         lowp = reference(x, f, up, down, padding, gain=up * up)
         error_vs_reference(y, ref64, lowp, name=f"{backend} padding {padding}")
-        assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        assert y.is_contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
 @pytest.mark.gpu

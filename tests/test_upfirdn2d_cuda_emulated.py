@@ -45,7 +45,8 @@ def test_tiled_cases(spec, layout, seed):
         y = upfirdn2d(x, f, up, down, padding, gain=up * up, backend="cuda")
         error_vs_reference(y, reference(x.double(), f, up, down, padding, gain=up * up),
                            reference(x, f, up, down, padding, gain=up * up), name=f"padding {padding}")
-        assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        assert y.is_contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -134,8 +134,8 @@ def _run(mode, x, b, dy, ddx, dim, act, alpha, gain, clamp, backend, compute_db=
     dy = _like(dy, x) if dy is not None else None
     ddx = _like(ddx, x) if ddx is not None else None
     C, S = _channel_geometry(x, b, dim)
-    DISPATCH.run(backend or None, x.device, x.dtype, mode, ACT_CODES[act], out, db if db is not None and db.numel() else None,
-                 x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
+    DISPATCH.run(backend or None, x.device, x.dtype, mode, ACT_CODES[act], out,
+                 db if db is not None and db.numel() else None, x, b, dy, ddx, dim, C, S, alpha, gain, clamp)
     return (out, db) if mode == GRAD else out
 
 
@@ -263,7 +263,8 @@ def _validate(x, b, dim, act, alpha, gain, clamp, backend):
             raise ValueError(f"bias_act: dim={dim} is out of range for x with {x.ndim} dimensions")
         dim %= x.ndim
         if b.shape[0] != x.shape[dim]:
-            raise ValueError(f"bias_act: b has {b.shape[0]} elements but x.shape[{dim}] is {x.shape[dim]}; they must match")
+            raise ValueError(f"bias_act: b has {b.shape[0]} elements but x.shape[{dim}] is {x.shape[dim]}; "
+                             "they must match")
     return (dim,) + resolve_params(act, alpha, gain, clamp, backend)
 
 

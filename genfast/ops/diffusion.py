@@ -125,7 +125,8 @@ def _reference_step(x, m, coefs, h1, h2, z, mu, clamp, clamp_value, rescale, g, 
     if mu is not None:
         m = ref.guided_model_output(m, mu, g)
     if seed is not None:
-        z = _seeded_noise_like(like if like is not None else x, seed, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        z = _seeded_noise_like(like if like is not None else x, seed,
+                               torch.float64 if x.dtype == torch.float64 else torch.float32)
     bound = clamp if clamp is not None else (clamp_value if clamp_value >= 0 else None)
     return ref.sampler_step(x, m, coefs, h1, h2, z, bound, rescale)
 
@@ -513,9 +514,11 @@ def _check_float_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = No
     check_tensor(op, name, t, dtypes=FLOAT_DTYPES, optional=optional)
     if like is not None:
         if t.device != like.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but the sample is on {like.device}; they must be on the same device")
+            raise ValueError(f"{op}: {name} is on {t.device} but the sample is on {like.device}; "
+                             "they must be on the same device")
         if t.shape != like.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but the sample has shape {tuple(like.shape)}; they must match")
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but the sample has shape {tuple(like.shape)}; "
+                             "they must match")
 
 
 def _check_number(op: str, name: str, value, minimum: Optional[float] = None) -> float:
@@ -731,7 +734,7 @@ def _check_add_noise(op, x0, noise, timesteps, signal_scale, noise_scale, target
     if x0.ndim < 1:
         raise ValueError(f"{op}: x0 needs a batch dimension, got a 0-d tensor")
     _check_float_tensor(op, "noise", noise, x0, optional=noise_seed is not None)
-    seed = _check_seed(op, noise, noise_seed)
+    _check_seed(op, noise, noise_seed)
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"{op}: timesteps must be an integer torch.Tensor, got {_type_name(timesteps)}")
     if timesteps.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -823,7 +826,8 @@ def _check_diffusion_loss(op, model_output, target, weights, reduction) -> None:
         if weights.device != model_output.device:
             raise ValueError(f"{op}: weights is on {weights.device} but model_output is on {model_output.device}")
         if weights.shape != (model_output.shape[0],):
-            raise ValueError(f"{op}: weights must have shape (B,) = ({model_output.shape[0]},), got {tuple(weights.shape)}")
+            raise ValueError(f"{op}: weights must have shape (B,) = ({model_output.shape[0]},), "
+                             f"got {tuple(weights.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
@@ -836,7 +840,8 @@ def min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type: str = "ep
     op = "min_snr_weights"
     if not isinstance(timesteps, torch.Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype.is_complex:
         raise TypeError(f"{op}: timesteps must be an integer torch.Tensor, got {_type_name(timesteps)}")
-    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype not in FLOAT_DTYPES or alphas_cumprod.ndim != 1:
+    if (not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype not in FLOAT_DTYPES
+            or alphas_cumprod.ndim != 1):
         raise TypeError(f"{op}: alphas_cumprod must be a 1-D float torch.Tensor, got {_type_name(alphas_cumprod)}")
     if alphas_cumprod.device != timesteps.device:
         raise ValueError(f"{op}: alphas_cumprod is on {alphas_cumprod.device} but timesteps is on {timesteps.device}")

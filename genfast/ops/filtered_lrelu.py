@@ -310,7 +310,8 @@ class _Masked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         fu, fd, signs = ctx.saved_tensors
-        return _Masked.apply(dout, fu, fd, signs, ctx.geometry, ctx.rest, not ctx.adjoint), None, None, None, None, None, None
+        return (_Masked.apply(dout, fu, fd, signs, ctx.geometry, ctx.rest, not ctx.adjoint),
+                None, None, None, None, None, None)
 
 
 class _FilteredLReLU(torch.autograd.Function):
@@ -359,9 +360,11 @@ def _check_filter(name: str, f, x: torch.Tensor) -> torch.Tensor:
     if f.numel() == 0:
         raise ValueError(f"filtered_lrelu: {name} must have at least one tap, got shape {tuple(f.shape)}")
     if f.dtype != torch.float32:
-        raise TypeError(f"filtered_lrelu: {name} must be float32 (whatever x's dtype), got {f.dtype}; pass {name}.float()")
+        raise TypeError(f"filtered_lrelu: {name} must be float32 (whatever x's dtype), got {f.dtype}; "
+                        f"pass {name}.float()")
     if f.device != x.device:
-        raise ValueError(f"filtered_lrelu: {name} is on {f.device} but x is on {x.device}; they must be on the same device")
+        raise ValueError(f"filtered_lrelu: {name} is on {f.device} but x is on {x.device}; "
+                         "they must be on the same device")
     if f.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"filtered_lrelu: gradients with respect to the filter {name} are not supported; "
                          f"pass {name}.detach()")
@@ -399,7 +402,8 @@ def _validate(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, 
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"filtered_lrelu: b must be a torch.Tensor or None, got {_type_name(b)}")
         if b.device != x.device:
-            raise ValueError(f"filtered_lrelu: b is on {b.device} but x is on {x.device}; they must be on the same device")
+            raise ValueError(f"filtered_lrelu: b is on {b.device} but x is on {x.device}; "
+                             "they must be on the same device")
         if b.dtype != x.dtype:
             raise TypeError(f"filtered_lrelu: b must have the dtype of x ({x.dtype}), got {b.dtype}")
         if b.ndim != 1 or b.shape[0] != x.shape[1]:

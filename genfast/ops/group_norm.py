@@ -347,7 +347,8 @@ def validate(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, b
     """Checks every argument (clear errors before any kernel); returns (eps, silu, backend)."""
     check_tensor("group_norm", "x", x, dtypes=FLOAT_DTYPES)
     if x.ndim < 2:
-        raise ValueError(f"group_norm: x must have shape (N, C, *) with at least 2 dimensions, got shape {tuple(x.shape)}")
+        raise ValueError("group_norm: x must have shape (N, C, *) with at least 2 dimensions, "
+                         f"got shape {tuple(x.shape)}")
     num_groups = check_int("group_norm", "num_groups", num_groups, type_error=ValueError)
     C = x.shape[1]
     if num_groups < 1:

@@ -319,7 +319,8 @@ def setup_filter(f, device=torch.device("cpu"), normalize: bool = True, flip_fil
     try:
         f = torch.as_tensor(f, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"setup_filter: f must be a tensor, array, list or number, got {_type_name(f)} ({exc})") from None
+        raise TypeError("setup_filter: f must be a tensor, array, list or number, "
+                        f"got {_type_name(f)} ({exc})") from None
     if f.ndim not in (0, 1, 2):
         raise ValueError(f"setup_filter: f must be 0-D, 1-D or 2-D, got shape {tuple(f.shape)}")
     if f.numel() == 0:

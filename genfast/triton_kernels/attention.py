@@ -220,7 +220,8 @@ def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, en
         if HAS_BIAS:
             bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
                            mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-        s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
+                              HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
         if MASKED:
             ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
             s2 = tl.where(ok, s2, float("-inf"))
@@ -599,7 +600,8 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, 
         if HAS_BIAS:
             bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
                            mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-        s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
+                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
         if MASKED:
             ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
             s2 = tl.where(ok, s2, float("-inf"))
@@ -798,7 +800,8 @@ def _check_qkv(q, k, v):
         raise TypeError(f"attention (triton): q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     D = q.shape[-1]
     if k.shape[-1] != D or v.shape[-1] != D:
-        raise ValueError(f"attention (triton): q, k, v need one head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+        raise ValueError("attention (triton): q, k, v need one head dim, "
+                         f"got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
     if D < 16 or D > 256 or D % 8:
         raise ValueError(f"attention (triton): head dim must be a multiple of 8 in [16, 256], got {D}")
     if k.shape != v.shape[:3] + (D,) or k.shape[0] != q.shape[0]:
@@ -850,7 +853,8 @@ def _alibi_args(alibi_slopes, B, H, dummy):
     a = alibi_slopes
     if a.dim() == 1:
         if a.shape[0] != H:
-            raise ValueError(f"attention (triton): alibi_slopes must be (H,) or (B, H) with H={H}, got {tuple(a.shape)}")
+            raise ValueError(f"attention (triton): alibi_slopes must be (H,) or (B, H) with H={H}, "
+                             f"got {tuple(a.shape)}")
         return a, 0, a.stride(0)
     if a.dim() != 2 or a.shape[1] != H or a.shape[0] not in (1, B):
         raise ValueError(f"attention (triton): alibi_slopes must be (H,) or (B, H) = ({B}, {H}), got {tuple(a.shape)}")
@@ -1133,7 +1137,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
             q, k_cache, v_cache, cache_seqlens, alibi, ws_out, ws_lse,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sab, sah,
-            H, Hk, group, Sq, split_size, num_splits, row_blocks, B, qk_scale2, softcap_scale, softcap2, window_left, window_right,
+            H, Hk, group, Sq, split_size, num_splits, row_blocks, B, qk_scale2, softcap_scale, softcap2,
+            window_left, window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=prec,
