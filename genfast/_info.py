@@ -69,7 +69,8 @@ def info(file=None) -> dict:
         f"{' + CUDA ' + report['torch_cuda'] if report['torch_cuda'] else ' CPU build'}, triton {triton_version})",
         f"GPU: {gpu or 'none'}",
         f"extension genfast._C: {report['extension']}"
-        + (f"; CUDA kernels for sm {build['cuda_archs']}" if build.get("cuda") else "; C++ CPU kernels only" if build else "")
+        + (f"; CUDA kernels for sm {build['cuda_archs']}" if build.get("cuda")
+           else "; C++ CPU kernels only" if build else "")
         + (", OpenMP" if build.get("openmp") else ""),
         f"CPU: {isa['cpu']}; flags: {isa['flags'] or 'unknown'}; torch CPU capability: {isa['torch_cpu_capability']}",
         ("CPU kernels: " + (f"{isa['isa']} clone (widest this CPU runs: {isa['widest']}; "
