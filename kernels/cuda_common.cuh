@@ -77,7 +77,10 @@ void launch_kernel(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, cu
   gf_emu::check_dynamic_shared(kernel, shared_bytes);
   gf_emu::launch(kernel, grid, block, shared_bytes, args...);
 #else
-  kernel<<<grid, block, shared_bytes, stream> > >(args...);
+  // clang-format reads .cuh as C++ and would split the launch's >>>:
+  // clang-format off
+  kernel<<<grid, block, shared_bytes, stream>>>(args...);
+  // clang-format on
   check(cudaGetLastError(), family, what);
 #endif
 }
