@@ -58,10 +58,14 @@ def _geometry(x: torch.Tensor, dim: int) -> tuple:
 # Every backend: fn(mode, out, x, dy, dim, outer, C, S, eps) fills ``out``.
 
 
-@functools.lru_cache(maxsize=256)
 def _options(mode: int, dim: int, eps: float):
     """The extension's PixelNormOptions of one call signature (the mode by name)."""
-    return _ext._C.PixelNormOptions(mode=_MODE_NAMES[mode], dim=int(dim), eps=float(eps))
+    return _options_of(_ext._C.PixelNormOptions, mode, dim, eps)
+
+
+@functools.lru_cache(maxsize=256)  # keyed by the class too: the tests' CUDA emulation module has its own
+def _options_of(cls, mode: int, dim: int, eps: float):
+    return cls(mode=_MODE_NAMES[mode], dim=int(dim), eps=float(eps))
 
 
 @DISPATCH.register("cpu", FLOAT_DTYPES)

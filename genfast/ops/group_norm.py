@@ -109,10 +109,14 @@ def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # w and b are contiguous 1-D tensors or None; all x-sized tensors share x's layout.
 
 
-@functools.lru_cache(maxsize=256)
 def _options(num_groups: int, eps: float, silu: bool):
     """The extension's GroupNormOptions of one call signature (the backward's eps is unused)."""
-    return _ext._C.GroupNormOptions(num_groups=int(num_groups), eps=float(eps), silu=bool(silu))
+    return _options_of(_ext._C.GroupNormOptions, num_groups, eps, silu)
+
+
+@functools.lru_cache(maxsize=256)  # keyed by the class too: the tests' CUDA emulation module has its own
+def _options_of(cls, num_groups: int, eps: float, silu: bool):
+    return cls(num_groups=int(num_groups), eps=float(eps), silu=bool(silu))
 
 
 # The C++ entries derive N, C, S and the layout (NCHW / NHWC) from x itself.
