@@ -6,6 +6,7 @@
 // missing, swapped or mis-shaped tensor raises here instead of reaching a kernel.
 #include <pybind11/pybind11.h>
 
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -31,7 +32,24 @@ struct AttentionOptions {
   int64_t window_right = -1;        // ... right of it; 0 with window_left -1: causal
   bool align_bottom_right = false;  // the diagonal ends at the last key (flash-attn), not the first (SDPA)
   double dropout_p = 0.0;           // CPU only (the CUDA kernels have no dropout)
+  bool seq_first = false;           // CPU forward: q, k, v and out come as (B, S, H, D), flash-attn's layout,
+                                    // instead of (B, H, S, D) (no transposed views, no copy of out)
 };
+
+// A tensor of the call as the kernels index it, (B, H, S, D): with seq_first, dims 1 and 2 swap.
+TensorView heads_first(const TensorView& t, const AttentionOptions& o) {
+  if (!o.seq_first || !t.present || t.ndim != 4) return t;
+  TensorView v = t;
+  std::swap(v.shape[1], v.shape[2]);
+  std::swap(v.strides[1], v.strides[2]);
+  return v;
+}
+
+// The backward writes dq, dk, dv densely in (B, H, S, D), and so do the CUDA kernels write out.
+void no_seq_first(const char* fn, const AttentionOptions& o) {
+  if (o.seq_first)
+    fail_value(fn, "seq_first is an option of the CPU forward only; this entry point takes (B, H, S, D) tensors");
+}
 
 // CUDA launch shape: varlen grid bounds, GQA packing and split-KV decode.
 struct AttentionCudaLaunch {
@@ -125,15 +143,22 @@ attention::Params make_params(const char* fn, const TensorView& q, const TensorV
   return p;
 }
 
-// out (B, H, Sq, D) in q's dtype and lse (B, H, Sq) in the compute type, both dense.
+// out (B, H, Sq, D) in q's dtype, with unit last stride (CPU) or contiguous (CUDA), and lse
+// (B, H, Sq) in the compute type, contiguous.
 void set_out_lse(const char* fn, attention::Params& p, const TensorView& q, const TensorView& out,
-                 const TensorView& lse, int lse_dtype, bool out_written) {
+                 const TensorView& lse, int lse_dtype, bool out_written, bool strided_out) {
   if (out_written) {
     expect_dtype(fn, "out", out, q.dtype);
     expect_same_shape(fn, "out", out, "q", q);
-    expect_contiguous(fn, "out", out);
+    if (strided_out)
+      expect_unit_last_stride(fn, "out", out);
+    else
+      expect_contiguous(fn, "out", out);
     expect_same_device(fn, "out", out, q);
     p.out = out.data;
+    p.o_sb = out.stride(0);
+    p.o_sh = out.stride(1);
+    p.o_ss = out.stride(2);
   }
   expect_dtype(fn, "lse", lse, lse_dtype);
   expect_shape(fn, "lse", lse, {p.B, p.H, p.Sq});
@@ -181,6 +206,53 @@ void set_grads(const char* fn, attention::Params& p, const TensorView& q, const 
 
 int lse_dtype_of(int dtype) { return dtype == F64 ? F64 : F32; }
 
+size_t float_bytes(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
+
+// k / v (B, S_new, Hk, D) written into k_cache / v_cache (B, S_max, Hk, D) at rows
+// cache_seqlens[b] .. + S_new of batch row b (flash-attn's in-place cache update). Every row
+// index is checked against S_max before anything is written.
+void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
+                        const TensorView& v, const TensorView& cache_seqlens) {
+  expect_cpu(fn, "k_cache", k_cache);
+  expect_float_dtype(fn, "k_cache", k_cache);
+  expect_ndim(fn, "k_cache", k_cache, 4);
+  expect_same_shape(fn, "v_cache", v_cache, "k_cache", k_cache);
+  expect_ndim(fn, "k", k, 4);
+  expect_same_shape(fn, "v", v, "k", k);
+  const int64_t B = k_cache.size(0), S_max = k_cache.size(1), Hk = k_cache.size(2), D = k_cache.size(3);
+  const int64_t S_new = k.size(1);
+  expect_shape(fn, "k", k, {B, -1, Hk, D});
+  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"v_cache", &v_cache}, {"k", &k}, {"v", &v}}) {
+    expect_dtype(fn, name, *t, k_cache.dtype);
+    expect_cpu(fn, name, *t);
+  }
+  for (auto [name, t] :
+       {std::pair<const char*, const TensorView*>{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k", &k}, {"v", &v}})
+    expect_unit_last_stride(fn, name, *t);
+  expect_dtype(fn, "cache_seqlens", cache_seqlens, I32);
+  expect_shape(fn, "cache_seqlens", cache_seqlens, {B});
+  expect_contiguous(fn, "cache_seqlens", cache_seqlens);
+  expect_cpu(fn, "cache_seqlens", cache_seqlens);
+  const int32_t* rows = cache_seqlens.ptr<const int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    if (rows[b] < 0 || rows[b] + S_new > S_max)
+      fail_value(fn, "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(rows[b]) + " leaves no room for " +
+                         std::to_string(S_new) + " new rows in a cache of " + std::to_string(S_max));
+  const size_t row_bytes = size_t(D) * float_bytes(k_cache.dtype);
+  for (auto [cache, src] : {std::pair<const TensorView*, const TensorView*>{&k_cache, &k}, {&v_cache, &v}}) {
+    const size_t item = float_bytes(cache->dtype);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < S_new; ++t)
+        for (int64_t h = 0; h < Hk; ++h) {
+          char* dst = static_cast<char*>(cache->data) +
+                      (b * cache->stride(0) + (rows[b] + t) * cache->stride(1) + h * cache->stride(2)) * item;
+          const char* from = static_cast<const char*>(src->data) +
+                             (b * src->stride(0) + t * src->stride(1) + h * src->stride(2)) * item;
+          std::memcpy(dst, from, row_bytes);
+        }
+  }
+}
+
 int checked_threads(const char* fn, int num_threads) {
   if (num_threads < 1) fail_value(fn, "num_threads must be >= 1, got " + std::to_string(num_threads));
   return num_threads;
@@ -190,7 +262,7 @@ std::string repr(const AttentionOptions& o) {
   std::ostringstream s;
   s << "AttentionOptions(scale=" << o.scale << ", softcap=" << o.softcap << ", window_left=" << o.window_left
     << ", window_right=" << o.window_right << ", align_bottom_right=" << (o.align_bottom_right ? "True" : "False")
-    << ", dropout_p=" << o.dropout_p << ")";
+    << ", dropout_p=" << o.dropout_p << ", seq_first=" << (o.seq_first ? "True" : "False") << ")";
   return s.str();
 }
 
@@ -219,34 +291,45 @@ GENFAST_REGISTER_BINDINGS(attention) {
   m.attr("ATTENTION_CUDA_BACKWARD_MAX_HEAD_DIM") = attention::kBackwardMaxHeadDim;
   py::class_<AttentionOptions>(m, "AttentionOptions", "Options of one attention problem (all keyword, all required).")
       .def(py::init([](double scale, double softcap, int64_t window_left, int64_t window_right, bool align_bottom_right,
-                       double dropout_p) {
+                       double dropout_p, bool seq_first) {
              const char* fn = "AttentionOptions";
              if (!(scale == scale)) fail_value(fn, "scale is NaN (resolve the default 1/sqrt(D) first)");
              if (softcap < 0) fail_value(fn, "softcap must be >= 0");
              if (window_left < -1 || window_right < -1) fail_value(fn, "window sizes must be >= -1");
              if (!(dropout_p >= 0 && dropout_p < 1)) fail_value(fn, "dropout_p must be in [0, 1)");
-             return AttentionOptions{scale, softcap, window_left, window_right, align_bottom_right, dropout_p};
+             AttentionOptions o;
+             o.scale = scale;
+             o.softcap = softcap;
+             o.window_left = window_left;
+             o.window_right = window_right;
+             o.align_bottom_right = align_bottom_right;
+             o.dropout_p = dropout_p;
+             o.seq_first = seq_first;
+             return o;
            }),
            py::kw_only(), py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
-           py::arg("align_bottom_right"), py::arg("dropout_p"))
+           py::arg("align_bottom_right"), py::arg("dropout_p"), py::arg("seq_first"))
       .def_readonly("scale", &AttentionOptions::scale)
       .def_readonly("softcap", &AttentionOptions::softcap)
       .def_readonly("window_left", &AttentionOptions::window_left)
       .def_readonly("window_right", &AttentionOptions::window_right)
       .def_readonly("align_bottom_right", &AttentionOptions::align_bottom_right)
       .def_readonly("dropout_p", &AttentionOptions::dropout_p)
+      .def_readonly("seq_first", &AttentionOptions::seq_first)
       .def("__repr__", &repr);
 
   m.def(
       "attention_forward_cpu",
-      [](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-         const TensorView& bias, const TensorView& alibi_slopes, const TensorView& cu_seqlens_q,
+      [](const TensorView& q_in, const TensorView& k_in, const TensorView& v_in, const TensorView& out_in,
+         const TensorView& lse, const TensorView& bias, const TensorView& alibi_slopes, const TensorView& cu_seqlens_q,
          const TensorView& cu_seqlens_k, const TensorView& seqused_k, const TensorView& keep_mask, uint64_t seed,
          const AttentionOptions& options, int num_threads) {
         const char* fn = "attention_forward_cpu";
+        const TensorView q = heads_first(q_in, options), k = heads_first(k_in, options), v = heads_first(v_in, options),
+                         out = heads_first(out_in, options);
         expect_cpu(fn, "q", q);
         attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options);
-        set_out_lse(fn, p, q, out, lse, lse_dtype_of(q.dtype), true);
+        set_out_lse(fn, p, q, out, lse, lse_dtype_of(q.dtype), true, true);
         set_bias(fn, p, q, bias);
         if (keep_mask.present) {
           expect_dtype(fn, "keep_mask", keep_mask, BOOL);
@@ -269,9 +352,10 @@ GENFAST_REGISTER_BINDINGS(attention) {
          const TensorView& bias, const TensorView& alibi_slopes, const TensorView& cu_seqlens_q,
          const TensorView& cu_seqlens_k, uint64_t seed, const AttentionOptions& options, int num_threads) {
         const char* fn = "attention_backward_cpu";
+        no_seq_first(fn, options);
         expect_cpu(fn, "q", q);
         attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, TensorView{}, options);
-        set_out_lse(fn, p, q, out, lse, lse_dtype_of(q.dtype), true);
+        set_out_lse(fn, p, q, out, lse, lse_dtype_of(q.dtype), true, true);
         set_bias(fn, p, q, bias);
         set_grads(fn, p, q, k, dout, dq, dk, dv);
         p.seed = seed;
@@ -282,6 +366,14 @@ GENFAST_REGISTER_BINDINGS(attention) {
       py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"),
       py::arg("dk"), py::arg("dv"), py::kw_only(), py::arg("bias"), py::arg("alibi_slopes"), py::arg("cu_seqlens_q"),
       py::arg("cu_seqlens_k"), py::arg("seed"), py::arg("options"), py::arg("num_threads"));
+
+  m.def(
+      "attention_kvcache_append_cpu",
+      [](const TensorView& k_cache, const TensorView& v_cache, const TensorView& k, const TensorView& v,
+         const TensorView& cache_seqlens) {
+        kvcache_append_cpu("attention_kvcache_append_cpu", k_cache, v_cache, k, v, cache_seqlens);
+      },
+      py::arg("k_cache"), py::arg("v_cache"), py::kw_only(), py::arg("k"), py::arg("v"), py::arg("cache_seqlens"));
 
 #ifdef GENFAST_WITH_CUDA
   py::class_<AttentionCudaLaunch>(m, "AttentionCudaLaunch",
@@ -305,8 +397,9 @@ GENFAST_REGISTER_BINDINGS(attention) {
          const TensorView& seqused_k, const TensorView& out_partial, const TensorView& lse_partial,
          const AttentionOptions& options, const AttentionCudaLaunch& launch, uintptr_t stream) {
         const char* fn = "attention_forward_cuda";
+        no_seq_first(fn, options);
         attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options);
-        set_out_lse(fn, p, q, out, lse, F32, true);
+        set_out_lse(fn, p, q, out, lse, F32, true, false);
         attention::CudaArgs a = cuda_args(fn, p, q, launch, stream);
         if (launch.num_splits > 1) {
           expect_dtype(fn, "out_partial", out_partial, F32);
@@ -331,8 +424,9 @@ GENFAST_REGISTER_BINDINGS(attention) {
          const TensorView& alibi_slopes, const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k,
          const AttentionOptions& options, const AttentionCudaLaunch& launch, uintptr_t stream) {
         const char* fn = "attention_backward_cuda";
+        no_seq_first(fn, options);
         attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, TensorView{}, options);
-        set_out_lse(fn, p, q, TensorView{}, lse, F32, false);
+        set_out_lse(fn, p, q, TensorView{}, lse, F32, false, false);
         set_grads(fn, p, q, k, dout, dq, dk, dv);
         expect_dtype(fn, "delta", delta, F32);
         expect_shape(fn, "delta", delta, {p.B, p.H, p.Sq});

@@ -195,8 +195,10 @@ void forward_groups(const Params& p, int64_t max_queries) {
                                  std::min<int64_t>(G, (2 * std::max(1, p.num_threads) + pairs - 1) / pairs));
   const int64_t heads_per_part = (G + parts - 1) / parts;
   const int64_t items = pairs * parts;
+  // if: one thread runs the loop without starting a team (its start-up costs more than a small
+  // problem, and small calls are launch-bound).
 #ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#pragma omp parallel num_threads(std::max(1, p.num_threads)) if (p.num_threads > 1)
 #endif
   {
     ForwardWork<F> w(p.D);
@@ -227,7 +229,7 @@ void forward_typed(const Params& p) {
   Buffer<F> kt_blocks(size_t(key_items * p.D * BN));
   F* kt = pretranspose ? kt_blocks.data() : nullptr;
 #ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#pragma omp parallel num_threads(std::max(1, p.num_threads)) if (p.num_threads > 1)
 #endif
   {
 #ifdef GENFAST_WITH_OPENMP
@@ -267,7 +269,7 @@ void backward_typed(const Params& p) {
   }
   const int64_t items = nseq * p.H;
 #ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#pragma omp parallel num_threads(std::max(1, p.num_threads)) if (p.num_threads > 1)
 #endif
   {
     BackwardWork<F> w(D);

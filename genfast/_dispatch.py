@@ -187,6 +187,7 @@ def direct_call_allowed(*tensors) -> bool:
 
 
 _warned: set = set()
+_UNPREPARED = object()
 
 
 def warn_once(key, message: str) -> None:
@@ -302,6 +303,31 @@ class OpDispatcher:
                 warn_once((self.op, name, "broken"), f"genfast.{self.op}: backend {name!r} failed "
                           f"({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
         raise AssertionError("unreachable")
+
+    def prepared(self, signature, prepare: Callable) -> tuple:
+        """(key, call): the call prepared for an eager call ``signature`` (made by ``prepare()``
+        at its first use; None: the signature takes the general path). A small eager call is
+        launch-bound, so its host path is its cost: a prepared call has the backend choice, the
+        options and the thread count worked out once, and only allocates and runs the kernel.
+        Prepared calls live in ``plans`` (cleared when a backend is registered or breaks and by
+        refresh_environment); the key holds the use_backend context and the extension module
+        (tests swap in a CUDA emulation)."""
+        key = ("prepared", signature, context_backend(self.op), _ext._C)
+        call = self.plans.get(key, _UNPREPARED)
+        if call is _UNPREPARED:
+            call = self.plans[key] = prepare()
+        return key, call
+
+    def run_prepared(self, key, call: Callable, *args):
+        """``call(*args)``, or None when it failed with anything but an argument error: the
+        signature then takes the general path, which handles fallbacks and warnings."""
+        try:
+            return call(*args)
+        except (ValueError, TypeError):
+            raise
+        except Exception:
+            self.plans[key] = None
+            return None
 
     def _explicit(self, requested: str | None) -> str | None:
         """The backend asked for by the argument, a use_backend context or GENFAST_BACKEND."""

@@ -32,9 +32,11 @@ struct Params {
   double dropout_p = 0.0;
   uint64_t seed = 0;
   uint8_t* keep_mask = nullptr;  // optional (B, H, Sq, Sk) bool output (tests)
-  // Forward outputs / backward inputs: out (B, H, Sq, D) contiguous, lse (B, H, Sq) in the
-  // compute type (fp32; fp64 for fp64 inputs, so fp64 gradients keep fp64 accuracy).
+  // Forward outputs / backward inputs: out (B, H, Sq, D) with unit last stride (the CUDA
+  // kernels take it contiguous), lse (B, H, Sq) contiguous in the compute type (fp32; fp64 for
+  // fp64 inputs, so fp64 gradients keep fp64 accuracy).
   void* out = nullptr;
+  int64_t o_sb = 0, o_sh = 0, o_ss = 0;
   void* lse = nullptr;
   // Backward.
   const void* dout = nullptr;

@@ -154,7 +154,7 @@ def test_kernel_rejects_what_python_should_have_caught(emulated):
     q = rand(1, 1, 8, 32)
     out, lse = torch.empty_like(q), torch.empty(1, 1, 8)
     options = emulated.AttentionOptions(scale=1.0, softcap=0.0, window_left=-1, window_right=-1,
-                                        align_bottom_right=False, dropout_p=0.0)
+                                        align_bottom_right=False, dropout_p=0.0, seq_first=False)
 
     def forward(q, k, v, out, splits=1):
         launch = emulated.AttentionCudaLaunch(max_seqlen_q=0, max_seqlen_k=0, pack_gqa=False, num_splits=splits)

@@ -18,7 +18,8 @@ def test_dtype_codes_come_from_the_extension():
 
 
 def _options(**overrides):
-    fields = dict(scale=0.25, softcap=0.0, window_left=-1, window_right=-1, align_bottom_right=False, dropout_p=0.0)
+    fields = dict(scale=0.25, softcap=0.0, window_left=-1, window_right=-1, align_bottom_right=False, dropout_p=0.0,
+                  seq_first=False)
     fields.update(overrides)
     return _ext._C.AttentionOptions(**fields)
 
@@ -27,11 +28,12 @@ def test_options_need_every_field_by_name():
     o = _options(scale=0.5, window_left=3)
     assert (o.scale, o.window_left, o.window_right) == (0.5, 3, -1)
     with pytest.raises(TypeError):
-        _ext._C.AttentionOptions(scale=0.25, softcap=0.0, window_left=-1, window_right=-1, align_bottom_right=False)
+        _ext._C.AttentionOptions(scale=0.25, softcap=0.0, window_left=-1, window_right=-1, align_bottom_right=False,
+                                 dropout_p=0.0)
     with pytest.raises(TypeError):
         _options(scale=0.25, causal=True)  # unknown field
     with pytest.raises(TypeError):
-        _ext._C.AttentionOptions(0.25, 0.0, -1, -1, False, 0.0)  # positional: not accepted
+        _ext._C.AttentionOptions(0.25, 0.0, -1, -1, False, 0.0, False)  # positional: not accepted
     with pytest.raises(ValueError, match="dropout_p"):
         _options(dropout_p=1.0)
     with pytest.raises(ValueError, match="NaN"):
@@ -125,3 +127,29 @@ def test_attention_ops_are_native_ops():
     for op in (attention.attention_forward, attention.attention_backward, attention.attention_decode,
                attention.attention_kvcache_append):
         assert isinstance(op, NativeOp) and hasattr(torch.ops.genfast, op.name)
+
+
+def test_kvcache_append_entry_writes_rows_and_checks_bounds():
+    B, S_max, Hk, D = 3, 6, 2, 16
+    k_cache, v_cache = torch.randn(B, S_max, Hk, D), torch.randn(B, S_max, Hk, D)
+    k, v = torch.randn(B, 2, Hk, D), torch.randn(B, 2, Hk, D)
+    rows = torch.tensor([0, 4, 2], dtype=torch.int32)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, r in enumerate(rows.tolist()):
+        expected_k[b, r:r + 2], expected_v[b, r:r + 2] = k[b], v[b]
+    _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k, v=v, cache_seqlens=rows)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 5 leaves no room for 2 new rows"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k, v=v,
+                                             cache_seqlens=torch.tensor([0, 5, 1], dtype=torch.int32))
+    assert torch.equal(k_cache, before), "nothing is written when a row is out of bounds"
+    with pytest.raises(ValueError, match="cache_seqlens.*leaves no room"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k, v=v,
+                                             cache_seqlens=torch.tensor([-1, 0, 0], dtype=torch.int32))
+    with pytest.raises(TypeError, match="k must be float32"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k.double(), v=v, cache_seqlens=rows)
+    with pytest.raises(ValueError, match="k must have shape"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k[:, :, :1], v=v[:, :, :1], cache_seqlens=rows)
+    with pytest.raises(TypeError, match="cache_seqlens must be int32"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k, v=v, cache_seqlens=rows.long())

@@ -148,9 +148,10 @@ def count_genfast_attention(monkeypatch) -> list:
     """Every forward call into genfast's attention kernels appends one entry to the returned list."""
     import genfast.ops.attention as attention_ops
 
+    from genfast.testing import count_table_runs
+
     calls = []
-    real = attention_ops.FORWARD.run
-    monkeypatch.setattr(attention_ops.FORWARD, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    count_table_runs(attention_ops.FORWARD, lambda: calls.append(1), monkeypatch.setattr)
     return calls
 
 

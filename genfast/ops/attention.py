@@ -108,16 +108,18 @@ SINGLE_THREAD_WORK = 1 << 18
 
 
 def _options(scale: float, softcap: float, window_left: int, window_right: int, align_bottom_right: bool,
-             dropout_p: float):
-    """The extension's AttentionOptions of one problem (made once per call signature in practice)."""
+             dropout_p: float, seq_first: bool = False):
+    """The extension's AttentionOptions of one problem (made once per call signature in practice).
+    ``seq_first``: the tensors come in flash-attn's (B, S, H, D) layout (the contract's is (B, H, S, D))."""
     return _options_of(_ext._C.AttentionOptions, scale, softcap, window_left, window_right, align_bottom_right,
-                       dropout_p)
+                       dropout_p, seq_first)
 
 
 @functools.lru_cache(maxsize=256)  # keyed by the class too: the tests' CUDA emulation module has its own
-def _options_of(cls, scale, softcap, window_left, window_right, align_bottom_right, dropout_p):
+def _options_of(cls, scale, softcap, window_left, window_right, align_bottom_right, dropout_p, seq_first):
     return cls(scale=float(scale), softcap=float(softcap), window_left=int(window_left),
-               window_right=int(window_right), align_bottom_right=bool(align_bottom_right), dropout_p=float(dropout_p))
+               window_right=int(window_right), align_bottom_right=bool(align_bottom_right), dropout_p=float(dropout_p),
+               seq_first=bool(seq_first))
 
 
 def _cpu_threads(q, k) -> int:
@@ -408,6 +410,13 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window
 
 def _append_impl(k_cache, v_cache, k, v, cache_seqlens):
     # k_cache (B, S_max, Hk, D), k (B, S_new, Hk, D): rows cache_seqlens[b] + t of batch b.
+    # On the CPU, one C++ call (row copies, bounds checked) instead of six torch ops: decode is
+    # host-bound. (getattr: the tests' CUDA emulation module stands in for the extension.)
+    native = getattr(_ext._C, "attention_kvcache_append_cpu", None) if k_cache.device.type == "cpu" else None
+    if native is not None and k.dtype == k_cache.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
+        kk, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        native(k_cache, v_cache, k=kk, v=vv, cache_seqlens=cache_seqlens.contiguous())
+        return
     # Indexing with device tensors: no host synchronisation (CUDA-graph capturable).
     B, S_new = k.shape[0], k.shape[1]
     rows = cache_seqlens.to(torch.int64)[:, None] + torch.arange(S_new, device=k.device)[None, :]
@@ -486,6 +495,119 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
                                         return_dropout_mask, deterministic, backend)
     return attention_forward(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *problem,
                              return_dropout_mask, backend)
+
+
+# ----------------------------------------------------------------------------- prepared eager calls
+# A call whose signature passed validation before, that needs no autograd and has no mask,
+# ALiBi, dropout or varlen, runs a call prepared once per signature (OpDispatcher.prepared):
+# the backend choice, the resolved options, the extension's options struct and the thread count
+# are worked out at the first call; later calls allocate the outputs and run the kernel.
+
+
+def _cpu_outputs(q: torch.Tensor, seq_first: bool):
+    """Allocators of the CPU kernels' contiguous out (q's shape) and lse (B, H, Sq)."""
+    B, H, Sq = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
+    lse_like = torch.empty((), dtype=lse_dtype(q.dtype), device=q.device).expand(B, H, Sq)
+    contiguous = torch.contiguous_format
+    return lambda q: (torch.empty_like(q, memory_format=contiguous), torch.empty_like(lse_like))
+
+
+def _heads_first(fn, seq_first: bool):
+    """``fn`` (taking the contract's (B, H, S, D) views first, returning (out, lse, ...)) for
+    tensors in the caller's layout: flash-attn's (B, S, H, D) when ``seq_first``."""
+    if not seq_first:
+        return lambda *tensors: fn(*tensors)[:2]
+
+    def call(q, k, v, *rest):
+        out, lse = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *rest)[:2]
+        return out.transpose(1, 2).contiguous(), lse
+
+    return call
+
+
+def _prepare_forward(q, k, problem, backend, seq_first):
+    """The forward of a dense, unmasked problem with ``problem`` = (scale, window_left,
+    window_right, align_bottom_right, softcap), q, k, v in (B, H, S, D) or, when ``seq_first``,
+    (B, S, H, D): a function (q, k, v) -> (out in q's layout, lse (B, H, Sq)), or None."""
+    name = FORWARD.select(backend or None, q.device, q.dtype)
+    scale, left, right, bottom_right, softcap = problem
+    kw = _contract_kwargs(q, None, None, None, None, None, scale, left, right, bottom_right, softcap, 0.0, 0, 0)
+    if name != "cpu":
+        fn = FORWARD.backends[name].fn
+        return _heads_first(lambda q, k, v: fn((q, k, v), kw), seq_first)
+    if q.numel() == 0:
+        return None
+    native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, seq_first)
+    options = _options(kw["scale"], softcap, left, right, bottom_right, 0.0, seq_first)
+    threads = _cpu_threads(*((q.transpose(1, 2), k.transpose(1, 2)) if seq_first else (q, k)))
+
+    def call(q, k, v):
+        out, lse = outputs(q)
+        native(q, k, v, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+               seqused_k=None, keep_mask=None, seed=0, options=options, num_threads=threads)
+        return out, lse
+
+    return call
+
+
+def _eager_forward(signature, q, k, v, problem, backend, seq_first=False):
+    """(out in q's layout, lse) of a dense unmasked forward without autograd (q, k, v with unit
+    last stride, in (B, H, S, D) or, when ``seq_first``, (B, S, H, D))."""
+    key, call = FORWARD.prepared(signature, lambda: _prepare_forward(q, k, problem, backend, seq_first))
+    result = None if call is None else FORWARD.run_prepared(key, call, q, k, v)
+    if result is None:
+        general = lambda q, k, v: attention_forward(q, k, v, None, None, None, None, None, *problem, 0.0, 0, 0,
+                                                    False, backend or "")
+        return _heads_first(general, seq_first)(q, k, v)
+    return result
+
+
+def _prepare_decode(q, k_cache, problem, num_splits, backend):
+    """The decode of ``problem`` = (scale, window_left, window_right, softcap) in flash-attn's
+    layout: a function (q, k_cache, v_cache, seqlens) -> (out (B, Sq, H, D), lse), or None."""
+    name = DECODE.select(backend or None, q.device, q.dtype)
+    scale, left, right, softcap = problem
+    kw = dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=left, window_right=right, softcap=softcap,
+              alibi_slopes=None, num_splits=num_splits)
+    if name != "cpu":
+        fn = DECODE.backends[name].fn
+        return _heads_first(lambda q, kc, vc, seqlens: fn((q, kc, vc, seqlens), kw), True)
+    if q.numel() == 0:
+        return None
+    native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, True)
+    options = _options(kw["scale"], softcap, left, right, True, 0.0, True)
+    threads = _cpu_threads(q.transpose(1, 2), k_cache.transpose(1, 2))
+
+    def call(q, kc, vc, seqlens):
+        out, lse = outputs(q)
+        native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads)
+        return out, lse
+
+    return call
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_seqlens(batch: int, value: int, device: torch.device) -> torch.Tensor:
+    """An int cache_seqlens as the int32 (B,) tensor the kernels read (read-only, shared)."""
+    return torch.full((batch,), value, dtype=torch.int32, device=device)
+
+
+def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, backend):
+    """(out, lse) of a decode without ALiBi, tensors in flash-attn's (B, S, H, D) layout with unit
+    last stride."""
+    key, call = DECODE.prepared(signature, lambda: _prepare_decode(q, k_cache, problem, num_splits, backend))
+    result = None if call is None else DECODE.run_prepared(key, call, q, k_cache, v_cache, seqlens)
+    if result is None:
+        general = lambda q, kc, vc, seqlens: attention_decode(q, kc, vc, seqlens, None, *problem, num_splits,
+                                                              backend or "")
+        return _heads_first(general, True)(q, k_cache, v_cache, seqlens)
+    return result
+
+
+def _eager_allowed(*tensors) -> bool:
+    """No autograd needed (the prepared calls have none)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -714,12 +836,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         q4, k4, v4 = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
     else:
         q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+    if signature is not None and dropout_p == 0 and _eager_allowed(q4, k4, v4):
+        out, lse = _eager_forward(signature, q4, k4, v4, (scale, -1, 0 if is_causal else -1, False, 0.0), backend)
+        if query.ndim != 4:
+            out, lse = out.reshape(query.shape), lse.reshape(query.shape[:-1])
+        return (out, lse) if return_lse else out
     bias = None
     if attn_mask is not None:
         full = tuple(query.shape[:-1]) + (k4.shape[2],)
         bias = _sdpa_mask_to_bias(fn, attn_mask, query, full)
         bias = bias.unsqueeze(-3) if query.ndim == 3 else bias.reshape(-1, *bias.shape[-3:])
-    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     out, lse, _ = _attention(q4, k4, v4, bias=bias, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
                              align_bottom_right=False, dropout_p=dropout_p, backend=backend)
     if query.ndim != 4:  # 4-D: already query's shape
@@ -808,6 +935,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if signature is not None:
             _VALIDATED.add(signature)
     qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if signature is not None and dropout_p == 0 and _eager_allowed(qt, kt, vt):
+        out, lse = _eager_forward(signature, qt, kt, vt, (scale, left, right, True, softcap), backend, seq_first=True)
+        return _flash_result(out, lse, None, return_attn_probs, dropout_p)
     out, lse, keep = _attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), alibi_slopes=alibi,
                                 scale=scale, window_left=left, window_right=right, align_bottom_right=True,
                                 softcap=softcap, dropout_p=dropout_p,
@@ -963,7 +1093,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
     elif is_int(cache_seqlens):  # its value was checked in Python
-        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+        if signature is not None and S_new == 0:
+            cache_seqlens = _constant_seqlens(B, int(cache_seqlens), q.device)
+        else:
+            cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     elif not _compiling():  # a tensor: its values decide where the new k/v go and how far rows read
         lengths = cache_seqlens.full_tensor() if hasattr(cache_seqlens, "full_tensor") else cache_seqlens  # DTensor
         if lengths.device.type == "cpu" and lengths.shape[0] <= 256:  # cheaper than two reductions
@@ -984,6 +1117,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     qt = q if q.stride(-1) == 1 else q.contiguous()
     kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    if signature is not None:
+        out, lse = _eager_decode(signature, qt, kc, vc, seqlens, (scale, left, right, softcap), int(num_splits),
+                                 backend)
+        return (out, lse) if return_softmax_lse else out
     out, lse = attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale,
                                 left, right, softcap, int(num_splits), backend or "")
     out = out.transpose(1, 2).contiguous()

@@ -336,11 +336,33 @@ def bias_act(
             _VALIDATED.add(signature, params)
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _BiasAct.apply(x, b, params)
+    if signature is not None and x.is_contiguous() and (b is None or b.is_contiguous()):
+        key, call = DISPATCH.prepared(signature, lambda: _prepare_forward(x, b, params))
+        out = None if call is None else DISPATCH.run_prepared(key, call, x, b)
+        if out is not None:
+            return out
     # Eager calls on plain tensors skip the torch.library round trip (see direct_call_allowed).
     return _fwd_impl(x, b, *params) if direct else BIAS_ACT.op(x, b, *params)
 
 
 _VALIDATED = ValidatedSignatures()
+
+
+def _prepare_forward(x, b, params):
+    """The CPU forward of one validated signature for contiguous x and b (see
+    OpDispatcher.prepared): a function (x, b) -> out; None off the CPU backend."""
+    dim, act, alpha, gain, clamp, backend = params
+    if DISPATCH.select(backend or None, x.device, x.dtype) != "cpu" or x.numel() == 0:
+        return None
+    native, options = _ext._C.bias_act_cpu, _options(FORWARD, ACT_CODES[act], x, b, dim, alpha, gain, clamp)
+    threads = cpu_threads(x.numel())
+
+    def call(x, b):
+        out = torch.empty_like(x)
+        native(out, x, b=b, dy=None, ddx=None, db=None, options=options, num_threads=threads)
+        return out
+
+    return call
 
 
 def fused_leaky_relu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, negative_slope: float = 0.2,

@@ -625,12 +625,51 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
                                     like=_layout(sample, _step_per_sample(coefs, clamp_tensor)))
         return prev.to(out_dtype), (aux.to(aux_dtype) if return_aux else None)
     if direct:  # eager, plain tensors: no torch.library round trip (see direct_call_allowed)
+        if signature is not None:
+            result = _eager_step(signature, sample, model_output, coefs, history, history2, noise,
+                                 model_output_uncond, clamp_tensor, seed, bool(return_aux), x0_rescale, checked)
+            if result is not None:
+                return result
         return _step_run(sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor,
                          clamp_value, x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
     prev, aux = SAMPLER_STEP.op(
         sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
         x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
     return prev, (aux if return_aux else None)
+
+
+def _prepare_step(x, x0_rescale, checked):
+    """The CPU sampler step of one validated signature, for contiguous tensors: a function
+    (x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux) -> (prev, aux); None off the CPU
+    backend (those take the general path)."""
+    clamp_value, out_dtype, aux_dtype, g, backend, _ = checked
+    if DISPATCH["sampler_step"].select(backend or None, x.device, x.dtype) != "cpu" or x.numel() == 0:
+        return None
+    native, options = _ext._C.diffusion_sampler_step_cpu, _step_options(clamp_value, x0_rescale, g)
+    threads = cpu_threads(x.numel())
+
+    def call(x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux):
+        prev = torch.empty_like(x, dtype=out_dtype)
+        aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else None
+        native(prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs, clamp=clamp,
+               seed=seed if seed >= 0 else None, options=options, num_threads=threads)
+        return prev, aux
+
+    return call
+
+
+def _eager_step(signature, x, m, coefs, h1, h2, z, mu, clamp, seed, return_aux, x0_rescale, checked):
+    """(prev, aux) through the call prepared for ``signature`` (see OpDispatcher.prepared), or
+    None where it does not apply: a tensor that is not contiguous takes the general path, which
+    matches layouts."""
+    table = DISPATCH["sampler_step"]
+    key, call = table.prepared(signature, lambda: _prepare_step(x, x0_rescale, checked))
+    if call is None:
+        return None
+    for t in (x, m, coefs, h1, h2, z, mu, clamp):
+        if t is not None and not t.is_contiguous():
+            return None
+    return table.run_prepared(key, call, x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux)
 
 
 def _check_sampler_step(op, sample, model_output, coefs, history, history2, noise, x0_clamp, x0_rescale, out_dtype,

@@ -2,19 +2,15 @@
 conftest fixture and by the distributed test's rank processes, which run this folder's files as
 scripts)."""
 from genfast.ops import attention
+from genfast.testing import count_table_runs
 
 
 def count_attention_dispatches(patch=setattr) -> dict:
-    """Wraps the attention FORWARD/BACKWARD tables' ``run`` (whatever path reaches them) with
-    counters; ``patch(obj, name, value)`` installs the wrapper (``monkeypatch.setattr`` in tests,
-    to undo it afterwards). Returns the live ``{"forward": n, "backward": n}`` counts."""
+    """Counts the runs of the attention FORWARD/BACKWARD tables' backends (whatever path reaches
+    them, prepared eager calls included); ``patch(obj, name, value)`` installs the counters
+    (``monkeypatch.setattr`` in tests, to undo them afterwards). Returns the live
+    ``{"forward": n, "backward": n}`` counts."""
     counts = {"forward": 0, "backward": 0}
     for key, table in (("forward", attention.FORWARD), ("backward", attention.BACKWARD)):
-        real = table.run
-
-        def run(*args, _real=real, _key=key, **kwargs):
-            counts[_key] += 1
-            return _real(*args, **kwargs)
-
-        patch(table, "run", run)
+        count_table_runs(table, lambda _key=key: counts.__setitem__(_key, counts[_key] + 1), patch)
     return counts

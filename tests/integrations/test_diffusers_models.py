@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.testing import error_vs_reference
+from genfast.testing import count_table_runs, error_vs_reference
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
@@ -47,18 +47,15 @@ def genfast_call_counters(monkeypatch) -> dict:
     group_norm_ops = importlib.import_module("genfast.ops.group_norm")
 
     counts = {"attention": 0, "group_norm_silu": 0}
-    attention_run, group_norm_run = attention_ops.FORWARD.run, group_norm_ops.DISPATCH.run
-
-    def count_attention(*args, **kwargs):
-        counts["attention"] += 1
-        return attention_run(*args, **kwargs)
+    group_norm_run = group_norm_ops.DISPATCH.run
+    count_table_runs(attention_ops.FORWARD, lambda: counts.__setitem__("attention", counts["attention"] + 1),
+                     monkeypatch.setattr)
 
     def count_group_norm(requested, device, dtype, direction, *args):
         if direction == group_norm_ops.FORWARD and args[-1]:  # the last argument: silu
             counts["group_norm_silu"] += 1
         return group_norm_run(requested, device, dtype, direction, *args)
 
-    monkeypatch.setattr(attention_ops.FORWARD, "run", count_attention)
     monkeypatch.setattr(group_norm_ops.DISPATCH, "run", count_group_norm)
     return counts
 

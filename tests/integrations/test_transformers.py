@@ -15,7 +15,7 @@ import torch
 
 import genfast
 import genfast.integrations.transformers as gt
-from genfast.testing import error_vs_reference
+from genfast.testing import count_table_runs, error_vs_reference
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -63,11 +63,8 @@ def kernel_calls(monkeypatch):
     """Counts runs of genfast's attention kernel tables (at run time, also inside compiled graphs)."""
     counts = collections.Counter()
     for table in ("FORWARD", "BACKWARD", "DECODE"):
-        dispatcher = getattr(genfast.ops.attention, table)
-        def run(*args, _inner=dispatcher.run, _name=table, **kwargs):
-            counts[_name] += 1
-            return _inner(*args, **kwargs)
-        monkeypatch.setattr(dispatcher, "run", run)
+        count_table_runs(getattr(genfast.ops.attention, table), lambda _name=table: counts.update([_name]),
+                         monkeypatch.setattr)
     return counts
 
 

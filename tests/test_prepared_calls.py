@@ -1,0 +1,263 @@
+"""Prepared eager calls (OpDispatcher.prepared): an eager call without autograd whose signature
+validated before runs a call prepared once per signature (attention without mask, ALiBi or
+dropout; bias_act; sampler_step). It must give exactly what the general path gives (the same
+kernel), really run (no trip through the dispatch tables), follow use_backend and
+refresh_environment, and hand failures to the general path (fallbacks, warnings)."""
+import importlib
+import warnings
+
+import pytest
+import torch
+
+import genfast
+from genfast import _dispatch, _ext
+from genfast.ops import attention as A
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the genfast._C extension is not built")
+
+
+@pytest.fixture
+def table_runs(monkeypatch):
+    """Counts the general path's runs of the FORWARD and DECODE tables."""
+    counts = {"FORWARD": 0, "DECODE": 0}
+    for name in counts:
+        table = getattr(A, name)
+
+        def run(*args, _inner=table.run, _name=name, **kwargs):
+            counts[_name] += 1
+            return _inner(*args, **kwargs)
+
+        monkeypatch.setattr(table, "run", run)
+    return counts
+
+
+def _general(fn, *tensors, **kwargs):
+    """The same call through the general path: inputs that require grad take the autograd
+    function (same forward kernel), outside any prepared call."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, **kwargs)
+    return out.detach() if isinstance(out, torch.Tensor) else tuple(o if o is None else o.detach() for o in out)
+
+
+def _strided(*shape, dtype=torch.float32):
+    """A non-contiguous tensor of ``shape`` with unit last stride (every other batch row of a
+    bigger one)."""
+    return torch.randn(shape[0] * 2, *shape[1:], dtype=dtype)[::2]
+
+
+SDPA_CASES = [
+    dict(shape=(2, 3, 5, 16), causal=False),
+    dict(shape=(1, 4, 7, 32), causal=True),
+    dict(shape=(3, 9, 16), causal=True),  # 3-D: one head
+    dict(shape=(2, 2, 2, 6, 16), causal=False),  # extra batch dims
+]
+
+
+@pytest.mark.parametrize("case", SDPA_CASES, ids=lambda c: "x".join(map(str, c["shape"])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_prepared_equals_general_path(case, dtype, seed, table_runs):
+    shape = case["shape"]
+    q, k, v = (_strided(*shape, dtype=dtype) for _ in range(3))
+    expected = _general(genfast.scaled_dot_product_attention, q, k, v, is_causal=case["causal"], return_lse=True)
+    runs = table_runs["FORWARD"]
+    for _ in range(3):  # the first call prepares, the others reuse
+        out, lse = genfast.scaled_dot_product_attention(q, k, v, is_causal=case["causal"], return_lse=True)
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse, expected[1], rtol=0, atol=0)
+    assert table_runs["FORWARD"] == runs, "the prepared call went through the dispatch table"
+
+
+FLASH_CASES = [
+    dict(q=(2, 5, 4, 16), k=(2, 7, 2, 16), causal=True, window=(-1, -1), softcap=0.0),  # GQA
+    dict(q=(1, 9, 3, 32), k=(1, 9, 3, 32), causal=False, window=(3, 2), softcap=0.0),
+    dict(q=(2, 1, 6, 16), k=(2, 11, 1, 16), causal=False, window=(-1, -1), softcap=5.0),  # MQA
+    dict(q=(1, 40, 2, 64), k=(1, 40, 2, 64), causal=True, window=(-1, -1), softcap=0.0),  # several query tiles
+]
+
+
+@pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: f"q{'x'.join(map(str, c['q']))}")
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_flash_attn_func_prepared_equals_general_path(case, contiguous, seed, table_runs):
+    make = (lambda *s: torch.randn(*s)) if contiguous else _strided
+    q, k, v = make(*case["q"]), make(*case["k"]), make(*case["k"])
+    kwargs = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"], return_attn_probs=True)
+    expected = _general(genfast.flash_attn_func, q, k, v, **kwargs)
+    runs = table_runs["FORWARD"]
+    for _ in range(2):
+        out, lse, _ = genfast.flash_attn_func(q, k, v, **kwargs)
+        assert out.shape == q.shape and out.is_contiguous()
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse, expected[1], rtol=0, atol=0)
+    assert table_runs["FORWARD"] == runs
+    # And against the specification.
+    ref = genfast.flash_attn_func(q.double(), k.double(), v.double(), causal=case["causal"],
+                                  window_size=case["window"], softcap=case["softcap"], backend="reference")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seqlens_kind", ["int", "tensor", "append"])
+def test_kvcache_prepared_equals_general_path(seqlens_kind, seed, table_runs):
+    B, S_max, H, Hk, D = 3, 12, 4, 2, 16
+    q = torch.randn(B, 1, H, D)
+    k_cache, v_cache = torch.randn(B, S_max, Hk, D), torch.randn(B, S_max, Hk, D)
+    if seqlens_kind == "int":
+        cache_seqlens, k, v = 9, None, None
+        lengths = torch.full((B,), 9, dtype=torch.int32)
+    else:
+        cache_seqlens = torch.tensor([3, 11, 6], dtype=torch.int32)
+        k = v = None
+        if seqlens_kind == "append":
+            cache_seqlens = cache_seqlens - 1
+            k, v = torch.randn(B, 1, Hk, D), torch.randn(B, 1, Hk, D)
+        lengths = cache_seqlens + (0 if k is None else 1)
+    # The general path: the registered decode op on the contract's views.
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+    if k is not None:
+        rows = cache_seqlens.long()
+        kc0[torch.arange(B), rows], vc0[torch.arange(B), rows] = k[:, 0], v[:, 0]
+    expected, expected_lse = A.attention_decode(q.transpose(1, 2), kc0.transpose(1, 2), vc0.transpose(1, 2), lengths,
+                                                None, A.SCALE_FROM_HEAD_DIM, -1, 0, 0.0, 0, "")
+    for i in range(2):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out, lse = genfast.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cache_seqlens, causal=True,
+                                                   return_softmax_lse=True)
+        if i == 0:
+            runs = table_runs["DECODE"]
+        torch.testing.assert_close(out, expected.transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
+        torch.testing.assert_close(kc, kc0, rtol=0, atol=0)
+    assert table_runs["DECODE"] == runs
+
+
+def test_prepared_calls_follow_use_backend_and_refresh(seed, monkeypatch):
+    q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
+    reference_calls = []
+    inner = A.FORWARD.backends["reference"].fn
+    monkeypatch.setattr(A.FORWARD.backends["reference"], "fn",
+                        lambda *a, **kw: reference_calls.append(1) or inner(*a, **kw))
+    A.FORWARD.plans.clear()
+    genfast.scaled_dot_product_attention(q, k, v)  # prepared for the automatic choice (cpu)
+    with genfast.use_backend("reference"):
+        ref = genfast.scaled_dot_product_attention(q, k, v)
+        genfast.scaled_dot_product_attention(q, k, v)
+    assert len(reference_calls) == 2
+    genfast.scaled_dot_product_attention(q, k, v)
+    assert len(reference_calls) == 2  # the context's plan did not leak out of it
+    monkeypatch.setenv("GENFAST_BACKEND", "attention=reference")
+    _dispatch.refresh_environment()
+    torch.testing.assert_close(genfast.scaled_dot_product_attention(q, k, v), ref, rtol=0, atol=0)
+    assert len(reference_calls) == 3
+
+
+def test_failing_prepared_call_falls_back_with_one_warning(seed, monkeypatch):
+    """A native kernel that fails: the general path marks it broken and falls back (not strict)."""
+    monkeypatch.setenv("GENFAST_STRICT", "0")
+    _dispatch.refresh_environment()
+    monkeypatch.setattr(A.FORWARD, "broken", {})
+    q, k, v = (torch.randn(1, 2, 3, 16) for _ in range(3))
+    genfast.scaled_dot_product_attention(q, k, v)  # prepared with the real kernel
+
+    class Failing:
+        def __getattr__(self, name):
+            if name == "attention_forward_cpu":
+                def fail(*args, **kwargs):
+                    raise RuntimeError("kernel failed")
+                return fail
+            return getattr(real, name)
+
+    real = _ext._C
+    monkeypatch.setattr(_ext, "_C", Failing())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        A.FORWARD.plans.clear()  # as if first seen with the failing kernel
+        out = genfast.scaled_dot_product_attention(q, k, v)
+        genfast.scaled_dot_product_attention(q, k, v)
+    ref = genfast.scaled_dot_product_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(out, ref)
+    messages = [str(w.message) for w in caught if issubclass(w.category, genfast.BackendWarning)]
+    assert len(messages) == 1 and "kernel failed" in messages[0], messages
+
+
+def test_native_forward_takes_flash_layout_and_strided_out(seed):
+    B, S, H, Hk, D = 2, 6, 4, 2, 16
+    q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, Hk, D), torch.randn(B, S, Hk, D)
+
+    def forward(q, k, v, out, seq_first):
+        lse = torch.empty(B, H, S)
+        _ext._C.attention_forward_cpu(q, k, v, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None,
+                                      cu_seqlens_k=None, seqused_k=None, keep_mask=None, seed=0,
+                                      options=A._options(0.3, 0.0, -1, 0, True, 0.0, seq_first), num_threads=1)
+        return out, lse
+
+    heads = [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+    expected, expected_lse = forward(*heads, torch.empty(B, H, S, D), False)
+    out, lse = forward(q, k, v, torch.empty(B, S, H, D), True)
+    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=0, atol=0)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
+    strided_out = torch.empty(B, S, H, D).transpose(1, 2)  # (B, H, S, D) view of a flash-layout buffer
+    forward(*heads, strided_out, False)
+    torch.testing.assert_close(strided_out, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must have unit stride"):
+        forward(*heads, torch.empty(B, H, S, 2 * D)[..., ::2], False)
+    with pytest.raises(ValueError, match="out must have the shape of q"):
+        forward(q, k, v, torch.empty(B, H, S, D), True)  # seq_first: out in q's (B, S, H, D) layout
+
+
+def test_native_backward_rejects_seq_first():
+    q = torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="seq_first is an option of the CPU forward only"):
+        _ext._C.attention_backward_cpu(q, q, q, q, q, torch.empty(1, 2, 3), torch.empty_like(q),
+                                       torch.empty_like(q), torch.empty_like(q), bias=None, alibi_slopes=None,
+                                       cu_seqlens_q=None, cu_seqlens_k=None, seed=0,
+                                       options=A._options(0.25, 0.0, -1, -1, False, 0.0, True), num_threads=1)
+
+
+def test_bias_act_prepared_equals_general_path(seed, monkeypatch):
+    B = importlib.import_module("genfast.ops.bias_act")  # the attribute genfast.ops.bias_act is the function
+
+    runs = []
+    inner = B.DISPATCH.run
+    monkeypatch.setattr(B.DISPATCH, "run", lambda *a, **kw: runs.append(1) or inner(*a, **kw))
+    for shape, dim in (((3, 5, 4, 2), 1), ((6, 7), 1), ((2, 9), 0)):
+        x, b = torch.randn(*shape), torch.randn(shape[dim])
+        kwargs = dict(dim=dim, act="lrelu", clamp=0.7)
+        expected = _general(genfast.ops.bias_act, x, b, **kwargs)
+        genfast.ops.bias_act(x, b, **kwargs)  # prepares
+        count = len(runs)
+        torch.testing.assert_close(genfast.ops.bias_act(x, b, **kwargs), expected, rtol=0, atol=0)
+        assert len(runs) == count, "the prepared call went through the dispatch table"
+    xt, b = torch.randn(5, 3).t(), torch.randn(3)  # not contiguous: the general path keeps its layout
+    count = len(runs)
+    out = genfast.ops.bias_act(xt, b, dim=0, act="relu")
+    assert len(runs) == count + 1 and out.stride() == xt.stride()
+    torch.testing.assert_close(out, genfast.ops.bias_act(xt.contiguous(), b, dim=0, act="relu"), rtol=0, atol=0)
+
+
+def test_sampler_step_prepared_equals_general_path(seed, monkeypatch):
+    D = importlib.import_module("genfast.ops.diffusion")
+
+    runs = []
+    table = D.DISPATCH["sampler_step"]
+    inner = table.run
+    monkeypatch.setattr(table, "run", lambda *a, **kw: runs.append(1) or inner(*a, **kw))
+    x, m, h = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    coefs = torch.randn(16, dtype=torch.float64).float()
+    for kwargs in (dict(history=h, x0_clamp=1.5), dict(noise_seed=1234), dict(x0_clamp=torch.tensor([0.5, 2.0]),
+                                                                               x0_rescale=True)):
+        with monkeypatch.context() as off:  # the general path: the same kernel through the table
+            off.setattr(D, "_eager_step", lambda *args: None)
+            expected = genfast.ops.sampler_step(x, m, coefs, **kwargs)
+        genfast.ops.sampler_step(x, m, coefs, **kwargs)  # prepares
+        count = len(runs)
+        prev, aux = genfast.ops.sampler_step(x, m, coefs, **kwargs)
+        assert len(runs) == count, f"the prepared call went through the dispatch table ({kwargs})"
+        torch.testing.assert_close(prev, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(aux, expected[1], rtol=0, atol=0)
+        prev_only, none = genfast.ops.sampler_step(x, m, coefs, return_aux=False, **kwargs)
+        assert none is None
+        torch.testing.assert_close(prev_only, expected[0], rtol=0, atol=0)
+    count = len(runs)  # a channels-last sample: the general path
+    xc = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(genfast.ops.sampler_step(xc, m, coefs)[0], genfast.ops.sampler_step(x, m, coefs)[0],
+                               rtol=0, atol=0)
+    assert len(runs) == count + 1
