@@ -261,3 +261,26 @@ def test_sampler_step_prepared_equals_general_path(seed, monkeypatch):
     torch.testing.assert_close(genfast.ops.sampler_step(xc, m, coefs)[0], genfast.ops.sampler_step(x, m, coefs)[0],
                                rtol=0, atol=0)
     assert len(runs) == count + 1
+
+
+def test_group_norm_prepared_equals_general_path(seed, monkeypatch):
+    G = importlib.import_module("genfast.ops.group_norm")  # the attribute genfast.ops.group_norm is the function
+    runs = []
+    inner = G.DISPATCH.run
+    monkeypatch.setattr(G.DISPATCH, "run", lambda *a, **kw: runs.append(1) or inner(*a, **kw))
+    for shape, groups, affine, activation in (((2, 6, 5, 3), 3, True, "silu"), ((3, 8, 7), 4, False, None),
+                                              ((1, 4), 2, True, None)):
+        x = torch.randn(*shape) * 2 + 0.5
+        w, b = (torch.randn(shape[1]), torch.randn(shape[1])) if affine else (None, None)
+        kwargs = dict(activation=activation)
+        with monkeypatch.context() as off:  # the general path: the same kernel through the table
+            off.setattr(G.DISPATCH, "prepared", lambda signature, prepare: (None, None))
+            expected = genfast.ops.group_norm(x, groups, w, b, **kwargs)
+        genfast.ops.group_norm(x, groups, w, b, **kwargs)  # prepares
+        count = len(runs)
+        torch.testing.assert_close(genfast.ops.group_norm(x, groups, w, b, **kwargs), expected, rtol=0, atol=0)
+        assert len(runs) == count, f"the prepared call went through the dispatch table ({shape})"
+    xc = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)  # the general path keeps NHWC
+    count = len(runs)
+    y = genfast.ops.group_norm(xc, 3)
+    assert len(runs) == count + 1 and y.is_contiguous(memory_format=torch.channels_last)

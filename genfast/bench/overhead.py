@@ -70,6 +70,11 @@ def _op_cases(device: torch.device) -> list:
          lambda q, kc, vc: ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=8),
          lambda q, kc, vc: F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2),
                                                           vc.transpose(1, 2)).transpose(1, 2), False),
+        ("flash_attn_with_kvcache append", (1, 1, 2, 16),  # a decode step: write token 9, attend to 9 keys
+         lambda g: dict(q=r(g, 1, 1, 2, 16), kc=r(g, 1, 16, 2, 16), vc=r(g, 1, 16, 2, 16), k=r(g, 1, 1, 2, 16),
+                        v=r(g, 1, 1, 2, 16), lengths=torch.tensor([8], dtype=torch.int32, device=device)),
+         lambda q, kc, vc, k, v, lengths: ops.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths),
+         _torch_append_decode, False),
         ("bias_act lrelu", (4, 8), lambda g: dict(x=r(g, 4, 8), b=r(g, 8)),
          lambda x, b: ops.bias_act(x, b, act="lrelu", gain=1.0),
          lambda x, b: F.leaky_relu(x + b, 0.2), False),
@@ -111,6 +116,13 @@ def _op_cases(device: torch.device) -> list:
          lambda mu, lv, eps: (ref_vae.reparameterize(mu, lv, eps), ref_vae.kl_per_sample(mu, lv).sum()), True),
     ]
     return cases
+
+
+def _torch_append_decode(q, kc, vc, k, v, lengths):
+    """The torch equivalent of a one-token kv-cache decode step at a known position (8)."""
+    kc[:, 8:9], vc[:, 8:9] = k, v
+    return F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :9].transpose(1, 2),
+                                          vc[:, :9].transpose(1, 2)).transpose(1, 2)
 
 
 def _op_case(device, name, shape, make, fast: Callable, slow: Callable, torch_is_reference: bool) -> Case:

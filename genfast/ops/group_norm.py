@@ -32,9 +32,10 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher
+from .._dispatch import OpDispatcher, direct_call_allowed
 from ._define import NativeOp
-from ._validate import check_backend, check_int, check_tensor, cpu_threads, is_finite, is_real, type_name
+from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_tensor, cpu_threads, is_finite
+from ._validate import is_real, tensor_key, type_name
 from ..reference import group_norm as reference
 
 __all__ = ["group_norm", "DISPATCH", "FLOAT_DTYPES", "ACTIVATIONS", "Geometry", "selected_backend"]
@@ -398,11 +399,48 @@ def group_norm(
     Differentiable with respect to x, weight and bias (fused kernels); higher derivatives
     (create_graph=True) go through a differentiable composition of the reference.
     """
-    num_groups, eps, silu, backend = validate(x, num_groups, weight, bias, eps, activation, backend)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if grads:
+    # Validation once per call signature (see ValidatedSignatures), then, for an eager call
+    # without autograd on contiguous tensors, the call prepared for it (OpDispatcher.prepared).
+    signature = checked = None
+    if direct_call_allowed(x, weight, bias) and cacheable(num_groups, eps, activation, backend):
+        signature = (x.shape, x.dtype, x.device, tensor_key(weight), tensor_key(bias), num_groups, eps, activation,
+                     backend)
+        checked = _VALIDATED.get(signature)
+    if checked is None:
+        checked = validate(x, num_groups, weight, bias, eps, activation, backend)
+        if signature is not None:
+            _VALIDATED.add(signature, checked)
+    num_groups, eps, silu, backend = checked
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         return _GroupNorm.apply(x, weight, bias, num_groups, eps, silu, backend)
+    if (signature is not None and x.is_contiguous() and (weight is None or weight.is_contiguous())
+            and (bias is None or bias.is_contiguous())):
+        key, call = DISPATCH.prepared(signature, lambda: _prepare_forward(x, num_groups, eps, silu, backend))
+        y = None if call is None else DISPATCH.run_prepared(key, call, x, weight, bias)
+        if y is not None:
+            return y
     return GROUP_NORM(x, weight, bias, num_groups, eps, silu, backend)[0]
+
+
+_VALIDATED = ValidatedSignatures()
+
+
+def _prepare_forward(x, num_groups, eps, silu, backend):
+    """The CPU forward of one validated signature for contiguous tensors: a function
+    (x, weight, bias) -> y; None off the CPU backend."""
+    if DISPATCH.select(backend or None, x.device, x.dtype) != "cpu" or x.numel() == 0:
+        return None
+    native, options = _ext._C.group_norm_fwd_cpu, _options(num_groups, eps, silu)
+    threads = cpu_threads(x.numel())
+    stats_like = torch.empty((), dtype=stats_dtype(x.dtype), device=x.device).expand(x.shape[0], num_groups)
+
+    def call(x, weight, bias):
+        y, mean, rstd = torch.empty_like(x), torch.empty_like(stats_like), torch.empty_like(stats_like)
+        native(x, y, mean, rstd, weight=weight, bias=bias, options=options, num_threads=threads)
+        return y
+
+    return call
 
 
 def selected_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
