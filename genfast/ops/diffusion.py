@@ -638,21 +638,34 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
     return prev, (aux if return_aux else None)
 
 
-def _prepare_step(x, x0_rescale, checked):
-    """The CPU sampler step of one validated signature, for contiguous tensors: a function
-    (x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux) -> (prev, aux); None off the CPU
-    backend (those take the general path)."""
+def _prepare_step(x, coefs, clamp, x0_rescale, checked):
+    """The sampler step of one validated signature, for contiguous tensors: a function
+    (x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux) -> (prev, aux) (_step_run without the
+    layout work and the dispatch), or None for empty tensors."""
     clamp_value, out_dtype, aux_dtype, g, backend, _ = checked
-    if DISPATCH["sampler_step"].select(backend or None, x.device, x.dtype) != "cpu" or x.numel() == 0:
+    table = DISPATCH["sampler_step"]
+    name = table.select(backend or None, x.device, x.dtype)
+    if x.numel() == 0:
         return None
-    native, options = _ext._C.diffusion_sampler_step_cpu, _step_options(clamp_value, x0_rescale, g)
-    threads = cpu_threads(x.numel())
+    if name == "cpu":
+        native, options = _ext._C.diffusion_sampler_step_cpu, _step_options(clamp_value, x0_rescale, g)
+        threads = cpu_threads(x.numel())
+
+        def run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed):
+            native(prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs,
+                   clamp=clamp, seed=seed, options=options, num_threads=threads)
+    else:
+        fn = table.backends[name].fn
+        per_sample = _per_sample_count(x, coefs.ndim == 2 or clamp is not None)
+        coef_stride = NUM_STEP_COEFS if coefs.ndim == 2 else 0
+
+        def run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed):
+            fn(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, x0_rescale, g, seed, per_sample)
 
     def call(x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux):
         prev = torch.empty_like(x, dtype=out_dtype)
         aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else None
-        native(prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs, clamp=clamp,
-               seed=seed if seed >= 0 else None, options=options, num_threads=threads)
+        run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed if seed >= 0 else None)
         return prev, aux
 
     return call
@@ -663,7 +676,7 @@ def _eager_step(signature, x, m, coefs, h1, h2, z, mu, clamp, seed, return_aux, 
     None where it does not apply: a tensor that is not contiguous takes the general path, which
     matches layouts."""
     table = DISPATCH["sampler_step"]
-    key, call = table.prepared(signature, lambda: _prepare_step(x, x0_rescale, checked))
+    key, call = table.prepared(signature, lambda: _prepare_step(x, coefs, clamp, x0_rescale, checked))
     if call is None:
         return None
     for t in (x, m, coefs, h1, h2, z, mu, clamp):
