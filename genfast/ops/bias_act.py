@@ -349,17 +349,29 @@ _VALIDATED = ValidatedSignatures()
 
 
 def _prepare_forward(x, b, params):
-    """The CPU forward of one validated signature for contiguous x and b (see
-    OpDispatcher.prepared): a function (x, b) -> out; None off the CPU backend."""
+    """The forward of one validated signature for contiguous x and b (see
+    OpDispatcher.prepared): a function (x, b) -> out (_run without the layout work and the
+    dispatch), or None for an empty x."""
     dim, act, alpha, gain, clamp, backend = params
-    if DISPATCH.select(backend or None, x.device, x.dtype) != "cpu" or x.numel() == 0:
+    name = DISPATCH.select(backend or None, x.device, x.dtype)
+    if x.numel() == 0:
         return None
-    native, options = _ext._C.bias_act_cpu, _options(FORWARD, ACT_CODES[act], x, b, dim, alpha, gain, clamp)
-    threads = cpu_threads(x.numel())
+    if name == "cpu":  # the extension directly, its options struct made once
+        native, options = _ext._C.bias_act_cpu, _options(FORWARD, ACT_CODES[act], x, b, dim, alpha, gain, clamp)
+        threads = cpu_threads(x.numel())
+
+        def call(x, b):
+            out = torch.empty_like(x)
+            native(out, x, b=b, dy=None, ddx=None, db=None, options=options, num_threads=threads)
+            return out
+
+        return call
+    fn, code = DISPATCH.backends[name].fn, ACT_CODES[act]
+    C, S = _channel_geometry(x, b, dim)
 
     def call(x, b):
         out = torch.empty_like(x)
-        native(out, x, b=b, dy=None, ddx=None, db=None, options=options, num_threads=threads)
+        fn(FORWARD, code, out, None, x, b, None, None, dim, C, S, alpha, gain, clamp)
         return out
 
     return call

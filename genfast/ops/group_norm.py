@@ -427,17 +427,28 @@ _VALIDATED = ValidatedSignatures()
 
 
 def _prepare_forward(x, num_groups, eps, silu, backend):
-    """The CPU forward of one validated signature for contiguous tensors: a function
-    (x, weight, bias) -> y; None off the CPU backend."""
-    if DISPATCH.select(backend or None, x.device, x.dtype) != "cpu" or x.numel() == 0:
+    """The forward of one validated signature for contiguous tensors: a function
+    (x, weight, bias) -> y (_forward_impl without the layout work and the dispatch), or None
+    for an empty x."""
+    name = DISPATCH.select(backend or None, x.device, x.dtype)
+    if x.numel() == 0:
         return None
-    native, options = _ext._C.group_norm_fwd_cpu, _options(num_groups, eps, silu)
-    threads = cpu_threads(x.numel())
     stats_like = torch.empty((), dtype=stats_dtype(x.dtype), device=x.device).expand(x.shape[0], num_groups)
+    if name == "cpu":  # the extension directly, its options struct made once
+        native, options = _ext._C.group_norm_fwd_cpu, _options(num_groups, eps, silu)
+        threads = cpu_threads(x.numel())
+
+        def run(x, weight, bias, y, mean, rstd):
+            native(x, y, mean, rstd, weight=weight, bias=bias, options=options, num_threads=threads)
+    else:
+        fn, geo = DISPATCH.backends[name].fn, _geometry(x, num_groups, False)
+
+        def run(x, weight, bias, y, mean, rstd):
+            fn(FORWARD, x, weight, bias, y, mean, rstd, geo, eps, silu)
 
     def call(x, weight, bias):
         y, mean, rstd = torch.empty_like(x), torch.empty_like(stats_like), torch.empty_like(stats_like)
-        native(x, y, mean, rstd, weight=weight, bias=bias, options=options, num_threads=threads)
+        run(x, weight, bias, y, mean, rstd)
         return y
 
     return call
