@@ -284,3 +284,31 @@ def test_group_norm_prepared_equals_general_path(seed, monkeypatch):
     count = len(runs)
     y = genfast.ops.group_norm(xc, 3)
     assert len(runs) == count + 1 and y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("target", [None, "v_prediction"])
+def test_add_noise_prepared_equals_general_path(target, seed, monkeypatch):
+    D = importlib.import_module("genfast.ops.diffusion")
+    table = D.DISPATCH["add_noise"]
+    runs = []
+    inner = table.run
+    monkeypatch.setattr(table, "run", lambda *a, **kw: runs.append(1) or inner(*a, **kw))
+    x0, noise = torch.randn(3, 4, 5, 2), torch.randn(3, 4, 5, 2)
+    t = torch.tensor([7, 0, 19])
+    signal, noise_scale = torch.rand(20), torch.rand(20)
+    for kwargs in (dict(noise=noise), dict(noise=None, noise_seed=77)):
+        args = (x0, kwargs["noise"], t, signal, noise_scale, target)
+        extra = {k: v for k, v in kwargs.items() if k != "noise"}
+        with monkeypatch.context() as off:  # the general path: the same kernel through the table
+            off.setattr(table, "prepared", lambda signature, prepare: (None, None))
+            expected = genfast.ops.add_noise(*args, **extra)
+        genfast.ops.add_noise(*args, **extra)  # prepares
+        count = len(runs)
+        got = genfast.ops.add_noise(*args, **extra)
+        assert len(runs) == count, f"the prepared call went through the dispatch table ({kwargs})"
+        for g, e in zip(*((got, expected) if target else ((got,), (expected,)))):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    count = len(runs)  # int32 timesteps: the general path converts them
+    torch.testing.assert_close(genfast.ops.add_noise(x0, noise, t.int(), signal, noise_scale),
+                               genfast.ops.add_noise(x0, noise, t, signal, noise_scale), rtol=0, atol=0)
+    assert len(runs) == count + 1

@@ -759,9 +759,40 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
     if _needs_grad(x0, noise, signal_scale, noise_scale):
         z = noise if seed < 0 else _seeded_noise_like(_layout(x0), seed, x0.dtype)
         return ref.add_noise(x0, z, timesteps.long(), signal_scale, noise_scale, target)
+    code = TARGET_CODES[target]
+    if (signature is not None and x0.is_contiguous() and (noise is None or noise.is_contiguous())
+            and timesteps.dtype == torch.int64 and timesteps.shape == x0.shape[:1] and timesteps.is_contiguous()
+            and signal_scale.is_contiguous()
+            and noise_scale.is_contiguous()):
+        table = DISPATCH[op]  # the call prepared for this signature (OpDispatcher.prepared)
+        key, call = table.prepared(signature, lambda: _prepare_noise(x0, code, backend))
+        result = None if call is None else table.run_prepared(key, call, x0, noise, timesteps, signal_scale,
+                                                              noise_scale, seed)
+        if result is not None:
+            return result[0] if target is None else result
     run = _noise_impl if direct else ADD_NOISE.op
-    noisy, tgt = run(x0, noise, timesteps, signal_scale, noise_scale, TARGET_CODES[target], seed, backend)
+    noisy, tgt = run(x0, noise, timesteps, signal_scale, noise_scale, code, seed, backend)
     return noisy if target is None else (noisy, tgt)
+
+
+def _prepare_noise(x0, target_code: int, backend):
+    """add_noise of one validated signature for contiguous tensors and int64 (B,) timesteps: a
+    function (x0, noise, timesteps, signal_scale, noise_scale, seed) -> (noisy, target or None)
+    (_noise_impl without the layout work and the dispatch), or None for an empty x0."""
+    table = DISPATCH["add_noise"]
+    fn = table.backends[table.select(backend or None, x0.device, x0.dtype)].fn
+    if x0.numel() == 0:
+        return None
+    per_sample = _per_sample_count(x0, True)
+
+    def call(x0, noise, timesteps, signal_scale, noise_scale, seed):
+        noisy = torch.empty_like(x0)
+        target = torch.empty_like(x0) if target_code else None
+        fn(noisy, target, x0, noise, timesteps, signal_scale, noise_scale, target_code, seed if seed >= 0 else None,
+           per_sample)
+        return noisy, target
+
+    return call
 
 
 def _check_timestep_range(op: str, timesteps, length: int, what: str = "") -> None:
