@@ -153,8 +153,14 @@ __device__ __forceinline__ void store4(void* p, int dtype, const float (&src)[kV
 // too): sqrtf's IEEE slow path is a subroutine call, and ptxas spilled the registers live across
 // those calls (4-24 B of stack in add_noise / sampler_step). x = -2 ln(u1) is in [0, 176].
 // Not inlined: inlined into sampler_step_kernel, logf's code made ptxas spill 16 B of live
-// registers on sm_90a (a call costs little beside Philox, a log and a cospi per element).
-__device__ __noinline__ float normal_noise(uint64_t seed, int64_t index) {
+// registers on sm_90a (a call costs little beside Philox, a log and a cospi per element). The
+// host-compiled emulation (tests/cuda_emulation) has no __noinline__ and needs none.
+#ifdef GENFAST_CUDA_EMULATION
+#define GF_NOISE_NOINLINE
+#else
+#define GF_NOISE_NOINLINE __noinline__
+#endif
+__device__ GF_NOISE_NOINLINE float normal_noise(uint64_t seed, int64_t index) {
   float u1, u2;
   philox_uniforms(seed, uint64_t(index), u1, u2);
   const float x = -2.0f * logf(u1);
