@@ -153,3 +153,22 @@ def test_kvcache_append_entry_writes_rows_and_checks_bounds():
         _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k[:, :, :1], v=v[:, :, :1], cache_seqlens=rows)
     with pytest.raises(TypeError, match="cache_seqlens must be int32"):
         _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k, v=v, cache_seqlens=rows.long())
+
+
+def test_tensor_views_read_through_dlpack_and_reject_other_devices():
+    """The bindings read tensors through DLPack (views of any strides, tensors that require
+    grad) and reject what no kernel takes with a clear error."""
+    B, S_max, Hk, D = 2, 5, 2, 16
+    base = torch.randn(B, S_max, 2 * Hk, D, requires_grad=True)
+    k_cache = base.detach()[:, :, ::2]  # a strided view (no unit stride in dim 2)
+    v_cache = torch.randn(B, S_max, Hk, D)
+    k = torch.randn(B, 1, Hk, D, requires_grad=True)
+    rows = torch.tensor([1, 3], dtype=torch.int32)
+    _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k, v=k.detach(), cache_seqlens=rows)
+    assert torch.equal(base[0, 1, ::2], k[0, 0]) and torch.equal(base[1, 3, ::2], k[1, 0])
+    with pytest.raises(ValueError, match=r"device other than the CPU or a CUDA GPU .*\(meta\)"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k.to("meta"), v=k, cache_seqlens=rows)
+    with pytest.raises(ValueError, match="a tensor with 9 dimensions"):
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=torch.randn([1] * 9), v=k, cache_seqlens=rows)
+    with pytest.raises(TypeError):  # not a tensor
+        _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k.detach().numpy(), v=k, cache_seqlens=rows)
