@@ -304,23 +304,22 @@ class OpDispatcher:
                           f"({type(exc).__name__}: {exc}); falling back to {usable[i + 1]!r}.")
         raise AssertionError("unreachable")
 
-    def prepared(self, signature, prepare: Callable) -> tuple:
-        """(key, call): the call prepared for an eager call ``signature`` (made by ``prepare()``
-        at its first use; None: the signature takes the general path). A small eager call is
-        launch-bound, so its host path is its cost: a prepared call has the backend choice, the
-        options and the thread count worked out once, and only allocates and runs the kernel.
-        Prepared calls live in ``plans`` (cleared when a backend is registered or breaks and by
-        refresh_environment); the key holds the use_backend context and the extension module
-        (tests swap in a CUDA emulation)."""
+    def call_prepared(self, signature, prepare: Callable, *args):
+        """The result of the call prepared for an eager call ``signature`` (made by ``prepare()``
+        at its first use) run on ``args``; None where the signature has none (``prepare()``
+        returned None) or its call failed with anything but an argument error: the caller then
+        takes the general path, which handles fallbacks and warnings, and a failed call is not
+        tried again. A small eager call is launch-bound, so its host path is its cost: a prepared
+        call has the backend choice, the options and the thread count worked out once, and only
+        allocates and runs the kernel. Prepared calls live in ``plans`` (cleared when a backend
+        is registered or breaks and by refresh_environment); the key holds the use_backend
+        context and the extension module (tests swap in a CUDA emulation)."""
         key = ("prepared", signature, context_backend(self.op), _ext._C)
         call = self.plans.get(key, _UNPREPARED)
         if call is _UNPREPARED:
             call = self.plans[key] = prepare()
-        return key, call
-
-    def run_prepared(self, key, call: Callable, *args):
-        """``call(*args)``, or None when it failed with anything but an argument error: the
-        signature then takes the general path, which handles fallbacks and warnings."""
+        if call is None:
+            return None
         try:
             return call(*args)
         except (ValueError, TypeError):

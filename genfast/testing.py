@@ -64,19 +64,19 @@ def error_vs_reference(
 def count_table_runs(table, on_run, patch=setattr) -> None:
     """Calls ``on_run()`` each time a backend of the dispatch table ``table`` (an
     ``OpDispatcher``) runs, whether the call goes through the table (``run``) or through a
-    prepared eager call (``run_prepared``); tests use it to check that genfast really ran.
+    prepared eager call (``call_prepared``); tests use it to check that genfast really ran.
     ``patch(obj, name, value)`` installs the wrappers (``monkeypatch.setattr`` to undo them)."""
-    run, run_prepared = table.run, table.run_prepared
+    run, call_prepared = table.run, table.call_prepared
 
     def counted_run(*args, **kwargs):
         on_run()
         return run(*args, **kwargs)
 
-    def counted_run_prepared(*args, **kwargs):
-        result = run_prepared(*args, **kwargs)
-        if result is not None:  # None: it failed and the call goes on through ``run``
+    def counted_call_prepared(*args, **kwargs):
+        result = call_prepared(*args, **kwargs)
+        if result is not None:  # None: no prepared call ran, the call goes on through ``run``
             on_run()
         return result
 
     patch(table, "run", counted_run)
-    patch(table, "run_prepared", counted_run_prepared)
+    patch(table, "call_prepared", counted_call_prepared)

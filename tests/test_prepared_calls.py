@@ -1,4 +1,4 @@
-"""Prepared eager calls (OpDispatcher.prepared): an eager call without autograd whose signature
+"""Prepared eager calls (OpDispatcher.call_prepared): an eager call without autograd whose signature
 validated before runs a call prepared once per signature (attention without mask, ALiBi or
 dropout; bias_act; sampler_step). It must give exactly what the general path gives (the same
 kernel), really run (no trip through the dispatch tables), follow use_backend and
@@ -274,7 +274,7 @@ def test_group_norm_prepared_equals_general_path(seed, monkeypatch):
         w, b = (torch.randn(shape[1]), torch.randn(shape[1])) if affine else (None, None)
         kwargs = dict(activation=activation)
         with monkeypatch.context() as off:  # the general path: the same kernel through the table
-            off.setattr(G.DISPATCH, "prepared", lambda signature, prepare: (None, None))
+            off.setattr(G.DISPATCH, "call_prepared", lambda *args: None)
             expected = genfast.ops.group_norm(x, groups, w, b, **kwargs)
         genfast.ops.group_norm(x, groups, w, b, **kwargs)  # prepares
         count = len(runs)
@@ -300,7 +300,7 @@ def test_add_noise_prepared_equals_general_path(target, seed, monkeypatch):
         args = (x0, kwargs["noise"], t, signal, noise_scale, target)
         extra = {k: v for k, v in kwargs.items() if k != "noise"}
         with monkeypatch.context() as off:  # the general path: the same kernel through the table
-            off.setattr(table, "prepared", lambda signature, prepare: (None, None))
+            off.setattr(table, "call_prepared", lambda *args: None)
             expected = genfast.ops.add_noise(*args, **extra)
         genfast.ops.add_noise(*args, **extra)  # prepares
         count = len(runs)

@@ -499,7 +499,7 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
 
 # ----------------------------------------------------------------------------- prepared eager calls
 # A call whose signature passed validation before, that needs no autograd and has no mask,
-# ALiBi, dropout or varlen, runs a call prepared once per signature (OpDispatcher.prepared):
+# ALiBi, dropout or varlen, runs a call prepared once per signature (OpDispatcher.call_prepared):
 # the backend choice, the resolved options, the extension's options struct and the thread count
 # are worked out at the first call; later calls allocate the outputs and run the kernel.
 
@@ -553,8 +553,7 @@ def _prepare_forward(q, k, problem, backend, seq_first):
 def _eager_forward(signature, q, k, v, problem, backend, seq_first=False):
     """(out in q's layout, lse) of a dense unmasked forward without autograd (q, k, v with unit
     last stride, in (B, H, S, D) or, when ``seq_first``, (B, S, H, D))."""
-    key, call = FORWARD.prepared(signature, lambda: _prepare_forward(q, k, problem, backend, seq_first))
-    result = None if call is None else FORWARD.run_prepared(key, call, q, k, v)
+    result = FORWARD.call_prepared(signature, lambda: _prepare_forward(q, k, problem, backend, seq_first), q, k, v)
     if result is None:
         general = lambda q, k, v: attention_forward(q, k, v, None, None, None, None, None, *problem, 0.0, 0, 0,
                                                     False, backend or "")
@@ -596,8 +595,8 @@ def _constant_seqlens(batch: int, value: int, device: torch.device) -> torch.Ten
 def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, backend):
     """(out, lse) of a decode without ALiBi, tensors in flash-attn's (B, S, H, D) layout with unit
     last stride."""
-    key, call = DECODE.prepared(signature, lambda: _prepare_decode(q, k_cache, problem, num_splits, backend))
-    result = None if call is None else DECODE.run_prepared(key, call, q, k_cache, v_cache, seqlens)
+    result = DECODE.call_prepared(signature, lambda: _prepare_decode(q, k_cache, problem, num_splits, backend), q,
+                                  k_cache, v_cache, seqlens)
     if result is None:
         general = lambda q, kc, vc, seqlens: attention_decode(q, kc, vc, seqlens, None, *problem, num_splits,
                                                               backend or "")

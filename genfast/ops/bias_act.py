@@ -337,8 +337,7 @@ def bias_act(
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _BiasAct.apply(x, b, params)
     if signature is not None and x.is_contiguous() and (b is None or b.is_contiguous()):
-        key, call = DISPATCH.prepared(signature, lambda: _prepare_forward(x, b, params))
-        out = None if call is None else DISPATCH.run_prepared(key, call, x, b)
+        out = DISPATCH.call_prepared(signature, lambda: _prepare_forward(x, b, params), x, b)
         if out is not None:
             return out
     # Eager calls on plain tensors skip the torch.library round trip (see direct_call_allowed).
@@ -350,7 +349,7 @@ _VALIDATED = ValidatedSignatures()
 
 def _prepare_forward(x, b, params):
     """The forward of one validated signature for contiguous x and b (see
-    OpDispatcher.prepared): a function (x, b) -> out (_run without the layout work and the
+    OpDispatcher.call_prepared): a function (x, b) -> out (_run without the layout work and the
     dispatch), or None for an empty x."""
     dim, act, alpha, gain, clamp, backend = params
     name = DISPATCH.select(backend or None, x.device, x.dtype)

@@ -672,17 +672,15 @@ def _prepare_step(x, coefs, clamp, x0_rescale, checked):
 
 
 def _eager_step(signature, x, m, coefs, h1, h2, z, mu, clamp, seed, return_aux, x0_rescale, checked):
-    """(prev, aux) through the call prepared for ``signature`` (see OpDispatcher.prepared), or
+    """(prev, aux) through the call prepared for ``signature`` (see OpDispatcher.call_prepared), or
     None where it does not apply: a tensor that is not contiguous takes the general path, which
     matches layouts."""
-    table = DISPATCH["sampler_step"]
-    key, call = table.prepared(signature, lambda: _prepare_step(x, coefs, clamp, x0_rescale, checked))
-    if call is None:
-        return None
     for t in (x, m, coefs, h1, h2, z, mu, clamp):
         if t is not None and not t.is_contiguous():
             return None
-    return table.run_prepared(key, call, x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux)
+    prepare = lambda: _prepare_step(x, coefs, clamp, x0_rescale, checked)  # noqa: E731
+    return DISPATCH["sampler_step"].call_prepared(signature, prepare, x, m, mu, h1, h2, z, coefs, clamp, seed,
+                                                  return_aux)
 
 
 def _check_sampler_step(op, sample, model_output, coefs, history, history2, noise, x0_clamp, x0_rescale, out_dtype,
@@ -762,12 +760,10 @@ def add_noise(x0, noise, timesteps, signal_scale, noise_scale, target=None, *, n
     code = TARGET_CODES[target]
     if (signature is not None and x0.is_contiguous() and (noise is None or noise.is_contiguous())
             and timesteps.dtype == torch.int64 and timesteps.shape == x0.shape[:1] and timesteps.is_contiguous()
-            and signal_scale.is_contiguous()
-            and noise_scale.is_contiguous()):
-        table = DISPATCH[op]  # the call prepared for this signature (OpDispatcher.prepared)
-        key, call = table.prepared(signature, lambda: _prepare_noise(x0, code, backend))
-        result = None if call is None else table.run_prepared(key, call, x0, noise, timesteps, signal_scale,
-                                                              noise_scale, seed)
+            and signal_scale.is_contiguous() and noise_scale.is_contiguous()):
+        # The call prepared for this signature (OpDispatcher.call_prepared).
+        result = DISPATCH[op].call_prepared(signature, lambda: _prepare_noise(x0, code, backend), x0, noise,
+                                            timesteps, signal_scale, noise_scale, seed)
         if result is not None:
             return result[0] if target is None else result
     run = _noise_impl if direct else ADD_NOISE.op

@@ -400,7 +400,7 @@ def group_norm(
     (create_graph=True) go through a differentiable composition of the reference.
     """
     # Validation once per call signature (see ValidatedSignatures), then, for an eager call
-    # without autograd on contiguous tensors, the call prepared for it (OpDispatcher.prepared).
+    # without autograd on contiguous tensors, the call prepared for it (OpDispatcher.call_prepared).
     signature = checked = None
     if direct_call_allowed(x, weight, bias) and cacheable(num_groups, eps, activation, backend):
         signature = (x.shape, x.dtype, x.device, tensor_key(weight), tensor_key(bias), num_groups, eps, activation,
@@ -416,8 +416,8 @@ def group_norm(
         return _GroupNorm.apply(x, weight, bias, num_groups, eps, silu, backend)
     if (signature is not None and x.is_contiguous() and (weight is None or weight.is_contiguous())
             and (bias is None or bias.is_contiguous())):
-        key, call = DISPATCH.prepared(signature, lambda: _prepare_forward(x, num_groups, eps, silu, backend))
-        y = None if call is None else DISPATCH.run_prepared(key, call, x, weight, bias)
+        y = DISPATCH.call_prepared(signature, lambda: _prepare_forward(x, num_groups, eps, silu, backend), x, weight,
+                                   bias)
         if y is not None:
             return y
     return GROUP_NORM(x, weight, bias, num_groups, eps, silu, backend)[0]
