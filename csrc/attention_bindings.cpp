@@ -59,10 +59,18 @@ struct AttentionCudaLaunch {
   int num_splits = 1;     // > 1: keys split into chunks (out_partial / lse_partial workspaces)
 };
 
+// Decode: where each batch row's keys live (attention::Params leftpad_k / kv_batch_idx /
+// block_table). All absent for every other call.
+struct CacheIndex {
+  TensorView cache_leftpad, cache_batch_idx, block_table;
+  bool any() const { return cache_leftpad.present || cache_batch_idx.present || block_table.present; }
+};
+
 // The common part of every entry: q, k, v and the optional inputs, checked, into Params.
 attention::Params make_params(const char* fn, const TensorView& q, const TensorView& k, const TensorView& v,
                               const TensorView& alibi, const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k,
-                              const TensorView& seqused_k, const AttentionOptions& o) {
+                              const TensorView& seqused_k, const AttentionOptions& o,
+                              const CacheIndex& cache = CacheIndex{}) {
   expect_float_dtype(fn, "q", q);
   expect_ndim(fn, "q", q, 4);
   expect_ndim(fn, "k", k, 4);
@@ -82,9 +90,11 @@ attention::Params make_params(const char* fn, const TensorView& q, const TensorV
   p.D = q.size(3);
   p.Hk = k.size(1);
   p.Sk = k.size(2);
-  if (k.size(0) != p.B || k.size(3) != p.D)
-    fail_value(fn, "k must have shape (" + std::to_string(p.B) + ", Hk, Sk, " + std::to_string(p.D) + ") to match q " +
-                       describe(q) + ", got " + describe(k));
+  // A paged cache or cache_batch_idx: k's first dim is the pool (blocks / cache rows), not B.
+  const bool pooled = cache.block_table.present || cache.cache_batch_idx.present;
+  if ((!pooled && k.size(0) != p.B) || k.size(3) != p.D)
+    fail_value(fn, "k must have shape (" + std::string(pooled ? "pool" : std::to_string(p.B)) + ", Hk, Sk, " +
+                       std::to_string(p.D) + ") to match q " + describe(q) + ", got " + describe(k));
   if (p.Hk < 1 || p.H % p.Hk != 0)
     fail_value(fn, "the query heads (" + std::to_string(p.H) + ") must be a multiple of the key heads (" +
                        std::to_string(p.Hk) + ")");
@@ -122,6 +132,38 @@ attention::Params make_params(const char* fn, const TensorView& q, const TensorV
     expect_contiguous(fn, "seqused_k", seqused_k);
     expect_same_device(fn, "seqused_k", seqused_k, q);
     p.seqused_k = seqused_k.ptr<const int32_t>();
+  }
+  if (cache.any()) {
+    if (!seqused_k.present || cu_seqlens_q.present)
+      fail_value(fn,
+                 "cache_leftpad, cache_batch_idx and block_table are decode inputs: they need seqused_k and no "
+                 "cu_seqlens");
+    if (cache.block_table.present && cache.cache_batch_idx.present)
+      fail_value(fn, "a paged cache (block_table) takes no cache_batch_idx: the table already maps rows to blocks");
+    for (auto [name, t] : {std::pair<const char*, const TensorView*>{"cache_leftpad", &cache.cache_leftpad},
+                           {"cache_batch_idx", &cache.cache_batch_idx}}) {
+      if (!t->present) continue;
+      expect_dtype(fn, name, *t, I32);
+      expect_shape(fn, name, *t, {p.B});
+      expect_contiguous(fn, name, *t);
+      expect_same_device(fn, name, *t, q);
+    }
+    p.leftpad_k = cache.cache_leftpad.present ? cache.cache_leftpad.ptr<const int32_t>() : nullptr;
+    p.kv_batch_idx = cache.cache_batch_idx.present ? cache.cache_batch_idx.ptr<const int32_t>() : nullptr;
+    p.num_blocks = k.size(0);
+    if (cache.block_table.present) {
+      const TensorView& t = cache.block_table;
+      expect_dtype(fn, "block_table", t, I32);
+      expect_ndim(fn, "block_table", t, 2);
+      expect_shape(fn, "block_table", t, {p.B, -1});
+      expect_unit_last_stride(fn, "block_table", t);
+      expect_same_device(fn, "block_table", t, q);
+      p.block_table = t.ptr<const int32_t>();
+      p.block_table_sb = t.stride(0);
+      p.page_size = k.size(2);
+      if (p.page_size < 1) fail_value(fn, "a paged cache needs pages of at least one row, got k " + describe(k));
+      p.Sk = t.size(1) * p.page_size;
+    }
   }
   if (alibi.present) {
     expect_dtype(fn, "alibi_slopes", alibi, F32);
@@ -208,20 +250,130 @@ int lse_dtype_of(int dtype) { return dtype == F64 ? F64 : F32; }
 
 size_t float_bytes(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
 
-// k / v (B, S_new, Hk, D) written into k_cache / v_cache (B, S_max, Hk, D) at rows
-// cache_seqlens[b] .. + S_new of batch row b (flash-attn's in-place cache update). Every row
-// index is checked against S_max before anything is written.
+// Where each batch row's cache lives, as host pointers (CPU tensors): the values checked by
+// check_cache_index and used by the CPU append.
+struct CacheRows {
+  int64_t B = 0;
+  const int32_t* seqlens = nullptr;    // (B,) positions already in the cache
+  int64_t capacity = 0;                // positions a row can hold
+  int64_t pool_rows = 0;               // cache batch rows, or blocks of a paged cache
+  int64_t page_size = 0;               // 0: not paged
+  const int32_t* leftpad = nullptr;    // (B,) or null
+  const int32_t* batch_idx = nullptr;  // (B,) or null
+  const int32_t* table = nullptr;      // (B, max_blocks) rows table_sb apart, or null
+  int64_t table_sb = 0;
+
+  int64_t row_of(int64_t b) const { return batch_idx != nullptr ? batch_idx[b] : b; }
+  // (cache row or block, row inside it) of position j of batch row b.
+  std::pair<int64_t, int64_t> locate(int64_t b, int64_t j) const {
+    if (table == nullptr) return {row_of(b), j};
+    return {table[b * table_sb + j / page_size], j % page_size};
+  }
+};
+
+// Every position a row writes (new_tokens after seqlens[b]) or reads ([leftpad[b], seqlens[b] +
+// new_tokens)) exists: a clear error naming the argument otherwise. `lengths` names seqlens.
+void check_cache_index(const char* fn, const CacheRows& c, int64_t new_tokens, const char* lengths) {
+  for (int64_t b = 0; b < c.B; ++b) {
+    const std::string row = "[" + std::to_string(b) + "]";
+    const int64_t n = c.seqlens[b], end = n + new_tokens, start = c.leftpad != nullptr ? c.leftpad[b] : 0;
+    if (n < 0) fail_value(fn, std::string(lengths) + row + " = " + std::to_string(n) + " must be >= 0");
+    if (end > c.capacity)
+      fail_value(fn, std::string(c.table != nullptr ? "the block_table's pages hold " : "the cache holds ") +
+                         std::to_string(c.capacity) + " positions per row but " + lengths + row + " = " +
+                         std::to_string(n) + " + " + std::to_string(new_tokens) + " new tokens needs " +
+                         std::to_string(end) + "; the cache is too small");
+    if (start < 0 || start > n)
+      fail_value(fn, "cache_leftpad" + row + " = " + std::to_string(start) + " must be in [0, " + lengths + row +
+                         " = " + std::to_string(n) + "]");
+    if (c.batch_idx != nullptr && (c.batch_idx[b] < 0 || c.batch_idx[b] >= c.pool_rows))
+      fail_value(fn, "cache_batch_idx" + row + " = " + std::to_string(c.batch_idx[b]) + " is not a row of the " +
+                         std::to_string(c.pool_rows) + "-row cache");
+    if (c.table == nullptr || end == start) continue;
+    for (int64_t i = start / c.page_size; i <= (end - 1) / c.page_size; ++i) {
+      const int32_t block = c.table[b * c.table_sb + i];
+      if (block < 0 || block >= c.pool_rows)
+        fail_value(fn, "block_table[" + std::to_string(b) + ", " + std::to_string(i) + "] = " + std::to_string(block) +
+                           " is not a block of the " + std::to_string(c.pool_rows) + "-block cache");
+    }
+  }
+}
+
+// The decode's index values in Params (CPU tensors): every key a row reads exists.
+void check_cache_values(const char* fn, const attention::Params& p) {
+  if (p.seqused_k == nullptr) return;
+  CacheRows c;
+  c.B = p.B;
+  c.seqlens = p.seqused_k;
+  c.capacity = p.Sk;
+  c.pool_rows = p.kv_batch_idx != nullptr || p.block_table != nullptr ? p.num_blocks : p.B;
+  c.page_size = p.page_size;
+  c.leftpad = p.leftpad_k;
+  c.batch_idx = p.kv_batch_idx;
+  c.table = p.block_table;
+  c.table_sb = p.block_table_sb;
+  check_cache_index(fn, c, 0, "seqused_k");
+}
+
+// flash_attn_with_kvcache's index tensors (CPU, int32) as CacheRows, shapes checked. k_cache in
+// the caller's layout: (B_cache, S_max, Hk, D), or (num_blocks, page_size, Hk, D) with a table.
+CacheRows cache_rows_of(const char* fn, const TensorView& k_cache, const TensorView& cache_seqlens,
+                        const TensorView& cache_leftpad, const TensorView& cache_batch_idx,
+                        const TensorView& block_table) {
+  CacheRows c;
+  expect_dtype(fn, "cache_seqlens", cache_seqlens, I32);
+  expect_ndim(fn, "cache_seqlens", cache_seqlens, 1);
+  expect_contiguous(fn, "cache_seqlens", cache_seqlens);
+  expect_cpu(fn, "cache_seqlens", cache_seqlens);
+  c.B = cache_seqlens.size(0);
+  c.seqlens = cache_seqlens.ptr<const int32_t>();
+  c.pool_rows = k_cache.size(0);
+  c.capacity = k_cache.size(1);
+  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"cache_leftpad", &cache_leftpad},
+                         {"cache_batch_idx", &cache_batch_idx}}) {
+    if (!t->present) continue;
+    expect_dtype(fn, name, *t, I32);
+    expect_shape(fn, name, *t, {c.B});
+    expect_contiguous(fn, name, *t);
+    expect_cpu(fn, name, *t);
+  }
+  if (cache_leftpad.present) c.leftpad = cache_leftpad.ptr<const int32_t>();
+  if (cache_batch_idx.present) c.batch_idx = cache_batch_idx.ptr<const int32_t>();
+  if (block_table.present) {
+    if (cache_batch_idx.present) fail_value(fn, "a paged cache (block_table) takes no cache_batch_idx");
+    expect_dtype(fn, "block_table", block_table, I32);
+    expect_ndim(fn, "block_table", block_table, 2);
+    expect_shape(fn, "block_table", block_table, {c.B, -1});
+    expect_unit_last_stride(fn, "block_table", block_table);
+    expect_cpu(fn, "block_table", block_table);
+    c.table = block_table.ptr<const int32_t>();
+    c.table_sb = block_table.stride(0);
+    c.page_size = k_cache.size(1);
+    if (c.page_size < 1)
+      fail_value(fn, "a paged cache needs pages of at least one row, got k_cache " + describe(k_cache));
+    c.capacity = block_table.size(1) * c.page_size;
+  } else if (!cache_batch_idx.present && c.pool_rows != c.B) {
+    fail_value(fn, "k_cache has " + std::to_string(c.pool_rows) + " rows for " + std::to_string(c.B) +
+                       " batch rows (pass cache_batch_idx to read other rows)");
+  }
+  return c;
+}
+
+// k / v (B, S_new, Hk, D) written into k_cache / v_cache at positions cache_seqlens[b] .. +
+// S_new of batch row b (flash-attn's in-place cache update): cache row cache_batch_idx[b] (or b)
+// of (B_cache, S_max, Hk, D), or the pages of a paged cache (num_blocks, page_size, Hk, D)
+// through block_table. Every position is checked (check_cache_index) before anything is written.
 void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
-                        const TensorView& v, const TensorView& cache_seqlens) {
+                        const TensorView& v, const TensorView& cache_seqlens, const TensorView& cache_batch_idx,
+                        const TensorView& block_table) {
   expect_cpu(fn, "k_cache", k_cache);
   expect_float_dtype(fn, "k_cache", k_cache);
   expect_ndim(fn, "k_cache", k_cache, 4);
   expect_same_shape(fn, "v_cache", v_cache, "k_cache", k_cache);
   expect_ndim(fn, "k", k, 4);
   expect_same_shape(fn, "v", v, "k", k);
-  const int64_t B = k_cache.size(0), S_max = k_cache.size(1), Hk = k_cache.size(2), D = k_cache.size(3);
+  const int64_t Hk = k_cache.size(2), D = k_cache.size(3);
   const int64_t S_new = k.size(1);
-  expect_shape(fn, "k", k, {B, -1, Hk, D});
   for (auto [name, t] : {std::pair<const char*, const TensorView*>{"v_cache", &v_cache}, {"k", &k}, {"v", &v}}) {
     expect_dtype(fn, name, *t, k_cache.dtype);
     expect_cpu(fn, name, *t);
@@ -229,28 +381,148 @@ void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorV
   for (auto [name, t] :
        {std::pair<const char*, const TensorView*>{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k", &k}, {"v", &v}})
     expect_unit_last_stride(fn, name, *t);
-  expect_dtype(fn, "cache_seqlens", cache_seqlens, I32);
-  expect_shape(fn, "cache_seqlens", cache_seqlens, {B});
-  expect_contiguous(fn, "cache_seqlens", cache_seqlens);
-  expect_cpu(fn, "cache_seqlens", cache_seqlens);
-  const int32_t* rows = cache_seqlens.ptr<const int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    if (rows[b] < 0 || rows[b] + S_new > S_max)
-      fail_value(fn, "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(rows[b]) + " leaves no room for " +
-                         std::to_string(S_new) + " new rows in a cache of " + std::to_string(S_max));
+  const CacheRows c = cache_rows_of(fn, k_cache, cache_seqlens, TensorView{}, cache_batch_idx, block_table);
+  expect_shape(fn, "k", k, {c.B, -1, Hk, D});
+  check_cache_index(fn, c, S_new, "cache_seqlens");
   const size_t row_bytes = size_t(D) * float_bytes(k_cache.dtype);
   for (auto [cache, src] : {std::pair<const TensorView*, const TensorView*>{&k_cache, &k}, {&v_cache, &v}}) {
     const size_t item = float_bytes(cache->dtype);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < S_new; ++t)
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t t = 0; t < S_new; ++t) {
+        const auto [block, row] = c.locate(b, c.seqlens[b] + t);
         for (int64_t h = 0; h < Hk; ++h) {
           char* dst = static_cast<char*>(cache->data) +
-                      (b * cache->stride(0) + (rows[b] + t) * cache->stride(1) + h * cache->stride(2)) * item;
+                      (block * cache->stride(0) + row * cache->stride(1) + h * cache->stride(2)) * item;
           const char* from = static_cast<const char*>(src->data) +
                              (b * src->stride(0) + t * src->stride(1) + h * src->stride(2)) * item;
           std::memcpy(dst, from, row_bytes);
         }
+      }
   }
+}
+
+// Rotary embedding of one row (genfast.reference.attention.rotary_embedding): pairs (d, d + half)
+// or, interleaved, (2d, 2d + 1) rotated by (cos[d], sin[d]) in the compute type; dims from
+// 2 * half on copied. dst may be src.
+template <typename T, typename C>
+void rotate_row(T* dst, const T* src, int64_t D, const C* cos, const C* sin, int64_t half, bool interleaved) {
+  using F = typename Compute<T>::type;
+  for (int64_t d = 0; d < half; ++d) {
+    const F c = F(to_float(cos[d])), s = F(to_float(sin[d]));
+    const int64_t i1 = interleaved ? 2 * d : d, i2 = interleaved ? 2 * d + 1 : d + half;
+    const F x1 = F(to_float(src[i1])), x2 = F(to_float(src[i2]));
+    const F a = x1 * c, b = x2 * s, e = x1 * s, f = x2 * c;  // rounded one by one, as torch does
+    dst[i1] = from_compute<T>(a - b);
+    dst[i2] = from_compute<T>(e + f);
+  }
+  if (dst != src) std::memcpy(dst + 2 * half, src + 2 * half, size_t(D - 2 * half) * sizeof(T));
+}
+
+// flash_attn_with_kvcache's rotary step on the CPU: q_out = rotary(q) at positions
+// cache_seqlens[b] + i (or cache_seqlens[b] when q_same_position), and rotary(k), v appended at
+// positions cache_seqlens[b] + t (as kvcache_append_cpu), in one pass. Layout (B, S, H, D).
+template <typename T, typename C>
+void rotary_append_typed(const CacheRows& c, const TensorView& q, const TensorView& q_out, const TensorView& k_cache,
+                         const TensorView& v_cache, const TensorView& k, const TensorView& v, const C* cos,
+                         const C* sin, int64_t half, bool interleaved, bool q_same_position) {
+  const int64_t D = q.size(3), Hk = k.size(2), S_new = k.size(1);
+  for (int64_t b = 0; b < c.B; ++b) {
+    for (int64_t i = 0; i < q.size(1); ++i) {
+      const int64_t pos = c.seqlens[b] + (q_same_position ? 0 : i);
+      for (int64_t h = 0; h < q.size(2); ++h)
+        rotate_row(static_cast<T*>(q_out.data) + b * q_out.stride(0) + i * q_out.stride(1) + h * q_out.stride(2),
+                   static_cast<const T*>(q.data) + b * q.stride(0) + i * q.stride(1) + h * q.stride(2), D,
+                   cos + pos * half, sin + pos * half, half, interleaved);
+    }
+    for (int64_t t = 0; t < S_new; ++t) {
+      const int64_t pos = c.seqlens[b] + t;
+      const auto [block, row] = c.locate(b, pos);
+      for (int64_t h = 0; h < Hk; ++h) {
+        T* kd =
+            static_cast<T*>(k_cache.data) + block * k_cache.stride(0) + row * k_cache.stride(1) + h * k_cache.stride(2);
+        T* vd =
+            static_cast<T*>(v_cache.data) + block * v_cache.stride(0) + row * v_cache.stride(1) + h * v_cache.stride(2);
+        rotate_row(kd, static_cast<const T*>(k.data) + b * k.stride(0) + t * k.stride(1) + h * k.stride(2), D,
+                   cos + pos * half, sin + pos * half, half, interleaved);
+        std::memcpy(vd, static_cast<const T*>(v.data) + b * v.stride(0) + t * v.stride(1) + h * v.stride(2),
+                    size_t(D) * sizeof(T));
+      }
+    }
+  }
+}
+
+void rotary_append_cpu(const char* fn, const TensorView& q, const TensorView& q_out, const TensorView& k_cache,
+                       const TensorView& v_cache, const TensorView& k, const TensorView& v,
+                       const TensorView& cache_seqlens, const TensorView& cos, const TensorView& sin, bool interleaved,
+                       bool q_same_position, const TensorView& cache_batch_idx, const TensorView& block_table) {
+  expect_cpu(fn, "q", q);
+  expect_float_dtype(fn, "q", q);
+  expect_ndim(fn, "q", q, 4);
+  expect_ndim(fn, "k_cache", k_cache, 4);
+  expect_same_shape(fn, "v_cache", v_cache, "k_cache", k_cache);
+  expect_ndim(fn, "k", k, 4);
+  expect_same_shape(fn, "v", v, "k", k);
+  expect_same_shape(fn, "q_out", q_out, "q", q);
+  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"q_out", &q_out},
+                         {"k_cache", &k_cache},
+                         {"v_cache", &v_cache},
+                         {"k", &k},
+                         {"v", &v}}) {
+    expect_dtype(fn, name, *t, q.dtype);
+    expect_cpu(fn, name, *t);
+  }
+  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"q", &q},
+                         {"q_out", &q_out},
+                         {"k_cache", &k_cache},
+                         {"v_cache", &v_cache},
+                         {"k", &k},
+                         {"v", &v}})
+    expect_unit_last_stride(fn, name, *t);
+  const CacheRows c = cache_rows_of(fn, k_cache, cache_seqlens, TensorView{}, cache_batch_idx, block_table);
+  const int64_t D = q.size(3);
+  expect_shape(fn, "q", q, {c.B, -1, -1, D});
+  expect_shape(fn, "k", k, {c.B, -1, k_cache.size(2), D});
+  check_cache_index(fn, c, k.size(1), "cache_seqlens");
+  expect_ndim(fn, "rotary_cos", cos, 2);
+  expect_same_shape(fn, "rotary_sin", sin, "rotary_cos", cos);
+  expect_dtype(fn, "rotary_sin", sin, cos.dtype);
+  expect_contiguous(fn, "rotary_cos", cos);
+  expect_contiguous(fn, "rotary_sin", sin);
+  expect_cpu(fn, "rotary_cos", cos);
+  const int64_t half = cos.size(1);
+  if (half < 1 || 2 * half > D)
+    fail_value(fn, "rotary_cos must be (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= " + std::to_string(D) +
+                       ", got " + describe(cos));
+  const int64_t reach = std::max<int64_t>(k.size(1), q_same_position ? 1 : q.size(1));
+  for (int64_t b = 0; b < c.B; ++b)
+    if (c.seqlens[b] + reach > cos.size(0))
+      fail_value(fn, "rotary_cos has " + std::to_string(cos.size(0)) + " positions but row " + std::to_string(b) +
+                         " needs position " + std::to_string(c.seqlens[b] + reach - 1));
+  auto with_cos = [&](auto tag_t) {
+    using T = decltype(tag_t);
+    switch (cos.dtype) {
+      case F32:
+        return rotary_append_typed<T>(c, q, q_out, k_cache, v_cache, k, v, cos.ptr<const float>(),
+                                      sin.ptr<const float>(), half, interleaved, q_same_position);
+      case F64:
+        return rotary_append_typed<T>(c, q, q_out, k_cache, v_cache, k, v, cos.ptr<const double>(),
+                                      sin.ptr<const double>(), half, interleaved, q_same_position);
+      case F16:
+        return rotary_append_typed<T>(c, q, q_out, k_cache, v_cache, k, v, cos.ptr<const half_t>(),
+                                      sin.ptr<const half_t>(), half, interleaved, q_same_position);
+      case BF16:
+        return rotary_append_typed<T>(c, q, q_out, k_cache, v_cache, k, v, cos.ptr<const bf16_t>(),
+                                      sin.ptr<const bf16_t>(), half, interleaved, q_same_position);
+    }
+    fail_type(fn, "rotary_cos must be a float tensor, got " + describe(cos));
+  };
+  switch (q.dtype) {
+    case F32: return with_cos(float{});
+    case F64: return with_cos(double{});
+    case F16: return with_cos(half_t{});
+    case BF16: return with_cos(bf16_t{});
+  }
+  fail_type(fn, "q must be a float tensor, got " + describe(q));
 }
 
 int checked_threads(const char* fn, int num_threads) {
@@ -323,12 +595,18 @@ GENFAST_REGISTER_BINDINGS(attention) {
       [](const TensorView& q_in, const TensorView& k_in, const TensorView& v_in, const TensorView& out_in,
          const TensorView& lse, const TensorView& bias, const TensorView& alibi_slopes, const TensorView& cu_seqlens_q,
          const TensorView& cu_seqlens_k, const TensorView& seqused_k, const TensorView& keep_mask, uint64_t seed,
-         const AttentionOptions& options, int num_threads) {
+         const AttentionOptions& options, int num_threads, const TensorView& cache_leftpad,
+         const TensorView& cache_batch_idx, const TensorView& block_table) {
         const char* fn = "attention_forward_cpu";
         const TensorView q = heads_first(q_in, options), k = heads_first(k_in, options), v = heads_first(v_in, options),
                          out = heads_first(out_in, options);
         expect_cpu(fn, "q", q);
-        attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options);
+        attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options,
+                                          CacheIndex{cache_leftpad, cache_batch_idx, block_table});
+        if (p.seqused_k != nullptr) {
+          expect_cpu(fn, "seqused_k", seqused_k);
+          check_cache_values(fn, p);
+        }
         set_out_lse(fn, p, q, out, lse, lse_dtype_of(q.dtype), true, true);
         set_bias(fn, p, q, bias);
         if (keep_mask.present) {
@@ -344,7 +622,9 @@ GENFAST_REGISTER_BINDINGS(attention) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::kw_only(), py::arg("bias"),
       py::arg("alibi_slopes"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
-      py::arg("keep_mask"), py::arg("seed"), py::arg("options"), py::arg("num_threads"));
+      py::arg("keep_mask"), py::arg("seed"), py::arg("options"), py::arg("num_threads"),
+      py::arg("cache_leftpad") = py::none(), py::arg("cache_batch_idx") = py::none(),
+      py::arg("block_table") = py::none());
   m.def(
       "attention_backward_cpu",
       [](const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -370,10 +650,39 @@ GENFAST_REGISTER_BINDINGS(attention) {
   m.def(
       "attention_kvcache_append_cpu",
       [](const TensorView& k_cache, const TensorView& v_cache, const TensorView& k, const TensorView& v,
-         const TensorView& cache_seqlens) {
-        kvcache_append_cpu("attention_kvcache_append_cpu", k_cache, v_cache, k, v, cache_seqlens);
+         const TensorView& cache_seqlens, const TensorView& cache_batch_idx, const TensorView& block_table) {
+        kvcache_append_cpu("attention_kvcache_append_cpu", k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
+                           block_table);
       },
-      py::arg("k_cache"), py::arg("v_cache"), py::kw_only(), py::arg("k"), py::arg("v"), py::arg("cache_seqlens"));
+      py::arg("k_cache"), py::arg("v_cache"), py::kw_only(), py::arg("k"), py::arg("v"), py::arg("cache_seqlens"),
+      py::arg("cache_batch_idx") = py::none(), py::arg("block_table") = py::none());
+  m.def(
+      "attention_rotary_append_cpu",
+      [](const TensorView& q, const TensorView& q_out, const TensorView& k_cache, const TensorView& v_cache,
+         const TensorView& k, const TensorView& v, const TensorView& cache_seqlens, const TensorView& rotary_cos,
+         const TensorView& rotary_sin, bool interleaved, bool q_same_position, const TensorView& cache_batch_idx,
+         const TensorView& block_table) {
+        rotary_append_cpu("attention_rotary_append_cpu", q, q_out, k_cache, v_cache, k, v, cache_seqlens, rotary_cos,
+                          rotary_sin, interleaved, q_same_position, cache_batch_idx, block_table);
+      },
+      "flash_attn_with_kvcache's rotary step (flash-attn layout): q_out = rotary(q); rotary(k) and v "
+      "appended into the caches at cache_seqlens[b] + t, every position checked first.",
+      py::arg("q"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"), py::kw_only(), py::arg("k"), py::arg("v"),
+      py::arg("cache_seqlens"), py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("interleaved"),
+      py::arg("q_same_position"), py::arg("cache_batch_idx"), py::arg("block_table"));
+  m.def(
+      "attention_check_cache_index_cpu",
+      [](const TensorView& k_cache, const TensorView& cache_seqlens, int64_t new_tokens,
+         const TensorView& cache_leftpad, const TensorView& cache_batch_idx, const TensorView& block_table) {
+        const char* fn = "flash_attn_with_kvcache";
+        expect_ndim(fn, "k_cache", k_cache, 4);
+        const CacheRows c = cache_rows_of(fn, k_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table);
+        check_cache_index(fn, c, new_tokens, "cache_seqlens");
+      },
+      "Checks flash_attn_with_kvcache's index values (CPU tensors; k_cache in flash-attn's layout): every "
+      "position a row writes or reads exists, else ValueError.",
+      py::arg("k_cache"), py::kw_only(), py::arg("cache_seqlens"), py::arg("new_tokens"), py::arg("cache_leftpad"),
+      py::arg("cache_batch_idx"), py::arg("block_table"));
 
 #ifdef GENFAST_WITH_CUDA
   py::class_<AttentionCudaLaunch>(m, "AttentionCudaLaunch",
@@ -395,10 +704,12 @@ GENFAST_REGISTER_BINDINGS(attention) {
       [](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
          const TensorView& alibi_slopes, const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k,
          const TensorView& seqused_k, const TensorView& out_partial, const TensorView& lse_partial,
-         const AttentionOptions& options, const AttentionCudaLaunch& launch, uintptr_t stream) {
+         const AttentionOptions& options, const AttentionCudaLaunch& launch, uintptr_t stream,
+         const TensorView& cache_leftpad, const TensorView& cache_batch_idx, const TensorView& block_table) {
         const char* fn = "attention_forward_cuda";
         no_seq_first(fn, options);
-        attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options);
+        attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options,
+                                          CacheIndex{cache_leftpad, cache_batch_idx, block_table});
         set_out_lse(fn, p, q, out, lse, F32, true, false);
         attention::CudaArgs a = cuda_args(fn, p, q, launch, stream);
         if (launch.num_splits > 1) {
@@ -416,7 +727,9 @@ GENFAST_REGISTER_BINDINGS(attention) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::kw_only(), py::arg("alibi_slopes"),
       py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"), py::arg("out_partial"),
-      py::arg("lse_partial"), py::arg("options"), py::arg("launch"), py::arg("stream"));
+      py::arg("lse_partial"), py::arg("options"), py::arg("launch"), py::arg("stream"),
+      py::arg("cache_leftpad") = py::none(), py::arg("cache_batch_idx") = py::none(),
+      py::arg("block_table") = py::none());
   m.def(
       "attention_backward_cuda",
       [](const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& lse,

@@ -44,17 +44,21 @@ constexpr int GROUP_ROWS = 16;
 
 // One sequence of the problem: which batch row its pointers use, where its queries and keys
 // start, their counts, and its index for the dropout hash and ALiBi (b, or the sequence).
+// Decode: kb is the batch row of the K/V cache (cache_batch_idx; b otherwise) and klo the
+// first key the row may see (cache_leftpad; positions stay absolute, so nothing else moves).
 struct Seq {
-  int64_t b, q0, sq, k0, sk, index;
+  int64_t b, q0, sq, k0, sk, index, kb, klo;
 };
 
 inline Seq sequence(const Params& p, int64_t s) {
   if (p.cu_q != nullptr) {
     const int64_t q0 = p.cu_q[s], k0 = p.cu_k[s];
-    return Seq{0, q0, p.cu_q[s + 1] - q0, k0, p.cu_k[s + 1] - k0, s};
+    return Seq{0, q0, p.cu_q[s + 1] - q0, k0, p.cu_k[s + 1] - k0, s, 0, 0};
   }
   const int64_t sk = p.seqused_k != nullptr ? int64_t(p.seqused_k[s]) : p.Sk;
-  return Seq{s, 0, p.Sq, 0, sk, s};
+  const int64_t kb = p.kv_batch_idx != nullptr ? int64_t(p.kv_batch_idx[s]) : s;
+  const int64_t klo = p.leftpad_k != nullptr ? int64_t(p.leftpad_k[s]) : 0;
+  return Seq{s, 0, p.Sq, 0, sk, s, kb, klo};
 }
 
 // 64-byte aligned buffers: the micro-kernels' 32-byte loads then never straddle cache lines.

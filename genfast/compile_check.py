@@ -215,6 +215,26 @@ def _attention_problems(dt, quick):
             lens = _meta(B, dtype=torch.int32)
             problems.append((f"decode D{D}", lambda qd=qd, kc=kc, lens=lens, D=D:
                              A.decode(qd, kc, kc, lens, scale=D ** -0.5)))
+            # a paged cache (block table looked up per key column) with left pads; cache rows by index
+            pages = _meta(B * S // 256 + 1, Hk, 256, D, dtype=dt)
+            table = _meta(B, S // 256, dtype=torch.int32)
+            problems.append((f"decode D{D} paged+leftpad", lambda qd=qd, kc=pages, lens=lens, D=D, t=table:
+                             A.decode(qd, kc, kc, lens, scale=D ** -0.5, block_table=t, cache_leftpad=lens)))
+            if not quick:
+                problems.append((f"decode D{D} cache_batch_idx", lambda qd=qd, kc=kc, lens=lens, D=D:
+                                 A.decode(qd, kc, kc, lens, scale=D ** -0.5, cache_batch_idx=lens)))
+            # rotary of q / the new k fused with the cache append (flash-attn layout (B, S, H, D)):
+            # full-width GPT-NeoX rotary into a plain cache; half-width GPT-J rotary into pages
+            qr, kn = _meta(B, 1, H, D, dtype=dt), _meta(B, 1, Hk, D, dtype=dt)
+            kcr, pgr = _meta(B, S, Hk, D, dtype=dt), _meta(B * S // 256 + 1, 256, Hk, D, dtype=dt)
+            rot, rot_half = _meta(S, D // 2, dtype=torch.float32), _meta(S, D // 4, dtype=torch.float32)
+            problems.append((f"rotary_append D{D}", lambda qr=qr, kc=kcr, kn=kn, lens=lens, rot=rot:
+                             A.rotary_append(qr, kc, kc, kn, kn, lens, rot, rot, interleaved=False,
+                                             q_same_position=False)))
+            problems.append((f"rotary_append D{D} paged interleaved", lambda qr=qr, kc=pgr, kn=kn, lens=lens,
+                             rot=rot_half, t=table: A.rotary_append(qr, kc, kc, kn, kn, lens, rot, rot,
+                                                                    interleaved=True, q_same_position=True,
+                                                                    block_table=t)))
     return problems
 
 

@@ -16,6 +16,10 @@
 // Shared-memory rows are padded by 8 elements (16 bytes) so that the 8 row addresses of each
 // ldmatrix phase fall in 8 different groups of 4 banks.
 //
+// Decode caches: a per-row left pad (the first key; positions stay absolute), a per-row cache
+// batch row (kv_batch_idx) or pages (block_table): a paged tile is loaded row by row, each row's
+// address from its page, so a tile may span several pages and a page several tiles.
+//
 // tests/test_attention_cuda_emulated.py runs this file on the CPU (tests/cuda_emulation).
 #include <cmath>
 #include <cstdint>
@@ -265,6 +269,32 @@ __device__ __forceinline__ void load_rows_async(uint16_t* dst, const T* src, int
   }
 }
 
+// K and V tiles of a paged cache: keys [row0, row0 + kRows), key j at row j % page_size of block
+// table[j / page_size] (k / v: block 0 at this key head). Rows outside [lo, hi) become 0 without
+// being read (their pages may not exist); so does the head-dim padding. Each page row starts
+// 16-byte aligned (strides are multiples of 8 elements), so every copy stays a 16-byte cp.async.
+template <int kRows, int kDP, typename T>
+__device__ __forceinline__ void load_paged_rows_async(uint16_t* dst_k, uint16_t* dst_v, const T* k, const T* v,
+                                                      const Params& p, const int32_t* table, int64_t row0, int64_t lo,
+                                                      int64_t hi, int64_t D) {
+  constexpr int kChunks = kDP / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, d = (c % kChunks) * 8;
+    const int64_t j = row0 + r;
+    const bool fill = j >= lo && j < hi && d < D;
+    const T* ks = k;
+    const T* vs = v;
+    if (fill) {  // 0 <= j < seqused_k <= INT32_MAX: 32-bit division
+      const uint32_t page = uint32_t(p.page_size);
+      const int64_t block = table[uint32_t(j) / page], row = uint32_t(j) % page;
+      ks = k + block * p.k_sb + row * p.k_ss + d;
+      vs = v + block * p.v_sb + row * p.v_ss + d;
+    }
+    cp_async_16(dst_k + r * row_pitch(kDP) + d, ks, fill);
+    cp_async_16(dst_v + r * row_pitch(kDP) + d, vs, fill);
+  }
+}
+
 // One sequence of the problem: offsets into the packed tokens (varlen), its lengths (decode:
 // the used cache length), and its index into the batch strides.
 struct Extent {
@@ -338,7 +368,9 @@ __device__ __forceinline__ float alibi_slope_log2(const Params& p, int64_t seq, 
 }
 
 // Grid: x = tiles of kBM rows, y = head groups (query heads, or key heads when pack_gqa),
-// z = (batch row or varlen sequence) * num_splits + split.
+// z = (batch row or varlen sequence) * num_splits + split. Decode (seqused_k) also takes the
+// cache index of Params: a left pad per row (the first key), a cache batch row per row, or a
+// paged cache (K/V rows looked up in the block table as each tile is loaded).
 template <typename T, int kDP>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   constexpr int kBN = block_n(kDP), kLD = row_pitch(kDP);
@@ -387,7 +419,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
     i_lo = 0;
     i_hi = Sq - 1;
   }
-  int64_t j_begin = 0, j_end = Sk;
+  // Decode: keys before the row's left pad are not its own (positions stay absolute).
+  const int64_t k_lo = p.leftpad_k != nullptr ? int64_t(p.leftpad_k[seq]) : 0;
+  int64_t j_begin = k_lo, j_end = Sk;
   if (p.window_left >= 0) j_begin = max(j_begin, i_lo + rules.off - p.window_left);
   if (p.window_right >= 0) j_end = min(j_end, i_hi + rules.off + p.window_right + 1);
   if (a.num_splits > 1) {
@@ -417,25 +451,36 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only; reduced at the end
 
-  const T* k_base = static_cast<const T*>(p.k) + ext.batch * p.k_sb + hk * p.k_sh + ext.k_off * p.k_ss;
-  const T* v_base = static_cast<const T*>(p.v) + ext.batch * p.v_sb + hk * p.v_sh + ext.k_off * p.v_ss;
+  // K/V rows: of cache batch row kv_batch_idx[seq] (decode) or ext.batch; paged, k_base / v_base
+  // are block 0 at this key head and each row is found through this row's block table (a
+  // runtime branch per tile, uniform over the block; the linear path is unchanged).
+  const bool paged = p.block_table != nullptr;
+  const int32_t* table = p.block_table + (paged ? seq * p.block_table_sb : 0);
+  const int64_t kv_b = paged ? 0 : p.kv_batch_idx != nullptr ? int64_t(p.kv_batch_idx[seq]) : ext.batch;
+  const T* k_base = static_cast<const T*>(p.k) + kv_b * p.k_sb + hk * p.k_sh + ext.k_off * p.k_ss;
+  const T* v_base = static_cast<const T*>(p.v) + kv_b * p.v_sb + hk * p.v_sh + ext.k_off * p.v_ss;
+  auto load_tile = [&](int s, int64_t n0) {
+    uint16_t* sK = sK_stages + s * kBN * kLD;
+    uint16_t* sV = sV_stages + s * kBN * kLD;
+    if (paged) {
+      load_paged_rows_async<kBN, kDP>(sK, sV, k_base, v_base, p, table, n0, k_lo, Sk, p.D);
+    } else {
+      load_rows_async<kBN, kDP>(sK, k_base, p.k_ss, n0, Sk, p.D);
+      load_rows_async<kBN, kDP>(sV, v_base, p.v_ss, n0, Sk, p.D);
+    }
+  };
 
   // Two-stage pipeline: while the warps work on tile n (stage n % 2), cp.async brings tile
   // n + 1 into the other stage.
   const int64_t n_first = j_begin / kBN * kBN;
-  if (n_first < j_end) {
-    load_rows_async<kBN, kDP>(sK_stages, k_base, p.k_ss, n_first, Sk, p.D);
-    load_rows_async<kBN, kDP>(sV_stages, v_base, p.v_ss, n_first, Sk, p.D);
-  }
+  if (n_first < j_end) load_tile(0, n_first);
   cp_async_commit();
   int stage = 0;
   for (int64_t n0 = n_first; n0 < j_end; n0 += kBN, stage ^= 1) {
     const uint16_t* sK = sK_stages + stage * kBN * kLD;
     const uint16_t* sV = sV_stages + stage * kBN * kLD;
-    if (n0 + kBN < j_end) {  // the other stage was released by the barrier ending the last iteration
-      load_rows_async<kBN, kDP>(sK_stages + (stage ^ 1) * kBN * kLD, k_base, p.k_ss, n0 + kBN, Sk, p.D);
-      load_rows_async<kBN, kDP>(sV_stages + (stage ^ 1) * kBN * kLD, v_base, p.v_ss, n0 + kBN, Sk, p.D);
-    }
+    // (the other stage was released by the barrier ending the last iteration)
+    if (n0 + kBN < j_end) load_tile(stage ^ 1, n0 + kBN);
     cp_async_commit();   // (possibly empty: keeps one group per iteration)
     cp_async_wait<1>();  // this tile's group has landed; the next one may still be in flight
     __syncthreads();     // ... for every thread's copies (and, first time, Q is stored)
@@ -444,17 +489,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaArgs a) {
       float s[kNB][4];
       product_abt<T, kLD, kKD>(s, sQ, warp * 16, sK, p.D);
 
-      // Scores in log2 units; masks only on tiles that cross the end or a window edge.
+      // Scores in log2 units; masks only on tiles that cross the end or a window edge, and
+      // the decode's left pad (only the first tile can cross it: j_begin >= k_lo).
       const bool need_mask = rules.any_masked(i_lo, i_hi, n0, n0 + kBN);
+      const bool below_pad = n0 < k_lo;
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int rr = e >> 1;
+          const int64_t j = n0 + nb * 8 + 2 * t + (e & 1);
           float unused_grad;
-          s[nb][e] =
-              rules.log2_score(s[nb][e], pos[rr], n0 + nb * 8 + 2 * t + (e & 1), slope[rr], need_mask, unused_grad);
+          s[nb][e] = rules.log2_score(s[nb][e], pos[rr], j, slope[rr], need_mask, unused_grad);
+          if (below_pad && j < k_lo) s[nb][e] = -INFINITY;
           tile_max[rr] = fmaxf(tile_max[rr], s[nb][e]);
         }
       }

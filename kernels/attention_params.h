@@ -22,6 +22,21 @@ struct Params {
   const int32_t* cu_k = nullptr;
   int64_t nseq = 0;
   const int32_t* seqused_k = nullptr;
+  // Decode only (seqused_k set): where batch row b's keys live. Positions stay absolute: row b
+  // sees keys [leftpad_k[b], seqused_k[b]) (leftpad_k null: from 0), its Sq queries being the
+  // last Sq positions before seqused_k[b].
+  //   kv_batch_idx (B,) int32: row b reads cache batch row kv_batch_idx[b] (null: row b).
+  //   block_table (B, max_blocks) int32, rows block_table_sb apart: a paged cache; k / v are
+  //     (num_blocks, Hk, page_size, D) and key j of row b is row j % page_size of block
+  //     block_table[b * block_table_sb + j / page_size]. Sk is then max_blocks * page_size.
+  // The values are in range (checked before any kernel runs: in C++ on the CPU, by the caller
+  // on CUDA).
+  const int32_t* leftpad_k = nullptr;
+  const int32_t* kv_batch_idx = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_table_sb = 0;
+  int64_t page_size = 0;  // 0: not paged
+  int64_t num_blocks = 0;
   double scale = 1.0, softcap = 0.0;
   int64_t window_left = -1, window_right = -1;
   bool align_bottom_right = false;

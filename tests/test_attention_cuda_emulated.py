@@ -113,6 +113,79 @@ def test_decode_window_softcap_alibi(seed):
         cuda_checks.compare_lse(f"lse (splits={splits})", lse, ref_lse, low_lse)
 
 
+def paged_cache(B, Hk, page, D, lens, leftpad, pool, max_blocks, dtype):
+    """A paged K and V pool (pool, Hk, page, D) and a block table (B, max_blocks) of distinct
+    blocks in random order, a column slice of a wider table (rows max_blocks + 3 apart); entries
+    of pages a row never reads (past its end, wholly before its left pad) are -1, which the
+    kernel must not follow."""
+    kc, vc = rand(pool, Hk, page, D, dtype=dtype), rand(pool, Hk, page, D, dtype=dtype)
+    wide = torch.full((B, max_blocks + 3), -1, dtype=torch.int32)
+    wide[:, :max_blocks] = torch.randperm(pool)[:B * max_blocks].view(B, max_blocks)
+    table = wide[:, :max_blocks]
+    for b, n in enumerate(lens.tolist()):
+        start = 0 if leftpad is None else int(leftpad[b])
+        for i in range(max_blocks):
+            if i * page >= n or (i + 1) * page <= start:
+                table[b, i] = -1
+    return kc, vc, table
+
+
+def check_decode(q, kc, vc, lens, splits, empty_rows=(), **kw):
+    (ref_out, ref_lse), (low_out, low_lse) = cuda_checks.decode_reference(q, kc, vc, lens, **kw)
+    for n in splits:
+        out, lse = A._cuda_decode(q, kc, vc, lens, num_splits=n, **kw)
+        error_vs_reference(out, ref_out, low_out, f"out (splits={n})")
+        cuda_checks.compare_lse(f"lse (splits={n})", lse, ref_lse, low_lse)
+        for b in empty_rows:  # no key to see: out = 0, lse = -inf
+            assert torch.all(out[b] == 0) and torch.all(torch.isneginf(lse[b]))
+
+
+# (page size, dtype, H, Hk, Sq, D, max blocks, pool, lengths, left pads): pages smaller than a
+# K/V tile (16, 48: tiles of 64 keys span several pages, 48 straddles), pages of several tiles
+# (256 with 64-key tiles, 48 with the 32-key tiles of D = 160).
+PAGED_CASES = [
+    (16, torch.float16, 4, 2, 1, 64, 12, 40, [192, 0, 77], None),
+    (48, torch.bfloat16, 4, 1, 3, 40, 5, 23, [240, 100, 50, 97], [0, 70, 50, 49]),
+    (256, torch.float16, 4, 2, 2, 128, 2, 6, [300, 512], [10, 300]),
+    (48, torch.bfloat16, 2, 2, 2, 160, 4, 9, [150, 192], [33, 0]),
+]
+
+
+@pytest.mark.parametrize("case", PAGED_CASES,
+                         ids=lambda c: f"page{c[0]}-{str(c[1])[6:]}-H{c[2]}Hk{c[3]}Sq{c[4]}D{c[5]}")
+def test_decode_paged(seed, case):
+    page, dtype, H, Hk, Sq, D, max_blocks, pool, lens, leftpad = case
+    B = len(lens)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    leftpad = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
+    kc, vc, table = paged_cache(B, Hk, page, D, lens, leftpad, pool, max_blocks, dtype)
+    q = rand(B, H, Sq, D, dtype=dtype)
+    empty = [b for b in range(B) if lens[b] == (0 if leftpad is None else leftpad[b])]
+    check_decode(q, kc, vc, lens, (1, 3, 7), empty, scale=D ** -0.5, window_left=-1, window_right=0, softcap=0.0,
+                 alibi_slopes=None, cache_leftpad=leftpad, block_table=table)
+    if page == 48 and Hk == 1:  # the window's lower bound, softcap and ALiBi over pages and a left pad
+        check_decode(q, kc, vc, lens, (1, 4), empty, scale=0.1, window_left=60, window_right=0, softcap=20.0,
+                     alibi_slopes=torch.rand(B, H), cache_leftpad=leftpad, block_table=table)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_leftpad_cache_batch_idx(seed, dtype):
+    B, pool, H, Hk, Sq, D, S_max = 3, 5, 4, 2, 2, 64, 200
+    kc, vc = rand(pool, Hk, S_max, D, dtype=dtype), rand(pool, Hk, S_max, D, dtype=dtype)
+    lens = torch.tensor([200, 130, 0], dtype=torch.int32)
+    leftpad = torch.tensor([37, 130, 0], dtype=torch.int32)  # row 1: nothing left after the pad
+    batch_idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    q = rand(B, H, Sq, D, dtype=dtype)
+    kw = dict(scale=0.125, window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None)
+    check_decode(q, kc[:B], vc[:B], lens, (1, 3), [1, 2], cache_leftpad=leftpad, **kw)
+    check_decode(q, kc, vc, lens, (1, 3), [2], cache_batch_idx=batch_idx, **kw)
+    leftpad[1] = 65  # past one 64-key tile
+    check_decode(q, kc, vc, lens, (1, 3), [2], cache_leftpad=leftpad, cache_batch_idx=batch_idx, **kw)
+    # No GQA packing (H == Hk), a window reaching below the pad on some rows only.
+    check_decode(q[:, :2], kc, vc, lens, (1, 2), [2], cache_leftpad=leftpad, cache_batch_idx=batch_idx,
+                 **dict(kw, window_left=40, softcap=5.0))
+
+
 @pytest.mark.parametrize("D", [16, 40, 64, 128])
 def test_backward_head_dims(seed, D):
     q = rand(1, 2, 70, D, strided=True)

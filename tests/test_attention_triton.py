@@ -360,6 +360,131 @@ def test_decode(seed, dtype, Sq, group):
         compare(f"lse {case}", lse, ref_lse, low_lse.float(), finite_mask=True)
 
 
+# Paged KV cache (block_table), cache_batch_idx and cache_leftpad, against the contract's
+# reference decode (genfast.reference.attention.decode / cache_rows). Keys a row must not read
+# (padding, positions past its length or before its left pad, unused pool blocks) hold NaN.
+def _decode_cache(B, Hk, cap, D, lens, leftpad, dtype):
+    """(k, v): (B, Hk, cap, D) fp64 caches, NaN outside each row's [leftpad[b], lens[b])."""
+    k, v = torch.randn(B, Hk, cap, D, dtype=torch.float64), torch.randn(B, Hk, cap, D, dtype=torch.float64)
+    pos = torch.arange(cap)
+    for b in range(B):
+        bad = (pos < leftpad[b]) | (pos >= lens[b])
+        k[b, :, bad] = float("nan")
+        v[b, :, bad] = float("nan")
+    return k, v
+
+
+def _paged(cache, page, max_blocks, spare, gen):
+    """A pool (num_blocks, Hk, page, D) holding ``cache`` (B, Hk, max_blocks * page, D) in
+    shuffled blocks, ``spare`` extra NaN blocks; the table (B, max_blocks) int32."""
+    B, Hk, _, D = cache.shape
+    num_blocks = B * max_blocks + spare
+    pool = torch.full((num_blocks, Hk, page, D), float("nan"), dtype=cache.dtype)
+    order = torch.randperm(num_blocks, generator=gen)
+    table = order[:B * max_blocks].reshape(B, max_blocks).to(torch.int32)
+    for b in range(B):
+        for j in range(max_blocks):
+            pool[int(table[b, j])] = cache[b, :, j * page:(j + 1) * page]
+    return pool, table
+
+
+def _pooled(cache, rows, gen):
+    """A pool (rows, Hk, S, D) with batch row b at a shuffled row (the rest NaN), the index int32 (B,)."""
+    B = cache.shape[0]
+    pool = torch.full((rows,) + tuple(cache.shape[1:]), float("nan"), dtype=cache.dtype)
+    idx = torch.randperm(rows, generator=gen)[:B].to(torch.int32)
+    pool[idx.long()] = cache
+    return pool, idx
+
+
+def check_decode_indexed(dtype, Sq, lens, leftpad=None, page=None, pool_rows=None, num_splits=1, H=4, Hk=2, D=16,
+                         spare=3, seed=0, **kw):
+    """attn.decode with block_table (page) or cache_batch_idx (pool_rows) and/or cache_leftpad
+    vs the reference decode, in the flash-attn criterion."""
+    ref = pytest.importorskip("genfast.reference.attention")
+    gen = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    pad = [0] * B if leftpad is None else leftpad
+    cap = max(lens) if page is None else page * max(1, -(-max(lens) // page))
+    k, v = _decode_cache(B, Hk, cap, D, lens, pad, dtype)
+    q = torch.randn(B, H, Sq, D, dtype=torch.float64)
+    index = {}
+    if page is not None:
+        k, table = _paged(k, page, cap // page, spare, gen)
+        v = _paged(v, page, cap // page, spare, gen.manual_seed(seed))[0]  # same table
+        index["block_table"] = table
+    if pool_rows is not None:
+        k, idx = _pooled(k, pool_rows, gen)
+        v = _pooled(v, pool_rows, gen.manual_seed(seed))[0]
+        index["cache_batch_idx"] = idx
+    if leftpad is not None:
+        index["cache_leftpad"] = torch.tensor(leftpad, dtype=torch.int32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+    dev = {name: t.to(DEVICE) for name, t in index.items()}
+    out, lse = attn.decode(qd.to(DEVICE), kd.to(DEVICE), vd.to(DEVICE), seqlens.to(DEVICE), num_splits=num_splits,
+                           **dev, **kw)
+    ref_out, ref_lse = ref.decode(qd.double(), kd.double(), vd.double(), seqlens, **index, **kw)
+    low_out, low_lse = ref.decode(qd, kd, vd, seqlens, **index, **kw)
+    name = f"decode {dtype} Sq{Sq} page {page} pool {pool_rows} leftpad {leftpad} splits {num_splits}"
+    compare(f"out {name}", out, ref_out, low_out)
+    compare(f"lse {name}", lse, ref_lse, low_lse.float(), finite_mask=True)
+
+
+@pytest.mark.parametrize("dtype, page, Sq, num_splits, leftpad", [
+    (torch.float32, 16, 1, 1, False),
+    (torch.float16, 16, 3, 3, True),
+    (torch.float16, 48, 1, 3, False),
+    (torch.float32, 48, 3, 1, True),
+])
+def test_decode_paged(dtype, page, Sq, num_splits, leftpad):
+    """Ragged lengths (0 and the full capacity included), out-of-order pages of a pool larger than
+    needed, GQA (H 4, Hk 2); Sq 3 causal; tiles spanning pages (48 is no multiple of a tile)."""
+    lens = [96, 0, 37, 65] if page == 16 else [96, 0, 49, 5]
+    pad = [5, 0, 37, 17] if leftpad else None  # unaligned, empty row, leftpad == length
+    causal = dict(window_right=0) if Sq > 1 else {}
+    check_decode_indexed(dtype, Sq, lens, leftpad=pad, page=page, num_splits=num_splits, scale=0.3, **causal)
+
+
+def test_decode_paged_features():
+    """A 256-row page (capacity 256, one full row) split 3 ways, ALiBi, softcap and a local window."""
+    slopes = torch.rand(4, dtype=torch.float32)
+    check_decode_indexed(torch.float32, 3, [256, 70, 1], leftpad=[3, 0, 0], page=256, num_splits=3, spare=1,
+                         scale=0.3, window_left=40, window_right=0, softcap=2.0, alibi_slopes=slopes.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype, Sq, num_splits, pool_rows, leftpad", [
+    (torch.float16, 1, 3, 6, [0, 9, 40, 2]),
+    (torch.float32, 3, 1, 7, None),
+    (torch.float32, 3, 3, None, [60, 9, 0, 20]),
+])
+def test_decode_batch_idx_leftpad(dtype, Sq, num_splits, pool_rows, leftpad):
+    """cache_batch_idx into a pool of more rows than the batch, and left pads (unaligned, empty
+    rows included) with and without it."""
+    lens = [70, 0, 41, 20] if leftpad is None else [70, 9, 41, 20]
+    causal = dict(window_right=0) if Sq > 1 else {}
+    check_decode_indexed(dtype, Sq, lens, leftpad=leftpad, pool_rows=pool_rows, num_splits=num_splits, scale=0.3,
+                         **causal)
+
+
+def test_decode_index_bad_inputs():
+    q, kc = torch.randn(2, 4, 1, 16), torch.randn(6, 2, 16, 16)
+    lens = torch.tensor([3, 4], dtype=torch.int32)
+    table = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        attn.decode(q, kc[:2], kc[:2], lens, scale=1.0, cache_leftpad=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="batch as q"):
+        attn.decode(q, kc, kc, lens, scale=1.0)
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        attn.decode(q, kc, kc, lens, scale=1.0, cache_batch_idx=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_table"):
+        attn.decode(q, kc, kc, lens, scale=1.0, block_table=table.long())
+    with pytest.raises(ValueError, match="block_table"):
+        attn.decode(q, kc, kc, lens, scale=1.0, block_table=table[:1])
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        attn.decode(q, kc, kc, lens, scale=1.0, block_table=table, cache_batch_idx=torch.zeros(2, dtype=torch.int32))
+
+
 def test_bad_inputs():
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="head dim"):
@@ -372,6 +497,213 @@ def test_bad_inputs():
         attn.forward(q, q, q, scale=1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="cache_seqlens"):
         attn.decode(q, q, q, torch.tensor([4]), scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary_append: rotary of q / the new k fused with the KV-cache append (flash_attn_with_kvcache
+# layout (batch, seq, heads, dim)), against a float64 oracle written here
+# ---------------------------------------------------------------------------------------------
+def _rope_tables(seqlen_ro, rot, dtype):
+    """cos / sin (seqlen_ro, rot / 2) of RoPE's frequencies (base 10000), in ``dtype``."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    theta = torch.arange(seqlen_ro, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return theta.cos().to(dtype), theta.sin().to(dtype)
+
+
+def _rope64(x, cos, sin, pos, interleaved):
+    """(rotated first rotary_dim dims of x (B, S, H, D) in float64, magnitude |x1 c| + |x2 s|
+    per element): the rotation at integer positions pos (B, S) done by hand."""
+    half = cos.shape[1]
+    c = cos.double()[pos][:, :, None, :]  # gather the rows: (B, S, 1, half)
+    s = sin.double()[pos][:, :, None, :]
+    xr = x[..., :2 * half].double()
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    m1 = (x1 * c).abs() + (x2 * s).abs()
+    m2 = (x1 * s).abs() + (x2 * c).abs()
+    if interleaved:
+        return torch.stack([o1, o2], -1).flatten(-2), torch.stack([m1, m2], -1).flatten(-2)
+    return torch.cat([o1, o2], -1), torch.cat([m1, m2], -1)
+
+
+def _check_rotated(name, got, exact, mag):
+    """fp32: within 1e-6 of the terms' magnitude |x1 c| + |x2 s| (a few ulp); fp16 / bf16:
+    within one unit of the low-precision rounding of the exact result (plus that fp32 error)."""
+    tol = 1e-6 * mag
+    if got.dtype != torch.float32:
+        low = exact.to(got.dtype)
+        mant, emin = {torch.float16: (10, -14), torch.bfloat16: (7, -126)}[got.dtype]
+        _, e = torch.frexp(low.double())
+        e = torch.where(low == 0, torch.full_like(e, emin), (e - 1).clamp(min=emin))
+        tol = tol + torch.ldexp(torch.ones_like(exact), e - mant)
+    err = (got.double() - exact).abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} off, worst err {float(err.max()):.3g} "
+                           f"(tol there {float(tol.flatten()[int(err.argmax())]):.3g})")
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _cache_slot(b, p, lens_idx, page, table):
+    """(cache row or block, row inside it) of position p of batch row b."""
+    if table is not None:
+        return int(table[b, p // page]), p % page
+    return (b if lens_idx is None else int(lens_idx[b])), p
+
+
+def check_rotary_append(dtype, layout, S_new, D, rot, interleaved, q_same_position, Sq=2, B=3, H=4, Hk=2,
+                        strided=False, seed=0):
+    """rotary_append on a (contiguous | cache_batch_idx pool | paged) cache vs the oracle: q_rot
+    and the written k within rounding (dims past rotary_dim and v bitwise), every cache slot
+    not written bitwise unchanged, the inputs untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    tag = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    page = {"paged16": 16, "paged48": 48}.get(layout)
+    # rows whose new tokens cross a page boundary (16: 14..16 and 31..33; 48: 46..48 and 47..49)
+    lens_list = {16: [14, 0, 31], 48: [46, 3, 47]}.get(page, [5, 0, 40])[:B]
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    S_max = 64
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    if strided:  # q from a (B, H, Sq, D) tensor, k / v halves of one packed tensor, caches likewise
+        q = randn(B, H, Sq, D).transpose(1, 2)
+        kv = randn(B, S_new, 2, Hk, D)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+        q, k, v = randn(B, Sq, H, D), randn(B, S_new, Hk, D), randn(B, S_new, Hk, D)
+    index, table, batch_idx = {}, None, None
+    if page is not None:
+        max_blocks = -(-S_max // page)
+        num_blocks = B * max_blocks + 3  # spare blocks, never written
+        table = torch.randperm(num_blocks, generator=gen)[:B * max_blocks].reshape(B, max_blocks).to(torch.int32)
+        index["block_table"] = table
+        shape = (num_blocks, page, Hk, D)
+    elif layout == "batch_idx":
+        batch_idx = torch.randperm(B + 2, generator=gen)[:B].to(torch.int32)  # a pool of B + 2 rows
+        index["cache_batch_idx"] = batch_idx
+        shape = (B + 2, S_max, Hk, D)
+    else:
+        shape = (B, S_max, Hk, D)
+    if strided:
+        kvc = randn(shape[0], shape[1], 2, Hk, D)
+        k_cache, v_cache = kvc[:, :, 0], kvc[:, :, 1]
+    else:
+        k_cache, v_cache = randn(*shape), randn(*shape)
+    cos, sin = _rope_tables(S_max + Sq, rot, dtype)
+    inputs = [t.clone() for t in (q, k, v, cos, sin, lens)]
+    k0, v0 = k_cache.clone(), v_cache.clone()
+
+    dev = lambda t: t.to(DEVICE)  # noqa: E731  (views stay views on CPU)
+    kc_dev, vc_dev = dev(k_cache), dev(v_cache)
+    q_rot = attn.rotary_append(dev(q), kc_dev, vc_dev, dev(k), dev(v), dev(lens), dev(cos), dev(sin),
+                               interleaved=interleaved, q_same_position=q_same_position,
+                               **{n: dev(t) for n, t in index.items()})
+    q_rot, k_got, v_got = q_rot.cpu(), kc_dev.cpu(), vc_dev.cpu()
+    name = f"{layout} S_new {S_new} D {D} rot {rot} interleaved {interleaved} same {q_same_position} {tag}"
+    for before, after in zip(inputs, (q, k, v, cos, sin, lens)):
+        assert torch.equal(_bits(before) if before.is_floating_point() else before,
+                           _bits(after) if after.is_floating_point() else after), f"{name}: an input changed"
+
+    # q
+    assert q_rot.shape == (B, Sq, H, D) and q_rot.dtype == dtype and q_rot.is_contiguous()
+    qpos = lens.long()[:, None] + (torch.zeros(Sq, dtype=torch.long) if q_same_position else torch.arange(Sq))
+    exact, mag = _rope64(q, cos, sin, qpos, interleaved)
+    _check_rotated(f"q {name}", q_rot[..., :rot], exact, mag)
+    assert torch.equal(_bits(q_rot[..., rot:]), _bits(q[..., rot:].contiguous())), f"q pass-through dims {name}"
+
+    # caches: the expected v cache and the written k slots by hand
+    kpos = lens.long()[:, None] + torch.arange(S_new)
+    k_exact, k_mag = _rope64(k, cos, sin, kpos, interleaved)
+    v_want = v0.clone()
+    written = torch.zeros(shape[:2], dtype=torch.bool)
+    for b in range(B):
+        for t in range(S_new):
+            blk, row = _cache_slot(b, int(lens[b]) + t, batch_idx, page, table)
+            assert not written[blk, row]
+            written[blk, row] = True
+            v_want[blk, row] = v[b, t]
+            _check_rotated(f"k b{b} t{t} {name}", k_got[blk, row, :, :rot], k_exact[b, t], k_mag[b, t])
+            assert torch.equal(_bits(k_got[blk, row, :, rot:]), _bits(k[b, t, :, rot:].contiguous())), \
+                f"k pass-through dims {name}"
+    assert int(written.sum()) == B * S_new
+    assert torch.equal(_bits(v_got), _bits(v_want)), f"v cache {name}"
+    assert torch.equal(_bits(k_got[~written]), _bits(k0[~written])), f"k cache slots not written changed: {name}"
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype, layout, S_new, D, rot, q_same_position, strided", [
+    (torch.float32, "contiguous", 3, 32, 32, False, False),
+    (torch.float16, "contiguous", 1, 64, 16, True, True),
+    (torch.float16, "contiguous", 3, 64, 64, False, False),
+    (torch.float32, "contiguous", 0, 32, 16, False, False),
+    (torch.float16, "batch_idx", 1, 32, 16, True, False),
+    (torch.float32, "batch_idx", 3, 64, 64, False, True),
+    (torch.float16, "paged16", 3, 32, 32, False, False),
+    (torch.float32, "paged16", 3, 64, 16, True, True),
+    (torch.float16, "paged16", 1, 64, 64, False, False),
+    (torch.float32, "paged48", 3, 32, 16, False, False),
+    (torch.float16, "paged48", 3, 64, 64, True, True),
+    (torch.float16, "paged48", 0, 64, 16, False, False),
+])
+def test_rotary_append(dtype, layout, S_new, D, rot, q_same_position, strided, interleaved):
+    """fp32 / fp16, GPT-NeoX and GPT-J pairing, rotary_dim 16 (pass-through dims) and D; a plain
+    cache, cache_batch_idx into a pool of B + 2 rows, out-of-order pages of 16 and 48 rows (new
+    tokens crossing a page boundary); S_new 0, 1, 3; strided q / packed k, v and caches."""
+    check_rotary_append(dtype, layout, S_new, D, rot, interleaved, q_same_position, strided=strided)
+
+
+def test_rotary_append_head_blocks(monkeypatch):
+    """Several partial head blocks per token (2 heads per program: H 5, Hk 3), Sq 1 and Sq 3."""
+    monkeypatch.setattr(attn, "_rotary_heads_block", lambda heads, block_d: 2)
+    check_rotary_append(torch.float32, "paged16", 3, 32, 16, True, False, Sq=3, H=5, Hk=3)
+    check_rotary_append(torch.float16, "batch_idx", 2, 64, 64, False, True, Sq=1, H=5, Hk=3, B=2)
+
+
+def test_rotary_append_cos_dtype():
+    """cos / sin in another float dtype than q (bf16 tables, fp32 q): converted as the reference
+    does (fp32 math); matches genfast.reference.attention.rotary_embedding."""
+    ref = pytest.importorskip("genfast.reference.attention")
+    gen = torch.Generator().manual_seed(1)
+    B, Sq, H, D = 2, 3, 2, 32
+    q = torch.randn(B, Sq, H, D, generator=gen)
+    kc = torch.zeros(B, 16, 1, D)
+    k = torch.randn(B, 1, 1, D, generator=gen)
+    lens = torch.tensor([4, 9], dtype=torch.int32)
+    cos, sin = _rope_tables(16, 24, torch.bfloat16)
+    for interleaved in (False, True):
+        out = attn.rotary_append(q.to(DEVICE), kc.to(DEVICE), kc.clone().to(DEVICE), k.to(DEVICE), k.to(DEVICE),
+                                 lens.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), interleaved=interleaved,
+                                 q_same_position=False).cpu()
+        pos = lens.long()[:, None] + torch.arange(Sq)
+        want = ref.rotary_embedding(q, cos, sin, pos, interleaved)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
+
+def test_rotary_append_bad_inputs():
+    q, k = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16)
+    kc = torch.zeros(2, 8, 2, 16)
+    lens = torch.tensor([1, 2], dtype=torch.int32)
+    cos = torch.ones(8, 8)
+    call = lambda **kw: attn.rotary_append(**dict(dict(q=q, k_cache=kc, v_cache=kc, k=k, v=k,  # noqa: E731
+                                                       cache_seqlens=lens, cos=cos, sin=cos, interleaved=False,
+                                                       q_same_position=False), **kw))
+    with pytest.raises(ValueError, match="one dtype"):
+        call(k=k.half())
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        call(cache_seqlens=lens.long())
+    with pytest.raises(ValueError, match="rotary_dim"):
+        call(cos=torch.ones(8, 9), sin=torch.ones(8, 9))
+    with pytest.raises(ValueError, match="k_cache, v_cache"):
+        call(k_cache=torch.zeros(2, 8, 1, 16))
+    with pytest.raises(ValueError, match="unit last stride"):
+        call(k_cache=torch.zeros(2, 8, 2, 32)[..., ::2])
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        call(cache_batch_idx=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_table"):
+        call(block_table=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="no cache_batch_idx"):
+        call(block_table=torch.zeros(2, 2, dtype=torch.int32), cache_batch_idx=torch.zeros(2, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +763,51 @@ def test_gpu_decode(seed, dtype, D):
     torch.cuda.synchronize()
     compare("graph out", out_static, ref_out, low_out)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "paged16", "paged48"])
+def test_gpu_rotary_append(dtype, layout):
+    """The compiled kernel (FMA contraction, bf16) on every cache layout, D 128, both pairings."""
+    for interleaved in (False, True):
+        for rot in (64, 128):
+            check_rotary_append(dtype, layout, 3, 128, rot, interleaved, False)
+            check_rotary_append(dtype, layout, 1, 128, rot, interleaved, True, Sq=1, H=32, Hk=8)
+
+
+@pytest.mark.gpu
+def test_gpu_rotary_append_cuda_graph():
+    """Captured once, replayed with new cache_seqlens: no host sync, positions read on the device."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    B, H, Hk, D, page, blocks = 4, 32, 8, 128, 256, 8
+    q, k, v = (torch.randn(B, 1, n, D, device=dev, dtype=dt) for n in (H, Hk, Hk))
+    kc = torch.zeros(B * blocks + 3, page, Hk, D, device=dev, dtype=dt)
+    vc = torch.zeros_like(kc)
+    table = torch.randperm(B * blocks + 3, device=dev)[:B * blocks].reshape(B, blocks).to(torch.int32)
+    lens = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=dev)
+    cos, sin = (t.to(dev) for t in _rope_tables(page * blocks, D, torch.float32))
+    call = lambda: attn.rotary_append(q, kc, vc, k, v, lens, cos, sin, interleaved=False,  # noqa: E731
+                                      q_same_position=True, block_table=table)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    kc.zero_()
+    vc.zero_()
+    new_lens = [255, 256, 1000, 2047]
+    lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    pos = torch.tensor(new_lens)[:, None]
+    exact, mag = _rope64(q.cpu(), cos.cpu(), sin.cpu(), pos, False)
+    _check_rotated("graph q", out.cpu(), exact, mag)
+    k_exact, k_mag = _rope64(k.cpu(), cos.cpu(), sin.cpu(), pos, False)
+    for b, p in enumerate(new_lens):
+        blk, row = int(table[b, p // page]), p % page
+        _check_rotated(f"graph k b{b}", kc[blk, row].cpu(), k_exact[b, 0], k_mag[b, 0])
+        assert torch.equal(vc[blk, row], v[b, 0])
+    assert int((kc != 0).any(-1).any(-1).sum()) <= B and int((vc != 0).any(-1).any(-1).sum()) <= B
 
 # Compiling these kernels for sm_80 / sm_90 without a GPU (the interpreter accepts programs the
 # compiler rejects) is tests/test_compile_check.py's job: `python -m genfast compile-check`.

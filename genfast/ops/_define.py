@@ -61,7 +61,7 @@ class NativeOp:
         self.__doc__ = f"genfast::{schema}"
 
     def __call__(self, *args):
-        if direct_call_allowed(*[args[i] for i in self._tensors]):
+        if direct_call_allowed(*[args[i] for i in self._tensors if i < len(args)]):  # trailing defaults: None
             return self.impl(*args)
         return self.op(*args)
 

@@ -122,9 +122,11 @@ def _options_of(cls, scale, softcap, window_left, window_right, align_bottom_rig
                seq_first=bool(seq_first))
 
 
-def _cpu_threads(q, k) -> int:
+def _cpu_threads(q, k, keys: Optional[int] = None) -> int:
+    """``keys``: the keys a row may read when k is not (B, Hk, Sk, D) (a paged cache)."""
     B, H, Sq, D = q.shape
-    return 1 if B * H * Sq * k.shape[2] * D < SINGLE_THREAD_WORK else torch.get_num_threads()
+    return 1 if B * H * Sq * (k.shape[2] if keys is None else keys) * D < SINGLE_THREAD_WORK \
+        else torch.get_num_threads()
 
 
 def _cpu_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -136,6 +138,19 @@ def _cpu_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
+
+
+def _cache_keys(k_cache, block_table) -> int:
+    """Positions a row of a decode cache (contract layout) holds."""
+    return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
+
+
+def _cache_index(cache_leftpad, cache_batch_idx, block_table) -> dict:
+    """The decode's optional cache-index tensors as the extension's keyword arguments (only those
+    given, so calls without them look as before)."""
+    given = dict(cache_leftpad=_dense(cache_leftpad), cache_batch_idx=_dense(cache_batch_idx),
+                 block_table=None if block_table is None else _cpu_ready(block_table))
+    return {name: t for name, t in given.items() if t is not None}
 
 
 def _cpu_forward(q, k, v, *, scale, window_left, window_right, align_bottom_right, softcap, alibi_slopes, bias,
@@ -177,7 +192,7 @@ def _cpu_backward(dout, q, k, v, out, lse, *, scale, window_left, window_right, 
 
 
 def _cpu_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, window_right, softcap, alibi_slopes,
-                num_splits=0):
+                num_splits=0, cache_leftpad=None, cache_batch_idx=None, block_table=None):
     # The forward kernel with a per-row key count; queries are the last Sq positions. Split-KV
     # is not needed on the CPU: (batch, head) pairs already give every core work.
     q, k_cache, v_cache = _cpu_ready(q), _cpu_ready(k_cache), _cpu_ready(v_cache)
@@ -189,7 +204,8 @@ def _cpu_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, windo
             q, k_cache, v_cache, out, lse, bias=None, alibi_slopes=_dense(alibi_slopes), cu_seqlens_q=None,
             cu_seqlens_k=None, seqused_k=seqused.contiguous(), keep_mask=None, seed=0,
             options=_options(scale, softcap, window_left, window_right, True, 0.0),
-            num_threads=_cpu_threads(q, k_cache))
+            num_threads=_cpu_threads(q, k_cache, _cache_keys(k_cache, block_table)),
+            **_cache_index(cache_leftpad, cache_batch_idx, block_table))
     return out, lse
 
 
@@ -293,11 +309,12 @@ def cuda_decode_splits(batch: int, kv_heads: int, group_rows: int, cache_len: in
 
 
 def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, window_right, softcap, alibi_slopes,
-                 num_splits=0):
+                 num_splits=0, cache_leftpad=None, cache_batch_idx=None, block_table=None):
     _cuda_check_call(q, None, 0.0, False)
     q, k_cache, v_cache = _cuda_ready(q), _cuda_ready(k_cache), _cuda_ready(v_cache)
     B, H, Sq, D = q.shape
-    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
+    Hk = k_cache.shape[1]
+    S_max = k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.numel() == 0:
@@ -313,7 +330,8 @@ def _cuda_decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left, wind
         q, k_cache, v_cache, out, lse, alibi_slopes=_dense(alibi_slopes), cu_seqlens_q=None, cu_seqlens_k=None,
         seqused_k=cache_seqlens.to(torch.int32).contiguous(), out_partial=out_partial, lse_partial=lse_partial,
         options=_options(scale, softcap, window_left, window_right, True, 0.0),
-        launch=_cuda_launch(pack_gqa=H > Hk, num_splits=splits), stream=_ext.stream_of(q))
+        launch=_cuda_launch(pack_gqa=H > Hk, num_splits=splits), stream=_ext.stream_of(q),
+        **_cache_index(cache_leftpad, cache_batch_idx, block_table))
     return out, lse
 
 
@@ -352,9 +370,14 @@ _BACKWARD_SCHEMA = ("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor 
                     f"{_PROBLEM}, bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
 _DECODE_SCHEMA = ("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
                   "Tensor? alibi_slopes, float scale, SymInt window_left, SymInt window_right, float softcap, "
-                  "SymInt num_splits, str backend) -> (Tensor, Tensor)")
+                  "SymInt num_splits, str backend, Tensor? cache_leftpad=None, Tensor? cache_batch_idx=None, "
+                  "Tensor? block_table=None) -> (Tensor, Tensor)")
 _APPEND_SCHEMA = ("attention_kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
-                  "Tensor cache_seqlens) -> ()")
+                  "Tensor cache_seqlens, Tensor? cache_batch_idx=None, Tensor? block_table=None) -> ()")
+# Returns rotary(q); appends rotary(k) and v (flash-attn layout) like attention_kvcache_append.
+_ROTARY_APPEND_SCHEMA = ("attention_rotary_append(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, "
+                         "Tensor v, Tensor cache_seqlens, Tensor rotary_cos, Tensor rotary_sin, bool interleaved, "
+                         "bool q_same_position, Tensor? cache_batch_idx=None, Tensor? block_table=None) -> Tensor")
 
 
 # The ops' ``scale`` NaN stands for the default 1 / sqrt(head dim), resolved inside the ops: a
@@ -401,17 +424,23 @@ def _backward_impl(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu
 
 
 def _decode_impl(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
-                 num_splits, backend):
+                 num_splits, backend, cache_leftpad=None, cache_batch_idx=None, block_table=None):
     kw = dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=window_left, window_right=window_right,
               softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits)
+    for name, t in (("cache_leftpad", cache_leftpad), ("cache_batch_idx", cache_batch_idx),
+                    ("block_table", block_table)):
+        if t is not None:
+            kw[name] = t
     out, lse = DECODE.run(backend or None, q.device, q.dtype, (q, k_cache, v_cache, cache_seqlens), kw)
     return out, lse
 
 
-def _append_impl(k_cache, v_cache, k, v, cache_seqlens):
+def _append_impl(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=None, block_table=None):
     # k_cache (B, S_max, Hk, D), k (B, S_new, Hk, D): rows cache_seqlens[b] + t of batch b.
     # On the CPU, one C++ call (row copies, bounds checked) instead of six torch ops: decode is
     # host-bound. (getattr: the tests' CUDA emulation module stands in for the extension.)
+    if cache_batch_idx is not None or block_table is not None:
+        return _append_indexed(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     native = getattr(_ext._C, "attention_kvcache_append_cpu", None) if k_cache.device.type == "cpu" else None
     if native is not None and k.dtype == k_cache.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
         kk, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
@@ -423,6 +452,77 @@ def _append_impl(k_cache, v_cache, k, v, cache_seqlens):
     batch = torch.arange(B, device=k.device)[:, None].expand(B, S_new)
     k_cache.index_put_((batch, rows), k.to(k_cache.dtype))
     v_cache.index_put_((batch, rows), v.to(v_cache.dtype))
+
+
+def _rotary_append_impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, interleaved,
+                        q_same_position, cache_batch_idx=None, block_table=None):
+    # flash_attn_with_kvcache's rotary step, fused where a kernel exists: one C++ pass on the CPU,
+    # one Triton kernel on GPUs; else the reference rotation and the append op.
+    same_dtype = k.dtype == q.dtype == k_cache.dtype == v.dtype
+    unit = all(t.stride(-1) == 1 for t in (k_cache, v_cache))
+    if q.device.type == "cpu" and same_dtype and unit:
+        native = getattr(_ext._C, "attention_rotary_append_cpu", None)
+        if native is not None:
+            qq, kk, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+            out = torch.empty(qq.shape, dtype=q.dtype, device=q.device)
+            native(qq, out, k_cache, v_cache, k=kk, v=vv, cache_seqlens=cache_seqlens.contiguous(),
+                   rotary_cos=rotary_cos.contiguous(), rotary_sin=rotary_sin.contiguous(), interleaved=interleaved,
+                   q_same_position=q_same_position, cache_batch_idx=_dense(cache_batch_idx),
+                   block_table=_cpu_ready(block_table))
+            return out
+    if q.device.type == "cuda" and same_dtype and unit and q.dtype in GPU_DTYPES:
+        kernel = _triton_rotary_append()
+        if kernel is not None:
+            return kernel(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, interleaved=interleaved,
+                          q_same_position=q_same_position, cache_batch_idx=cache_batch_idx, block_table=block_table)
+    S_new = k.shape[1]
+    k_rot = reference.rotary_embedding(k, rotary_cos, rotary_sin, _rotary_positions(cache_seqlens, S_new, False),
+                                       interleaved)
+    q_rot = reference.rotary_embedding(q, rotary_cos, rotary_sin,
+                                       _rotary_positions(cache_seqlens, q.shape[1], q_same_position), interleaved)
+    if S_new > 0:
+        _append_impl(k_cache, v_cache, k_rot, v, cache_seqlens, cache_batch_idx, block_table)
+    return q_rot.contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_rotary_append():
+    """genfast.triton_kernels.attention.rotary_append, or None without Triton."""
+    try:
+        from ..triton_kernels import attention as triton_attention
+    except Exception:  # no triton, or it cannot load here
+        return None
+    return getattr(triton_attention, "rotary_append", None)
+
+
+def _rotary_positions(seqlens: torch.Tensor, count: int, same: bool) -> torch.Tensor:
+    """(B, count) int64 positions seqlens[b] + t, or seqlens[b] for every t when ``same``."""
+    start = seqlens.to(torch.int64)[:, None]
+    if same:
+        return start.expand(-1, count)
+    return start + torch.arange(count, device=seqlens.device)[None, :]
+
+
+def _append_indexed(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
+    """The append into a cache row chosen by cache_batch_idx, or into pages: k_cache
+    (num_blocks, page_size, Hk, D), position p of row b in block block_table[b, p // page_size]
+    at row p % page_size. Device-tensor indexing only (no host synchronisation)."""
+    native = getattr(_ext._C, "attention_kvcache_append_cpu", None) if k_cache.device.type == "cpu" else None
+    if native is not None and k.dtype == k_cache.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
+        kk, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        native(k_cache, v_cache, k=kk, v=vv, cache_seqlens=cache_seqlens.contiguous(),
+               cache_batch_idx=_dense(cache_batch_idx), block_table=_cpu_ready(block_table))
+        return
+    B, S_new = k.shape[0], k.shape[1]
+    positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(S_new, device=k.device)[None, :]
+    if block_table is not None:
+        page = k_cache.shape[1]
+        rows = torch.gather(block_table.to(torch.int64), 1, positions // page)
+        index = (rows, positions % page)
+    else:
+        index = (cache_batch_idx.to(torch.int64)[:, None].expand(B, S_new), positions)
+    k_cache.index_put_(index, k.to(k_cache.dtype))
+    v_cache.index_put_(index, v.to(v_cache.dtype))
 
 
 def _forward_fake(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,
@@ -439,18 +539,24 @@ def _backward_fake(dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left, window_right, softcap,
-                 num_splits, backend):
+                 num_splits, backend, cache_leftpad=None, cache_batch_idx=None, block_table=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
-def _append_fake(k_cache, v_cache, k, v, cache_seqlens):
+def _append_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=None, block_table=None):
     return None
+
+
+def _rotary_append_fake(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, interleaved,
+                        q_same_position, cache_batch_idx=None, block_table=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 attention_forward = NativeOp(_FORWARD_SCHEMA, _forward_impl, _forward_fake)
 attention_backward = NativeOp(_BACKWARD_SCHEMA, _backward_impl, _backward_fake)
 attention_decode = NativeOp(_DECODE_SCHEMA, _decode_impl, _decode_fake)
 attention_kvcache_append = NativeOp(_APPEND_SCHEMA, _append_impl, _append_fake)
+attention_rotary_append = NativeOp(_ROTARY_APPEND_SCHEMA, _rotary_append_impl, _rotary_append_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -561,26 +667,33 @@ def _eager_forward(signature, q, k, v, problem, backend, seq_first=False):
     return result
 
 
-def _prepare_decode(q, k_cache, problem, num_splits, backend):
+def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
     """The decode of ``problem`` = (scale, window_left, window_right, softcap) in flash-attn's
-    layout: a function (q, k_cache, v_cache, seqlens) -> (out (B, Sq, H, D), lse), or None."""
+    layout: a function (q, k_cache, v_cache, seqlens, cache_leftpad, cache_batch_idx,
+    block_table) -> (out (B, Sq, H, D), lse), or None. ``capacity``: positions a row holds."""
     name = DECODE.select(backend or None, q.device, q.dtype)
     scale, left, right, softcap = problem
     kw = dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=left, window_right=right, softcap=softcap,
               alibi_slopes=None, num_splits=num_splits)
     if name != "cpu":
         fn = DECODE.backends[name].fn
-        return _heads_first(lambda q, kc, vc, seqlens: fn((q, kc, vc, seqlens), kw), True)
+
+        def run(q, kc, vc, seqlens, *index):
+            indexed = any(t is not None for t in index)
+            return fn((q, kc, vc, seqlens), dict(kw, **_cache_index(*index)) if indexed else kw)
+
+        return _heads_first(run, True)
     if q.numel() == 0:
         return None
     native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, True)
     options = _options(kw["scale"], softcap, left, right, True, 0.0, True)
-    threads = _cpu_threads(q.transpose(1, 2), k_cache.transpose(1, 2))
+    threads = _cpu_threads(q.transpose(1, 2), k_cache.transpose(1, 2), capacity)
 
-    def call(q, kc, vc, seqlens):
+    def call(q, kc, vc, seqlens, *index):
         out, lse = outputs(q)
         native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads)
+               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads,
+               **_cache_index(*index))
         return out, lse
 
     return call
@@ -592,14 +705,17 @@ def _constant_seqlens(batch: int, value: int, device: torch.device) -> torch.Ten
     return torch.full((batch,), value, dtype=torch.int32, device=device)
 
 
-def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, backend):
+def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, backend, index=(None,) * 3,
+                  capacity=None):
     """(out, lse) of a decode without ALiBi, tensors in flash-attn's (B, S, H, D) layout with unit
-    last stride."""
-    result = DECODE.call_prepared(signature, lambda: _prepare_decode(q, k_cache, problem, num_splits, backend), q,
-                                  k_cache, v_cache, seqlens)
+    last stride; ``index`` = (cache_leftpad, cache_batch_idx, block_table)."""
+    prepare = lambda: _prepare_decode(q, k_cache, problem, num_splits, backend,  # noqa: E731
+                                      k_cache.shape[1] if capacity is None else capacity)
+    result = DECODE.call_prepared(signature, prepare, q, k_cache, v_cache, seqlens, *index)
     if result is None:
+        extra = index if any(t is not None for t in index) else ()
         general = lambda q, kc, vc, seqlens: attention_decode(q, kc, vc, seqlens, None, *problem, num_splits,
-                                                              backend or "")
+                                                              backend or "", *extra)
         return _heads_first(general, True)(q, k_cache, v_cache, seqlens)
     return result
 
@@ -988,10 +1104,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap,
-                       num_splits, alibi_slopes, backend):
+                       num_splits, alibi_slopes, backend, extras=()):
     """Everything ``_check_kvcache`` looks at, as a hashable key (see _sdpa_signature); None
-    where a call is not cached. A tensor cache_seqlens enters by its metadata: its values are
-    checked on every call."""
+    where a call is not cached. Tensors (cache_seqlens, and the rotary / cache-index tensors in
+    ``extras``) enter by their metadata: their values are checked on every call."""
     if alibi_slopes is not None or not _plain_flash_options(softmax_scale, causal, window_size, softcap):
         return None
     if type(num_splits) is not int:
@@ -1001,27 +1117,92 @@ def _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
         seqlens = (cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device)
     elif cache_seqlens is not None and type(cache_seqlens) is not int:
         return None
+    extra_tensors = [t for t in extras if isinstance(t, torch.Tensor)]
     if not direct_call_allowed(q, k_cache, v_cache, k, v, cache_seqlens if isinstance(cache_seqlens, torch.Tensor)
-                               else None):
+                               else None, *extra_tensors):
         return None
     new = None if k is None or v is None else (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device)
+    described = tuple((t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in extras)
     return ("kvcache", q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device,
             k_cache.device, v_cache.device, new, k is None, v is None, seqlens, softmax_scale, causal, window_size,
-            softcap, num_splits, backend)
+            softcap, num_splits, backend, described)
+
+
+# Page sizes of a paged cache: multiples of this (FlashInfer and vLLM use 16; flash-attn 2 needs 256).
+PAGE_SIZE_MULTIPLE = 16
+
+
+def _check_index_tensor(fn: str, name: str, t, shape: tuple, device):
+    _check_tensor(fn, name, t, ndim=len(shape))
+    if t.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name} must be int32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but q is on {device}")
+    if any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        wanted = ", ".join("n" if want is None else str(want) for want in shape)
+        raise ValueError(f"{fn}: {name} must have shape ({wanted}), got {tuple(t.shape)}")
+
+
+def _check_cache_layout(fn, q, k_cache, cache_batch_idx, cache_leftpad, block_table) -> int:
+    """The cache's layout checks (flash-attn 2.6 semantics); returns the positions a row holds."""
+    B = q.shape[0]
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError(f"{fn}: a paged cache (block_table) takes no cache_batch_idx: the table already maps "
+                             "each batch row to its blocks")
+        _check_index_tensor(fn, "block_table", block_table, (B, None), q.device)
+        page = k_cache.shape[1]
+        if page == 0 or page % PAGE_SIZE_MULTIPLE != 0:
+            raise ValueError(f"{fn}: with a block_table, k_cache is (num_blocks, page_size, Hk, D) with page_size a "
+                             f"multiple of {PAGE_SIZE_MULTIPLE}, got k_cache {tuple(k_cache.shape)}")
+        return block_table.shape[1] * page
+    if cache_batch_idx is not None:
+        _check_index_tensor(fn, "cache_batch_idx", cache_batch_idx, (B,), q.device)
+        if k_cache.shape[0] < 1:
+            raise ValueError(f"{fn}: cache_batch_idx needs a cache with at least one row, got k_cache "
+                             f"{tuple(k_cache.shape)}")
+    elif k_cache.shape[0] != B:
+        raise ValueError(f"{fn}: k_cache has batch {k_cache.shape[0]} but q has {B} (pass cache_batch_idx to "
+                         "read other rows)")
+    if cache_leftpad is not None:
+        _check_index_tensor(fn, "cache_leftpad", cache_leftpad, (B,), q.device)
+    return k_cache.shape[1]
+
+
+def _check_rotary(fn, q, k, rotary_cos, rotary_sin, capacity: int):
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"{fn}: pass both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is None:
+        return
+    if k is None:
+        raise ValueError(f"{fn}: rotary_cos/rotary_sin rotate q and the new k: they need k and v")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        _check_tensor(fn, name, t, ndim=2)
+        if not t.is_floating_point() or t.device != q.device:
+            raise TypeError(f"{fn}: {name} must be a floating tensor on {q.device}, got {t.dtype} on {t.device}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"{fn}: rotary_cos {tuple(rotary_cos.shape)} and rotary_sin {tuple(rotary_sin.shape)} "
+                         "must have one shape")
+    seqlen_ro, half = rotary_cos.shape
+    if not 0 < 2 * half <= q.shape[-1]:
+        raise ValueError(f"{fn}: rotary_cos is (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= head dim "
+                         f"{q.shape[-1]}, got {tuple(rotary_cos.shape)}")
+    if seqlen_ro < capacity:
+        raise ValueError(f"{fn}: rotary_cos/rotary_sin have {seqlen_ro} positions but the cache holds {capacity}")
 
 
 def _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap,
-                   num_splits, alibi_slopes, backend) -> tuple:
-    """Every check of ``flash_attn_with_kvcache`` but the cache_seqlens tensor's values; returns
-    (scale, left, right, softcap, alibi)."""
+                   num_splits, alibi_slopes, backend, rotary_cos=None, rotary_sin=None, cache_batch_idx=None,
+                   cache_leftpad=None, block_table=None) -> tuple:
+    """Every check of ``flash_attn_with_kvcache`` but the values of its index tensors; returns
+    (scale, left, right, softcap, alibi, capacity)."""
     _flash_qkv(fn, q, k_cache, v_cache, 4)
     _check_backend(fn, backend)
     B, Sq, H, D = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
-    if k_cache.shape[0] != B:
-        raise ValueError(f"{fn}: k_cache has batch {k_cache.shape[0]} but q has {B}")
-    S_max, Hk = k_cache.shape[1], k_cache.shape[2]
+    S_max = _check_cache_layout(fn, q, k_cache, cache_batch_idx, cache_leftpad, block_table)
+    Hk = k_cache.shape[2]
     _check_heads(fn, H, Hk, v_cache.shape[2])
     if (k is None) != (v is None):
         raise ValueError(f"{fn}: pass both k and v to append to the cache, or neither")
@@ -1050,45 +1231,123 @@ def _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
         if cache_seqlens.shape[0] != B:
             raise ValueError(f"{fn}: cache_seqlens must have {B} entries (one per batch row), "
                              f"got {cache_seqlens.shape[0]}")
+    _check_rotary(fn, q, k, rotary_cos, rotary_sin, S_max)
     scale = _check_scale(fn, softmax_scale, D)
     left, right = _flash_window(fn, causal, window_size)
     softcap = _check_softcap(fn, softcap)
     if not is_int(num_splits) or num_splits < 0:
         raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     alibi = _check_alibi(fn, alibi_slopes, B, H, q.device)
-    return scale, left, right, softcap, alibi
+    return scale, left, right, softcap, alibi, S_max
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
-                            window_size=(-1, -1), softcap=0.0, num_splits=0, return_softmax_lse=False, backend=None,
-                            alibi_slopes=None):
-    """Drop-in for flash-attn 2's ``flash_attn_with_kvcache`` (inference; no gradients).
+def _check_cache_values(fn, lengths, S_new: int, capacity: int, k_cache, cache_batch_idx, cache_leftpad,
+                        block_table):
+    """The index tensors' values (eager calls only; torch.compile and CUDA graphs skip this, as
+    flash-attn checks nothing): every position a row writes or reads exists. CPU tensors: one C++
+    call; others: one host read, the messages worked out only when something is wrong."""
+    native = getattr(_ext._C, "attention_check_cache_index_cpu", None)
+    if native is not None and lengths.device.type == "cpu":
+        native(k_cache, cache_seqlens=_dense(lengths), new_tokens=S_new, cache_leftpad=_dense(cache_leftpad),
+               cache_batch_idx=_dense(cache_batch_idx), block_table=_cpu_ready(block_table))
+        return
+    lengths = lengths.to(torch.int64)
+    flags = [(lengths < 0).any(), (lengths + S_new > capacity).any()]
+    if cache_leftpad is not None:
+        flags.append(((cache_leftpad < 0) | (cache_leftpad > lengths)).any())
+    if cache_batch_idx is not None:
+        flags.append(((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any())
+    if block_table is not None and block_table.numel() > 0:
+        flags.append(_bad_blocks(lengths, S_new, k_cache, cache_leftpad, block_table).any())
+    if not any(torch.stack(flags).tolist()):  # the one host read
+        return
+    _raise_cache_value_error(fn, lengths.cpu(), S_new, capacity, k_cache, cache_batch_idx, cache_leftpad, block_table)
 
-    q (B, Sq, H, D); k_cache/v_cache (B, S_max, Hk, D); optional new k/v (B, S_new, Hk, D) are
-    written into the caches IN PLACE at rows cache_seqlens[b] .. + S_new; then row b attends to its
-    first cache_seqlens[b] + S_new keys, queries being the last Sq positions (causal/window are
-    bottom-right aligned). ``cache_seqlens``: int or int32 (B,) tensor (None: the whole cache).
-    ``num_splits``: 0 = heuristic, n > 1 = split each row's keys into n chunks (flash-decoding).
-    Returns out (B, Sq, H, D), and softmax_lse (B, H, Sq) if ``return_softmax_lse``.
-    Launches no host synchronisation when compiling or capturing a CUDA graph (the cache-size
-    check, which reads cache_seqlens, runs only outside those).
+
+def _bad_blocks(lengths, S_new, k_cache, cache_leftpad, block_table):
+    """(B, max_blocks) bool: the table entries a row uses (pages of [cache_leftpad, lengths + S_new))
+    that are not blocks of the pool."""
+    page = k_cache.shape[1]
+    first = torch.zeros_like(lengths) if cache_leftpad is None else cache_leftpad.to(torch.int64) // page
+    used = (lengths + S_new + page - 1) // page
+    col = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+    return (col >= first[:, None]) & (col < used[:, None]) & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+
+
+def _raise_cache_value_error(fn, lengths, S_new, capacity, k_cache, cache_batch_idx, cache_leftpad, block_table):
+    values = lengths.tolist()
+    for b, n in enumerate(values):
+        if n < 0:
+            raise ValueError(f"{fn}: cache_seqlens[{b}] = {n} must be >= 0")
+        if n + S_new > capacity:
+            where = "the block_table's pages hold" if block_table is not None else "the cache holds"
+            raise ValueError(f"{fn}: {where} {capacity} positions per row but cache_seqlens[{b}] = {n} + {S_new} new "
+                             f"tokens needs {n + S_new}; the cache is too small")
+    if cache_leftpad is not None:
+        for b, start in enumerate(cache_leftpad.tolist()):
+            if not 0 <= start <= values[b]:
+                raise ValueError(f"{fn}: cache_leftpad[{b}] = {start} must be in [0, cache_seqlens[{b}] = {values[b]}]")
+    if cache_batch_idx is not None:
+        for b, row in enumerate(cache_batch_idx.tolist()):
+            if not 0 <= row < k_cache.shape[0]:
+                raise ValueError(f"{fn}: cache_batch_idx[{b}] = {row} is not a row of the {k_cache.shape[0]}-row cache")
+    bad = _bad_blocks(lengths.to(block_table.device), S_new, k_cache, cache_leftpad, block_table).nonzero()[0].tolist()
+    b, i = bad
+    raise ValueError(f"{fn}: block_table[{b}, {i}] = {int(block_table[b, i])} is not a block of the "
+                     f"{k_cache.shape[0]}-block cache")
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, backend=None):
+    """Drop-in for flash-attn 2.6's ``flash_attn_with_kvcache`` (inference; no gradients; same
+    argument order, ``backend`` keyword-only).
+
+    q (B, Sq, H, D); k_cache/v_cache (B_cache, S_max, Hk, D), or with ``block_table`` a paged
+    cache (num_blocks, page_size, Hk, D), page_size a multiple of 16, where position p of batch
+    row b lives in block block_table[b, p // page_size] (int32 (B, max_blocks)) at row
+    p % page_size. Optional new k/v (B, S_new, Hk, D) are written into the caches IN PLACE at
+    positions cache_seqlens[b] .. + S_new; then row b attends to its keys at positions
+    [cache_leftpad[b] (or 0), cache_seqlens[b] + S_new), queries being the last Sq positions
+    (causal/window are bottom-right aligned; positions are absolute, a left pad moves nothing).
+    ``cache_seqlens``: int or int32 (B,) tensor (None: the whole cache). ``cache_batch_idx``
+    (int32 (B,)): row b uses cache row cache_batch_idx[b]. ``rotary_cos``/``rotary_sin``
+    (seqlen_ro, rotary_dim / 2), seqlen_ro >= the cache's positions: rotary embedding of the new
+    k at positions cache_seqlens[b] + t and of q at cache_seqlens[b] + i when causal or local,
+    else at cache_seqlens[b] (``rotary_interleaved``: GPT-J pairs (2d, 2d+1); False: GPT-NeoX
+    halves). ``num_splits``: 0 = heuristic, n > 1 = split each row's keys into n chunks
+    (flash-decoding). Returns out (B, Sq, H, D), and softmax_lse (B, H, Sq) if
+    ``return_softmax_lse``.
+    Eager calls check every index value first (one host read); compiled calls and CUDA-graph
+    captures check shapes only and launch no host synchronisation.
     """
     fn = "flash_attn_with_kvcache"
-    signature = _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
-                                   softcap, num_splits, alibi_slopes, backend)
+    extended = not (rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None
+                    and block_table is None)
+    extras = (rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx, cache_leftpad, block_table) if extended \
+        else ()
+    if extended and type(rotary_interleaved) is not bool:
+        extras = None
+    signature = None if extras is None else _kvcache_signature(
+        q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+        alibi_slopes, backend, extras)
     if signature is not None and signature in _VALIDATED:  # checked before: only the conversions
         softcap = float(softcap)
         scale = SCALE_FROM_HEAD_DIM if softmax_scale is None else float(softmax_scale)
         left, right = window_size[0], 0 if causal else window_size[1]
         alibi = None
+        S_max = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     else:
-        scale, left, right, softcap, alibi = _check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens,
-                                                           softmax_scale, causal, window_size, softcap, num_splits,
-                                                           alibi_slopes, backend)
+        scale, left, right, softcap, alibi, S_max = _check_kvcache(
+            fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+            alibi_slopes, backend, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table)
         if signature is not None:
             _VALIDATED.add(signature)
-    B, S_max = q.shape[0], k_cache.shape[1]
+    B = q.shape[0]
     S_new = 0 if k is None else k.shape[1]
+    # An int cache_seqlens was checked above; a tensor's values (and the index tensors') are read here.
+    read_values = extended or isinstance(cache_seqlens, torch.Tensor)
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), S_max, dtype=torch.int32, device=q.device)
     elif is_int(cache_seqlens):  # its value was checked in Python
@@ -1096,20 +1355,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             cache_seqlens = _constant_seqlens(B, int(cache_seqlens), q.device)
         else:
             cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
-    elif not _compiling():  # a tensor: its values decide where the new k/v go and how far rows read
+    if read_values and not _compiling():  # the values decide where the new k/v go and how far rows read
         lengths = cache_seqlens.full_tensor() if hasattr(cache_seqlens, "full_tensor") else cache_seqlens  # DTensor
-        if lengths.device.type == "cpu" and lengths.shape[0] <= 256:  # cheaper than two reductions
-            values = lengths.tolist()
-            lo, hi = min(values, default=0), max(values, default=0)
+        _check_cache_values(fn, lengths, S_new, S_max, k_cache, cache_batch_idx, cache_leftpad, block_table)
+    if rotary_cos is not None:  # rotates q and the new k, appends k and v
+        local = causal or tuple(window_size) != (-1, -1)
+        q = attention_rotary_append(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                                    bool(rotary_interleaved), not local, cache_batch_idx, block_table)
+        seqlens = cache_seqlens + S_new
+    elif k is not None and S_new > 0:
+        if extended:
+            attention_kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
         else:
-            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync
-        if lo < 0:
-            raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {lo}")
-        if hi + S_new > S_max:
-            raise ValueError(f"{fn}: the cache holds {S_max} positions but cache_seqlens (max {hi}) + {S_new} new "
-                             f"tokens needs {hi + S_new}; the cache is too small")
-    if k is not None and S_new > 0:
-        attention_kvcache_append(k_cache, v_cache, k, v, cache_seqlens)
+            attention_kvcache_append(k_cache, v_cache, k, v, cache_seqlens)
         seqlens = cache_seqlens + S_new
     else:
         seqlens = cache_seqlens
@@ -1118,10 +1376,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     if signature is not None:
         out, lse = _eager_decode(signature, qt, kc, vc, seqlens, (scale, left, right, softcap), int(num_splits),
-                                 backend)
+                                 backend, (cache_leftpad, cache_batch_idx, block_table), S_max)
         return (out, lse) if return_softmax_lse else out
+    index = ()
+    if cache_leftpad is not None or cache_batch_idx is not None or block_table is not None:
+        index = (cache_leftpad, cache_batch_idx, block_table)
     out, lse = attention_decode(qt.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens, alibi, scale,
-                                left, right, softcap, int(num_splits), backend or "")
+                                left, right, softcap, int(num_splits), backend or "", *index)
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
 

@@ -158,19 +158,27 @@ def register() -> bool:
 
     @register_sharding(ops.attention_decode.default)
     def attention_decode_sharding(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window_left,
-                                  window_right, softcap, num_splits, backend):
+                                  window_right, softcap, num_splits, backend, *cache_index):
+        # cache_index: (cache_leftpad, cache_batch_idx, block_table) when given. A paged cache or
+        # cache_batch_idx has no batch dim to shard (its dim 0 is a pool): replicated or heads only.
+        index = [None if t is None else Replicate() for t in cache_index]
         strategies = [([Replicate(), Replicate()],
-                       [Replicate()] * 4 + [None if alibi_slopes is None else Replicate()]),
-                      ([Shard(BATCH_DIM)] * 2,
-                       [Shard(BATCH_DIM)] * 4 + [_alibi(alibi_slopes, "batch", Replicate, Shard)])]
+                       [Replicate()] * 4 + [None if alibi_slopes is None else Replicate()], index)]
+        if all(t is None for t in cache_index[1:]):
+            strategies.append(([Shard(BATCH_DIM)] * 2,
+                               [Shard(BATCH_DIM)] * 4 + [_alibi(alibi_slopes, "batch", Replicate, Shard)],
+                               [None if t is None else Shard(0) for t in cache_index]))
         if _heads_shardable("attention_decode", q, k_cache, HEAD_DIM):
             # cache_seqlens (B,) is per batch row: replicated when the heads are split.
             strategies.append(([Shard(HEAD_DIM)] * 2, [Shard(HEAD_DIM)] * 3 + [Replicate()]
-                               + [_alibi(alibi_slopes, "heads", Replicate, Shard)]))
-        return [(outs, ins + _scalars(6)) for outs, ins in strategies]
+                               + [_alibi(alibi_slopes, "heads", Replicate, Shard)], index))
+        return [(outs, ins + _scalars(6) + extra) for outs, ins, extra in strategies]
 
     @register_sharding(ops.attention_kvcache_append.default)
-    def attention_kvcache_append_sharding(k_cache, v_cache, k, v, cache_seqlens):
+    def attention_kvcache_append_sharding(k_cache, v_cache, k, v, cache_seqlens, *cache_index):
+        if any(t is not None for t in cache_index):
+            raise ValueError("genfast attention_kvcache_append: cache_batch_idx / block_table with DTensor caches "
+                             "is not supported")
         if tuple(k_cache.placements) != tuple(v_cache.placements):
             raise ValueError(f"genfast attention_kvcache_append: k_cache {tuple(k_cache.placements)} and v_cache "
                              f"{tuple(v_cache.placements)} must have the same DTensor placements")

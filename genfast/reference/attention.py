@@ -25,7 +25,8 @@ import math
 
 import torch
 
-__all__ = ["forward", "backward", "decode", "dropout_keep_mask", "dropout_threshold", "attention_dense"]
+__all__ = ["forward", "backward", "decode", "cache_rows", "rotary_embedding", "dropout_keep_mask", "dropout_threshold",
+           "attention_dense"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -209,24 +210,60 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def rotary_embedding(x, cos, sin, positions, interleaved: bool):
+    """flash-attn's rotary embedding of x (B, S, H, D) at integer positions (B, S): cos / sin
+    (seqlen_ro, rotary_dim / 2) rows ``positions`` rotate the first rotary_dim dims, pairs
+    (d, d + rotary_dim / 2) (GPT-NeoX, ``interleaved=False``) or (2d, 2d + 1) (GPT-J,
+    ``interleaved=True``); the other dims pass through. Computed in fp32 (fp64 for fp64 x),
+    returned in x's dtype."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half = cos.shape[-1]
+    c = cos.to(cd)[positions][:, :, None, :]  # (B, S, 1, rotary_dim / 2)
+    s = sin.to(cd)[positions][:, :, None, :]
+    xr = x[..., :2 * half].to(cd)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., 2 * half:]], dim=-1)
+
+
+def cache_rows(cache, b: int, end: int, cache_batch_idx=None, block_table=None):
+    """(1, Hk, end, D): the first ``end`` key positions of batch row b in a decode cache of the
+    contract layout: (B_cache, Hk, S_max, D), row cache_batch_idx[b] (or b); or paged,
+    (num_blocks, Hk, page_size, D) with key j in block block_table[b, j // page_size]."""
+    if block_table is not None:
+        page = cache.shape[2]
+        blocks = block_table[b, :-(-end // page)].long()
+        return cache[blocks].transpose(0, 1).reshape(1, cache.shape[1], -1, cache.shape[3])[:, :, :end]
+    row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    return cache[row:row + 1, :, :end]
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_right=-1, softcap=0.0,
-           alibi_slopes=None, num_splits=0):
-    """Contract decode: batch row b attends its first cache_seqlens[b] keys, its Sq queries
-    being the last Sq positions (bottom-right alignment). (out (B, H, Sq, D), lse fp32)."""
+           alibi_slopes=None, num_splits=0, cache_leftpad=None, cache_batch_idx=None, block_table=None):
+    """Contract decode: batch row b attends the keys at positions [cache_leftpad[b] (or 0),
+    cache_seqlens[b]) of its cache row (``cache_rows``), its Sq queries being the last Sq
+    positions before cache_seqlens[b] (bottom-right alignment; positions are absolute, so a
+    left pad moves no diagonal). (out (B, H, Sq, D), lse fp32)."""
     cd = _compute_dtype(q.dtype)
     B, H, Sq, D = q.shape
     lengths = cache_seqlens.tolist()
+    starts = [0] * B if cache_leftpad is None else cache_leftpad.tolist()
     outs, lses = [], []
     with torch.no_grad():
         for b in range(B):
-            n = lengths[b]
+            n, start = lengths[b], starts[b]
             slopes = None
             if alibi_slopes is not None:
                 slopes = alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b:b + 1]
-            out, lse, _ = attention_dense(q[b:b + 1].to(cd), k_cache[b:b + 1, :, :n].to(cd),
-                                          v_cache[b:b + 1, :, :n].to(cd), scale=scale, window_left=window_left,
-                                          window_right=window_right, align_bottom_right=True, softcap=softcap,
-                                          alibi_slopes=slopes)
+            k = cache_rows(k_cache, b, n, cache_batch_idx, block_table)[:, :, start:]
+            v = cache_rows(v_cache, b, n, cache_batch_idx, block_table)[:, :, start:]
+            out, lse, _ = attention_dense(q[b:b + 1].to(cd), k.to(cd), v.to(cd), scale=scale,
+                                          window_left=window_left, window_right=window_right,
+                                          align_bottom_right=True, softcap=softcap, alibi_slopes=slopes)
             outs.append(out)
             lses.append(lse)
     return torch.cat(outs).to(q.dtype).contiguous(), torch.cat(lses).to(_lse_dtype(q.dtype)).contiguous()

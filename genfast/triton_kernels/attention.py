@@ -23,7 +23,10 @@ Design (after the Triton fused-attention tutorial, FlashAttention-2 and flash-de
   kernel (deterministic=True; bitwise reproducible).
 - Decode: the key range is split over programs (partial out + lse in fp32 workspaces, then a
   combine kernel); the query heads of a kv head share one program; cache_seqlens is read on
-  the device, the grid depends only on shapes (CUDA-graph capturable).
+  the device, the grid depends only on shapes (CUDA-graph capturable). Paged caches
+  (block_table) are addressed per key column through the table, so a key tile may span pages of
+  any size; cache_batch_idx picks a cache row, cache_leftpad raises a row's first key (constexpr
+  flags: the plain cache compiles as without them).
 """
 from __future__ import annotations
 
@@ -688,16 +691,22 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
 # Decode (flash-decoding)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse,
-                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sab, sah,
+def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse, LeftPad, BatchIdx, BlockTable,
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sab, sah, sbt, page_size,
                          num_heads, num_kv_heads, group, Sq, split_size, num_splits, row_blocks, batch_size,
                          qk_scale2, softcap_scale, softcap2, window_left, window_right,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr,
-                         HAS_WR: tl.constexpr, DOT_PREC: tl.constexpr):
+                         HAS_WR: tl.constexpr, DOT_PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                         HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr):
     """One key chunk of one kv head for BLOCK_M (query head, position) rows of its GQA group.
     Writes the normalised partial output and its lse (-inf for an empty chunk) to fp32
-    workspaces (split, b, h, i, d) / (split, b, h, i)."""
+    workspaces (split, b, h, i, d) / (split, b, h, i).
+    Cache rows: K/V (B_cache, Hk, S, D), batch row b reading row BatchIdx[b] (HAS_BATCH_IDX) or
+    b; PAGED: K/V (num_blocks, Hk, page_size, D), key j of row b at row j % page_size of block
+    BlockTable[b * sbt + j // page_size] (looked up per key column: a tile may span pages).
+    HAS_LEFTPAD: row b's keys start at LeftPad[b] (absolute positions: only the lower key bound
+    moves)."""
     pid = tl.program_id(0)  # one grid axis (x: up to 2^31 - 1 programs), split fastest
     pid_s = pid % num_splits
     pid_r = (pid // num_splits) % row_blocks
@@ -724,27 +733,55 @@ def _decode_split_kernel(Q, K, V, SeqLens, Alibi, WsOut, WsLse,
         n_lo = tl.maximum(n_lo, ((tl.maximum(off - window_left, 0)) // BLOCK_N) * BLOCK_N)
     if HAS_WR:
         n_hi = tl.minimum(n_hi, tl.maximum(Sq - 1 + off + window_right + 1, 0))
-    Kh = K + b * skb + hk * skh
-    Vh = V + b * svb + hk * svh
+    k_first = k_len * 0
+    if HAS_LEFTPAD:  # keys [k_first, k_len); tiles stay aligned, the columns below are masked
+        k_first = tl.load(LeftPad + b).to(tl.int64)
+        n_lo = tl.maximum(n_lo, (k_first // BLOCK_N) * BLOCK_N)
+    if PAGED:
+        Kh = K + hk * skh
+        Vh = V + hk * svh
+        Table = BlockTable + b * sbt
+    elif HAS_BATCH_IDX:
+        cache_row = tl.load(BatchIdx + b).to(tl.int64)
+        Kh = K + cache_row * skb + hk * skh
+        Vh = V + cache_row * svb + hk * svh
+    else:
+        Kh = K + b * skb + hk * skh
+        Vh = V + b * svb + hk * svh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        kt = tl.load(Kh + cols[None, :] * skn + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_LEFTPAD:
+            col_ok = col_ok & (cols >= k_first)
+        if PAGED:
+            # 32-bit position arithmetic (positions < 2^31), 64-bit block offsets
+            cols32 = cols.to(tl.int32)
+            page = cols32 // page_size
+            block = tl.load(Table + page, mask=col_ok, other=0).to(tl.int64)
+            in_page = cols32 - page * page_size
+            k_off = block * skb + in_page * skn
+            v_off = block * svb + in_page * svn
+        else:
+            k_off = cols * skn
+            v_off = cols * svn
+        kt = tl.load(Kh + k_off[None, :] + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
         diag = i[:, None] + off - cols[None, :]
         s2, _t = _scores_log2(qk, diag, slope2[:, None], qk, qk_scale2, softcap_scale, softcap2,
                               HAS_SOFTCAP, HAS_ALIBI, False)
         ok = _allowed(i[:, None], cols[None, :], diag, Sq, n_hi, window_left, window_right, HAS_WL, HAS_WR)
+        if HAS_LEFTPAD:
+            ok = ok & col_ok[None, :]
         s2 = tl.where(ok, s2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s2 - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(Vh + cols[:, None] * svn + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(Vh + v_off[:, None] + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     empty = l_i == 0.0
@@ -787,7 +824,8 @@ def _decode_combine_kernel(WsOut, WsLse, Out, Lse, sob, soh, som, num_heads, Sq,
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, pooled=False):
+    """pooled: k / v are a decode cache pool (cache_batch_idx rows or paged blocks), any batch."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention (triton): {name} must be a 4-D tensor, got "
@@ -804,9 +842,10 @@ def _check_qkv(q, k, v):
                          f"got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
     if D < 16 or D > 256 or D % 8:
         raise ValueError(f"attention (triton): head dim must be a multiple of 8 in [16, 256], got {D}")
-    if k.shape != v.shape[:3] + (D,) or k.shape[0] != q.shape[0]:
+    if k.shape != v.shape[:3] + (D,) or (k.shape[0] != q.shape[0] and not pooled):
         raise ValueError(f"attention (triton): k {tuple(k.shape)} and v {tuple(v.shape)} must match, batch as q "
-                         f"{tuple(q.shape)}")
+                         f"{tuple(q.shape)}" + (" (without cache_batch_idx or block_table)" if k.shape == v.shape
+                                                 else ""))
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"attention (triton): query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
 
@@ -1101,22 +1140,64 @@ def decode_num_splits(batch, num_kv_heads, row_blocks, max_keys, device, block_n
     return max(1, min(triton.cdiv(2 * sms, programs), by_length, 64))
 
 
+def _check_cache_index(name, t, B, device):
+    """cache_leftpad / cache_batch_idx: int32 (B,) on q's device (a unit stride is ensured)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != (B,) or t.device != device:
+        raise ValueError(f"attention (triton) decode: {name} must be int32 ({B},) on {device}, got "
+                         + (f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
+                            else type(t).__name__))
+    return t if t.stride(0) == 1 else t.contiguous()
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_right=-1, softcap=0.0,
-           alibi_slopes=None, num_splits=0):
-    """Contract decode (flash-decoding): (out (B, H, Sq, D) in q's dtype, lse fp32 (B, H, Sq))."""
-    _check_qkv(q, k_cache, v_cache)
+           alibi_slopes=None, num_splits=0, cache_leftpad=None, cache_batch_idx=None, block_table=None):
+    """Contract decode (flash-decoding): (out (B, H, Sq, D) in q's dtype, lse fp32 (B, H, Sq)).
+
+    k_cache / v_cache: (B_cache, Hk, S_max, D), batch row b reading cache row cache_batch_idx[b]
+    (int32 (B,); None: row b); or a paged cache (num_blocks, Hk, page_size, D) with block_table
+    (int32 (B, max_blocks)): key j of row b is row j % page_size of block block_table[b, j //
+    page_size], the capacity max_blocks * page_size. cache_leftpad (int32 (B,)): row b's keys are
+    positions [cache_leftpad[b], cache_seqlens[b]) (positions stay absolute). The index values
+    are not checked (no host synchronisation): the caller keeps them in range."""
+    _check_qkv(q, k_cache, v_cache, pooled=cache_batch_idx is not None or block_table is not None)
     B, H, Sq, D = q.shape
-    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
+    Hk = k_cache.shape[1]
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,) or cache_seqlens.device != q.device:
         raise ValueError(f"attention (triton) decode: cache_seqlens must be int32 ({B},) on {q.device}, got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
     if num_splits < 0:
         raise ValueError(f"attention (triton) decode: num_splits must be >= 0, got {num_splits}")
+    cache_leftpad = _check_cache_index("cache_leftpad", cache_leftpad, B, q.device)
+    cache_batch_idx = _check_cache_index("cache_batch_idx", cache_batch_idx, B, q.device)
+    paged = block_table is not None
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("attention (triton) decode: a paged cache (block_table) takes no cache_batch_idx: the "
+                             "table already maps rows to blocks")
+        if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+                or block_table.shape[0] != B or block_table.device != q.device):
+            raise ValueError(f"attention (triton) decode: block_table must be int32 ({B}, max_blocks) on {q.device}, "
+                             "got " + (f"{block_table.dtype} {tuple(block_table.shape)} on {block_table.device}"
+                                       if isinstance(block_table, torch.Tensor) else type(block_table).__name__))
+        if k_cache.shape[2] < 1:
+            raise ValueError(f"attention (triton) decode: a paged cache needs pages of at least one row, got "
+                             f"k_cache {tuple(k_cache.shape)}")
+        if block_table.numel() > 0 and block_table.stride(1) != 1:
+            block_table = block_table.contiguous()
+        page_size = k_cache.shape[2]
+        S_max = block_table.shape[1] * page_size
+    else:
+        page_size = 0
+        S_max = k_cache.shape[2]
     window_left, window_right = _window(window_left), _window(window_right)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    if S_max == 0 or k_cache.numel() == 0:  # no key anywhere
+        return out.zero_(), lse.fill_(float("-inf"))
     group = H // Hk
     rows = group * Sq
     block_m = max(16, min(triton.next_power_of_2(rows), 64))
@@ -1132,16 +1213,22 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
     alibi, sab, sah = _alibi_args(alibi_slopes, B, H, ws_lse)
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
+    dummy = cache_seqlens  # int32 stand-in for absent index tensors (never read)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _decode_split_kernel[(num_splits * row_blocks * B * Hk,)](
             q, k_cache, v_cache, cache_seqlens, alibi, ws_out, ws_lse,
+            cache_leftpad if cache_leftpad is not None else dummy,
+            cache_batch_idx if cache_batch_idx is not None else dummy,
+            block_table if paged else dummy,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sab, sah,
+            block_table.stride(0) if paged else 0, page_size,
             H, Hk, group, Sq, split_size, num_splits, row_blocks, B, qk_scale2, softcap_scale, softcap2,
             window_left, window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, DOT_PREC=prec,
+            HAS_LEFTPAD=cache_leftpad is not None, HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=paged,
             num_warps=8 if prec == "ieee" and not _INTERPRET else 4, num_stages=1 if _INTERPRET else 2,
             # exact fp32 up to D128: ptxas trimmed it to 64 registers and spilled 4-8 B on sm_80
             # (4 warps spilled 488 B on sm_90); with 128 allowed it takes 78-104
@@ -1150,3 +1237,202 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale, window_left=-1, window_
             ws_out, ws_lse, out, lse, out.stride(0), out.stride(1), out.stride(2), H, Sq, B * H * Sq, num_splits,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding of q / new k fused with the KV-cache append (flash_attn_with_kvcache)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _rotary_rows(Src, src_row, Dst, dst_row, Cos, Sin, cos_row, sin_row, h_ok,
+                 HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
+    """Dst[dst_row + d] = rotary(Src[src_row + d]) for the BLOCK_H head rows src_row / dst_row
+    (int64 element offsets, unit stride along d; rows with h_ok false are skipped). cos / sin
+    rows at Cos + cos_row / Sin + sin_row (unit stride). fp32 math, rounded to Dst's dtype; dims
+    [2 * ROT_HALF, HEAD_DIM) are copied unchanged (BLOCK_P: their power-of-two block, 0: none).
+    INTERLEAVED pairs (2r, 2r + 1), otherwise (r, r + ROT_HALF)."""
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < ROT_HALF
+    c = tl.load(Cos + cos_row + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(Sin + sin_row + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    if INTERLEAVED:
+        # one contiguous load of the 2 * ROT_HALF rotated dims, split into (even, odd)
+        e = tl.arange(0, 2 * BLOCK_R)
+        m = h_ok[:, None] & (e < 2 * ROT_HALF)[None, :]
+        x = tl.load(Src + src_row[:, None] + e[None, :], mask=m, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [x.shape[0], BLOCK_R, 2]))
+        o1 = x1 * c - x2 * s
+        o2 = x1 * s + x2 * c
+        o = tl.reshape(tl.join(o1, o2), [x.shape[0], 2 * BLOCK_R])
+        tl.store(Dst + dst_row[:, None] + e[None, :], o.to(Dst.dtype.element_ty), mask=m)
+    else:
+        m = h_ok[:, None] & r_ok[None, :]
+        x1 = tl.load(Src + src_row[:, None] + r[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(Src + src_row[:, None] + (r + ROT_HALF)[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(Dst + dst_row[:, None] + r[None, :], (x1 * c - x2 * s).to(Dst.dtype.element_ty), mask=m)
+        tl.store(Dst + dst_row[:, None] + (r + ROT_HALF)[None, :], (x1 * s + x2 * c).to(Dst.dtype.element_ty),
+                 mask=m)
+    if BLOCK_P > 0:
+        p = 2 * ROT_HALF + tl.arange(0, BLOCK_P)
+        pm = h_ok[:, None] & (p < HEAD_DIM)[None, :]
+        xp = tl.load(Src + src_row[:, None] + p[None, :], mask=pm)
+        tl.store(Dst + dst_row[:, None] + p[None, :], xp, mask=pm)
+
+
+@triton.jit
+def _rotary_append_kernel(Q, QOut, K, V, KCache, VCache, SeqLens, Cos, Sin, BatchIdx, BlockTable,
+                          sqb, sqs, sqh, sob, sos, soh, skb, sks, skh, svb, svs, svh,
+                          skcb, skcs, skch, svcb, svcs, svch, scos, ssin, sbt, page_size,
+                          Sq, num_heads, q_head_blocks, S_new, num_kv_heads, kv_head_blocks, q_programs,
+                          HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                          BLOCK_HK: tl.constexpr, INTERLEAVED: tl.constexpr, Q_SAME_POSITION: tl.constexpr,
+                          HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr):
+    """One grid axis: programs [0, q_programs) rotate q, one per (b, i, block of BLOCK_HQ heads)
+    (head block fastest) into QOut; the others append the new k (rotated) / v, one per (b, t,
+    block of BLOCK_HK kv heads), at position SeqLens[b] + t of row b's cache: row BatchIdx[b]
+    (HAS_BATCH_IDX) or b of (B_cache, S_max, Hk, D); PAGED: row (p % page_size) of block
+    BlockTable[b * sbt + p // page_size] of (num_blocks, page_size, Hk, D). Cache offsets 64-bit."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < q_programs:
+        hb = pid % q_head_blocks
+        i = (pid // q_head_blocks) % Sq
+        b = pid // (q_head_blocks * Sq)
+        pos = tl.load(SeqLens + b).to(tl.int64)
+        if not Q_SAME_POSITION:
+            pos = pos + i
+        hq = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)  # (names differ from the else block's: other shapes)
+        hq_ok = hq < num_heads
+        _rotary_rows(Q, b * sqb + i * sqs + hq * sqh, QOut, b * sob + i * sos + hq * soh, Cos, Sin, pos * scos,
+                     pos * ssin, hq_ok, HEAD_DIM, ROT_HALF, BLOCK_R, BLOCK_P, INTERLEAVED)
+    else:
+        pid_kv = pid - q_programs
+        hb = pid_kv % kv_head_blocks
+        t = (pid_kv // kv_head_blocks) % S_new
+        b = pid_kv // (kv_head_blocks * S_new)
+        pos = tl.load(SeqLens + b).to(tl.int64) + t
+        if PAGED:
+            block = tl.load(BlockTable + b * sbt + pos // page_size).to(tl.int64)
+            kc_base = block * skcb + (pos % page_size) * skcs
+            vc_base = block * svcb + (pos % page_size) * svcs
+        else:
+            row = b
+            if HAS_BATCH_IDX:
+                row = tl.load(BatchIdx + b).to(tl.int64)
+            kc_base = row * skcb + pos * skcs
+            vc_base = row * svcb + pos * svcs
+        hk = hb * BLOCK_HK + tl.arange(0, BLOCK_HK)
+        hk_ok = hk < num_kv_heads
+        _rotary_rows(K, b * skb + t * sks + hk * skh, KCache, kc_base + hk * skch, Cos, Sin, pos * scos, pos * ssin,
+                     hk_ok, HEAD_DIM, ROT_HALF, BLOCK_R, BLOCK_P, INTERLEAVED)
+        d = tl.arange(0, BLOCK_D)
+        m = hk_ok[:, None] & (d < HEAD_DIM)[None, :]
+        vt = tl.load(V + (b * svb + t * svs + hk * svh)[:, None] + d[None, :], mask=m)
+        tl.store(VCache + (vc_base + hk * svch)[:, None] + d[None, :], vt, mask=m)
+
+
+def _rotary_heads_block(heads, block_d):
+    """Heads per program: up to ~2048 elements (a few KB) per program and tensor."""
+    return max(1, min(triton.next_power_of_2(max(heads, 1)), max(1, 2048 // block_d)))
+
+
+def rotary_append(q, k_cache, v_cache, k, v, cache_seqlens, cos, sin, *, interleaved: bool,
+                  q_same_position: bool, cache_batch_idx=None, block_table=None) -> torch.Tensor:
+    """flash_attn_with_kvcache's rotary + append, in one launch (flash-attn layout, (batch, seq,
+    heads, dim)): returns q_rot, a new contiguous (B, Sq, H, D) tensor in q's dtype, q rotated
+    at positions cache_seqlens[b] + i (q_same_position: cache_seqlens[b] for every i); the new
+    k (rotated at cache_seqlens[b] + t) and v (unrotated) of k, v (B, S_new, Hk, D) are written
+    in place at positions cache_seqlens[b] + t of row b's cache (S_new == 0: nothing written).
+
+    k_cache / v_cache: (B_cache, S_max, Hk, D), batch row b using cache row cache_batch_idx[b]
+    (int32 (B,)) or b; or paged, (num_blocks, page_size, Hk, D) with block_table (int32 (B,
+    max_blocks)): position p of row b is row p % page_size of block block_table[b, p //
+    page_size]. cos / sin (seqlen_ro, rotary_dim / 2) in any float dtype, rotary_dim <= D even;
+    the rotation is ``genfast.reference.attention.rotary_embedding`` (fp32 math, rounded to the
+    dtype; interleaved: pairs (2d, 2d + 1), else (d, d + rotary_dim / 2); dims >= rotary_dim
+    copied). Index and position values are not checked (no host synchronisation, CUDA-graph
+    safe): the caller keeps them in range. q, k, v, the caches: one dtype of fp16 / bf16 / fp32."""
+    where = "attention (triton) rotary_append"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{where}: {name} must be a 4-d tensor, got "
+                             + (f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__))
+        if t.dtype not in _DTYPES or t.dtype != q.dtype:
+            raise ValueError(f"{where}: q, k, v, k_cache, v_cache must share one dtype of fp16 / bf16 / fp32, got "
+                             f"{name} {t.dtype} with q {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{where}: {name} is on {t.device}, q on {q.device}")
+    B, Sq, H, D = q.shape
+    S_new, Hk = k.shape[1], k.shape[2]
+    if k.shape != (B, S_new, Hk, D) or v.shape != k.shape:
+        raise ValueError(f"{where}: k, v must be (B, S_new, Hk, D) = ({B}, S_new, Hk, {D}) alike, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (Hk, D):
+        raise ValueError(f"{where}: k_cache, v_cache must be (rows, S, {Hk}, {D}) alike, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"{where}: the caches are written in place and need a unit last stride, got "
+                         f"{k_cache.stride()} and {v_cache.stride()}")
+    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32
+            or cache_seqlens.shape != (B,) or cache_seqlens.device != q.device):
+        raise ValueError(f"{where}: cache_seqlens must be int32 ({B},) on {q.device}, got "
+                         + (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
+                            if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__))
+    for name, t in (("cos", cos), ("sin", sin)):
+        if (not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point()
+                or t.dtype == torch.float64 or t.device != q.device):
+            raise ValueError(f"{where}: {name} must be a 2-d fp32 / fp16 / bf16 (seqlen_ro, rotary_dim / 2) tensor "
+                             f"on {q.device}, got " + (f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                                                      if isinstance(t, torch.Tensor) else type(t).__name__))
+    if cos.shape != sin.shape or not 0 < 2 * cos.shape[1] <= D:
+        raise ValueError(f"{where}: cos, sin must be (seqlen_ro, rotary_dim / 2) alike with 0 < rotary_dim <= "
+                         f"D = {D}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    cache_seqlens = cache_seqlens if cache_seqlens.stride(0) == 1 else cache_seqlens.contiguous()
+    cache_batch_idx = _check_cache_index("cache_batch_idx", cache_batch_idx, B, q.device)
+    paged = block_table is not None
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError(f"{where}: a paged cache (block_table) takes no cache_batch_idx")
+        if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+                or block_table.shape[0] != B or block_table.device != q.device):
+            raise ValueError(f"{where}: block_table must be int32 ({B}, max_blocks) on {q.device}, got "
+                             + (f"{block_table.dtype} {tuple(block_table.shape)} on {block_table.device}"
+                                if isinstance(block_table, torch.Tensor) else type(block_table).__name__))
+        if k_cache.shape[1] < 1:
+            raise ValueError(f"{where}: a paged cache needs pages of at least one row, got {tuple(k_cache.shape)}")
+        if block_table.numel() > 0 and block_table.stride(1) != 1:
+            block_table = block_table.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    rot_half = cos.shape[1]
+    block_d = triton.next_power_of_2(D)
+    block_hq, block_hk = _rotary_heads_block(H, block_d), _rotary_heads_block(Hk, block_d)
+    q_head_blocks, kv_head_blocks = triton.cdiv(H, block_hq), triton.cdiv(Hk, block_hk)
+    q_programs = B * Sq * q_head_blocks
+    programs = q_programs + B * S_new * kv_head_blocks
+    if programs == 0:
+        return out
+    if programs > MAX_GRID_X:
+        raise ValueError(f"{where}: {programs} programs exceed CUDA's grid limit {MAX_GRID_X}")
+    dummy = cache_seqlens  # int32 stand-in for absent index tensors (never read)
+    elements = max(block_hq, block_hk) * block_d
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _rotary_append_kernel[(programs,)](
+            q, out, k, v, k_cache, v_cache, cache_seqlens, cos, sin,
+            cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0), sin.stride(0),
+            block_table.stride(0) if paged else 0, k_cache.shape[1] if paged else 0,
+            Sq, H, q_head_blocks, S_new, Hk, kv_head_blocks, q_programs,
+            HEAD_DIM=D, ROT_HALF=rot_half, BLOCK_R=triton.next_power_of_2(rot_half),
+            BLOCK_P=triton.next_power_of_2(D - 2 * rot_half) if D > 2 * rot_half else 0, BLOCK_D=block_d,
+            BLOCK_HQ=block_hq, BLOCK_HK=block_hk, INTERLEAVED=bool(interleaved),
+            Q_SAME_POSITION=bool(q_same_position), HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=paged,
+            num_warps=max(1, min(4, elements // 512)), num_stages=1)
+    return out

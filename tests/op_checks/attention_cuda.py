@@ -89,16 +89,24 @@ def compare_grads(grads, ref, low, scale, q, k, dout, out):
 
 
 def decode_reference(q, kc, vc, lens, **kw):
+    """(out, lse) of the float64 reference decode and of the same math in q's dtype. kw: the
+    decode's options, with cache_leftpad / cache_batch_idx / block_table (the contract's
+    cache_rows) as well."""
     ref = R.decode(q.cpu().double(), kc.cpu().double(), vc.cpu().double(), lens.cpu(),
-                   **{key: (val.cpu().double() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()})
+                   **{key: (val.cpu().double() if isinstance(val, torch.Tensor) and val.is_floating_point() else
+                            (val.cpu() if isinstance(val, torch.Tensor) else val)) for key, val in kw.items()})
+    index = {key: kw.get(key) for key in ("cache_batch_idx", "block_table")}
+    leftpad = kw.get("cache_leftpad")
+    options = {key: val for key, val in kw.items() if key not in ("alibi_slopes", "cache_leftpad", *index)}
     outs, lses = [], []
     for b, n in enumerate(lens.tolist()):
         slopes = kw.get("alibi_slopes")
         if slopes is not None and slopes.ndim == 2:
             slopes = slopes[b:b + 1]
-        o, l = lowp_dense(q[b:b + 1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n],
-                          dict(problem(**{key: val for key, val in kw.items() if key != "alibi_slopes"}),
-                               alibi_slopes=slopes, align_bottom_right=True))
+        start = 0 if leftpad is None else int(leftpad[b])
+        k = R.cache_rows(kc, b, n, **index)[:, :, start:]
+        v = R.cache_rows(vc, b, n, **index)[:, :, start:]
+        o, l = lowp_dense(q[b:b + 1], k, v, dict(problem(**options), alibi_slopes=slopes, align_bottom_right=True))
         outs.append(o)
         lses.append(l)
     return ref, (torch.cat(outs), torch.cat(lses))
