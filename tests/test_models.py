@@ -203,6 +203,36 @@ def test_gpt_generate_with_cache_equals_without(position, seed):
 
 
 @pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_gpt_generate_ragged_prompts_from_a_paged_cache(position, seed, monkeypatch):
+    """Prompts of different lengths served together from a paged cache give each prompt's own
+    greedy continuation (float64 model: no near-tie can flip an argmax), prefill touches only
+    each prompt's own tokens, and every decode step is one batched call with a block table."""
+    from genfast.nn import attention as nn_attention
+    model = small_gpt(position=position).double().eval()
+    prompts = [torch.randint(0, 37, (n,)) for n in (3, 11, 20)]
+    calls = []
+    real = nn_attention.flash_attn_with_kvcache
+
+    def recorded(q, *args, **kwargs):
+        calls.append((tuple(q.shape[:2]), kwargs.get("block_table") is not None))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(nn_attention, "flash_attn_with_kvcache", recorded)
+    outputs = model.generate(prompts, 7, temperature=0, page_size=16)
+    monkeypatch.undo()
+    for prompt, out in zip(prompts, outputs):
+        alone = model.generate(prompt[None], 7, temperature=0, use_cache=True)[0]
+        assert torch.equal(out, alone)
+    n_layer = model.config.n_layer
+    prefill = [shape for shape, paged in calls[:3 * n_layer]]
+    assert prefill == [(1, n) for n in (3, 11, 20) for _ in range(n_layer)]  # no padding tokens
+    assert all(paged for _, paged in calls)
+    assert [shape for shape, _ in calls[3 * n_layer:]] == [(3, 1)] * (6 * n_layer)  # batched decode
+    with pytest.raises(ValueError, match="non-empty 1-D token tensors"):
+        model.generate([prompts[0], torch.zeros(0, dtype=torch.long)], 2)
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
 def test_gpt_sdpa_attention_matches_genfast(position, seed):
     """attention="sdpa" (the benchmark's torch baseline) computes the same model."""
     model = small_gpt(position=position)

@@ -132,13 +132,15 @@ class GPT(FastPathModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _embed(self, idx: torch.Tensor, offset: int) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, offset) -> torch.Tensor:
+        """Token (+ learned position) embeddings of idx (B, S) at positions offset + t; ``offset``
+        an int, or an int (B, 1) tensor of per-row positions (no check: callers bound them)."""
         b, s = idx.shape
-        if offset + s > self.config.block_size:
+        if isinstance(offset, int) and offset + s > self.config.block_size:
             raise ValueError(f"GPT: sequence of {offset + s} tokens exceeds block_size {self.config.block_size}")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(offset, offset + s, device=idx.device))
+            x = x + self.wpe(offset + torch.arange(s, device=idx.device))
         return self.drop(x)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> tuple:
@@ -153,14 +155,21 @@ class GPT(FastPathModel):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, page_size: int = 16):
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, S). temperature 0 = greedy.
         With ``use_cache`` the prompt is prefilled once into a per-layer KV cache and every new
-        token runs the decode kernel against it; without, the whole sequence is re-run."""
+        token runs the decode kernel against it; without, the whole sequence is re-run.
+
+        ``idx`` may also be a list of 1-D prompts of different lengths: they are served together
+        from a paged cache (``page_size`` rows per page, each row holding only its own pages),
+        each prompt prefilled on its own tokens (no padding) and every decode step batched over
+        all rows at their own positions; returns a list (each prompt + its new tokens)."""
         if max_new_tokens < 0:
             raise ValueError(f"GPT.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(idx, (list, tuple)):
+            return self._generate_ragged(list(idx), max_new_tokens, temperature, top_k, top_p, generator, page_size)
         if idx.shape[1] + max_new_tokens > self.config.block_size:
             raise ValueError(f"GPT.generate: {idx.shape[1]} + {max_new_tokens} tokens exceed block_size "
                              f"{self.config.block_size}")
@@ -183,6 +192,44 @@ class GPT(FastPathModel):
                 new_tokens = _sample(logits, temperature, top_k, top_p, generator)
                 idx = torch.cat([idx, new_tokens], dim=1)
         return idx
+
+
+    def _generate_ragged(self, prompts: list, max_new_tokens: int, temperature, top_k, top_p, generator,
+                         page_size: int) -> list:
+        if not prompts or any(not isinstance(p, torch.Tensor) or p.ndim != 1 or p.numel() == 0 for p in prompts):
+            got = [tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in prompts]
+            raise ValueError(f"GPT.generate: a list idx holds non-empty 1-D token tensors, got {got}")
+        if self.config.attention != "genfast":
+            raise ValueError("GPT.generate: prompts of different lengths need attention='genfast' (a paged cache)")
+        lengths = [p.numel() for p in prompts]
+        if max(lengths) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"GPT.generate: {max(lengths)} + {max_new_tokens} tokens exceed block_size "
+                             f"{self.config.block_size}")
+        device, dtype = prompts[0].device, self.wte.weight.dtype
+        capacities = [n + max_new_tokens for n in lengths]
+        caches = [block.attn.init_paged_cache(capacities, page_size, device=device, dtype=dtype) for block in self.h]
+        outputs = [[p] for p in prompts]
+        if max_new_tokens == 0:
+            return prompts
+        with self.backend_scope():
+            last = []
+            for b, prompt in enumerate(prompts):  # prefill: each prompt's own tokens only
+                x = self._embed(prompt[None], 0)
+                for block, cache in zip(self.h, caches):
+                    x = block.forward_cached(x, cache.row(b))
+                last.append(self.lm_head(self.ln_f(x[:, -1])))
+            positions = torch.tensor(lengths, device=device)[:, None]
+            for step in range(max_new_tokens):
+                logits = torch.cat(last) if step == 0 else self.lm_head(self.ln_f(x[:, -1]))
+                new_tokens = _sample(logits, temperature, top_k, top_p, generator)
+                for b in range(len(prompts)):
+                    outputs[b].append(new_tokens[b])
+                if step + 1 == max_new_tokens:
+                    break
+                x = self._embed(new_tokens, positions + step)
+                for block, cache in zip(self.h, caches):
+                    x = block.forward_cached(x, cache)
+        return [torch.cat(parts) for parts in outputs]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],

@@ -143,6 +143,15 @@ class KVCache:
     v: torch.Tensor
     seqlens: torch.Tensor  # int32 (B,)
     length: Optional[int] = None
+    # A paged cache (``init_paged_cache``): k / v are a pool of pages (num_blocks, page_size,
+    # Hk, D) and row b's position p lives in page block_table[b, p // page_size].
+    block_table: Optional[torch.Tensor] = None
+
+    def row(self, b: int) -> "KVCache":
+        """Batch row b alone, sharing this cache's memory (its seqlens entry is a view)."""
+        if self.block_table is not None:
+            return KVCache(self.k, self.v, self.seqlens[b:b + 1], None, self.block_table[b:b + 1])
+        return KVCache(self.k[b:b + 1], self.v[b:b + 1], self.seqlens[b:b + 1], None)
 
 
 def _sdpa_with_cache(q, k, v, k_cache, v_cache, offset: int) -> torch.Tensor:
@@ -200,6 +209,24 @@ class CausalSelfAttention(torch.nn.Module):
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                        torch.zeros(batch_size, dtype=torch.int32, device=device), length=0)
 
+    def init_paged_cache(self, capacities, page_size: int = 16, device=None, dtype=None) -> KVCache:
+        """A paged cache for rows of different lengths: row b gets ceil(capacities[b] /
+        page_size) pages of one pool (num_blocks, page_size, Hk, D), so memory follows the
+        rows' own lengths, not the longest one's. Read through ``flash_attn_with_kvcache``'s
+        ``block_table`` (``attention="genfast"`` only)."""
+        w = self.qkv.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        pages = [max(1, -(-int(c) // page_size)) for c in capacities]
+        table = torch.zeros(len(pages), max(pages, default=1), dtype=torch.int32)
+        first = 0
+        for b, n in enumerate(pages):  # unused table entries stay 0: never read (past seqlens)
+            table[b, :n] = torch.arange(first, first + n, dtype=torch.int32)
+            first += n
+        shape = (first, page_size, self.num_kv_heads, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(len(pages), dtype=torch.int32, device=device), length=0,
+                       block_table=table.to(device))
+
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, S, E = x.shape
         H, Hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -221,12 +248,14 @@ class CausalSelfAttention(torch.nn.Module):
                 pos = cache.seqlens.to(torch.int64)[:, None] + torch.arange(S, device=x.device)[None, :]
                 q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
             if self.attention == "sdpa":
+                if cache.block_table is not None:
+                    raise ValueError("CausalSelfAttention(attention='sdpa'): a paged cache needs attention='genfast'")
                 offset = self._common_length(cache)
                 out = _sdpa_with_cache(q, k, v, cache.k, cache.v, offset)
                 cache.length = offset + S
             else:
-                out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens, causal=True,
-                                              backend=self.backend)
+                out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens,
+                                              block_table=cache.block_table, causal=True, backend=self.backend)
                 # Lengths are tracked on the device only; not reading the host copy keeps a
                 # compiled decode step from specialising (recompiling) on it.
                 cache.length = None
