@@ -275,10 +275,32 @@ def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+def _left_padded_decode(query, key, value, lens, *, scale, softcap):
+    """A few queries per row, every one of them real, against left-padded keys (decode steps of a
+    left-padded batch): the split-KV decode with ``cache_leftpad`` reads the keys where they are,
+    where the varlen path copies the whole cache into the packed layout. lens (B * 5, 2) in
+    ``_padding_segments``' form; None when the segments are not that shape (one host read)."""
+    B, Sq = query.shape[0], query.shape[2]
+    seg = lens.reshape(B, 5, 2)
+    q_lens, k_lens = seg[..., 0], seg[..., 1]
+    only_real_queries = ((q_lens[:, [0, 1, 3, 4]] == 0).all() & (q_lens[:, 2] == Sq).all()).item()
+    if not only_real_queries:
+        return None
+    start = k_lens[:, 1].to(torch.int32)  # segments 0 and 1: pad queries (none here), pad keys
+    end = (start + k_lens[:, 2]).to(torch.int32)  # the valid keys end at the last query
+    return flash_attn_with_kvcache(_bshd(query), _bshd(key), _bshd(value), cache_seqlens=end, cache_leftpad=start,
+                                   softmax_scale=scale, causal=True, softcap=softcap)
+
+
 def _segments(query, key, value, lens, *, scale, softcap, dropout):
     """Causal attention inside each (queries, keys) segment of the flattened batch; lens (N, 2) int32."""
     B, H, Sq, D = query.shape
     Hk, Skv = key.shape[1], key.shape[2]
+    if (lens.shape[0] == 5 * B and Sq <= DECODE_MAX_QUERIES and dropout == 0
+            and not _needs_grad(query, key, value) and not _tracing(lens)):
+        out = _left_padded_decode(query, key, value, lens, scale=scale, softcap=softcap)
+        if out is not None:
+            return out
     if _tracing(lens):  # bounds that need no sync; the kernels stop at each segment's length
         max_q, max_k = Sq, Skv
     else:

@@ -231,8 +231,9 @@ def test_greedy_generate(kind, cache, side, calls):
     assert out["genfast"].shape == (ids.shape[0], ids.shape[1] + new)
     assert torch.equal(out["genfast"], out["sdpa"])
     assert calls["FORWARD"] + calls["DECODE"] == new * LAYERS
-    if side == "left":  # every step (prefill and decode) as varlen segments
-        assert calls["_segments"] == new * LAYERS and calls["FORWARD"] == new * LAYERS
+    if side == "left":  # segments: the prefill varlen, decode steps split-KV with cache_leftpad (no K/V copy)
+        assert calls["_segments"] == new * LAYERS and calls["FORWARD"] == LAYERS
+        assert calls["DECODE"] == (new - 1) * LAYERS
     elif cache == "static":  # per-row key counts: the split-KV decode kernel reads only the written rows
         assert calls["_key_counts"] == new * LAYERS and calls["DECODE"] == new * LAYERS
     else:
