@@ -40,7 +40,7 @@ stage info 30 python -m genfast info
 # Triton on the device compiles on first use anyway; here only the CUDA extension's resources.
 stage compile-check 40 python -m genfast compile-check --arch 90 --families vae --dtypes bf16
 stage tests 150 python -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_attention_cuda.py tests/test_attention_triton.py \
+  tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_attention_paged.py \
   tests/test_bias_act.py tests/test_group_norm.py tests/test_filtered_lrelu.py tests/test_upfirdn2d.py \
   tests/test_diffusion_ops.py tests/test_gan_ops.py tests/test_vae.py
 stage bench 80 python -m genfast bench attention diffusion gan --quick --no-compile --no-plot --out "$OUT/bench"

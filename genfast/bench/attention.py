@@ -12,7 +12,9 @@ backward 2.5x forward, fwd+bwd 3.5x. Providers:
   flash-attn        Dao-AILab flash_attn_func, if installed (GPU)
 Decode cases (GB/s of the K/V cache read, vs the device's copy bandwidth): one new query per
 row against a cache of S keys, genfast.flash_attn_with_kvcache vs SDPA (and flash-attn's
-flash_attn_with_kvcache if installed).
+flash_attn_with_kvcache if installed). Paged decode cases (act "kv<Hk>-page<P>"): the same
+cache held in pages of P rows, shuffled in a pool, read through a block table; SDPA runs on the
+same rows gathered into a contiguous cache (what a server without paging would keep).
 
 Sizes: GPU S in 512..16k, head dims 64/128/256, bf16 and fp16; CPU fp32 S 1k..4k (quick: 1k).
 """
@@ -49,8 +51,8 @@ CPU_QUICK_SEQS = (1024,)
 CPU_HEAD_DIMS = (64, 128)
 CPU_QUICK_HEAD_DIMS = (64,)
 CPU_HEADS = 8
-DECODE_GPU = dict(B=16, H=32, Hk=8, D=128, S=(2048, 8192, 32768))
-DECODE_CPU = dict(B=4, H=16, Hk=4, D=64, S=(4096,))
+DECODE_GPU = dict(B=16, H=32, Hk=8, D=128, S=(2048, 8192, 32768), pages=(16, 256))
+DECODE_CPU = dict(B=4, H=16, Hk=4, D=64, S=(4096,), pages=(16, 256))
 
 
 def _flash_attn():
@@ -198,25 +200,50 @@ def build_case(mode: str, shape: tuple, dtype: torch.dtype, causal: bool, device
 # ----------------------------------------------------------------------------- decode
 
 
-def build_decode_case(B: int, H: int, Hk: int, S: int, D: int, dtype: torch.dtype, device) -> Case:
-    device = case_device(device)
+def make_decode_inputs(B: int, H: int, Hk: int, S: int, D: int, dtype: torch.dtype, device, seed: int = 0,
+                       page_size: Optional[int] = None) -> dict:
+    """q (B, 1, H, D), a full K/V cache (B, S, Hk, D) and, with ``page_size``, the same rows in a
+    shuffled pool of pages (``k_pool``/``v_pool``, (B * S / page_size, page_size, Hk, D)) with
+    its ``block_table``."""
+    gen = torch.Generator(device=device).manual_seed(99 + seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    inp = {"q": r(B, 1, H, D), "k_cache": r(B, S, Hk, D), "v_cache": r(B, S, Hk, D),
+           "seqlens": torch.full((B,), S, dtype=torch.int32, device=device)}
+    if page_size is not None:
+        per_row = S // page_size
+        order = torch.randperm(B * per_row, generator=gen, device=device)
+        table = order.reshape(B, per_row).to(torch.int32)
+        for name in ("k", "v"):
+            pool = torch.empty(B * per_row, page_size, Hk, D, dtype=dtype, device=device)
+            pool[order] = inp[f"{name}_cache"].reshape(B * per_row, page_size, Hk, D)
+            inp[f"{name}_pool"] = pool
+        inp["block_table"] = table
+    return inp
 
-    def make(i):
-        gen = torch.Generator(device=device).manual_seed(99 + i)
-        r = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
-        return {"q": r(B, 1, H, D), "k_cache": r(B, S, Hk, D), "v_cache": r(B, S, Hk, D),
-                "seqlens": torch.full((B,), S, dtype=torch.int32, device=device)}
+
+def build_decode_case(B: int, H: int, Hk: int, S: int, D: int, dtype: torch.dtype, device,
+                      page_size: Optional[int] = None) -> Case:
+    device = case_device(device)
+    paged = page_size is not None
+    if paged and S % page_size:
+        raise ValueError(f"bench attention: a paged case needs S ({S}) to be a multiple of the page size {page_size}")
 
     providers = {}
     for name in PROVIDERS:
         kind = GENFAST if name in GENFAST_BACKENDS else BASELINE
         reason = provider_unavailable(name, device, dtype, decode=True)
+        if reason is None and name == "flash-attn" and paged and page_size % 256:
+            reason = "flash-attn 2 pages are multiples of 256 rows"
         factory = None
         if reason is None:
             if kind == GENFAST:
                 def factory(inp, _name=name):
                     from .. import flash_attn_with_kvcache
 
+                    if paged:
+                        return lambda: flash_attn_with_kvcache(inp["q"], inp["k_pool"], inp["v_pool"],
+                                                               cache_seqlens=inp["seqlens"],
+                                                               block_table=inp["block_table"], backend=_name)
                     return lambda: flash_attn_with_kvcache(inp["q"], inp["k_cache"], inp["v_cache"],
                                                            cache_seqlens=inp["seqlens"], backend=_name)
             elif name == "sdpa":
@@ -227,13 +254,23 @@ def build_decode_case(B: int, H: int, Hk: int, S: int, D: int, dtype: torch.dtyp
             else:
                 def factory(inp):
                     fn = _flash_attn()[1]
+                    if paged:
+                        return lambda: fn(inp["q"], inp["k_pool"], inp["v_pool"], cache_seqlens=inp["seqlens"],
+                                          block_table=inp["block_table"])
                     return lambda: fn(inp["q"], inp["k_cache"], inp["v_cache"], cache_seqlens=inp["seqlens"])
         providers[name] = Provider(name, kind, factory, reason)
     cache_bytes = 2 * B * S * Hk * D * itemsize(dtype)
-    return Case(op=NAME, mode="decode", shape=(B, H, S, D), dtype=dtype, act=f"kv{Hk}", device=device,
+    make = functools.partial(_decode_inputs_of, (B, H, Hk, S, D, dtype, device, page_size))
+    act = f"kv{Hk}" + (f"-page{page_size}" if paged else "")
+    return Case(op=NAME, mode="decode", shape=(B, H, S, D), dtype=dtype, act=act, device=device,
                 bytes_moved=cache_bytes + 2 * B * H * D * itemsize(dtype), make_inputs=make, providers=providers,
                 reference="sdpa", baselines=("sdpa",), n_input_sets=input_sets_for(device, cache_bytes),
                 extra={"flops": 4.0 * B * H * S * D})
+
+
+def _decode_inputs_of(problem: tuple, i: int) -> dict:
+    B, H, Hk, S, D, dtype, device, page_size = problem
+    return make_decode_inputs(B, H, Hk, S, D, dtype, device, seed=i, page_size=page_size)
 
 
 # ----------------------------------------------------------------------------- suite
@@ -265,9 +302,12 @@ def build_cases(device, quick: bool = False, use_compile: bool = True) -> Iterat
                 for mode in MODES:
                     yield build_case(mode, shape, dtype, causal, device)
         for S in decode["S"]:
-            yield build_decode_case(decode["B"], decode["H"], decode["Hk"], S, decode["D"], dtype, device)
+            for page_size in (None,) + tuple(decode["pages"]):
+                yield build_decode_case(decode["B"], decode["H"], decode["Hk"], S, decode["D"], dtype, device,
+                                        page_size=page_size)
 
 
 def count_cases(device, quick: bool = False) -> int:
     shapes, dtypes, causals, decode = _plan(device, quick)
-    return len(dtypes) * (len(shapes) * len(causals) * len(MODES) + len(decode["S"]))
+    decodes = len(decode["S"]) * (1 + len(decode["pages"]))
+    return len(dtypes) * (len(shapes) * len(causals) * len(MODES) + decodes)

@@ -75,6 +75,13 @@ def _op_cases(device: torch.device) -> list:
                         v=r(g, 1, 1, 2, 16), lengths=torch.tensor([8], dtype=torch.int32, device=device)),
          lambda q, kc, vc, k, v, lengths: ops.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths),
          _torch_append_decode, False),
+        ("flash_attn_with_kvcache paged", (1, 1, 2, 16),  # the same step from 2 pages of 16 rows, out of order
+         lambda g: _paged(dict(q=r(g, 1, 1, 2, 16), kc=r(g, 1, 32, 2, 16), vc=r(g, 1, 32, 2, 16),
+                               k=r(g, 1, 1, 2, 16), v=r(g, 1, 1, 2, 16),
+                               lengths=torch.tensor([8], dtype=torch.int32, device=device))),
+         lambda q, kc, vc, k, v, lengths, kp, vp, table: ops.flash_attn_with_kvcache(
+             q, kp, vp, k, v, cache_seqlens=lengths, block_table=table),
+         lambda q, kc, vc, k, v, lengths, kp, vp, table: _torch_append_decode(q, kc, vc, k, v, lengths), False),
         ("bias_act lrelu", (4, 8), lambda g: dict(x=r(g, 4, 8), b=r(g, 8)),
          lambda x, b: ops.bias_act(x, b, act="lrelu", gain=1.0),
          lambda x, b: F.leaky_relu(x + b, 0.2), False),
@@ -116,6 +123,15 @@ def _op_cases(device: torch.device) -> list:
          lambda mu, lv, eps: (ref_vae.reparameterize(mu, lv, eps), ref_vae.kl_per_sample(mu, lv).sum()), True),
     ]
     return cases
+
+
+def _paged(inputs: dict) -> dict:
+    """Adds the caches' rows as two 16-row pages in reverse order (kp, vp) and their block table."""
+    kc, vc = inputs["kc"], inputs["vc"]
+    inputs["kp"] = torch.stack([kc[0, 16:], kc[0, :16]])
+    inputs["vp"] = torch.stack([vc[0, 16:], vc[0, :16]])
+    inputs["table"] = torch.tensor([[1, 0]], dtype=torch.int32, device=kc.device)
+    return inputs
 
 
 def _torch_append_decode(q, kc, vc, k, v, lengths):
