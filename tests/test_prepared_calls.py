@@ -312,3 +312,30 @@ def test_add_noise_prepared_equals_general_path(target, seed, monkeypatch):
     torch.testing.assert_close(genfast.ops.add_noise(x0, noise, t.int(), signal, noise_scale),
                                genfast.ops.add_noise(x0, noise, t, signal, noise_scale), rtol=0, atol=0)
     assert len(runs) == count + 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_diffusion_loss_prepared_equals_general_path(reduction, seed, monkeypatch):
+    """diffusion_loss without gradients: the prepared per-sample sums (no dispatch table) give the
+    general path's result bitwise; on the CPU the batch reduction is done once in float64 on the
+    host (exact sum, one rounding), so it matches the float64 loss to the output's rounding."""
+    D = importlib.import_module("genfast.ops.diffusion")
+    table = D.DISPATCH["per_sample_sums"]
+    runs = []
+    inner = table.run
+    monkeypatch.setattr(table, "run", lambda *a, **kw: runs.append(1) or inner(*a, **kw))
+    m, t = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    with monkeypatch.context() as off:
+        off.setattr(table, "call_prepared", lambda *args: None)
+        expected = genfast.ops.diffusion_loss(m, t, reduction=reduction)
+    genfast.ops.diffusion_loss(m, t, reduction=reduction)  # prepares
+    count = len(runs)
+    got = genfast.ops.diffusion_loss(m, t, reduction=reduction)
+    assert len(runs) == count, "the prepared call went through the dispatch table"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    per_sample = ((m.double() - t.double()) ** 2).flatten(1).mean(1)
+    exact = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    torch.testing.assert_close(got, exact.float(), rtol=0, atol=0)  # float64 math, one rounding
+    strided = genfast.ops.diffusion_loss(m.transpose(2, 3), t.transpose(2, 3), reduction=reduction)
+    torch.testing.assert_close(strided.double(), exact, rtol=1e-6, atol=0)  # general path, another layout

@@ -885,14 +885,37 @@ def diffusion_loss(model_output, target, weights=None, reduction: str = "mean", 
     if _needs_grad(model_output, target):
         per_sample = _PerSampleMSE.apply(model_output, target, backend)
     else:
-        sums = (_sums_impl if direct else PER_SAMPLE_SUMS.op)(model_output, target, SUMS_LOSS, 0.0, backend)
+        sums = None
+        if signature is not None and model_output.is_contiguous() and target.is_contiguous():
+            # The call prepared for this signature (OpDispatcher.call_prepared): the kernel only.
+            sums = DISPATCH["per_sample_sums"].call_prepared(
+                signature, lambda: _prepare_loss_sums(model_output, backend), model_output, target)
+        if sums is None:
+            sums = (_sums_impl if direct else PER_SAMPLE_SUMS.op)(model_output, target, SUMS_LOSS, 0.0, backend)
+        count = max(1, model_output.numel() // max(1, model_output.shape[0]))
         cd = torch.float64 if model_output.dtype == torch.float64 else torch.float32
-        per_sample = (sums[:, 0] / max(1, model_output.numel() // max(1, model_output.shape[0]))).to(cd)
+        if weights is None and reduction != "none" and sums.device.type == "cpu" and sums.shape[0] > 0 and direct:
+            # The per-sample sums are in host memory: the reduction costs less in Python than as
+            # three torch ops (small calls are launch-bound). Exact float64 sum, one rounding.
+            total = math.fsum(row[0] for row in sums.tolist()) / count
+            return torch.full((), total / sums.shape[0] if reduction == "mean" else total, dtype=cd)
+        per_sample = (sums[:, 0] / count).to(cd)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.dtype)
     if reduction == "none":
         return per_sample
     return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def _prepare_loss_sums(x, backend):
+    """The per-sample sums of diffusion_loss for one validated signature of contiguous tensors:
+    a function (model_output, target) -> float64 (B, 2) sums, or None for an empty input."""
+    table = DISPATCH["per_sample_sums"]
+    fn = table.backends[table.select(backend or None, x.device, x.dtype)].fn
+    if x.numel() == 0:
+        return None
+    per_sample = _per_sample_count(x, True)
+    return lambda m, t: fn(m, t, SUMS_LOSS, 0.0, per_sample, SUMS_WIDTH[SUMS_LOSS])
 
 
 def _check_diffusion_loss(op, model_output, target, weights, reduction) -> None:
