@@ -678,9 +678,8 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
     if name != "cpu":
         fn = DECODE.backends[name].fn
 
-        def run(q, kc, vc, seqlens, *index):
-            indexed = any(t is not None for t in index)
-            return fn((q, kc, vc, seqlens), dict(kw, **_cache_index(*index)) if indexed else kw)
+        def run(q, kc, vc, seqlens, *index):  # index: () or (cache_leftpad, cache_batch_idx, block_table)
+            return fn((q, kc, vc, seqlens), dict(kw, **_cache_index(*index)) if index else kw)
 
         return _heads_first(run, True)
     if q.numel() == 0:
@@ -689,11 +688,11 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
     options = _options(kw["scale"], softcap, left, right, True, 0.0, True)
     threads = _cpu_threads(q.transpose(1, 2), k_cache.transpose(1, 2), capacity)
 
-    def call(q, kc, vc, seqlens, *index):
+    def call(q, kc, vc, seqlens, *index):  # index: () or (cache_leftpad, cache_batch_idx, block_table)
         out, lse = outputs(q)
         native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
                seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads,
-               **_cache_index(*index))
+               **(_cache_index(*index) if index else {}))
         return out, lse
 
     return call
@@ -705,17 +704,15 @@ def _constant_seqlens(batch: int, value: int, device: torch.device) -> torch.Ten
     return torch.full((batch,), value, dtype=torch.int32, device=device)
 
 
-def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, backend, index=(None,) * 3,
-                  capacity=None):
+def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, backend, index=(), capacity=None):
     """(out, lse) of a decode without ALiBi, tensors in flash-attn's (B, S, H, D) layout with unit
-    last stride; ``index`` = (cache_leftpad, cache_batch_idx, block_table)."""
+    last stride; ``index``: () or (cache_leftpad, cache_batch_idx, block_table)."""
     prepare = lambda: _prepare_decode(q, k_cache, problem, num_splits, backend,  # noqa: E731
                                       k_cache.shape[1] if capacity is None else capacity)
     result = DECODE.call_prepared(signature, prepare, q, k_cache, v_cache, seqlens, *index)
     if result is None:
-        extra = index if any(t is not None for t in index) else ()
         general = lambda q, kc, vc, seqlens: attention_decode(q, kc, vc, seqlens, None, *problem, num_splits,
-                                                              backend or "", *extra)
+                                                              backend or "", *index)
         return _heads_first(general, True)(q, k_cache, v_cache, seqlens)
     return result
 
@@ -1117,12 +1114,13 @@ def _kvcache_signature(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, 
         seqlens = (cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device)
     elif cache_seqlens is not None and type(cache_seqlens) is not int:
         return None
-    extra_tensors = [t for t in extras if isinstance(t, torch.Tensor)]
+    extra_tensors = [t for t in extras if isinstance(t, torch.Tensor)] if extras else ()
     if not direct_call_allowed(q, k_cache, v_cache, k, v, cache_seqlens if isinstance(cache_seqlens, torch.Tensor)
                                else None, *extra_tensors):
         return None
     new = None if k is None or v is None else (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device)
-    described = tuple((t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in extras)
+    described = tuple((t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in extras) \
+        if extras else ()
     return ("kvcache", q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device,
             k_cache.device, v_cache.device, new, k is None, v is None, seqlens, softmax_scale, causal, window_size,
             softcap, num_splits, backend, described)
@@ -1375,8 +1373,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     if signature is not None:
+        index = (cache_leftpad, cache_batch_idx, block_table) if extended else ()
         out, lse = _eager_decode(signature, qt, kc, vc, seqlens, (scale, left, right, softcap), int(num_splits),
-                                 backend, (cache_leftpad, cache_batch_idx, block_table), S_max)
+                                 backend, index, S_max)
         return (out, lse) if return_softmax_lse else out
     index = ()
     if cache_leftpad is not None or cache_batch_idx is not None or block_table is not None:
