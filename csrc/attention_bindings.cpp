@@ -275,19 +275,19 @@ struct CacheRows {
 // new_tokens)) exists: a clear error naming the argument otherwise. `lengths` names seqlens.
 void check_cache_index(const char* fn, const CacheRows& c, int64_t new_tokens, const char* lengths) {
   for (int64_t b = 0; b < c.B; ++b) {
-    const std::string row = "[" + std::to_string(b) + "]";
+    const auto row = [b] { return "[" + std::to_string(b) + "]"; };  // built only for a message
     const int64_t n = c.seqlens[b], end = n + new_tokens, start = c.leftpad != nullptr ? c.leftpad[b] : 0;
-    if (n < 0) fail_value(fn, std::string(lengths) + row + " = " + std::to_string(n) + " must be >= 0");
+    if (n < 0) fail_value(fn, std::string(lengths) + row() + " = " + std::to_string(n) + " must be >= 0");
     if (end > c.capacity)
       fail_value(fn, std::string(c.table != nullptr ? "the block_table's pages hold " : "the cache holds ") +
-                         std::to_string(c.capacity) + " positions per row but " + lengths + row + " = " +
+                         std::to_string(c.capacity) + " positions per row but " + lengths + row() + " = " +
                          std::to_string(n) + " + " + std::to_string(new_tokens) + " new tokens needs " +
                          std::to_string(end) + "; the cache is too small");
     if (start < 0 || start > n)
-      fail_value(fn, "cache_leftpad" + row + " = " + std::to_string(start) + " must be in [0, " + lengths + row +
+      fail_value(fn, "cache_leftpad" + row() + " = " + std::to_string(start) + " must be in [0, " + lengths + row() +
                          " = " + std::to_string(n) + "]");
     if (c.batch_idx != nullptr && (c.batch_idx[b] < 0 || c.batch_idx[b] >= c.pool_rows))
-      fail_value(fn, "cache_batch_idx" + row + " = " + std::to_string(c.batch_idx[b]) + " is not a row of the " +
+      fail_value(fn, "cache_batch_idx" + row() + " = " + std::to_string(c.batch_idx[b]) + " is not a row of the " +
                          std::to_string(c.pool_rows) + "-row cache");
     if (c.table == nullptr || end == start) continue;
     for (int64_t i = start / c.page_size; i <= (end - 1) / c.page_size; ++i) {

@@ -226,14 +226,17 @@ def test_decode_backend_really_runs_with_pages(monkeypatch, seed):
     assert native == ["attention_kvcache_append_cpu", "attention_forward_cpu"] * 3
 
 
-def test_paged_decode_compiles_without_graph_breaks(seed):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_paged_decode_compiles_without_graph_breaks(rotary, seed):
     k_pool, v_pool, table = paged_pool(2, 64, 16, 2, 32, torch.float32)
     lengths = torch.tensor([20, 50], dtype=torch.int32)
     left = torch.tensor([3, 0], dtype=torch.int32)
+    angle = torch.rand(table.shape[1] * 16, 8) * 6.28
+    cos, sin = (angle.cos(), angle.sin()) if rotary else (None, None)
 
     def step(q, kp, vp, k, v):
-        return genfast.flash_attn_with_kvcache(q, kp, vp, k, v, cache_seqlens=lengths, cache_leftpad=left,
-                                               block_table=table, causal=True)
+        return genfast.flash_attn_with_kvcache(q, kp, vp, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths,
+                                               cache_leftpad=left, block_table=table, causal=True)
 
     q, k, v = rand(2, 1, 2, 32), rand(2, 1, 2, 32), rand(2, 1, 2, 32)
     kp1, vp1, kp2, vp2 = k_pool.clone(), v_pool.clone(), k_pool.clone(), v_pool.clone()

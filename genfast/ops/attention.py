@@ -1244,8 +1244,11 @@ def _check_cache_values(fn, lengths, S_new: int, capacity: int, k_cache, cache_b
     """The index tensors' values (eager calls only; torch.compile and CUDA graphs skip this, as
     flash-attn checks nothing): every position a row writes or reads exists. CPU tensors: one C++
     call; others: one host read, the messages worked out only when something is wrong."""
+    # DTensor index tensors (tensor-parallel serving): their full values (k_cache gives shapes only).
+    cache_batch_idx, cache_leftpad, block_table = (t.full_tensor() if hasattr(t, "full_tensor") else t
+                                                   for t in (cache_batch_idx, cache_leftpad, block_table))
     native = getattr(_ext._C, "attention_check_cache_index_cpu", None)
-    if native is not None and lengths.device.type == "cpu":
+    if native is not None and lengths.device.type == "cpu" and type(k_cache) is torch.Tensor:
         native(k_cache, cache_seqlens=_dense(lengths), new_tokens=S_new, cache_leftpad=_dense(cache_leftpad),
                cache_batch_idx=_dense(cache_batch_idx), block_table=_cpu_ready(block_table))
         return

@@ -195,6 +195,31 @@ def register() -> bool:
             strategies.append(([], by_cache_placement[placement]))
         return strategies
 
+    @register_sharding(ops.attention_rotary_append.default)
+    def attention_rotary_append_sharding(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                                         interleaved, q_same_position, *cache_index):
+        # q / k / v / caches in flash layout (B, S, H, D): heads on dim 2 (CACHE_HEAD_DIM). The caches
+        # are written in place, so only strategies that keep them where they are; cos / sin and
+        # cache_seqlens are per position / per row: replicated (sharded with the batch).
+        pooled = any(t is not None for t in cache_index)
+        index = [None if t is None else Replicate() for t in cache_index]
+        by_cache_placement = {Replicate(): ([Replicate()], [Replicate()] * 8 + [None, None] + index)}
+        if not pooled:
+            by_cache_placement[Shard(BATCH_DIM)] = ([Shard(BATCH_DIM)], [Shard(BATCH_DIM)] * 6 + [Replicate()] * 2
+                                                    + [None, None] + index)
+        if _heads_shardable("attention_rotary_append", q, k_cache, CACHE_HEAD_DIM):
+            by_cache_placement[Shard(CACHE_HEAD_DIM)] = ([Shard(CACHE_HEAD_DIM)], [Shard(CACHE_HEAD_DIM)] * 5
+                                                         + [Replicate()] * 3 + [None, None] + index)
+        strategies = []
+        for placement in dict.fromkeys(k_cache.placements):
+            if placement not in by_cache_placement:
+                raise ValueError(
+                    f"genfast attention_rotary_append: k_cache/v_cache placement {placement} is not supported; shard "
+                    "the caches on the batch dim (0, without cache_batch_idx / block_table) or the head dim (2), "
+                    "or replicate")
+            strategies.append(by_cache_placement[placement])
+        return strategies
+
     _registered = True
     return True
 

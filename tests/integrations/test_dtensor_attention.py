@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import faulthandler
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -237,6 +238,16 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
                         "placements": [str(t.placements) for t in (out, k_cache)],
                         "out": _full(out), "k_cache": _full(k_cache), "v_cache": _full(v_cache)}
 
+    # The same step with rotary (q and the new k rotated, in the fused op, on each rank's heads).
+    q, k_cache, v_cache, k_new, v_new = (distribute_tensor(t.clone(), mesh, [Shard(2)]) for t in d["inputs"])
+    before = dict(counts)
+    with implicit_replication():
+        out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=d["cos"],
+                                             rotary_sin=d["sin"], cache_seqlens=d["seqlens"], causal=True)
+    result["rotary"] = {"calls": {key: counts[key] - before[key] for key in counts},
+                        "placements": [str(t.placements) for t in (out, k_cache)],
+                        "out": _full(out), "k_cache": _full(k_cache), "v_cache": _full(v_cache)}
+
     leaked = [path for path, t in _walk(result) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor]
     assert not leaked, f"tensor subclasses left in the results: {leaked}"
     torch.save(result, workdir / f"rank{rank}.pt")
@@ -285,13 +296,15 @@ def _references(case, inputs, extra):
     return runs
 
 
-def _decode_reference(inputs, seqlens, dtype):
-    """Decode in one process with the reference backend; returns (out, k_cache, v_cache)."""
+def _decode_reference(inputs, seqlens, dtype, rotary=None):
+    """Decode in one process with the reference backend; returns (out, k_cache, v_cache).
+    ``rotary``: (cos, sin) tables."""
     import genfast
 
     q, k_cache, v_cache, k_new, v_new = (t.to(dtype).clone() for t in inputs)
-    out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True,
-                                         backend="reference")
+    cos, sin = (None, None) if rotary is None else (t.to(dtype) for t in rotary)
+    out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                                         cache_seqlens=seqlens, causal=True, backend="reference")
     return out, k_cache, v_cache
 
 
@@ -314,6 +327,8 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
                                   torch.randn(d["batch"], d["new"], d["kv_heads"], d["head_dim"]),
                                   torch.randn(d["batch"], d["new"], d["kv_heads"], d["head_dim"])],
                        "seqlens": torch.tensor(d["seqlens"], dtype=torch.int32)}
+    angle = torch.rand(d["cache"], d["head_dim"] // 4) * 2 * math.pi  # rotary on half the head dim
+    setup["decode"]["cos"], setup["decode"]["sin"] = angle.cos(), angle.sin()
     torch.save(setup, tmp_path / "setup.pt")
     store, processes = _launch_ranks(tmp_path)
     try:
@@ -325,6 +340,9 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
             with torch.no_grad():
                 module_refs.append(reference_module(setup["module"]["x"].to(dtype)))
         decode_refs = [_decode_reference(setup["decode"]["inputs"], setup["decode"]["seqlens"], dtype)
+                       for dtype in (torch.float64, torch.float32)]
+        rotary_refs = [_decode_reference(setup["decode"]["inputs"], setup["decode"]["seqlens"], dtype,
+                                         (setup["decode"]["cos"], setup["decode"]["sin"]))
                        for dtype in (torch.float64, torch.float32)]
         _wait(processes, tmp_path, deadline)
     finally:
@@ -382,6 +400,13 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
         for got, ref64, ref32, what in zip((dec["out"], dec["k_cache"], dec["v_cache"]), *decode_refs,
                                            ("out", "k_cache", "v_cache")):
             error_vs_reference(got, ref64, ref32, name=f"rank {rank} decode {what} (seed {seed})")
+
+        rot = result["rotary"]
+        assert rot["calls"] == {"forward": 0, "backward": 0, "decode": 1}, f"rank {rank} rotary: {rot['calls']}"
+        assert rot["placements"] == [str((Shard(2),))] * 2, rot["placements"]
+        for got, ref64, ref32, what in zip((rot["out"], rot["k_cache"], rot["v_cache"]), *rotary_refs,
+                                           ("out", "k_cache", "v_cache")):
+            error_vs_reference(got, ref64, ref32, name=f"rank {rank} rotary decode {what} (seed {seed})")
 
 
 if __name__ == "__main__":
