@@ -67,13 +67,17 @@ def check(fast_fn, ref_fn, inputs, dtype, grads=True, name="", out_index=0):
     # correct kernel is left with rounding of those terms, so the floor is sized to them. dv
     # uses P recomputed from the saved LSE (exp2 of a rounded score), whose relative error
     # grows with the score size; in fp32 that, not PyTorch's error, sets the floor.
+    # In fp32 the kernels' P (exp2 of a rounded log2-scaled score minus the LSE) carries a few ulp
+    # times the score size on top, where PyTorch's softmax has none: twice the floor there
+    # (a fresh-clone run failed one Triton dk at 1.04x the bound with 2; seed 1992352604).
     q, k, v = (t.detach().float() for t in inputs[:3])
     cancel = g.float().abs().max().item() * v.abs().max().item() * max(q.abs().max().item(), k.abs().max().item())
+    cancel_ulps = 4 if dtype == torch.float32 else 2
     for which, a, b, c in zip("qkv", gf, g64, gl):
         assert a.dtype == dtype and a.shape == b.shape
         floor = None
         if which in "qk" or a.dtype == torch.float32:
-            floor = max(rounding_floor(a.dtype, b.abs().max().item()), 2 * torch.finfo(a.dtype).eps * cancel)
+            floor = max(rounding_floor(a.dtype, b.abs().max().item()), cancel_ulps * torch.finfo(a.dtype).eps * cancel)
         error_vs_reference(a, b, c, name=f"{name} d{which}", floor=floor)
 
 

