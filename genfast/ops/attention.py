@@ -436,22 +436,29 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, alibi_slopes, scale, window
 
 
 def _append_impl(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=None, block_table=None):
-    # k_cache (B, S_max, Hk, D), k (B, S_new, Hk, D): rows cache_seqlens[b] + t of batch b.
-    # On the CPU, one C++ call (row copies, bounds checked) instead of six torch ops: decode is
-    # host-bound. (getattr: the tests' CUDA emulation module stands in for the extension.)
-    if cache_batch_idx is not None or block_table is not None:
-        return _append_indexed(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    # k (B, S_new, Hk, D) goes to positions cache_seqlens[b] + t of batch row b: rows of
+    # k_cache (B_cache, S_max, Hk, D) (cache row cache_batch_idx[b], or b), or, with block_table,
+    # of the pages (num_blocks, page_size, Hk, D). On the CPU, one C++ call (row copies, every
+    # position checked first) instead of six torch ops: decode is host-bound. (getattr: the
+    # tests' CUDA emulation module stands in for the extension.)
     native = getattr(_ext._C, "attention_kvcache_append_cpu", None) if k_cache.device.type == "cpu" else None
     if native is not None and k.dtype == k_cache.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
         kk, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        native(k_cache, v_cache, k=kk, v=vv, cache_seqlens=cache_seqlens.contiguous())
+        indexed = {} if cache_batch_idx is None and block_table is None else dict(
+            cache_batch_idx=_dense(cache_batch_idx), block_table=_cpu_ready(block_table))
+        native(k_cache, v_cache, k=kk, v=vv, cache_seqlens=cache_seqlens.contiguous(), **indexed)
         return
     # Indexing with device tensors: no host synchronisation (CUDA-graph capturable).
     B, S_new = k.shape[0], k.shape[1]
-    rows = cache_seqlens.to(torch.int64)[:, None] + torch.arange(S_new, device=k.device)[None, :]
-    batch = torch.arange(B, device=k.device)[:, None].expand(B, S_new)
-    k_cache.index_put_((batch, rows), k.to(k_cache.dtype))
-    v_cache.index_put_((batch, rows), v.to(v_cache.dtype))
+    positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(S_new, device=k.device)[None, :]
+    if block_table is not None:
+        page = k_cache.shape[1]
+        index = (torch.gather(block_table.to(torch.int64), 1, positions // page), positions % page)
+    else:
+        rows = torch.arange(B, device=k.device) if cache_batch_idx is None else cache_batch_idx.to(torch.int64)
+        index = (rows[:, None].expand(B, S_new), positions)
+    k_cache.index_put_(index, k.to(k_cache.dtype))
+    v_cache.index_put_(index, v.to(v_cache.dtype))
 
 
 def _rotary_append_impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, interleaved,
@@ -501,28 +508,6 @@ def _rotary_positions(seqlens: torch.Tensor, count: int, same: bool) -> torch.Te
     if same:
         return start.expand(-1, count)
     return start + torch.arange(count, device=seqlens.device)[None, :]
-
-
-def _append_indexed(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
-    """The append into a cache row chosen by cache_batch_idx, or into pages: k_cache
-    (num_blocks, page_size, Hk, D), position p of row b in block block_table[b, p // page_size]
-    at row p % page_size. Device-tensor indexing only (no host synchronisation)."""
-    native = getattr(_ext._C, "attention_kvcache_append_cpu", None) if k_cache.device.type == "cpu" else None
-    if native is not None and k.dtype == k_cache.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
-        kk, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        native(k_cache, v_cache, k=kk, v=vv, cache_seqlens=cache_seqlens.contiguous(),
-               cache_batch_idx=_dense(cache_batch_idx), block_table=_cpu_ready(block_table))
-        return
-    B, S_new = k.shape[0], k.shape[1]
-    positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(S_new, device=k.device)[None, :]
-    if block_table is not None:
-        page = k_cache.shape[1]
-        rows = torch.gather(block_table.to(torch.int64), 1, positions // page)
-        index = (rows, positions % page)
-    else:
-        index = (cache_batch_idx.to(torch.int64)[:, None].expand(B, S_new), positions)
-    k_cache.index_put_(index, k.to(k_cache.dtype))
-    v_cache.index_put_(index, v.to(v_cache.dtype))
 
 
 def _forward_fake(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, scale, window_left, window_right,

@@ -394,20 +394,13 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
         assert mod["weight_placements"] == str((Shard(0),)), mod["weight_placements"]
         error_vs_reference(mod["out"], module_refs[0], module_refs[1], name=f"rank {rank} TP module (seed {seed})")
 
-        dec = result["decode"]
-        assert dec["calls"] == {"forward": 0, "backward": 0, "decode": 1}, f"rank {rank} decode: {dec['calls']}"
-        assert dec["placements"] == [str((Shard(2),))] * 2, dec["placements"]
-        for got, ref64, ref32, what in zip((dec["out"], dec["k_cache"], dec["v_cache"]), *decode_refs,
-                                           ("out", "k_cache", "v_cache")):
-            error_vs_reference(got, ref64, ref32, name=f"rank {rank} decode {what} (seed {seed})")
-
-        rot = result["rotary"]
-        assert rot["calls"] == {"forward": 0, "backward": 0, "decode": 1}, f"rank {rank} rotary: {rot['calls']}"
-        assert rot["placements"] == [str((Shard(2),))] * 2, rot["placements"]
-        for got, ref64, ref32, what in zip((rot["out"], rot["k_cache"], rot["v_cache"]), *rotary_refs,
-                                           ("out", "k_cache", "v_cache")):
-            error_vs_reference(got, ref64, ref32, name=f"rank {rank} rotary decode {what} (seed {seed})")
-
+        for kind, step_refs in (("decode", decode_refs), ("rotary", rotary_refs)):  # plain and rotary decode steps
+            dec = result[kind]
+            assert dec["calls"] == {"forward": 0, "backward": 0, "decode": 1}, f"rank {rank} {kind}: {dec['calls']}"
+            assert dec["placements"] == [str((Shard(2),))] * 2, dec["placements"]
+            for got, ref64, ref32, what in zip((dec["out"], dec["k_cache"], dec["v_cache"]), *step_refs,
+                                               ("out", "k_cache", "v_cache")):
+                error_vs_reference(got, ref64, ref32, name=f"rank {rank} {kind} {what} (seed {seed})")
 
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)  # a hung rank shows where, then exits
