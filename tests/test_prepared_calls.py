@@ -339,3 +339,47 @@ def test_diffusion_loss_prepared_equals_general_path(reduction, seed, monkeypatc
     torch.testing.assert_close(got, exact.float(), rtol=0, atol=0)  # float64 math, one rounding
     strided = genfast.ops.diffusion_loss(m.transpose(2, 3), t.transpose(2, 3), reduction=reduction)
     torch.testing.assert_close(strided.double(), exact, rtol=1e-6, atol=0)  # general path, another layout
+
+
+def test_prepared_calls_read_the_thread_count_at_each_call(seed, monkeypatch):
+    """A call prepared once passes torch's current thread count to the kernel at every call:
+    torch.set_num_threads between calls is obeyed (a count fixed at the first call was a bug:
+    a set_num_threads(1) run after a 2-thread one ran on two threads)."""
+    real, seen = _ext._C, []
+
+    class Spy:  # the extension, recording each CPU entry's num_threads
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if not name.endswith("_cpu"):
+                return fn
+            return lambda *args, **kwargs: seen.append(kwargs.get("num_threads")) or fn(*args, **kwargs)
+
+    monkeypatch.setattr(_ext, "_C", Spy())
+    _dispatch.refresh_environment()  # clears every prepared call: the next ones capture the spy
+    big = (1, 4, 512, 64)  # past the attention and elementwise one-thread thresholds
+    q, k, v = (torch.randn(*big) for _ in range(3))
+    q1, kc, vc = torch.randn(2, 1, 4, 64), torch.randn(2, 1024, 4, 64), torch.randn(2, 1024, 4, 64)
+    x = torch.randn(2, 64, 32, 32)
+    coefs = torch.randn(16)
+    calls = {
+        "sdpa": lambda: genfast.scaled_dot_product_attention(q, k, v),
+        "kvcache": lambda: genfast.flash_attn_with_kvcache(q1, kc, vc, cache_seqlens=1000),
+        "bias_act": lambda: genfast.ops.bias_act(x, torch.randn(64), act="lrelu"),
+        "group_norm": lambda: genfast.ops.group_norm(x, 8, activation="silu"),
+        "sampler_step": lambda: genfast.ops.sampler_step(x, x, coefs),
+    }
+    threads = torch.get_num_threads()
+    try:
+        for name, call in calls.items():
+            counts = []
+            for n in (2, 1, 2):
+                torch.set_num_threads(n)
+                seen.clear()
+                call()
+                assert seen, f"{name}: no CPU kernel ran"
+                counts.append(seen[-1])
+            assert counts == [2, 1, 2], f"{name}: num_threads passed {counts} after set_num_threads 2, 1, 2"
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+        _dispatch.refresh_environment()

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["type_name", "is_int", "is_real", "is_nan", "is_finite", "compiling", "check_tensor", "check_real",
            "check_int", "check_backend", "ValidatedSignatures", "cacheable", "tensor_key", "cpu_threads",
-           "SINGLE_THREAD_ELEMENTS", "is_dense", "dense"]
+           "cpu_threads_per_call", "SINGLE_THREAD_ELEMENTS", "is_dense", "dense"]
 
 
 def type_name(v) -> str:
@@ -171,6 +171,16 @@ SINGLE_THREAD_ELEMENTS = 1 << 15
 def cpu_threads(work: int, single_thread_below: int = SINGLE_THREAD_ELEMENTS) -> int:
     """num_threads for a C++ CPU entry point doing ``work`` (elements or multiply-adds)."""
     return 1 if work < single_thread_below else torch.get_num_threads()
+
+
+def _one_thread() -> int:
+    return 1
+
+
+def cpu_threads_per_call(work: int, single_thread_below: int = SINGLE_THREAD_ELEMENTS):
+    """``cpu_threads`` for a call prepared once and run many times: a function that gives the
+    count at each call (torch's count is read then: torch.set_num_threads may change it)."""
+    return _one_thread if work < single_thread_below else torch.get_num_threads
 
 
 # ----------------------------------------------------------------------------- memory layouts

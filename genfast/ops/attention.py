@@ -28,7 +28,8 @@ from .. import _ext
 from .._dispatch import OpDispatcher, Unsupported, direct_call_allowed
 from ._define import NativeOp
 from ._validate import ValidatedSignatures
-from ._validate import check_backend, check_real, check_tensor, compiling, is_int, type_name
+from ._validate import (check_backend, check_real, check_tensor, compiling, cpu_threads, cpu_threads_per_call, is_int,
+                        type_name)
 from ..reference import attention as reference
 
 __all__ = [
@@ -122,11 +123,14 @@ def _options_of(cls, scale, softcap, window_left, window_right, align_bottom_rig
                seq_first=bool(seq_first))
 
 
-def _cpu_threads(q, k, keys: Optional[int] = None) -> int:
-    """``keys``: the keys a row may read when k is not (B, Hk, Sk, D) (a paged cache)."""
+def _cpu_work(q, k, keys: Optional[int] = None) -> int:
+    """Multiply-adds of q·kᵀ; ``keys``: the keys a row may read when k is not (B, Hk, Sk, D) (a paged cache)."""
     B, H, Sq, D = q.shape
-    return 1 if B * H * Sq * (k.shape[2] if keys is None else keys) * D < SINGLE_THREAD_WORK \
-        else torch.get_num_threads()
+    return B * H * Sq * (k.shape[2] if keys is None else keys) * D
+
+
+def _cpu_threads(q, k, keys: Optional[int] = None) -> int:
+    return cpu_threads(_cpu_work(q, k, keys), SINGLE_THREAD_WORK)
 
 
 def _cpu_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -630,12 +634,13 @@ def _prepare_forward(q, k, problem, backend, seq_first):
         return None
     native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, seq_first)
     options = _options(kw["scale"], softcap, left, right, bottom_right, 0.0, seq_first)
-    threads = _cpu_threads(*((q.transpose(1, 2), k.transpose(1, 2)) if seq_first else (q, k)))
+    threads = cpu_threads_per_call(_cpu_work(*((q.transpose(1, 2), k.transpose(1, 2)) if seq_first else (q, k))),
+                                   SINGLE_THREAD_WORK)
 
     def call(q, k, v):
         out, lse = outputs(q)
         native(q, k, v, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=None, keep_mask=None, seed=0, options=options, num_threads=threads)
+               seqused_k=None, keep_mask=None, seed=0, options=options, num_threads=threads())
         return out, lse
 
     return call
@@ -671,12 +676,12 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
         return None
     native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, True)
     options = _options(kw["scale"], softcap, left, right, True, 0.0, True)
-    threads = _cpu_threads(q.transpose(1, 2), k_cache.transpose(1, 2), capacity)
+    threads = cpu_threads_per_call(_cpu_work(q.transpose(1, 2), k_cache.transpose(1, 2), capacity), SINGLE_THREAD_WORK)
 
     def call(q, kc, vc, seqlens, *index):  # index: () or (cache_leftpad, cache_batch_idx, block_table)
         out, lse = outputs(q)
         native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads,
+               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads(),
                **(_cache_index(*index) if index else {}))
         return out, lse
 

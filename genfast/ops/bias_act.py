@@ -23,7 +23,8 @@ import torch
 from .. import _ext
 from .._dispatch import OpDispatcher, direct_call_allowed
 from ._define import NativeOp
-from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_real, check_tensor, cpu_threads
+from ._validate import (ValidatedSignatures, cacheable, check_backend, check_int, check_real, check_tensor, cpu_threads,
+                        cpu_threads_per_call)
 from ._validate import dense as _dense
 from ..reference import bias_act as reference
 from ..reference.bias_act import ACTIVATIONS, add_bias, reduce_to_bias
@@ -357,11 +358,11 @@ def _prepare_forward(x, b, params):
         return None
     if name == "cpu":  # the extension directly, its options struct made once
         native, options = _ext._C.bias_act_cpu, _options(FORWARD, ACT_CODES[act], x, b, dim, alpha, gain, clamp)
-        threads = cpu_threads(x.numel())
+        threads = cpu_threads_per_call(x.numel())
 
         def call(x, b):
             out = torch.empty_like(x)
-            native(out, x, b=b, dy=None, ddx=None, db=None, options=options, num_threads=threads)
+            native(out, x, b=b, dy=None, ddx=None, db=None, options=options, num_threads=threads())
             return out
 
         return call

@@ -59,8 +59,8 @@ from .._dispatch import OpDispatcher, direct_call_allowed
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
 from ._define import NativeOp
-from ._validate import (ValidatedSignatures, cacheable, check_backend, check_real, check_tensor, cpu_threads, dense,
-                        is_dense, is_int, tensor_key, type_name)
+from ._validate import (ValidatedSignatures, cacheable, check_backend, check_real, check_tensor, cpu_threads,
+                        cpu_threads_per_call, dense, is_dense, is_int, tensor_key, type_name)
 
 __all__ = ["sampler_step", "add_noise", "diffusion_loss", "min_snr_weights", "cfg_combine", "timestep_embedding",
            "DISPATCH", "FLOAT_DTYPES", "TARGETS", "PREDICTION_TYPES"]
@@ -649,11 +649,11 @@ def _prepare_step(x, coefs, clamp, x0_rescale, checked):
         return None
     if name == "cpu":
         native, options = _ext._C.diffusion_sampler_step_cpu, _step_options(clamp_value, x0_rescale, g)
-        threads = cpu_threads(x.numel())
+        threads = cpu_threads_per_call(x.numel())
 
         def run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed):
             native(prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs,
-                   clamp=clamp, seed=seed, options=options, num_threads=threads)
+                   clamp=clamp, seed=seed, options=options, num_threads=threads())
     else:
         fn = table.backends[name].fn
         per_sample = _per_sample_count(x, coefs.ndim == 2 or clamp is not None)

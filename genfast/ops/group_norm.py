@@ -35,7 +35,7 @@ from .. import _ext
 from .._dispatch import OpDispatcher, direct_call_allowed
 from ._define import NativeOp
 from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_tensor, cpu_threads, is_finite
-from ._validate import is_real, tensor_key, type_name
+from ._validate import cpu_threads_per_call, is_real, tensor_key, type_name
 from ..reference import group_norm as reference
 
 __all__ = ["group_norm", "DISPATCH", "FLOAT_DTYPES", "ACTIVATIONS", "Geometry", "selected_backend"]
@@ -436,10 +436,10 @@ def _prepare_forward(x, num_groups, eps, silu, backend):
     stats_like = torch.empty((), dtype=stats_dtype(x.dtype), device=x.device).expand(x.shape[0], num_groups)
     if name == "cpu":  # the extension directly, its options struct made once
         native, options = _ext._C.group_norm_fwd_cpu, _options(num_groups, eps, silu)
-        threads = cpu_threads(x.numel())
+        threads = cpu_threads_per_call(x.numel())
 
         def run(x, weight, bias, y, mean, rstd):
-            native(x, y, mean, rstd, weight=weight, bias=bias, options=options, num_threads=threads)
+            native(x, y, mean, rstd, weight=weight, bias=bias, options=options, num_threads=threads())
     else:
         fn, geo = DISPATCH.backends[name].fn, _geometry(x, num_groups, False)
 
