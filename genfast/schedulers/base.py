@@ -20,7 +20,11 @@ import torch
 
 from ..reference.diffusion import (AUX_MODEL, AUX_SAMPLE, AUX_X0, NUM_STEP_COEFS,
                                    PREV_MODEL, PREV_SAMPLE, PREV_X0, X0_FROM_MODEL, X0_FROM_SAMPLE)
+from ..ops._validate import ValidatedSignatures
 from . import _ops
+
+# (sample, model_output) signatures that passed SchedulerMixin._check_tensors.
+_CHECKED_PAIRS = ValidatedSignatures()
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # the genfast schedulers among diffusers' KarrasDiffusionSchedulers (their _compatibles)
@@ -33,6 +37,12 @@ KARRAS_COMPATIBLES = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"
 
 class FrozenConfig(dict):
     """A read-only dict whose keys are also attributes (like diffusers' FrozenDict)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Every key is also an instance attribute: a step reads several config values, and an
+        # attribute found by __getattr__ (after a failed normal lookup) costs about 1 us each.
+        self.__dict__.update(self)
 
     def __getattr__(self, name):
         try:
@@ -270,6 +280,7 @@ class SchedulerMixin(ConfigMixin):
         self._tables = {}
         self._extra_rows = {}
         self._timesteps_host = None
+        self._timesteps_facts = None  # see _view_index
         self._step_index = None
         self._begin_index = None
 
@@ -311,7 +322,7 @@ class SchedulerMixin(ConfigMixin):
     def _table_and_rows(self, device: torch.device, dtype: torch.dtype, rows_key=None) -> tuple:
         """(table, its rows as views, variants per step): one unbind makes every row's view at
         once, cheaper than indexing the table in each step."""
-        key = (rows_key, device.type, device.index, dtype)
+        key = (rows_key, device, dtype)  # "cuda" and "cuda:0" are two keys: at worst one table more
         entry = self._tables.get(key)
         if entry is None:
             rows = self._rows if rows_key is None else self._extra_rows[rows_key]
@@ -338,19 +349,33 @@ class SchedulerMixin(ConfigMixin):
 
     def _view_index(self, timestep: torch.Tensor) -> Optional[int]:
         """If ``timestep`` is an element of ``self.timesteps`` (iterating the schedule yields such
-        views), its index, read from the storage offset: no device access."""
+        views), its index, read from its address: no device access (and no storage objects;
+        ``self.timesteps``' own facts are read once per tensor: this runs in every step)."""
         ts = self.timesteps
-        if (timestep.ndim == 0 and isinstance(ts, torch.Tensor) and timestep.device == ts.device
-                and timestep.dtype == ts.dtype and ts.ndim == 1 and ts.stride(0) == 1):
-            try:
-                same = timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()
-            except Exception:
-                return None
-            if same:
-                i = timestep.storage_offset() - ts.storage_offset()
-                if 0 <= i < ts.shape[0]:
-                    return i
-        return None
+        facts = self._timesteps_facts
+        if facts is None or facts[0] is not ts:
+            facts = self._timesteps_facts = self._facts_of(ts)
+        _, base, n, size, dtype, device = facts
+        if not base or timestep.ndim or timestep.dtype != dtype or timestep.device != device:
+            return None
+        try:
+            offset = timestep.data_ptr() - base
+        except Exception:  # no storage (fake or functional tensors)
+            return None
+        i = offset // size
+        return i if 0 <= i < n and not offset % size else None
+
+    @staticmethod
+    def _facts_of(ts) -> tuple:
+        """(ts, its address, length, element size, dtype, device); address 0 when it is not a
+        1-D tensor with unit stride and storage."""
+        if type(ts) is not torch.Tensor or ts.ndim != 1 or ts.stride(0) != 1:
+            return (ts, 0, 0, 1, None, None)
+        try:
+            base = ts.data_ptr()
+        except Exception:
+            base = 0
+        return (ts, base, ts.shape[0], ts.element_size(), ts.dtype, ts.device)
 
     def _index_from_timestep(self, timestep, first_lookup: bool) -> int:
         """Host-only where possible: a view of self.timesteps or a number; a CPU tensor is read
@@ -405,6 +430,13 @@ class SchedulerMixin(ConfigMixin):
 
     @staticmethod
     def _check_tensors(name: str, model_output, sample, model_channels_factor: int = 1) -> None:
+        key = None
+        if type(sample) is torch.Tensor and type(model_output) is torch.Tensor and not torch.compiler.is_compiling():
+            # A sampling loop passes one (sample, model_output) signature every step: checked once.
+            key = (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
+                   model_output.device, model_channels_factor)
+            if key in _CHECKED_PAIRS:
+                return
         if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
             raise TypeError(f"{name}.step: model_output and sample must be tensors, got "
                             f"{type(model_output).__name__} and {type(sample).__name__}")
@@ -419,6 +451,8 @@ class SchedulerMixin(ConfigMixin):
         if tuple(model_output.shape) != tuple(sample.shape) and tuple(model_output.shape) != expected:
             raise ValueError(f"{name}.step: model_output shape {tuple(model_output.shape)} does not match sample "
                              f"shape {tuple(sample.shape)}")
+        if key is not None:
+            _CHECKED_PAIRS.add(key)
 
     def _threshold_bound(self, row: np.ndarray, sample, model_output) -> torch.Tensor:
         """Dynamic thresholding (Imagen): per-sample ratio-quantile of |x0|, clamped to
