@@ -488,6 +488,55 @@ def test_timestep_not_in_schedule_or_out_of_range():
         G.DDPMScheduler().add_noise(x, x, torch.tensor([1000, 0]))
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_step_index_from_timestep_views(name):
+    """A step finds its index from the timestep's address in self.timesteps (host only). The
+    loop must give the same samples however the timesteps come: as python numbers, as views of
+    self.timesteps, after self.timesteps is replaced by a copy (other memory, same values), from
+    a deep copy and an unpickled copy of the scheduler (their own tensors), and as elements of a
+    tensor that is not self.timesteps."""
+    import copy
+    import pickle
+
+    def loop(s, timesteps):
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+        for t in timesteps:
+            x = s.step(denoiser(x, t), t, x).prev_sample
+        return x
+
+    def fresh():
+        s = getattr(G, name)()
+        s.set_timesteps(7)
+        return s
+
+    s = fresh()
+    expected = loop(s, [t.item() for t in s.timesteps])
+    variants = {"views": lambda s: s.timesteps, "copy of timesteps": None, "deepcopy": None, "pickle": None,
+                "other tensor": lambda s: s.timesteps.clone()}
+    for label, timesteps in variants.items():
+        s = fresh()
+        loop(s, list(s.timesteps))  # the address facts of the first timesteps are cached now
+        s.set_timesteps(7)
+        if label == "copy of timesteps":
+            s.timesteps = s.timesteps.clone()
+        elif label == "deepcopy":
+            s = copy.deepcopy(s)
+        elif label == "pickle":
+            s = pickle.loads(pickle.dumps(s))
+        ts = list(s.timesteps) if timesteps is None else list(timesteps(s))
+        assert torch.equal(loop(s, ts), expected), label
+    if name == "DDIMScheduler":  # stateless: the timestep says where it is, even when the caller cut the schedule
+        s = fresh()
+        expected = loop(s, [t.item() for t in s.timesteps[2:]])
+        s.timesteps = s.timesteps[2:]
+        assert torch.equal(loop(s, list(s.timesteps)), expected), "cut schedule"
+    config = fresh().config
+    assert all(getattr(config, k) == v for k, v in config.items())  # every key is an attribute
+    with pytest.raises(TypeError, match="read-only"):
+        config.num_train_timesteps = 10
+    assert copy.deepcopy(config).beta_schedule == config.beta_schedule
+
+
 def test_no_host_sync_per_step(monkeypatch):
     """With timesteps taken from scheduler.timesteps, a step reads nothing back from a tensor."""
     scheds = []

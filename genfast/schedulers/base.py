@@ -353,29 +353,27 @@ class SchedulerMixin(ConfigMixin):
         ``self.timesteps``' own facts are read once per tensor: this runs in every step)."""
         ts = self.timesteps
         facts = self._timesteps_facts
-        if facts is None or facts[0] is not ts:
-            facts = self._timesteps_facts = self._facts_of(ts)
-        _, base, n, size, dtype, device = facts
-        if not base or timestep.ndim or timestep.dtype != dtype or timestep.device != device:
-            return None
         try:
+            # The same tensor at the same address (a copy or an unpickled scheduler has its own).
+            if facts is None or facts[0] is not ts or facts[1] != ts.data_ptr():
+                facts = self._timesteps_facts = self._facts_of(ts, len(self._timesteps_host or ()))
+            _, base, n, size, dtype, device = facts
+            if not base or timestep.ndim or timestep.dtype != dtype or timestep.device != device:
+                return None
             offset = timestep.data_ptr() - base
-        except Exception:  # no storage (fake or functional tensors)
+        except Exception:  # not a tensor, or no storage (fake or functional tensors)
             return None
         i = offset // size
         return i if 0 <= i < n and not offset % size else None
 
     @staticmethod
-    def _facts_of(ts) -> tuple:
-        """(ts, its address, length, element size, dtype, device); address 0 when it is not a
-        1-D tensor with unit stride and storage."""
-        if type(ts) is not torch.Tensor or ts.ndim != 1 or ts.stride(0) != 1:
+    def _facts_of(ts, steps: int) -> tuple:
+        """(ts, its address, length, element size, dtype, device); address 0 (no index from
+        addresses) unless it is a 1-D tensor with unit stride as long as the schedule: one a
+        caller cut (``s.timesteps = s.timesteps[k:]``) has other indices than the schedule."""
+        if type(ts) is not torch.Tensor or ts.ndim != 1 or ts.stride(0) != 1 or ts.shape[0] != steps:
             return (ts, 0, 0, 1, None, None)
-        try:
-            base = ts.data_ptr()
-        except Exception:
-            base = 0
-        return (ts, base, ts.shape[0], ts.element_size(), ts.dtype, ts.device)
+        return (ts, ts.data_ptr(), ts.shape[0], ts.element_size(), ts.dtype, ts.device)
 
     def _index_from_timestep(self, timestep, first_lookup: bool) -> int:
         """Host-only where possible: a view of self.timesteps or a number; a CPU tensor is read
