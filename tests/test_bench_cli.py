@@ -108,3 +108,22 @@ def test_shared_providers_thunks_table_and_compile_failures(monkeypatch):
     assert providers.compile_cleanup(again) is None and providers.compile_cleanup(table) is providers.reset_compile
     no_compile = providers.op_providers(fast, fn, "fwd", "cpu", torch.float32, Dispatch, False, failures, "other")
     assert no_compile["compile"].unavailable == providers.NO_COMPILE
+
+
+def test_ring_rows_of_the_attention_bench(monkeypatch):
+    """`bench attention` has ring-attention rows: W gloo processes vs one process; the ring's
+    gathered outputs and gradients pass the check against the one-process run, and its time is
+    the ranks' own (one per timed step). A tiny plan keeps it short."""
+    from genfast.bench import attention, ring
+    from genfast.bench.timing import run_case
+
+    monkeypatch.setattr(ring, "RING_CPU_QUICK", dict(ring.RING_CPU_QUICK, S=256, H=2, Hk=1, D=32, steps=2))
+    cases = [c for c in attention.build_cases("cpu", quick=True) if c.act.startswith("ring")]
+    assert len(cases) == ring.count_cases("cpu", quick=True) == 2
+    assert {c.act for c in cases} == {"ring2-contiguous", "ring2-zigzag-causal"}
+    for case in cases:
+        rows = {row["provider"]: row for row in run_case(case, None, quick=True)}
+        assert rows["ring"]["status"] == "ok" and rows["1-proc"]["status"] == "ok", rows
+        assert rows["ring"]["reps"] == 2 and rows["ring"]["max_rel_err"] < 1e-4 and rows["ring"]["vs_1-proc"] > 0
+    gpu = next(c for c in ring.build_cases("cuda", quick=True))
+    assert "NCCL" in gpu.providers["ring"].unavailable

@@ -15,6 +15,8 @@ row against a cache of S keys, genfast.flash_attn_with_kvcache vs SDPA (and flas
 flash_attn_with_kvcache if installed). Paged decode cases (act "kv<Hk>-page<P>"): the same
 cache held in pages of P rows, shuffled in a pool, read through a block table; SDPA runs on the
 same rows gathered into a contiguous cache (what a server without paging would keep).
+Ring rows (act "ring<W>-<layout>[-causal]", from genfast.bench.ring): ring_attention on W CPU
+processes vs flash_attn_func on the whole sequence in one process with as many threads.
 
 Sizes: GPU S in 512..16k, head dims 64/128/256, bf16 and fp16; CPU fp32 S 1k..4k (quick: 1k).
 """
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import attention as ops
+from . import ring
 from .providers import GENFAST_BACKENDS, TRITON_ON_CPU, case_device, itemsize, thunk_factory
 from .timing import BASELINE, GENFAST, Case, Provider, input_sets_for
 
@@ -305,9 +308,10 @@ def build_cases(device, quick: bool = False, use_compile: bool = True) -> Iterat
             for page_size in (None,) + tuple(decode["pages"]):
                 yield build_decode_case(decode["B"], decode["H"], decode["Hk"], S, decode["D"], dtype, device,
                                         page_size=page_size)
+    yield from ring.build_cases(device, quick)  # ring attention over processes vs one process
 
 
 def count_cases(device, quick: bool = False) -> int:
     shapes, dtypes, causals, decode = _plan(device, quick)
     decodes = len(decode["S"]) * (1 + len(decode["pages"]))
-    return len(dtypes) * (len(shapes) * len(causals) * len(MODES) + decodes)
+    return len(dtypes) * (len(shapes) * len(causals) * len(MODES) + decodes) + ring.count_cases(device, quick)
