@@ -176,22 +176,25 @@ def register() -> bool:
 
     @register_sharding(ops.attention_kvcache_append.default)
     def attention_kvcache_append_sharding(k_cache, v_cache, k, v, cache_seqlens, *cache_index):
-        if any(t is not None for t in cache_index):
-            raise ValueError("genfast attention_kvcache_append: cache_batch_idx / block_table with DTensor caches "
-                             "is not supported")
+        # cache_index: (cache_batch_idx, block_table). With either, dim 0 of the caches is not the
+        # batch (a pool of rows or pages): replicated or head-sharded caches, replicated index.
         if tuple(k_cache.placements) != tuple(v_cache.placements):
             raise ValueError(f"genfast attention_kvcache_append: k_cache {tuple(k_cache.placements)} and v_cache "
                              f"{tuple(v_cache.placements)} must have the same DTensor placements")
+        pooled = any(t is not None for t in cache_index)
+        index = [None if t is None else Replicate() for t in cache_index]
         # The caches are written in place: only strategies that keep them where they are.
-        by_cache_placement = {Replicate(): [Replicate()] * 5,
-                              Shard(BATCH_DIM): [Shard(BATCH_DIM)] * 5,
-                              Shard(CACHE_HEAD_DIM): [Shard(CACHE_HEAD_DIM)] * 4 + [Replicate()]}
+        by_cache_placement = {Replicate(): [Replicate()] * 5 + index,
+                              Shard(CACHE_HEAD_DIM): [Shard(CACHE_HEAD_DIM)] * 4 + [Replicate()] + index}
+        if not pooled:
+            by_cache_placement[Shard(BATCH_DIM)] = [Shard(BATCH_DIM)] * 5 + index
         strategies = []
         for placement in dict.fromkeys(k_cache.placements):
             if placement not in by_cache_placement:
                 raise ValueError(
                     f"genfast attention_kvcache_append: k_cache/v_cache placement {placement} is not supported; "
-                    "shard the caches on the batch dim (0) or the head dim (2) of (B, S_max, Hk, D), or replicate")
+                    "shard the caches on the batch dim (0, without cache_batch_idx / block_table) or the head dim "
+                    "(2) of (B, S_max, Hk, D), or replicate")
             strategies.append(([], by_cache_placement[placement]))
         return strategies
 

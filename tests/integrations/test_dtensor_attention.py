@@ -248,6 +248,19 @@ def _rank(rank: int, world: int, port: int, workdir: Path) -> None:
                         "placements": [str(t.placements) for t in (out, k_cache)],
                         "out": _full(out), "k_cache": _full(k_cache), "v_cache": _full(v_cache)}
 
+    # The plain step on a paged cache (a pool of pages, head-sharded, read through a replicated
+    # block table) and on a cache picked by cache_batch_idx.
+    for kind in ("paged", "batch_idx"):
+        step = setup[kind]
+        q, k_cache, v_cache, k_new, v_new = (distribute_tensor(t.clone(), mesh, [Shard(2)]) for t in step["inputs"])
+        before = dict(counts)
+        with implicit_replication():
+            out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=d["seqlens"],
+                                                 causal=True, **step["index"])
+        result[kind] = {"calls": {key: counts[key] - before[key] for key in counts},
+                        "placements": [str(t.placements) for t in (out, k_cache)],
+                        "out": _full(out), "k_cache": _full(k_cache), "v_cache": _full(v_cache)}
+
     leaked = [path for path, t in _walk(result) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor]
     assert not leaked, f"tensor subclasses left in the results: {leaked}"
     torch.save(result, workdir / f"rank{rank}.pt")
@@ -296,15 +309,15 @@ def _references(case, inputs, extra):
     return runs
 
 
-def _decode_reference(inputs, seqlens, dtype, rotary=None):
+def _decode_reference(inputs, seqlens, dtype, rotary=None, index=None):
     """Decode in one process with the reference backend; returns (out, k_cache, v_cache).
-    ``rotary``: (cos, sin) tables."""
+    ``rotary``: (cos, sin) tables; ``index``: block_table or cache_batch_idx keyword."""
     import genfast
 
     q, k_cache, v_cache, k_new, v_new = (t.to(dtype).clone() for t in inputs)
     cos, sin = (None, None) if rotary is None else (t.to(dtype) for t in rotary)
     out = genfast.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
-                                         cache_seqlens=seqlens, causal=True, backend="reference")
+                                         cache_seqlens=seqlens, causal=True, backend="reference", **(index or {}))
     return out, k_cache, v_cache
 
 
@@ -329,6 +342,17 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
                        "seqlens": torch.tensor(d["seqlens"], dtype=torch.int32)}
     angle = torch.rand(d["cache"], d["head_dim"] // 4) * 2 * math.pi  # rotary on half the head dim
     setup["decode"]["cos"], setup["decode"]["sin"] = angle.cos(), angle.sin()
+    q, k_cache, v_cache, k_new, v_new = setup["decode"]["inputs"]
+    page, table = 16, torch.tensor([[2], [0], [4]], dtype=torch.int32)  # rows' pages out of order in a pool of 5
+    pools = [torch.randn(5, page, d["kv_heads"], d["head_dim"]) for _ in range(2)]
+    for pool, cache in zip(pools, (k_cache, v_cache)):
+        pool[table[:, 0].long(), :d["cache"]] = cache
+    setup["paged"] = {"inputs": [q, *pools, k_new, v_new], "index": {"block_table": table}}
+    rows = torch.tensor([2, 0, 3], dtype=torch.int32)  # batch row b uses cache row rows[b] of 4
+    caches = [torch.randn(4, d["cache"], d["kv_heads"], d["head_dim"]) for _ in range(2)]
+    for big, cache in zip(caches, (k_cache, v_cache)):
+        big[rows.long()] = cache
+    setup["batch_idx"] = {"inputs": [q, *caches, k_new, v_new], "index": {"cache_batch_idx": rows}}
     torch.save(setup, tmp_path / "setup.pt")
     store, processes = _launch_ranks(tmp_path)
     try:
@@ -344,6 +368,9 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
         rotary_refs = [_decode_reference(setup["decode"]["inputs"], setup["decode"]["seqlens"], dtype,
                                          (setup["decode"]["cos"], setup["decode"]["sin"]))
                        for dtype in (torch.float64, torch.float32)]
+        index_refs = {kind: [_decode_reference(setup[kind]["inputs"], setup["decode"]["seqlens"], dtype,
+                                               index=setup[kind]["index"]) for dtype in (torch.float64, torch.float32)]
+                      for kind in ("paged", "batch_idx")}
         _wait(processes, tmp_path, deadline)
     finally:
         for p in processes:
@@ -394,7 +421,8 @@ def test_dtensor_attention_matches_single_process(tmp_path, seed):
         assert mod["weight_placements"] == str((Shard(0),)), mod["weight_placements"]
         error_vs_reference(mod["out"], module_refs[0], module_refs[1], name=f"rank {rank} TP module (seed {seed})")
 
-        for kind, step_refs in (("decode", decode_refs), ("rotary", rotary_refs)):  # plain and rotary decode steps
+        # plain, rotary, paged and cache_batch_idx decode steps
+        for kind, step_refs in (("decode", decode_refs), ("rotary", rotary_refs), *index_refs.items()):
             dec = result[kind]
             assert dec["calls"] == {"forward": 0, "backward": 0, "decode": 1}, f"rank {rank} {kind}: {dec['calls']}"
             assert dec["placements"] == [str((Shard(2),))] * 2, dec["placements"]
