@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -94,9 +95,21 @@ using Buffer = std::vector<F, AlignedAllocator<F>>;
 
 template <typename F>
 struct ForwardWork {
+  int64_t D;
   Buffer<F> q, kt, v, s, z, o, m, l;
-  explicit ForwardWork(int64_t D) : q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), z(BN), o(BM * D), m(BM), l(BM) {}
+  explicit ForwardWork(int64_t D)
+      : D(D), q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), z(BN), o(BM * D), m(BM), l(BM) {}
 };
+
+// This thread's forward buffers, kept from call to call (grown for a larger head dim):
+// allocating and zeroing ~80 KB cost more than a small call's arithmetic. The kernels write
+// every element they read (padding included), so what a previous call left is never used.
+template <typename F>
+ForwardWork<F>& forward_work(int64_t D) {
+  thread_local std::unique_ptr<ForwardWork<F>> work;
+  if (work == nullptr || work->D < D) work.reset(new ForwardWork<F>(D));
+  return *work;
+}
 
 template <typename F>
 struct BackwardWork {
@@ -205,7 +218,7 @@ void forward_groups(const Params& p, int64_t max_queries) {
 #pragma omp parallel num_threads(std::max(1, p.num_threads)) if (p.num_threads > 1)
 #endif
   {
-    ForwardWork<F> w(p.D);
+    ForwardWork<F>& w = forward_work<F>(p.D);
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -242,7 +255,7 @@ void forward_typed(const Params& p) {
     for (int64_t item = 0; item < key_items; ++item) {
       GF_ATTN_CALL(I, transpose_key_tile<T, F>(p, kt, item));
     }  // implicit barrier: every tile is ready before the queries start
-    ForwardWork<F> w(p.D);
+    ForwardWork<F>& w = forward_work<F>(p.D);
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif

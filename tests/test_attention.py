@@ -717,3 +717,29 @@ def test_register_transformers_attention(seed):
     out, _ = fn(module, q, k, v, None, scaling=0.3)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(genfast._ext._C is None, reason="the genfast._C extension is not built")
+def test_cpu_forward_workspace_keeps_nothing_between_calls(seed):
+    """The CPU forward keeps its work buffers from call to call (per thread): a call after one
+    on NaN inputs, a larger head dim and partial tiles gives exactly what it gives after an
+    unrelated call, without NaN, and matches the reference."""
+    def run(q, k, v, causal):
+        with torch.no_grad():
+            return genfast.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+
+    q, k, v = (torch.randn(2, 3, n, 32) for n in (37, 70, 70))  # partial query and key tiles, one decode-size
+    small = [torch.randn(1, 3, 2, 32) for _ in range(3)]  # the grouped (few rows) path
+    nan = [torch.full((1, 2, 70, 128), float("nan")) for _ in range(3)]
+    for causal in (False, True):
+        run(*[torch.randn(1, 1, 5, 16) for _ in range(3)], causal)
+        clean, clean_small = run(q, k, v, causal), run(*small, causal)
+        run(*nan, causal)
+        run(*[t[..., :2, :] for t in nan], causal)
+        after, after_small = run(q, k, v, causal), run(*small, causal)
+        for got, want, args in ((after, clean, (q, k, v)), (after_small, clean_small, small)):
+            assert not torch.isnan(got).any()
+            assert torch.equal(got, want)
+            ref = genfast.scaled_dot_product_attention(*(t.double() for t in args), is_causal=causal,
+                                                       backend="reference")
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
