@@ -144,16 +144,26 @@ def test_padded_gradients(kind, calls):
     ids, mask = padded_batch("mixed")
     weights = torch.randn(*ids.shape, VOCAB, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     weights = weights * mask[..., None]  # the loss sees only real tokens
-    grads = {}
-    for key, model in models.items():
+    def grads_of(key):
+        model = models[key]
         model.zero_grad()
         loss = (logits(model, ids, mask, use_cache=False) * weights.to(key[1])).sum()
         loss.backward()
-        grads[key] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    grads = {key: grads_of(key) for key in models}
+    # torch's float32 run once more on one thread (torch splits CPU reductions by thread): one
+    # run's rounding error is a noisy estimate of the low-precision error; the worse one counts.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lowp_one_thread = grads_of(("sdpa", torch.float32))
+    finally:
+        torch.set_num_threads(threads)
     assert grads["genfast", torch.float32].keys() == grads["sdpa", torch.float64].keys()
     for name, g in grads["genfast", torch.float32].items():
-        error_vs_reference(g, grads["sdpa", torch.float64][name], grads["sdpa", torch.float32][name],
-                           name=f"{kind} d{name}")
+        error_vs_reference(g, grads["sdpa", torch.float64][name],
+                           [grads["sdpa", torch.float32][name], lowp_one_thread[name]], name=f"{kind} d{name}")
     assert calls["_segments"] == 2 * LAYERS  # the float32 and float64 genfast models
     assert calls["FORWARD"] == 2 * LAYERS and calls["BACKWARD"] == 2 * LAYERS
     assert calls["_dense"] == 0
