@@ -310,8 +310,8 @@ class OpDispatcher:
         returned None) or its call failed with anything but an argument error: the caller then
         takes the general path, which handles fallbacks and warnings, and a failed call is not
         tried again. A small eager call is launch-bound, so its host path is its cost: a prepared
-        call has the backend choice, the options and the thread count worked out once, and only
-        allocates and runs the kernel. Prepared calls live in ``plans`` (cleared when a backend
+        call has the backend choice and the options worked out once (the thread count is read
+        at each call), and only allocates and runs the kernel. Prepared calls live in ``plans`` (cleared when a backend
         is registered or breaks and by refresh_environment); the key holds the use_backend
         context and the extension module (tests swap in a CUDA emulation)."""
         key = ("prepared", signature, context_backend(self.op), _ext._C)

@@ -595,8 +595,9 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
 # ----------------------------------------------------------------------------- prepared eager calls
 # A call whose signature passed validation before, that needs no autograd and has no mask,
 # ALiBi, dropout or varlen, runs a call prepared once per signature (OpDispatcher.call_prepared):
-# the backend choice, the resolved options, the extension's options struct and the thread count
-# are worked out at the first call; later calls allocate the outputs and run the kernel.
+# the backend choice, the resolved options, the extension's options struct and whether the
+# problem gets more than one thread are worked out at the first call; later calls allocate the
+# outputs and run the kernel (with torch's thread count at that call).
 
 
 def _cpu_outputs(q: torch.Tensor, seq_first: bool):
