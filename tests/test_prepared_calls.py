@@ -32,10 +32,14 @@ def table_runs(monkeypatch):
 
 
 def _general(fn, *tensors, **kwargs):
-    """The same call through the general path: inputs that require grad take the autograd
-    function (same forward kernel), outside any prepared call."""
+    """The same call through the general path: no signature (so no prepared call), inputs that
+    require grad (the general autograd function, same forward kernel)."""
+    from unittest import mock
+
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves, **kwargs)
+    with mock.patch.object(A, "_sdpa_signature", lambda *a: None), \
+            mock.patch.object(A, "_flash_signature", lambda *a: None):
+        out = fn(*leaves, **kwargs)
     return out.detach() if isinstance(out, torch.Tensor) else tuple(o if o is None else o.detach() for o in out)
 
 
@@ -93,6 +97,64 @@ def test_flash_attn_func_prepared_equals_general_path(case, contiguous, seed, ta
     ref = genfast.flash_attn_func(q.double(), k.double(), v.double(), causal=case["causal"],
                                   window_size=case["window"], softcap=case["softcap"], backend="reference")
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def backward_runs(monkeypatch):
+    """Counts the general path's runs of the BACKWARD table."""
+    counts = {"BACKWARD": 0}
+    inner = A.BACKWARD.run
+
+    def run(*args, **kwargs):
+        counts["BACKWARD"] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(A.BACKWARD, "run", run)
+    return counts
+
+
+GRAD_CASES = [
+    ("sdpa", dict(shape=(2, 3, 7, 16), causal=True)),
+    ("sdpa", dict(shape=(3, 9, 32), causal=False)),  # 3-D
+    ("flash", dict(q=(2, 5, 4, 16), k=(2, 7, 2, 16), causal=True, window=(-1, -1), softcap=0.0)),  # GQA
+    ("flash", dict(q=(1, 9, 3, 32), k=(1, 9, 3, 32), causal=False, window=(3, 2), softcap=5.0)),
+]
+
+
+@pytest.mark.parametrize("api,case", GRAD_CASES, ids=lambda c: c if isinstance(c, str) else "")
+def test_gradients_through_prepared_calls_equal_general_path(api, case, seed, table_runs, backward_runs):
+    """Inputs that require grad: a validated signature runs forward and backward through prepared
+    calls (no dispatch table either way), with exactly the general path's outputs and gradients,
+    also for a non-contiguous (expanded) output gradient."""
+    if api == "sdpa":
+        q, k, v = (_strided(*case["shape"]) for _ in range(3))
+        fn, kwargs = genfast.scaled_dot_product_attention, dict(is_causal=case["causal"])
+    else:
+        q, k, v = _strided(*case["q"]), _strided(*case["k"]), _strided(*case["k"])
+        fn = genfast.flash_attn_func
+        kwargs = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
+
+    def grads(general: bool, dout):
+        from unittest import mock
+
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with mock.patch.object(A, "_sdpa_signature", lambda *a: None) if general else mock.MagicMock(), \
+                mock.patch.object(A, "_flash_signature", lambda *a: None) if general else mock.MagicMock():
+            out = fn(*leaves, **kwargs)
+            out.backward(dout)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    for dout in (torch.randn(q.shape), torch.randn(q.shape[-1]).expand(q.shape)):
+        expected = grads(True, dout)
+        grads(False, dout)  # validates the signature, prepares
+        runs, back = table_runs["FORWARD"], backward_runs["BACKWARD"]
+        got = grads(False, dout)
+        assert (table_runs["FORWARD"], backward_runs["BACKWARD"]) == (runs, back), "a table ran"
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            assert a.shape == b.shape, name
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ref = fn(*(t.double().requires_grad_() for t in (q, k, v)), **kwargs, backend="reference")
+    torch.testing.assert_close(got[0].double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seqlens_kind", ["int", "tensor", "append"])

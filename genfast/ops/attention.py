@@ -658,6 +658,72 @@ def _eager_forward(signature, q, k, v, problem, backend, seq_first=False):
     return result
 
 
+def _prepare_backward(q, k, problem, backend, deterministic):
+    """The backward of a dense, unmasked problem (see _prepare_forward), tensors in the
+    contract's (B, H, S, D) layout: a function (dout, q, k, v, out, lse) -> (dq, dk, dv), or None."""
+    name = BACKWARD.select(backend or None, q.device, q.dtype)
+    scale, left, right, bottom_right, softcap = problem
+    kw = _contract_kwargs(q, None, None, None, None, None, scale, left, right, bottom_right, softcap, 0.0, 0, 0)
+    kw["deterministic"] = deterministic
+    if name != "cpu":
+        fn = BACKWARD.backends[name].fn
+        return lambda *tensors: tuple(g.contiguous() for g in fn(tensors, kw))
+    if q.numel() == 0 or k.numel() == 0:
+        return None
+    native = _ext._C.attention_backward_cpu
+    options = _options(kw["scale"], softcap, left, right, bottom_right, 0.0)
+    threads = cpu_threads_per_call(_cpu_work(q, k), SINGLE_THREAD_WORK)
+
+    def call(dout, q, k, v, out, lse):
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        native(_cpu_ready(dout), q, k, v, out, lse, dq, dk, dv, bias=None, alibi_slopes=None, cu_seqlens_q=None,
+               cu_seqlens_k=None, seed=0, options=options, num_threads=threads())
+        return dq, dk, dv
+
+    return call
+
+
+def _eager_backward(signature, dout, q, k, v, out, lse, problem, backend, deterministic):
+    """(dq, dk, dv) of a dense unmasked problem through the call prepared for its forward's
+    ``signature`` (contract layout; out and lse as the forward made them)."""
+    prepare = lambda: _prepare_backward(q, k, problem, backend, deterministic)  # noqa: E731
+    result = BACKWARD.call_prepared(signature, prepare, dout, q, k, v, out, lse)
+    if result is None:
+        result = attention_backward(dout, q, k, v, out, lse, None, None, None, None, None, *problem, 0.0, 0, 0,
+                                    deterministic, backend or "")
+    return result
+
+
+class _PreparedAttention(torch.autograd.Function):
+    """A dense unmasked attention whose signature validated before, with gradients: forward and
+    backward through prepared calls (no dispatch tables, no ``torch.library`` round trip), the
+    general ops where a prepared call has none. q, k, v in (B, H, S, D) or, when ``seq_first``,
+    flash-attn's (B, S, H, D) (the backward runs on (B, H, S, D) views of them)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, signature, problem, backend, seq_first, deterministic):
+        out, lse = _eager_forward(signature, q, k, v, problem, backend, seq_first)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (signature, problem, backend, seq_first, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        signature, problem, backend, seq_first, deterministic = ctx.options
+        if seq_first:
+            dout, q, k, v, out = (t.transpose(1, 2) for t in (dout, q, k, v, out))
+            out = out.contiguous()  # the kernels write out (B, H, S, D) densely; read it so too
+        grads = _eager_backward(signature, dout, q, k, v, out, lse, problem, backend, deterministic)
+        if seq_first:
+            grads = tuple(g.transpose(1, 2) for g in grads)
+        needs = ctx.needs_input_grad
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 5
+
+
 def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
     """The decode of ``problem`` = (scale, window_left, window_right, softcap) in flash-attn's
     layout: a function (q, k_cache, v_cache, seqlens, cache_leftpad, cache_batch_idx,
@@ -940,8 +1006,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     else:
         q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
-    if signature is not None and dropout_p == 0 and _eager_allowed(q4, k4, v4):
-        out, lse = _eager_forward(signature, q4, k4, v4, (scale, -1, 0 if is_causal else -1, False, 0.0), backend)
+    if signature is not None and dropout_p == 0:
+        problem = (scale, -1, 0 if is_causal else -1, False, 0.0)
+        if _eager_allowed(q4, k4, v4):
+            out, lse = _eager_forward(signature, q4, k4, v4, problem, backend)
+        else:
+            out, lse = _PreparedAttention.apply(q4, k4, v4, signature, problem, backend, False, False)
         if query.ndim != 4:
             out, lse = out.reshape(query.shape), lse.reshape(query.shape[:-1])
         return (out, lse) if return_lse else out
@@ -1038,8 +1108,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if signature is not None:
             _VALIDATED.add(signature)
     qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if signature is not None and dropout_p == 0 and _eager_allowed(qt, kt, vt):
-        out, lse = _eager_forward(signature, qt, kt, vt, (scale, left, right, True, softcap), backend, seq_first=True)
+    if signature is not None and dropout_p == 0:
+        problem = (scale, left, right, True, softcap)
+        if _eager_allowed(qt, kt, vt):
+            out, lse = _eager_forward(signature, qt, kt, vt, problem, backend, seq_first=True)
+        else:
+            out, lse = _PreparedAttention.apply(qt, kt, vt, signature, problem, backend, True, bool(deterministic))
         return _flash_result(out, lse, None, return_attn_probs, dropout_p)
     out, lse, keep = _attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), alibi_slopes=alibi,
                                 scale=scale, window_left=left, window_right=right, align_bottom_right=True,
