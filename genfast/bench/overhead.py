@@ -60,6 +60,12 @@ def _op_cases(device: torch.device) -> list:
          lambda g: dict(q=r(g, 1, 2, 4, 16), k=r(g, 1, 2, 4, 16), v=r(g, 1, 2, 4, 16)),
          lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True),
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), False),
+        ("scaled_dot_product_attention causal fwd+bwd", (1, 2, 4, 16),  # a training step's attention
+         lambda g: dict(q=r(g, 1, 2, 4, 16).requires_grad_(), k=r(g, 1, 2, 4, 16).requires_grad_(),
+                        v=r(g, 1, 2, 4, 16).requires_grad_(), dout=r(g, 1, 2, 4, 16)),
+         lambda q, k, v, dout: _grads(ops.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), dout),
+         lambda q, k, v, dout: _grads(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), dout),
+         False),
         ("flash_attn_func", (1, 4, 2, 16), lambda g: dict(q=r(g, 1, 4, 2, 16), k=r(g, 1, 4, 2, 16),
                                                           v=r(g, 1, 4, 2, 16)),
          lambda q, k, v: ops.flash_attn_func(q, k, v, causal=True),
@@ -125,6 +131,10 @@ def _op_cases(device: torch.device) -> list:
     return cases
 
 
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
 def _paged(inputs: dict) -> dict:
     """Adds the caches' rows as two 16-row pages in reverse order (kp, vp) and their block table."""
     kc, vc = inputs["kc"], inputs["vc"]
@@ -149,7 +159,9 @@ def _op_case(device, name, shape, make, fast: Callable, slow: Callable, torch_is
         "genfast": Provider("genfast", GENFAST, lambda inp: (lambda: fast(**inp))),
         "torch": Provider("torch", BASELINE, lambda inp: (lambda: slow(**inp))),
     }
-    return Case(op=name.split()[0], mode="fwd", shape=shape, dtype=torch.float32, act=" ".join(name.split()[1:]) or "-",
+    op, *act = name.split()
+    mode = act.pop() if act and act[-1] == "fwd+bwd" else "fwd"  # "<op> [variant] [fwd+bwd]"
+    return Case(op=op, mode=mode, shape=shape, dtype=torch.float32, act=" ".join(act) or "-",
                 device=device, bytes_moved=0, make_inputs=make_inputs, providers=providers, reference="torch",
                 baselines=("torch",), variant="torch=reference" if torch_is_reference else "",
                 extra={"timer": "host"})
