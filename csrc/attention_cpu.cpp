@@ -113,9 +113,11 @@ ForwardWork<F>& forward_work(int64_t D) {
 
 template <typename F>
 struct BackwardWork {
+  int64_t D;
   Buffer<F> q, dout, k, kt, vt, s, dp, t, tanh_s, z, dk, dv, dq, delta, lse;
   explicit BackwardWork(int64_t D)
-      : q(BM * D),
+      : D(D),
+        q(BM * D),
         dout(BM * D),
         k(BN * D),
         kt(D * BN),
@@ -128,6 +130,17 @@ struct BackwardWork {
         dk(BN * D),
         dv(BN * D) {}
 };
+
+// This thread's backward buffers, kept from call to call as the forward's (see forward_work).
+// The per-head rows (dq, delta, lse) grow with the sequence; backward_typed drops them after a
+// long one.
+template <typename F>
+BackwardWork<F>& backward_work(int64_t D) {
+  thread_local std::unique_ptr<BackwardWork<F>> work;
+  if (work == nullptr || work->D < D) work.reset(new BackwardWork<F>(D));
+  return *work;
+}
+constexpr size_t KEPT_ROW_ELEMENTS = size_t(1) << 18;  // 1 MB of fp32 dq rows
 
 // Each clone: GF_ATTN_VEC_BYTES is its vector width (32: 8 floats, 64: 16 floats) and
 // GF_ATTN_WIDE_VECS the vectors per row of the main gemm tile (6 rows x that many vectors
@@ -289,7 +302,7 @@ void backward_typed(const Params& p) {
 #pragma omp parallel num_threads(std::max(1, p.num_threads)) if (p.num_threads > 1)
 #endif
   {
-    BackwardWork<F> w(D);
+    BackwardWork<F>& w = backward_work<F>(D);
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -303,6 +316,11 @@ void backward_typed(const Params& p) {
         run(dk_heads.data() + rows * D, dv_heads.data() + rows * D);
       else
         run(static_cast<T*>(p.dk) + rows * D, static_cast<T*>(p.dv) + rows * D);
+    }
+    if (w.dq.capacity() > KEPT_ROW_ELEMENTS) {
+      Buffer<F>().swap(w.dq);
+      Buffer<F>().swap(w.delta);
+      Buffer<F>().swap(w.lse);
     }
   }
   if (G > 1) {

@@ -720,13 +720,15 @@ def test_register_transformers_attention(seed):
 
 
 @pytest.mark.skipif(genfast._ext._C is None, reason="the genfast._C extension is not built")
-def test_cpu_forward_workspace_keeps_nothing_between_calls(seed):
-    """The CPU forward keeps its work buffers from call to call (per thread): a call after one
-    on NaN inputs, a larger head dim and partial tiles gives exactly what it gives after an
-    unrelated call, without NaN, and matches the reference."""
+def test_cpu_workspace_keeps_nothing_between_calls(seed):
+    """The CPU forward and backward keep their work buffers from call to call (per thread): a
+    call after one on NaN inputs, a larger head dim and partial tiles gives exactly what it gives
+    after an unrelated call, without NaN, and matches the reference (outputs and gradients)."""
     def run(q, k, v, causal):
-        with torch.no_grad():
-            return genfast.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = genfast.scaled_dot_product_attention(*leaves, is_causal=causal, backend="cpu")
+        out.backward(torch.ones_like(out) if torch.isnan(out).all() else out.detach().cos())
+        return torch.cat([out.detach().flatten()] + [t.grad.flatten() for t in leaves])
 
     q, k, v = (torch.randn(2, 3, n, 32) for n in (37, 70, 70))  # partial query and key tiles, one decode-size
     small = [torch.randn(1, 3, 2, 32) for _ in range(3)]  # the grouped (few rows) path
@@ -740,6 +742,8 @@ def test_cpu_forward_workspace_keeps_nothing_between_calls(seed):
         for got, want, args in ((after, clean, (q, k, v)), (after_small, clean_small, small)):
             assert not torch.isnan(got).any()
             assert torch.equal(got, want)
-            ref = genfast.scaled_dot_product_attention(*(t.double() for t in args), is_causal=causal,
-                                                       backend="reference")
-            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+            leaves = [t.double().requires_grad_() for t in args]
+            ref = genfast.scaled_dot_product_attention(*leaves, is_causal=causal, backend="reference")
+            ref.backward(ref.detach().cos())
+            ref = torch.cat([ref.detach().flatten()] + [t.grad.flatten() for t in leaves])
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
