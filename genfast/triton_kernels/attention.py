@@ -1062,9 +1062,9 @@ def _bwd_blocks(D, dtype, prec="tf32", has_bias=False):
         return (32, 32, 8, 1) if has_bias or before_hopper else (32, 32, 8, 2)
     if dtype == torch.float32:  # fp32 tiles at head dim 256 overflow an A100's 164 KB of shared memory
         return 16, 32, 8, 1
-    # 16 x 64 spilled 764-988 B; two stages 44-116 B. On sm_80, 16 x 32 spills 8-48 B in 4 of 12
-    # problems and 16 x 16 worse (ptxas keeps it to 128 registers: 28-80 B): left as it is.
-    return 16, 32, 8, 1
+    # 16 x 64 spilled 764-988 B; two stages 44-116 B. On sm_80, 16 x 32 spilled 8-48 B (4 of 12
+    # dK/dV problems; already at 255 registers): 16 x 16 there, with a register budget (below).
+    return (16, 16, 8, 1) if before_hopper else (16, 32, 8, 1)
 
 
 def _bwd_register_budgets(block_d, dtype, prec, atomic_dq):
@@ -1072,9 +1072,13 @@ def _bwd_register_budgets(block_d, dtype, prec, atomic_dq):
     left to itself, ptxas trimmed configs that need 90-174 registers to 64 or 80 (more blocks per
     SM) and spilled 4-32 B on sm_80. With a budget it keeps to what fits: 128 (2 blocks per SM)
     where every config fits it, 255 for the dK/dV kernel with the atomic dq past D64 and at
-    D256, which need 166-255."""
-    if _INTERPRET or dtype != torch.float32 or prec != "ieee":
+    D256, which need 166-255. Half precision at head dim 256 on sm_80-89 (16 x 16 tiles): ptxas
+    kept to 128 registers and spilled 28-80 B; with 255 it takes 143-248 and spills nothing."""
+    if _INTERPRET:
         return None, None
+    if dtype != torch.float32 or prec != "ieee":
+        arch = target_arch()
+        return (255, 255) if block_d > 128 and arch is not None and arch < 90 else (None, None)
     return (255 if block_d > 128 or (atomic_dq and block_d > 64) else 128), 128
 
 
