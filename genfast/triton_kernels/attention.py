@@ -1073,12 +1073,15 @@ def _bwd_register_budgets(block_d, dtype, prec, atomic_dq):
     SM) and spilled 4-32 B on sm_80. With a budget it keeps to what fits: 128 (2 blocks per SM)
     where every config fits it, 255 for the dK/dV kernel with the atomic dq past D64 and at
     D256, which need 166-255. Half precision at head dim 256 on sm_80-89 (16 x 16 tiles): ptxas
-    kept to 128 registers and spilled 28-80 B; with 255 it takes 143-248 and spills nothing."""
+    kept to 128 registers and spilled 28-80 B; with 255 it takes 143-248 and spills nothing. The
+    half-precision dQ kernel gets 255 everywhere (see below)."""
     if _INTERPRET:
         return None, None
     if dtype != torch.float32 or prec != "ieee":
+        # The dQ kernel: left to itself ptxas kept some configs to 128 registers and spilled 4-40 B
+        # (sm_90: D64 with a bias, D128 with ALiBi+softcap+window or varlen).
         arch = target_arch()
-        return (255, 255) if block_d > 128 and arch is not None and arch < 90 else (None, None)
+        return (255 if block_d > 128 and arch is not None and arch < 90 else None), 255
     return (255 if block_d > 128 or (atomic_dq and block_d > 64) else 128), 128
 
 
