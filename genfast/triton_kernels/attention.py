@@ -340,7 +340,9 @@ def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_
 # Exact fp32 products (DOT_PREC="ieee") are FMA code, not tensor cores: every operand tile lives
 # in registers, so only small tiles avoid spills (and compile in seconds, not minutes).
 # Measured with compile-check (sm_90, D128): 32 x 32 on 8 warps 202 registers, no spill; on 4
-# warps 1.6 KB of spills, 64 x 32 on 8 warps 1.8 KB. Head dim 256 takes 16-row tiles.
+# warps 1.6 KB of spills, 64 x 32 on 8 warps 1.8 KB. The full compile-check then found 32 x 32
+# spilling 4-432 B past head dim 64 (head dim 80, varlen, ALiBi+softcap, dropout; sm_80 and
+# sm_90): 16-row tiles past head dim 64.
 _IEEE_FWD_TILES = ((32, 32, 8, 1), (16, 32, 8, 1))  # (BLOCK_M, BLOCK_N, warps, stages)
 
 
@@ -411,7 +413,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         if fwd_shared_bytes(bm, bn, block_d, c.num_stages, elem, bias_elem) > limit:
             continue
         if ieee:
-            if (bm == 16) == (block_d >= 256):
+            if (bm == 16) == (block_d > 64):
                 kept.append(c)
             continue
         if elem == 4 and c.num_warps != 8:  # fp32 on TF32 tensor cores: 4 warps spill (64 x 64 at D128)
