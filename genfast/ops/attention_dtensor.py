@@ -117,6 +117,20 @@ def _scalars(n: int) -> list:
     return [None] * n
 
 
+def _in_place_cache_strategies(op: str, k_cache, by_cache_placement: dict) -> list:
+    """The strategies of an op that writes k_cache/v_cache in place: for each placement the
+    caches have, the one (outputs, inputs) that keeps them where they are; any other placement
+    is a clear error."""
+    strategies = []
+    for placement in dict.fromkeys(k_cache.placements):
+        if placement not in by_cache_placement:
+            raise ValueError(f"genfast {op}: k_cache/v_cache placement {placement} is not supported; shard the caches "
+                             "on the batch dim (0, without cache_batch_idx / block_table) or the head dim (2) of "
+                             "(B, S_max, Hk, D), or replicate")
+        strategies.append(by_cache_placement[placement])
+    return strategies
+
+
 def register() -> bool:
     """Registers the strategies (idempotent); False when this torch has no DTensor."""
     global _registered
@@ -188,15 +202,8 @@ def register() -> bool:
                               Shard(CACHE_HEAD_DIM): [Shard(CACHE_HEAD_DIM)] * 4 + [Replicate()] + index}
         if not pooled:
             by_cache_placement[Shard(BATCH_DIM)] = [Shard(BATCH_DIM)] * 5 + index
-        strategies = []
-        for placement in dict.fromkeys(k_cache.placements):
-            if placement not in by_cache_placement:
-                raise ValueError(
-                    f"genfast attention_kvcache_append: k_cache/v_cache placement {placement} is not supported; "
-                    "shard the caches on the batch dim (0, without cache_batch_idx / block_table) or the head dim "
-                    "(2) of (B, S_max, Hk, D), or replicate")
-            strategies.append(([], by_cache_placement[placement]))
-        return strategies
+        return _in_place_cache_strategies("attention_kvcache_append", k_cache,
+                                          {p: ([], inputs) for p, inputs in by_cache_placement.items()})
 
     @register_sharding(ops.attention_rotary_append.default)
     def attention_rotary_append_sharding(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
@@ -213,15 +220,7 @@ def register() -> bool:
         if _heads_shardable("attention_rotary_append", q, k_cache, CACHE_HEAD_DIM):
             by_cache_placement[Shard(CACHE_HEAD_DIM)] = ([Shard(CACHE_HEAD_DIM)], [Shard(CACHE_HEAD_DIM)] * 5
                                                          + [Replicate()] * 3 + [None, None] + index)
-        strategies = []
-        for placement in dict.fromkeys(k_cache.placements):
-            if placement not in by_cache_placement:
-                raise ValueError(
-                    f"genfast attention_rotary_append: k_cache/v_cache placement {placement} is not supported; shard "
-                    "the caches on the batch dim (0, without cache_batch_idx / block_table) or the head dim (2), "
-                    "or replicate")
-            strategies.append(by_cache_placement[placement])
-        return strategies
+        return _in_place_cache_strategies("attention_rotary_append", k_cache, by_cache_placement)
 
     _registered = True
     return True
