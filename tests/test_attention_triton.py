@@ -317,6 +317,58 @@ def test_dropout_matches_reference_module(seed):
     assert torch.equal(keep[0].cpu(), ref.dropout_keep_mask(seed, 0, 2, 9, 9, 0.2).cpu())
 
 
+@pytest.fixture
+def descriptor_kernels(monkeypatch):
+    """The Hopper form of the kernels (forward: tensor descriptors for Q, K, V and the output,
+    the warp-specialized loop; backward: descriptor loads of the loop tiles), which only sm_90
+    selects, forced here: in the interpreter it checks the semantics (zeros past a sequence's
+    end, clipped stores, per-sequence descriptors for varlen, 3-D head descriptors, the
+    descriptors' alignment rules). Yields the launchers' alignment verdicts."""
+    if not attn.HAS_TMA:
+        pytest.skip("this Triton has no tensor descriptors")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's form; on a GPU test_gpu_hopper_configs runs the real configs")
+    monkeypatch.setattr(attn._fwd, "configs", [attn._fwd_config(16, 16, 4, 1, tma=True,
+                                                                ws=attn.HAS_WARP_SPECIALIZE)])
+    monkeypatch.setattr(attn, "TMA_UNDER_INTERPRETER", True)
+    verdicts = []
+    aligned = attn.tma_aligned_all
+    monkeypatch.setattr(attn, "tma_aligned_all", lambda *ts: verdicts.append(aligned(*ts)) or verdicts[-1])
+    yield verdicts
+    assert verdicts and all(verdicts), verdicts  # every launch was one descriptors may address
+
+
+def test_kernels_through_tensor_descriptors(seed, descriptor_kernels):
+    test_dense_gqa_strided(seed, torch.float16, 40, 2)  # head dim 40 in a 64-wide tile, strided q / k
+    test_causal_alignments(seed, torch.float32, True, 35, 21)  # rows without keys
+    test_varlen(seed, torch.float16)  # empty sequences, ALiBi, a window
+    test_bias_broadcast(seed, torch.float32)
+    test_dropout(seed)
+
+
+def test_tensor_descriptor_configs_only_where_they_apply(monkeypatch):
+    """The Hopper configs survive pruning only on sm_90+, in half precision, for aligned
+    tensors; sm_80 and fp32 keep the pointer-load configs."""
+    configs = attn._fwd_configs(interpret=False)
+    q16 = torch.empty(1, 1, 1, 64, dtype=torch.float16, device="meta")
+    q32 = torch.empty(1, 1, 1, 64, dtype=torch.float32, device="meta")
+
+    def pruned(arch, q, aligned):
+        monkeypatch.setattr(attn, "target_arch", lambda: arch)
+        kept = attn._prune_fwd_configs(configs, {"Q": q, "Bias": q}, BLOCK_D=64, HEAD_DIM=64, HAS_BIAS=False,
+                                       DOT_PREC="tf32", TMA_ALIGNED=aligned)
+        return {c.kwargs["USE_TMA"] for c in kept}
+
+    assert pruned(90, q16, True) == ({True, False} if attn.HAS_TMA else {False})
+    assert pruned(90, q16, False) == {False}
+    assert pruned(80, q16, True) == {False}
+    assert pruned(90, q32, True) == {False}
+    t = torch.empty(2, 3, 5, 64, dtype=torch.float16)
+    assert attn.tma_aligned_all(t, t.transpose(1, 2))
+    assert not attn.tma_aligned_all(torch.empty(1, 1, 10, 60, dtype=torch.float16))  # rows 120 bytes apart
+    assert not attn.tma_aligned_all(t.view(-1)[1:641].view(1, 1, 10, 64))  # data 2 bytes past alignment
+
+
 @pytest.mark.parametrize("dtype", [torch.float16])
 def test_deterministic_backward_bitwise(seed, dtype):
     q, k, v = rand(1, 4, 26, 40, dtype=dtype), rand(1, 2, 31, 40, dtype=dtype), rand(1, 2, 31, 40, dtype=dtype)
@@ -725,6 +777,29 @@ def test_gpu_head_dims(seed, dtype, D):
         rand(2, 2, 517, D, dtype=dtype)
     check_problem(q, k, v, dtype, 1 / math.sqrt(D), wl=-1, wr=0, br=True)
     check_problem(q, k, v, dtype, 1 / math.sqrt(D), deterministic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tile", [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4, 2, True)],
+                         ids=["tma", "tma+ws128", "tma+ws64"])
+def test_gpu_hopper_configs(seed, dtype, tile, monkeypatch):
+    """Each kind of sm_90 forward config forced (the autotuner would only pick it where it is
+    fastest), with the backward's descriptor loads: GQA on strided q, causal, a window, varlen."""
+    if not attn.HAS_TMA or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs sm_90+ and a Triton with tensor descriptors")
+    if tile[4] and not attn.HAS_WARP_SPECIALIZE:
+        pytest.skip("this Triton has no warp specialization")
+    monkeypatch.setattr(attn._fwd, "configs", [attn._fwd_config(*tile[:4], tma=True, ws=tile[4])])
+    for D in (64, 128):
+        q, k, v = rand(2, 8, 333, D, dtype=dtype, strided=True), rand(2, 2, 517, D, dtype=dtype), \
+            rand(2, 2, 517, D, dtype=dtype)
+        check_problem(q, k, v, dtype, 1 / math.sqrt(D), wl=-1, wr=0, br=True)
+        check_problem(q, k, v, dtype, 1 / math.sqrt(D), wl=100, wr=7, deterministic=True)
+    lens = [300, 0, 1, 511, 129]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    qv, kv_, vv = (rand(1, n, sum(lens), 128, dtype=dtype) for n in (8, 4, 4))
+    check_problem(qv, kv_, vv, dtype, 0.1, cu_q=cu, cu_k=cu, wl=-1, wr=0, br=True)
 
 
 @pytest.mark.gpu

@@ -21,6 +21,13 @@ Design (after the Triton fused-attention tutorial, FlashAttention-2 and flash-de
   over the query heads of a GQA group inside the program (no atomics for dk/dv). dq either
   with fp32 atomics from that kernel (deterministic=False) or in its own query-block-parallel
   kernel (deterministic=True; bitwise reproducible).
+- Hopper (sm_90+, half precision, 16-byte aligned tensors): extra forward configs read Q, K, V
+  and write the output through tensor descriptors made in the kernel per (sequence, head)
+  (TMA; rows past a sequence's end read as zeros, stores are clipped), some with the key loop
+  warp-specialized (Triton 3.9 specializes only a 4-warp kernel with one loop and no early
+  return, so those run one masked loop); the autotuner measures them beside the pointer-load
+  configs. The backward reads its loop tiles (q, dO; k, v) through descriptors there. Older
+  Triton (no tl.make_tensor_descriptor / warp_specialize), sm_80 and fp32 keep pointer loads.
 - Decode: the key range is split over programs (partial out + lse in fp32 workspaces, then a
   combine kernel); the query heads of a kv head share one program; cache_seqlens is read on
   the device, the grid depends only on shapes (CUDA-graph capturable). Paged caches
@@ -30,6 +37,7 @@ Design (after the Triton fused-attention tutorial, FlashAttention-2 and flash-de
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -201,44 +209,69 @@ def _split_program(length, BLOCK: tl.constexpr):
 # Forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, skn, svn, sbm, sbn, start, end,
+def _fwd_tile(acc, l_i, m_i, q, K, V, Bias, DescK, DescV, skn, svn, sbm, sbn, n0,
+              rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+              window_left, window_right, row_state, drop_threshold, drop_scale,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+              BIAS_I64: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key block of the online softmax. USE_TMA: K and V tiles come through tensor
+    descriptors (TMA on Hopper; rows past the sequence read as zeros), else masked loads."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    cols = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        col_ok = cols < k_len
+    else:
+        col_ok = cols >= 0
+    if USE_TMA:
+        kt = tl.trans(DescK.load([n0, 0]))
+    else:
+        kt = tl.load(K + (k_start + cols)[None, :] * skn + d[:, None], mask=d_ok[:, None] & col_ok[None, :],
+                     other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PREC)
+    diag = rows[:, None] + off - cols[None, :]
+    bias = qk
+    if HAS_BIAS:
+        bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
+                       mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
+    s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
+                          HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+    if MASKED:
+        ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+        s2 = tl.where(ok, s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet: no NaN
+    p = tl.math.exp2(s2 - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(row_state[:, None], cols[None, :], drop_threshold)
+        p = tl.where(keep, p * drop_scale, 0.0)
+    if USE_TMA:
+        v = DescV.load([n0, 0])
+    else:
+        v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_block_range(acc, l_i, m_i, q, K, V, Bias, DescK, DescV, skn, svn, sbm, sbn, start, end,
                      rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
                      window_left, window_right, row_state, drop_threshold, drop_scale,
                      MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BIAS_I64: tl.constexpr):
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
+                     BIAS_I64: tl.constexpr, USE_TMA: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            col_ok = cols < k_len
-        else:
-            col_ok = cols >= 0
-        kt = tl.load(K + (k_start + cols)[None, :] * skn + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PREC)
-        diag = rows[:, None] + off - cols[None, :]
-        bias = qk
-        if HAS_BIAS:
-            bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
-                           mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-        s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
-                              HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-        if MASKED:
-            ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
-            s2 = tl.where(ok, s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet: no NaN
-        p = tl.math.exp2(s2 - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(row_state[:, None], cols[None, :], drop_threshold)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Bias, DescK, DescV, skn, svn, sbm, sbn, n0,
+                                  rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                  window_left, window_right, row_state, drop_threshold, drop_scale,
+                                  MASKED, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                  HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
     return acc, l_i, m_i
 
 
@@ -252,7 +285,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr):
+                DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr, TMA_ALIGNED: tl.constexpr,
+                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """USE_TMA / WARP_SPECIALIZE (Hopper configs; see _prune_fwd_configs): Q, K, V and the
+    output go through tensor descriptors made per (sequence, head), so tiles past a sequence's
+    end read as zeros and are not stored; the key loop is warp-specialized (producer warps
+    issue the TMA loads). TMA_ALIGNED only keys the autotuner: the launcher's check that
+    every base and row stride is 16-byte aligned, which descriptors need."""
     pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -260,8 +299,9 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
     q_start, q_len = _sequence(CuQ, b, Sq_total, IS_VARLEN)
     k_start, k_len = _sequence(CuK, b, Sk_total, IS_VARLEN)
     m_start = pid_m * BLOCK_M
-    if m_start >= q_len:
-        return
+    if not WARP_SPECIALIZE:  # (see below)
+        if m_start >= q_len:
+            return
     if IS_VARLEN:
         batch = b * 0  # tensors hold one batch row; b is the sequence index
     else:
@@ -275,10 +315,21 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     row_ok = rows < q_len
-    q = tl.load(Q + batch * sqb + h * sqh + (q_start + rows)[:, None] * sqm + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     Kh = K + batch * skb + hk * skh
     Vh = V + batch * svb + hk * svh
+    if USE_TMA:
+        desc_q = tl.make_tensor_descriptor(Q + batch * sqb + h * sqh + q_start * sqm, shape=[q_len, HEAD_DIM],
+                                           strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])
+        desc_k = tl.make_tensor_descriptor(Kh + k_start * skn, shape=[k_len, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(Vh + k_start * svn, shape=[k_len, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        q = desc_q.load([m_start, 0])
+    else:
+        desc_k = Kh  # unused placeholders
+        desc_v = Vh
+        q = tl.load(Q + batch * sqb + h * sqh + (q_start + rows)[:, None] * sqm + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     Bh = Bias + b * sbb + h * sbh
     slope2 = 0.0
     if HAS_ALIBI:
@@ -292,26 +343,43 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_ranges(m_start, q_len, k_len, off, window_left, window_right,
                                            BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, lo, full_lo,
-                                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
-                                     window_left, window_right, row_state, drop_threshold, drop_scale,
-                                     True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
-    acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, full_lo, full_hi,
-                                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
-                                     window_left, window_right, row_state, drop_threshold, drop_scale,
-                                     False, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
-    acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, skn, svn, sbm, sbn, full_hi, hi,
-                                     rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
-                                     window_left, window_right, row_state, drop_threshold, drop_scale,
-                                     True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                     HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialization takes one loop and no early return: a single
+        # masked loop over [lo, hi), empty for a block past its sequence (its stores are clipped).
+        hi = lo + (hi - lo) * (m_start < q_len)
+        for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, Bh, desc_k, desc_v, skn, svn, sbm, sbn, n0,
+                                      rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                      window_left, window_right, row_state, drop_threshold, drop_scale,
+                                      True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                      HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
+    else:
+        acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, desc_k, desc_v, skn, svn, sbm, sbn, lo, full_lo,
+                                         rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                         window_left, window_right, row_state, drop_threshold, drop_scale,
+                                         True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                         HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
+        acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, desc_k, desc_v, skn, svn, sbm, sbn,
+                                         full_lo, full_hi, rows, off, q_len, k_len, k_start, slope2, qk_scale2,
+                                         softcap_scale, softcap2,
+                                         window_left, window_right, row_state, drop_threshold, drop_scale,
+                                         False, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                         HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
+        acc, l_i, m_i = _fwd_block_range(acc, l_i, m_i, q, Kh, Vh, Bh, desc_k, desc_v, skn, svn, sbm, sbn, full_hi, hi,
+                                         rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
+                                         window_left, window_right, row_state, drop_threshold, drop_scale,
+                                         True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                         HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
     empty = l_i == 0.0  # no allowed key (or all -inf): out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Out + batch * sob + h * soh + (q_start + rows)[:, None] * som + d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if USE_TMA:
+        desc_o = tl.make_tensor_descriptor(Out + batch * sob + h * soh + q_start * som, shape=[q_len, HEAD_DIM],
+                                           strides=[som, 1], block_shape=[BLOCK_M, BLOCK_D])
+        desc_o.store([m_start, 0], out.to(Out.dtype.element_ty))
+    else:
+        tl.store(Out + batch * sob + h * soh + (q_start + rows)[:, None] * som + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + batch * slb + h * slh + q_start + rows, lse, mask=row_ok)
 
 
@@ -346,14 +414,32 @@ def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_
 _IEEE_FWD_TILES = ((32, 32, 8, 1), (16, 32, 8, 1))  # (BLOCK_M, BLOCK_N, warps, stages)
 
 
-def _fwd_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    tensor_core = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+# Hopper features of the installed Triton: device-side tensor descriptors (TMA) and automatic
+# warp specialization of a loop. Without them (older Triton) no config asks for them.
+HAS_TMA = hasattr(tl, "make_tensor_descriptor")
+HAS_WARP_SPECIALIZE = HAS_TMA and "warp_specialize" in inspect.signature(tl.range).parameters
+
+
+def _fwd_config(bm, bn, warps, stages, tma=False, ws=False, maxnreg=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "WARP_SPECIALIZE": ws},
+                         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+def _fwd_configs(interpret=_INTERPRET):
+    if interpret:
+        return [_fwd_config(16, 16, 4, 1)]
+    tensor_core = [_fwd_config(bm, bn, w, s)
                    for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
-    ieee = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in _IEEE_FWD_TILES]
-    return tensor_core + ieee
+    # ptxas held three exact-fp32 configs on sm_80 to 64 registers and spilled 4-8 B: an explicit
+    # budget lets it take what the tile needs (32 x 32 at D128 took 202 on sm_90).
+    ieee = [_fwd_config(bm, bn, w, s, maxnreg=255) for bm, bn, w, s in _IEEE_FWD_TILES]
+    # Hopper (sm_90+, half precision, aligned tensors): TMA tiles on 8 warps (two warpgroups),
+    # and warp-specialized ones on 4 (Triton specializes a loop of a 4-warp kernel only: with
+    # 8 it leaves the loop as it is); the autotuner measures them beside the others.
+    tma = [_fwd_config(128, bn, 8, s, tma=True) for bn in (32, 64, 128) for s in (2, 3)] if HAS_TMA else []
+    specialized = [_fwd_config(bm, bn, 4, s, tma=True, ws=True) for bm in (64, 128) for bn in (64, 128)
+                   for s in (2, 3)] if HAS_WARP_SPECIALIZE else []
+    return tensor_core + ieee + tma + specialized
 
 
 def target_arch():
@@ -405,10 +491,17 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     arch = target_arch()
     before_hopper = arch is not None and arch < 90
     ieee_tiles = {(bm, bn, w, st) for bm, bn, w, st in _IEEE_FWD_TILES}
+    tma_ok = (HAS_TMA and arch is not None and arch >= 90 and elem != 4
+              and kwargs.get("TMA_ALIGNED", named_args.get("TMA_ALIGNED", False)))
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if ((bm, bn, c.num_warps, c.num_stages) in ieee_tiles) != ieee:
+        # With a bias, no descriptor configs: the bias tile stays a pointer load, which Triton's
+        # warp specialization cannot place ("unsupported load type for producer commit"), and
+        # TMA's 128 x 64 tile spilled 272 B at D64 (compile-check, bf16, sm_90).
+        if c.kwargs["USE_TMA"] and (not tma_ok or has_bias):
+            continue
+        if ((bm, bn, c.num_warps, c.num_stages) in ieee_tiles and not c.kwargs["USE_TMA"]) != ieee:
             continue
         if fwd_shared_bytes(bm, bn, block_d, c.num_stages, elem, bias_elem) > limit:
             continue
@@ -418,7 +511,8 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
             continue
         if elem == 4 and c.num_warps != 8:  # fp32 on TF32 tensor cores: 4 warps spill (64 x 64 at D128)
             continue
-        if elem != 4 and c.num_warps != (8 if bm == 128 else 4) and block_d < 256:
+        if (elem != 4 and c.num_warps != (8 if bm == 128 else 4) and block_d < 256
+                and not c.kwargs["WARP_SPECIALIZE"]):
             continue
         # Head dim 256 (half precision): only 64-row tiles on 8 warps fit (4 warps or 128 rows
         # spill 24-456 B with dropout, ALiBi or a bias; with a bias 64 x 32 alone fits).
@@ -446,8 +540,8 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     if not kept:  # the smallest tile of this precision's kind
-        same_kind = [c for c in configs
-                     if ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ieee_tiles) == ieee]
+        same_kind = [c for c in configs if not c.kwargs["USE_TMA"]
+                     and ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ieee_tiles) == ieee]
         kept = [min(same_kind or configs, key=lambda c: fwd_shared_bytes(
             c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem, bias_elem))]
     return kept
@@ -456,7 +550,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 _fwd = triton.autotune(
     configs=_fwd_configs(),
     key=["HEAD_DIM", "IS_VARLEN", "ALIGN_BR", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_WL", "HAS_WR",
-         "HAS_DROPOUT", "DOT_PREC", "BIAS_I64"],
+         "HAS_DROPOUT", "DOT_PREC", "BIAS_I64", "TMA_ALIGNED"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_fwd_configs},
 )(_fwd_kernel)
 
@@ -481,15 +575,18 @@ def _bwd_preprocess_kernel(Out, dOut, Delta, sob, soh, som, sdb, sdh, sdm, num_h
 
 
 @triton.jit
-def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DQ, Lse, Delta, Bias, sqm, sdm, sqm_dq, sbm, sbn, start, end,
+def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DescQ, DescDO, h, DQ, Lse, Delta, Bias, sqm, sdm, sqm_dq, sbm, sbn,
+                          start, end,
                           cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2, scale,
                           window_left, window_right, drop_state, drop_b, drop_h, num_heads, drop_threshold, drop_scale,
                           MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr):
-    """Accumulates dk, dv (BLOCK_N, BLOCK_D) over query blocks [start, end) of one query head;
-    the score tile is kept transposed (keys x queries)."""
+                          ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr,
+                          USE_TMA: tl.constexpr):
+    """Accumulates dk, dv (BLOCK_N, BLOCK_D) over query blocks [start, end) of query head h;
+    the score tile is kept transposed (keys x queries). USE_TMA: q and dO tiles come through
+    the (heads, rows, head dim) descriptors DescQ / DescDO (rows past q_len read as zeros)."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for m0 in range(start, end, BLOCK_M):
@@ -498,9 +595,13 @@ def _bwd_dkdv_block_range(dk, dv, k, v, Q, dO, DQ, Lse, Delta, Bias, sqm, sdm, s
             row_ok = rows < q_len
         else:
             row_ok = rows >= 0
-        ld_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + (q_start + rows)[:, None] * sqm + d[None, :], mask=ld_mask, other=0.0)
-        do = tl.load(dO + (q_start + rows)[:, None] * sdm + d[None, :], mask=ld_mask, other=0.0)
+        if USE_TMA:
+            q = tl.reshape(DescQ.load([h.to(tl.int32), m0, 0]), [BLOCK_M, BLOCK_D])
+            do = tl.reshape(DescDO.load([h.to(tl.int32), m0, 0]), [BLOCK_M, BLOCK_D])
+        else:
+            ld_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + (q_start + rows)[:, None] * sqm + d[None, :], mask=ld_mask, other=0.0)
+            do = tl.load(dO + (q_start + rows)[:, None] * sdm + d[None, :], mask=ld_mask, other=0.0)
         lse = tl.load(Lse + q_start + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + q_start + rows, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -548,7 +649,7 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
                      IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                      HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BIAS_I64: tl.constexpr):
+                     BIAS_I64: tl.constexpr, USE_TMA: tl.constexpr):
     pid_n, pid_bh = _split_program(max_k, BLOCK_N)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
@@ -573,6 +674,14 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
     v = tl.load(V + batch * svb + hk * svh + (k_start + cols)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if USE_TMA:  # one descriptor each over all heads of this sequence: made once, outside the loops
+        desc_q = tl.make_tensor_descriptor(Q + batch * sqb + q_start * sqm, shape=[num_heads, q_len, HEAD_DIM],
+                                           strides=[sqh, sqm, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+        desc_do = tl.make_tensor_descriptor(dO + batch * sdb + q_start * sdm, shape=[num_heads, q_len, HEAD_DIM],
+                                            strides=[sdh, sdm, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+    else:
+        desc_q = Q  # unused placeholders
+        desc_do = dO
     lo, full_lo, full_hi, hi = _query_ranges(n_start, q_len, k_len, off, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
     for g in range(0, group):  # the query heads of this kv head: dk/dv stay in registers
@@ -586,21 +695,25 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b * sab + h * sah).to(tl.float32) * 1.4426950408889634
-        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, lo, full_lo,
+        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, desc_q, desc_do, h, DQh, Lh, Dh, Bh, sqm, sdm,
+                                       sqm_dq, sbm, sbn, lo, full_lo,
                                        cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2,
                                        scale, window_left, window_right, drop_state, b, h, num_heads, drop_threshold,
                                        drop_scale, True, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64)
-        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, full_lo,
+                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64, USE_TMA)
+        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, desc_q, desc_do, h, DQh, Lh, Dh, Bh, sqm, sdm,
+                                       sqm_dq, sbm, sbn, full_lo,
                                        full_hi, cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale,
                                        softcap2, scale, window_left, window_right, drop_state, b, h, num_heads,
                                        drop_threshold, drop_scale, False, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
-                                       HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64)
-        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, DQh, Lh, Dh, Bh, sqm, sdm, sqm_dq, sbm, sbn, full_hi, hi,
+                                       HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64,
+                                       USE_TMA)
+        dk, dv = _bwd_dkdv_block_range(dk, dv, k, v, Qh, dOh, desc_q, desc_do, h, DQh, Lh, Dh, Bh, sqm, sdm,
+                                       sqm_dq, sbm, sbn, full_hi, hi,
                                        cols, off, q_len, k_len, q_start, slope2, qk_scale2, softcap_scale, softcap2,
                                        scale, window_left, window_right, drop_state, b, h, num_heads, drop_threshold,
                                        drop_scale, True, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64)
+                                       HAS_WL, HAS_WR, HAS_DROPOUT, ATOMIC_DQ, DOT_PREC, BIAS_I64, USE_TMA)
     out_mask = (cols[:, None] < k_len) & d_ok[None, :]
     tl.store(DK + batch * skb_dk + hk * skh_dk + (k_start + cols)[:, None] * skn_dk + d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
@@ -609,13 +722,13 @@ def _bwd_dkdv_kernel(Q, K, V, dO, DQ, DK, DV, Lse, Delta, Bias, Alibi, CuQ, CuK,
 
 
 @triton.jit
-def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, start, end,
+def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, DescK, DescV, Bias, skn, svn, sbm, sbn, start, end,
                         rows, off, q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2,
                         window_left, window_right, row_state, drop_threshold, drop_scale,
                         MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BIAS_I64: tl.constexpr):
+                        BIAS_I64: tl.constexpr, USE_TMA: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -624,9 +737,13 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, Bias, skn, svn, sbm, sbn, 
             col_ok = cols < k_len
         else:
             col_ok = cols >= 0
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (k_start + cols)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+        if USE_TMA:
+            k = DescK.load([n0, 0])
+            v = DescV.load([n0, 0])
+        else:
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + (k_start + cols)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         diag = rows[:, None] + off - cols[None, :]
         bias = qk
@@ -660,8 +777,8 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BIAS_I64: tl.constexpr):
+                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr,
+                   USE_TMA: tl.constexpr):
     pid_m, pid_bh = _split_program(max_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -691,6 +808,14 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     Kh = K + batch * skb + hk * skh
     Vh = V + batch * svb + hk * svh
+    if USE_TMA:
+        desc_k = tl.make_tensor_descriptor(Kh + k_start * skn, shape=[k_len, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(Vh + k_start * svn, shape=[k_len, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        desc_k = Kh  # unused placeholders
+        desc_v = Vh
     Bh = Bias + b * sbb + h * sbh
     slope2 = 0.0
     if HAS_ALIBI:
@@ -701,18 +826,22 @@ def _bwd_dq_kernel(Q, K, V, dO, DQ, Lse, Delta, Bias, Alibi, CuQ, CuK,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_ranges(m_start, q_len, k_len, off, window_left, window_right,
                                            BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, lo, full_lo, rows, off, q_len,
+    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, desc_k, desc_v, Bh,
+                             skn, svn, sbm, sbn, lo, full_lo, rows, off, q_len,
                              k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left, window_right,
                              row_state, drop_threshold, drop_scale, True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
-                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
-    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, full_lo, full_hi, rows, off,
+                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
+    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, desc_k, desc_v, Bh,
+                             skn, svn, sbm, sbn, full_lo, full_hi, rows, off,
                              q_len, k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left,
                              window_right, row_state, drop_threshold, drop_scale, False, BLOCK_N, BLOCK_D, HEAD_DIM,
-                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
-    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, Bh, skn, svn, sbm, sbn, full_hi, hi, rows, off, q_len,
+                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64,
+                             USE_TMA)
+    dq = _bwd_dq_block_range(dq, q, do, lse2, delta, Kh, Vh, desc_k, desc_v, Bh,
+                             skn, svn, sbm, sbn, full_hi, hi, rows, off, q_len,
                              k_len, k_start, slope2, qk_scale2, softcap_scale, softcap2, window_left, window_right,
                              row_state, drop_threshold, drop_scale, True, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_SOFTCAP,
-                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64)
+                             HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA)
     tl.store(DQ + batch * sqb_dq + h * sqh_dq + (q_start + rows)[:, None] * sqm_dq + d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=ld_mask)
 
@@ -1007,6 +1136,7 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
     grid = lambda meta: grid_1d(max_q, meta["BLOCK_M"], nseq * H)  # noqa: E731
+    tma_aligned = tma_aligned_all(q, k, v, out) and (not q.is_cuda or descriptor_allocator_ready())
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _fwd[grid](q, k, v, out, lse, bias_t, alibi, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1014,7 +1144,7 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
                    lse.stride(0), lse.stride(1), sbb, sbh, sbm, sbn, sab, sah,
                    H, H // Hk, Sq, Sk, max_q, qk_scale2, softcap_scale, softcap2, window_left, window_right,
                    drop_state, drop_threshold, drop_scale,
-                   HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), **flags)
+                   HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), TMA_ALIGNED=tma_aligned, **flags)
         if return_dropout_mask and dropout_p > 0:
             _dropout_mask_kernel[grid_1d(max_q, 16, nseq * H)](
                 keep, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
@@ -1025,6 +1155,36 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
             keep.fill_(1)
         return out, lse, keep.bool()
     return out, lse
+
+
+def tma_aligned_all(*tensors) -> bool:
+    """Whether tensor descriptors can address these tensors: 16-byte aligned data and every
+    stride but the last (which must be 1) a multiple of 16 bytes (TMA's rules)."""
+    for t in tensors:
+        elem = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def descriptor_allocator_ready() -> bool:
+    """Descriptors made inside a kernel need a small global scratch buffer per launch, which
+    Triton takes from the allocator set with triton.set_allocator: set torch's caching allocator
+    unless the application chose one (the setting is per thread / context). False where this
+    Triton keeps its allocator elsewhere: the launch then uses no descriptor."""
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator.get()
+        if isinstance(current, _allocation.NullAllocator):
+            triton.set_allocator(_torch_scratch)
+        return True
+    except Exception:
+        return False
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis x (y and z: 65,535)
@@ -1073,24 +1233,42 @@ def _bwd_blocks(D, dtype, prec="tf32", has_bias=False):
         return 16, 32, 8, 1
     # 16 x 64 spilled 764-988 B; two stages 44-116 B. On sm_80, 16 x 32 spilled 8-48 B (4 of 12
     # dK/dV problems; already at 255 registers): 16 x 16 there, with a register budget (below).
-    return (16, 16, 8, 1) if before_hopper else (16, 32, 8, 1)
+    # On sm_90 16 x 32 with a bias spilled 8-12 B at 255 registers: 16 x 16 there too.
+    return (16, 16, 8, 1) if before_hopper or has_bias else (16, 32, 8, 1)
 
 
-def _bwd_register_budgets(block_d, dtype, prec, atomic_dq):
+# Tests set this to run the backward's descriptor loads in the interpreter (no arch there).
+TMA_UNDER_INTERPRETER = False
+
+
+def _bwd_tma(*tensors) -> bool:
+    """Whether the backward kernels read their loop tiles (q, dO in dK/dV; k, v in dQ) through
+    tensor descriptors: TMA on sm_90+ for half-precision, aligned tensors (fp32 and sm_80 keep
+    masked loads). The tiles are those of _bwd_blocks either way."""
+    if _INTERPRET:
+        return TMA_UNDER_INTERPRETER and tma_aligned_all(*tensors)
+    arch = target_arch()
+    if not HAS_TMA or arch is None or arch < 90 or tensors[0].dtype == torch.float32:
+        return False
+    return tma_aligned_all(*tensors) and (not tensors[0].is_cuda or descriptor_allocator_ready())
+
+
+def _bwd_register_budgets(block_d, dtype, prec, atomic_dq, use_tma=False):
     """maxnreg of the (dK/dV, dQ) kernels; None: ptxas's choice. Exact fp32 (FMA code, 8 warps):
     left to itself, ptxas trimmed configs that need 90-174 registers to 64 or 80 (more blocks per
     SM) and spilled 4-32 B on sm_80. With a budget it keeps to what fits: 128 (2 blocks per SM)
     where every config fits it, 255 for the dK/dV kernel with the atomic dq past D64 and at
     D256, which need 166-255. Half precision at head dim 256 on sm_80-89 (16 x 16 tiles): ptxas
     kept to 128 registers and spilled 28-80 B; with 255 it takes 143-248 and spills nothing. The
-    half-precision dQ kernel gets 255 everywhere (see below)."""
+    half-precision dQ kernel gets 255 everywhere (see below), the dK/dV kernel too where it
+    loads through descriptors (sm_90: ptxas held the D64 dK/dV at 168 registers and spilled 12 B)."""
     if _INTERPRET:
         return None, None
     if dtype != torch.float32 or prec != "ieee":
         # The dQ kernel: left to itself ptxas kept some configs to 128 registers and spilled 4-40 B
         # (sm_90: D64 with a bias, D128 with ALiBi+softcap+window or varlen).
         arch = target_arch()
-        return (255 if block_d > 128 and arch is not None and arch < 90 else None), 255
+        return (255 if use_tma or (block_d > 128 and arch is not None and arch < 90) else None), 255
     return (255 if block_d > 128 or (atomic_dq and block_d > 64) else 128), 128
 
 
@@ -1128,7 +1306,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     prec = _dot_precision(q.dtype)
     block_m, block_n, warps, stages = _bwd_blocks(D, q.dtype, prec, bias is not None)
     atomic_dq = not deterministic
-    dkdv_maxnreg, dq_maxnreg = _bwd_register_budgets(block_d, q.dtype, prec, atomic_dq)
+    use_tma = _bwd_tma(q, k, v, dout)
+    dkdv_maxnreg, dq_maxnreg = _bwd_register_budgets(block_d, q.dtype, prec, atomic_dq, use_tma)
     if atomic_dq:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
@@ -1137,7 +1316,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
     cu_k_arg = cu_k if is_varlen else dummy
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         # fp32 64- and 32-row tiles spilled 4 B (D64, D128, sm_90)
-        pre_block = 16 if _INTERPRET or q.dtype == torch.float32 else 64
+        # (16-row fp32 tiles spilled 4 B at head dim 256 on sm_90: 8 rows there)
+        pre_block = 16 if _INTERPRET else (64 if q.dtype != torch.float32 else (8 if block_d > 128 else 16))
         _bwd_preprocess_kernel[grid_1d(Sq, pre_block, B * H)](
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), H, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block)
@@ -1151,7 +1331,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
             qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
             drop_state, drop_threshold, drop_scale,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, DOT_PREC=prec,
-            num_warps=warps, num_stages=stages, maxnreg=dkdv_maxnreg, **flags)
+            USE_TMA=use_tma, num_warps=warps, num_stages=stages, maxnreg=dkdv_maxnreg, **flags)
         if not atomic_dq:
             dq_block_m, dq_block_n = (block_n, block_m) if not _INTERPRET else (16, 16)
             _bwd_dq_kernel[grid_1d(max_q, dq_block_m, nseq * H)](
@@ -1161,7 +1341,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window_left=-1, window_right=-1,
                 qk_scale2, softcap_scale, softcap2, float(scale), window_left, window_right,
                 drop_state, drop_threshold, drop_scale,
                 HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, DOT_PREC=prec,
-                num_warps=warps, num_stages=stages, maxnreg=dq_maxnreg, **flags)
+                USE_TMA=use_tma, num_warps=warps, num_stages=stages, maxnreg=dq_maxnreg, **flags)
     dq = dq_buf.to(q.dtype) if atomic_dq else dq_buf
     return dq, dk, dv
 
