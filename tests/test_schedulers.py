@@ -489,6 +489,38 @@ def test_timestep_not_in_schedule_or_out_of_range():
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_repeated_set_timesteps_reuses_tables_not_tensors(name):
+    """A second set_timesteps with the same arguments (a pipeline's next image) reuses the
+    coefficient table and step index of the schedule (keyed by content), but hands out new
+    timesteps / sigmas tensors: a caller that wrote into the old ones changes nothing; another
+    step count gets its own table; every loop equals a fresh scheduler's."""
+    def loop(s):
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+        for t in s.timesteps:
+            x = s.step(denoiser(x, t), t, x).prev_sample
+        return x
+
+    fresh = getattr(G, name)()
+    fresh.set_timesteps(9)
+    expected, expected_t = loop(fresh), fresh.timesteps.clone()
+    s = getattr(G, name)()
+    s.set_timesteps(9)
+    table, first_t = s._table(torch.device("cpu"), torch.float32), s.timesteps
+    assert torch.equal(loop(s), expected)
+    first_t.fill_(0)  # the caller's copy
+    if hasattr(s, "sigmas"):
+        s.sigmas.fill_(0)
+    s.set_timesteps(9)
+    assert s.timesteps is not first_t and torch.equal(s.timesteps, expected_t)
+    assert s._table(torch.device("cpu"), torch.float32) is table
+    assert torch.equal(loop(s), expected)
+    s.set_timesteps(10)
+    assert s._table(torch.device("cpu"), torch.float32) is not table and len(s.timesteps) == 10
+    s.set_timesteps(9)
+    assert torch.equal(loop(s), expected)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_step_index_from_timestep_views(name):
     """A step finds its index from the timestep's address in self.timesteps (host only). The
     loop must give the same samples however the timesteps come: as python numbers, as views of

@@ -87,6 +87,18 @@ class AlphaScheduleMixin:
         a, s = self._alpha_tables(sample.device, sample.dtype)
         return _ops.add_noise(sample, noise, t, a, s, target="v_prediction")[1]
 
+    def _x0_coefs_of(self, a: np.ndarray) -> tuple:
+        """_x0_coefs over an array of alpha_bar values."""
+        p = self.config.prediction_type
+        if p == "epsilon":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pos = a > 0
+                return (np.where(pos, 1.0 / np.sqrt(a), np.inf),
+                        np.where(pos, -np.sqrt(1 - a) / np.sqrt(a), -np.inf))
+        if p == "sample":
+            return np.zeros_like(a), np.ones_like(a)
+        return np.sqrt(a), -np.sqrt(1 - a)  # v_prediction
+
     def _x0_coefs(self, a: float) -> tuple:
         """x0 = cx * x + cm * m for the configured prediction type at alpha_bar = a."""
         p = self.config.prediction_type
@@ -284,35 +296,38 @@ class DDIMScheduler(AlphaScheduleMixin, SchedulerMixin):
         self._finish_set_timesteps(device)
 
     def _ddim_rows(self, eta: float, use_clipped_model_output: bool) -> np.ndarray:
+        """Every step's row at once (numpy over the steps: set_timesteps runs once per sampling
+        loop, its host time counts against each step's)."""
         cfg = self.config
         T, n = cfg.num_train_timesteps, self.num_inference_steps
         p = cfg.prediction_type
-        rows = new_rows(len(self._timesteps_host), 1)
-        for i, t in enumerate(self._timesteps_host):
-            prev_t = t - T // n
-            a = self._abar[t]
-            a_prev = self._abar[prev_t] if prev_t >= 0 else self._final_abar
-            b, b_prev = 1 - a, 1 - a_prev
-            r = rows[i, 0]
-            r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = self._x0_coefs(a)
-            # eps = ex * x + em * m + e0 * x0 (x0 after clipping)
-            ex = em = e0 = 0.0
-            if use_clipped_model_output:
-                ex, e0 = 1 / math.sqrt(b), -math.sqrt(a) / math.sqrt(b)
-            elif p == "epsilon":
-                em = 1.0
-            elif p == "sample":
-                ex, em = 1 / math.sqrt(b), -math.sqrt(a) / math.sqrt(b)
-            else:
-                ex, em = math.sqrt(b), math.sqrt(a)
-            variance = b_prev / b * (1 - a / a_prev)
-            std = eta * math.sqrt(max(variance, 0.0))
-            direction = math.sqrt(max(1 - a_prev - std ** 2, 0.0))
-            r[PREV_X0] = math.sqrt(a_prev) + direction * e0
-            r[PREV_SAMPLE] = direction * ex
-            r[PREV_MODEL] = direction * em
-            r[PREV_NOISE] = std
-            r[AUX_X0] = 1.0
+        ts = np.asarray(self._timesteps_host, dtype=np.int64)
+        prev_t = ts - T // n
+        a = self._abar[ts]
+        a_prev = np.where(prev_t >= 0, self._abar[np.maximum(prev_t, 0)], self._final_abar)
+        b, b_prev = 1 - a, 1 - a_prev
+        rows = new_rows(len(ts), 1)
+        r = rows[:, 0]
+        r[:, X0_FROM_SAMPLE], r[:, X0_FROM_MODEL] = self._x0_coefs_of(a)
+        # eps = ex * x + em * m + e0 * x0 (x0 after clipping)
+        zero = np.zeros_like(a)
+        ex, em, e0 = zero, zero, zero
+        if use_clipped_model_output:
+            ex, e0 = 1 / np.sqrt(b), -np.sqrt(a) / np.sqrt(b)
+        elif p == "epsilon":
+            em = zero + 1.0
+        elif p == "sample":
+            ex, em = 1 / np.sqrt(b), -np.sqrt(a) / np.sqrt(b)
+        else:
+            ex, em = np.sqrt(b), np.sqrt(a)
+        variance = b_prev / b * (1 - a / a_prev)
+        std = eta * np.sqrt(np.maximum(variance, 0.0))
+        direction = np.sqrt(np.maximum(1 - a_prev - std ** 2, 0.0))
+        r[:, PREV_X0] = np.sqrt(a_prev) + direction * e0
+        r[:, PREV_SAMPLE] = direction * ex
+        r[:, PREV_MODEL] = direction * em
+        r[:, PREV_NOISE] = std
+        r[:, AUX_X0] = 1.0
         return self._maybe_fold(rows)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,

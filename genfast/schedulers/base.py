@@ -305,10 +305,23 @@ class SchedulerMixin(ConfigMixin):
         self._extra_rows = {}
         self._step_index = None
         self._begin_index = None
-        self._index_of = {}
-        for i, t in enumerate(self._timesteps_host):
-            self._index_of.setdefault(t, []).append(i)
+        # A pipeline calls set_timesteps with the same arguments for every image: the index and
+        # the coefficient tables of a schedule already seen are reused (keyed by content).
+        memo = self.__dict__.setdefault("_schedule_memo", {})
+        key = ("index", tuple(self._timesteps_host))
+        self._index_of = memo.get(key)
+        if self._index_of is None:
+            self._index_of = {}
+            for i, t in enumerate(self._timesteps_host):
+                self._index_of.setdefault(t, []).append(i)
+            self._remember(memo, key, self._index_of)
         self._table(torch.device(device) if device is not None else torch.device("cpu"), torch.float32)
+
+    @staticmethod
+    def _remember(memo: dict, key, value) -> None:
+        if len(memo) >= 16:  # a few schedules (step counts, devices): no unbounded growth
+            memo.clear()
+        memo[key] = value
 
     def _require_timesteps(self, what: str) -> None:
         if self._rows is None:
@@ -326,8 +339,13 @@ class SchedulerMixin(ConfigMixin):
         entry = self._tables.get(key)
         if entry is None:
             rows = self._rows if rows_key is None else self._extra_rows[rows_key]
-            table = torch.tensor(rows, dtype=dtype).to(device)
-            entry = (table, table.reshape(-1, table.shape[-1]).unbind(0), table.shape[1])
+            memo = self.__dict__.setdefault("_schedule_memo", {})
+            content = ("table", rows.shape, rows.tobytes(), device, dtype)  # the kernels only read tables
+            entry = memo.get(content)
+            if entry is None:
+                table = torch.tensor(rows, dtype=dtype).to(device)
+                entry = (table, table.reshape(-1, table.shape[-1]).unbind(0), table.shape[1])
+                self._remember(memo, content, entry)
             self._tables[key] = entry
         return entry
 

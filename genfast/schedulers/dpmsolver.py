@@ -77,6 +77,13 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerM
         alpha = 1 / math.sqrt(sigma ** 2 + 1)
         return alpha, sigma * alpha
 
+    def _alpha_sigma_of(self, sigma: np.ndarray) -> tuple:
+        """_alpha_sigma over an array of sigmas."""
+        if self.config.use_flow_sigmas:
+            return 1 - sigma, sigma
+        alpha = 1 / np.sqrt(sigma ** 2 + 1)
+        return alpha, sigma * alpha
+
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu: Optional[float] = None,
                       timesteps=None):
         cfg, name = self.config, type(self).__name__
@@ -129,52 +136,53 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerM
         self._finish_set_timesteps(device)
 
     def _dpm_rows(self, sig, n) -> np.ndarray:
+        """Every step's first- and second-order rows at once (numpy over the steps)."""
         cfg = self.config
         sde = cfg.algorithm_type == "sde-dpmsolver++"
+        sig = np.asarray(sig, dtype=np.float64)
         rows = new_rows(n, 2)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            for i in range(n):
-                alpha_s0, sigma_s0 = self._alpha_sigma(sig[i])
-                alpha_t, sigma_t = self._alpha_sigma(sig[i + 1])
-                lam_s0 = np.log(alpha_s0) - np.log(sigma_s0)
-                lam_t = np.log(alpha_t) - np.log(np.float64(sigma_t))  # +inf at a zero final sigma
-                h = lam_t - lam_s0
-                # x0 of this step (convert_model_output)
-                p = cfg.prediction_type
-                if p == "epsilon":
-                    x0 = (1 / alpha_s0, -sigma_s0 / alpha_s0)
-                elif p == "sample":
-                    x0 = (0.0, 1.0)
-                elif p == "v_prediction":
-                    x0 = (alpha_s0, -sigma_s0)
-                else:  # flow_prediction
-                    x0 = (1.0, -sig[i])
-                em, e2m = np.exp(-h), np.exp(-2.0 * h)
-                for v in (FIRST_ORDER, SECOND_ORDER):
-                    r = rows[i, v]
-                    r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = x0
-                    r[AUX_X0] = 1.0
-                    if sde:
-                        r[PREV_SAMPLE] = sigma_t / sigma_s0 * em
-                        d0 = alpha_t * (1 - e2m)
-                        r[PREV_NOISE] = sigma_t * np.sqrt(1.0 - e2m)
-                    else:
-                        r[PREV_SAMPLE] = sigma_t / sigma_s0
-                        d0 = -alpha_t * (em - 1.0)
-                    r[PREV_X0] = d0
-                    if v == FIRST_ORDER or i == 0:
-                        continue
-                    # D1 = (x0 - x0_prev) / r0
-                    alpha_s1, sigma_s1 = self._alpha_sigma(sig[i - 1])
-                    r0 = (lam_s0 - (np.log(alpha_s1) - np.log(sigma_s1))) / h
-                    if cfg.solver_type == "midpoint":
-                        d1 = 0.5 * d0
-                    elif sde:
-                        d1 = alpha_t * ((1.0 - e2m) / (-2.0 * h) + 1.0)
-                    else:
-                        d1 = alpha_t * ((em - 1.0) / h + 1.0)
-                    r[PREV_X0] = d0 + d1 / r0
-                    r[PREV_HIST1] = -d1 / r0
+            alpha_s0, sigma_s0 = self._alpha_sigma_of(sig[:n])
+            alpha_t, sigma_t = self._alpha_sigma_of(sig[1:n + 1])
+            lam_s0 = np.log(alpha_s0) - np.log(sigma_s0)
+            lam_t = np.log(alpha_t) - np.log(sigma_t)  # +inf at a zero final sigma
+            h = lam_t - lam_s0
+            # x0 of each step (convert_model_output)
+            p = cfg.prediction_type
+            if p == "epsilon":
+                x0 = (1 / alpha_s0, -sigma_s0 / alpha_s0)
+            elif p == "sample":
+                x0 = (0.0, 1.0)
+            elif p == "v_prediction":
+                x0 = (alpha_s0, -sigma_s0)
+            else:  # flow_prediction
+                x0 = (1.0, -sig[:n])
+            em, e2m = np.exp(-h), np.exp(-2.0 * h)
+            if sde:
+                prev_sample, d0 = sigma_t / sigma_s0 * em, alpha_t * (1 - e2m)
+            else:
+                prev_sample, d0 = sigma_t / sigma_s0, -alpha_t * (em - 1.0)
+            for v in (FIRST_ORDER, SECOND_ORDER):
+                r = rows[:, v]
+                r[:, X0_FROM_SAMPLE], r[:, X0_FROM_MODEL] = x0
+                r[:, AUX_X0] = 1.0
+                r[:, PREV_SAMPLE] = prev_sample
+                if sde:
+                    r[:, PREV_NOISE] = sigma_t * np.sqrt(1.0 - e2m)
+                r[:, PREV_X0] = d0
+            if n > 1:  # second order from the second step: D1 = (x0 - x0_prev) / r0
+                alpha_s1, sigma_s1 = self._alpha_sigma_of(sig[:n - 1])
+                h1, d01, alpha_t1, em1, e2m1 = h[1:], d0[1:], alpha_t[1:], em[1:], e2m[1:]
+                r0 = (lam_s0[1:] - (np.log(alpha_s1) - np.log(sigma_s1))) / h1
+                if cfg.solver_type == "midpoint":
+                    d1 = 0.5 * d01
+                elif sde:
+                    d1 = alpha_t1 * ((1.0 - e2m1) / (-2.0 * h1) + 1.0)
+                else:
+                    d1 = alpha_t1 * ((em1 - 1.0) / h1 + 1.0)
+                r = rows[1:, SECOND_ORDER]
+                r[:, PREV_X0] = d01 + d1 / r0
+                r[:, PREV_HIST1] = -d1 / r0
         if sig[n] == 0.0:  # the final step is always first order then; its 2nd-order row (h = inf) is unused
             rows[n - 1, SECOND_ORDER] = rows[n - 1, FIRST_ORDER]
         return rows if cfg.thresholding else fold_x0(rows)

@@ -154,16 +154,24 @@ class EulerDiscreteScheduler(_SigmaSchedule):
         return min(s_churn / (len(self._sigmas_host) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
 
     def _euler_rows(self, s_churn, s_tmin, s_tmax):
+        """Every step's row at once (numpy over the steps; as _gamma and _sigma_x0 per step)."""
         p = self.config.prediction_type
-        rows = new_rows(len(self._timesteps_host), 1)
-        for i in range(len(self._timesteps_host)):
-            sigma, sigma_next = self._sigmas_host[i], self._sigmas_host[i + 1]
-            sigma_hat = sigma * (self._gamma(sigma, s_churn, s_tmin, s_tmax) + 1)
-            r = rows[i, 0]
-            r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = _sigma_x0(p, sigma_hat, sigma)
-            dt = sigma_next - sigma_hat
-            r[PREV_SAMPLE], r[PREV_X0] = 1 + dt / sigma_hat, -dt / sigma_hat
-            r[AUX_X0] = 1.0
+        n = len(self._timesteps_host)
+        sig = np.asarray(self._sigmas_host, dtype=np.float64)
+        sigma, sigma_next = sig[:n], sig[1:n + 1]
+        churn = min(s_churn / (len(sig) - 1), 2 ** 0.5 - 1)
+        sigma_hat = sigma * (np.where((s_tmin <= sigma) & (sigma <= s_tmax), churn, 0.0) + 1)
+        rows = new_rows(n, 1)
+        r = rows[:, 0]
+        if p == "epsilon":
+            r[:, X0_FROM_SAMPLE], r[:, X0_FROM_MODEL] = 1.0, -sigma_hat
+        elif p == "v_prediction":
+            r[:, X0_FROM_SAMPLE], r[:, X0_FROM_MODEL] = 1.0 / (sigma ** 2 + 1), -sigma / np.sqrt(sigma ** 2 + 1)
+        else:
+            r[:, X0_FROM_SAMPLE], r[:, X0_FROM_MODEL] = 0.0, 1.0
+        dt = sigma_next - sigma_hat
+        r[:, PREV_SAMPLE], r[:, PREV_X0] = 1 + dt / sigma_hat, -dt / sigma_hat
+        r[:, AUX_X0] = 1.0
         return fold_x0(rows)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
