@@ -176,14 +176,20 @@ def direct_call_allowed(*tensors) -> bool:
     torch.compile, jit tracing, dispatch modes (FakeTensor, functionalization, make_fx),
     functorch transforms and tensor subclasses (DTensor, ...) keep the registered op, which
     they need to see."""
-    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+    if not plain_eager_mode():
         return False
     for t in tensors:
         if t is not None and type(t) is not torch.Tensor:
             return False
     return True
+
+
+def plain_eager_mode() -> bool:
+    """direct_call_allowed without the tensors: no torch.compile, jit tracing, dispatch mode
+    or functorch transform is active."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active())
 
 
 _warned: set = set()

@@ -325,6 +325,60 @@ def test_sampler_step_prepared_equals_general_path(seed, monkeypatch):
     assert len(runs) == count + 1
 
 
+def test_sampler_step_in_loop_equals_sampler_step(seed, monkeypatch):
+    """The schedulers' fast path: bitwise what sampler_step gives, without the dispatch table;
+    None (the caller's cue for sampler_step) for non-contiguous tensors, autograd, a subclass
+    and inside a dispatch mode; sampler_step's errors at the first call of a bad signature;
+    and a scheduler loop really takes it (with its results unchanged)."""
+    D = importlib.import_module("genfast.ops.diffusion")
+    runs = []
+    table = D.DISPATCH["sampler_step"]
+    inner = table.run
+    monkeypatch.setattr(table, "run", lambda *a, **kw: runs.append(1) or inner(*a, **kw))
+    x, m, h, h2, z = (torch.randn(2, 3, 5, 4) for _ in range(5))
+    coefs = torch.randn(16, dtype=torch.float64).float()
+    for kwargs in (dict(), dict(history=h), dict(history=h, history2=h2, noise=z), dict(out_dtype=torch.float64)):
+        expected = genfast.ops.sampler_step(x, m, coefs, **kwargs)
+        count = len(runs)
+        got = D.sampler_step_in_loop(x, m, coefs, kwargs.get("history"), kwargs.get("history2"),
+                                     kwargs.get("noise"), kwargs.get("out_dtype"))
+        assert len(runs) == count, f"the loop's fast path went through the dispatch table ({kwargs})"
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and torch.equal(a, b), kwargs
+    assert D.sampler_step_in_loop(x.transpose(2, 3), m.transpose(2, 3), coefs) is None
+    assert D.sampler_step_in_loop(x, m.clone().requires_grad_(), coefs) is None
+    with torch.no_grad():
+        assert D.sampler_step_in_loop(x, m.clone().requires_grad_(), coefs) is not None
+    assert D.sampler_step_in_loop(torch.nn.Parameter(x), m, coefs) is None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert D.sampler_step_in_loop(x, m, coefs) is None
+    with pytest.raises(ValueError, match="model_output"):
+        D.sampler_step_in_loop(x, torch.randn(2, 3, 5, 5), coefs)
+    with pytest.raises(TypeError, match="coefs"):
+        D.sampler_step_in_loop(x, m, coefs.to(torch.float16))
+
+    taken = []
+    real = D.sampler_step_in_loop
+    monkeypatch.setattr(genfast.schedulers._ops, "sampler_step_in_loop",
+                        lambda *a: taken.append(1) or real(*a))
+    outs = []
+    for _ in range(2):
+        s = genfast.schedulers.DPMSolverMultistepScheduler()
+        s.set_timesteps(6)
+        y = x
+        for t in s.timesteps:
+            y = s.step(torch.tanh(y), t, y).prev_sample
+        outs.append(y)
+        monkeypatch.setattr(genfast.schedulers._ops, "sampler_step_in_loop", lambda *a: None)
+    assert len(taken) == 6 and torch.equal(outs[0], outs[1])
+
+
 def test_group_norm_prepared_equals_general_path(seed, monkeypatch):
     G = importlib.import_module("genfast.ops.group_norm")  # the attribute genfast.ops.group_norm is the function
     runs = []

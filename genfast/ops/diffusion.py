@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._dispatch import OpDispatcher, direct_call_allowed
+from .._dispatch import OpDispatcher, direct_call_allowed, plain_eager_mode
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
 from ._define import NativeOp
@@ -636,6 +636,34 @@ def sampler_step(sample, model_output, coefs, history=None, history2=None, noise
         sample, model_output, coefs, history, history2, noise, model_output_uncond, clamp_tensor, clamp_value,
         x0_rescale, g, seed, bool(return_aux), out_dtype, aux_dtype, backend)
     return prev, (aux if return_aux else None)
+
+
+def sampler_step_in_loop(x, m, coefs, history=None, history2=None, noise=None, out_dtype=None, aux_dtype=None):
+    """The eager fast path of ``sampler_step(x, m, coefs, history, history2, noise,
+    out_dtype=..., aux_dtype=...)`` (no clamp, no guidance, aux returned) for a sampling loop,
+    which calls it with one signature every step (genfast's schedulers): the full checks run at
+    the first call of a signature, then only what the prepared call needs (plain contiguous
+    tensors, eager mode, no autograd). Returns (prev, aux), or None where the fast path does
+    not apply: the caller then calls ``sampler_step``."""
+    grad = torch.is_grad_enabled()
+    for t in (x, m, coefs, history, history2, noise):  # direct_call_allowed, _needs_grad, layouts: one pass
+        if t is not None and (type(t) is not torch.Tensor or not t.is_contiguous() or (grad and t.requires_grad)):
+            return None
+    if not plain_eager_mode():
+        return None
+    signature = ("sampler_step in a loop", tensor_key(x), tensor_key(m), tensor_key(coefs), tensor_key(history),
+                 tensor_key(history2), tensor_key(noise), out_dtype, aux_dtype)
+    return DISPATCH["sampler_step"].call_prepared(
+        signature, lambda: _prepare_loop_step(x, m, coefs, history, history2, noise, out_dtype, aux_dtype),
+        x, m, None, history, history2, noise, coefs, None, -1, True)
+
+
+def _prepare_loop_step(x, m, coefs, history, history2, noise, out_dtype, aux_dtype):
+    """sampler_step_in_loop's prepared call: sampler_step's checks once (they raise its errors),
+    then _prepare_step."""
+    checked = _check_sampler_step("sampler_step", x, m, coefs, history, history2, noise, None, False, out_dtype,
+                                  aux_dtype, None, None, None, None)
+    return _prepare_step(x, coefs, None, False, checked)
 
 
 def _prepare_step(x, coefs, clamp, x0_rescale, checked):

@@ -491,6 +491,11 @@ class SchedulerMixin(ConfigMixin):
             x0_clamp, rescale = self._threshold_bound(rows[i, variant], sample, model_output), True
         elif clip is not None:
             x0_clamp = float(clip)
+        else:  # a sampling loop's usual step: the fast path of one signature (None where it does not apply)
+            result = _ops.sampler_step_in_loop(sample, model_output, coefs, history, history2, noise, out_dtype,
+                                               aux_dtype)
+            if result is not None:
+                return result
         return _ops.sampler_step(sample, model_output, coefs, history=history, history2=history2, noise=noise,
                                  x0_clamp=x0_clamp, x0_rescale=rescale, out_dtype=out_dtype, aux_dtype=aux_dtype)
 

@@ -67,15 +67,23 @@ def _run(pipe, seed):
 
 @pytest.fixture
 def step_calls(monkeypatch):
-    """Counts genfast's sampler_step launches (every scheduler step goes through _ops)."""
+    """Counts genfast's sampler_step launches (every scheduler step goes through _ops: its loop
+    fast path, or sampler_step where that does not apply)."""
     calls = []
-    real = _ops.sampler_step
+    real, real_in_loop = _ops.sampler_step, _ops.sampler_step_in_loop
 
     def counted(*args, **kwargs):
         calls.append(args[0].dtype)
         return real(*args, **kwargs)
 
+    def counted_in_loop(*args):
+        result = real_in_loop(*args)
+        if result is not None:
+            calls.append(args[0].dtype)
+        return result
+
     monkeypatch.setattr(_ops, "sampler_step", counted)
+    monkeypatch.setattr(_ops, "sampler_step_in_loop", counted_in_loop)
     return calls
 
 
