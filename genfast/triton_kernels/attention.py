@@ -410,8 +410,14 @@ def _dropout_mask_kernel(Mask, CuQ, CuK, smb, smh, smm, num_heads, Sq_total, Sk_
 # Measured with compile-check (sm_90, D128): 32 x 32 on 8 warps 202 registers, no spill; on 4
 # warps 1.6 KB of spills, 64 x 32 on 8 warps 1.8 KB. The full compile-check then found 32 x 32
 # spilling 4-432 B past head dim 64 (head dim 80, varlen, ALiBi+softcap, dropout; sm_80 and
-# sm_90): 16-row tiles past head dim 64.
-_IEEE_FWD_TILES = ((32, 32, 8, 1), (16, 32, 8, 1))  # (BLOCK_M, BLOCK_N, warps, stages)
+# sm_90): 16-row tiles past head dim 64. At head dim 256 16 x 32 still spilled 4-16 B at 255
+# registers on sm_80: 16 x 16 there.
+_IEEE_FWD_TILES = ((32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1))  # (BLOCK_M, BLOCK_N, warps, stages)
+
+
+def _ieee_fwd_tile(block_d):
+    """The exact-fp32 forward tile (BLOCK_M, BLOCK_N) for a head-dim block."""
+    return (32, 32) if block_d <= 64 else ((16, 32) if block_d <= 128 else (16, 16))
 
 
 # Hopper features of the installed Triton: device-side tensor descriptors (TMA) and automatic
@@ -506,7 +512,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         if fwd_shared_bytes(bm, bn, block_d, c.num_stages, elem, bias_elem) > limit:
             continue
         if ieee:
-            if (bm == 16) == (block_d > 64):
+            if (bm, bn) == _ieee_fwd_tile(block_d):
                 kept.append(c)
             continue
         if elem == 4 and c.num_warps != 8:  # fp32 on TF32 tensor cores: 4 warps spill (64 x 64 at D128)
