@@ -196,6 +196,25 @@ def _bias_offsets(rows, cols, sbm, sbn, BIAS_I64: tl.constexpr):
 
 
 @triton.jit
+def _tile_scores(qk, rows, cols, col_ok, off, q_len, k_len, Bias, sbm, sbn, slope2, qk_scale2, softcap_scale,
+                 softcap2, window_left, window_right, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                 BIAS_I64: tl.constexpr):
+    """log2-domain scores (rows x cols) of q . k^T = qk with the bias, ALiBi, softcap and (MASKED)
+    the causal / window / length mask applied (-inf), and the softcap's tanh (for its gradient)."""
+    diag = rows[:, None] + off - cols[None, :]
+    bias = qk
+    if HAS_BIAS:
+        bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
+                       mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
+    s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+    if MASKED:
+        ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+        s2 = tl.where(ok, s2, float("-inf"))
+    return s2, t
+
+
+@triton.jit
 def _split_program(length, BLOCK: tl.constexpr):
     """(block index along the sequence, batch x head index) of a 1-D launch grid: both live on
     axis x, whose limit is 2^31 - 1 (y and z stop at 65,535, less than e.g. batch 2048 x 32
@@ -231,16 +250,9 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, Bias, DescK, DescV, skn, svn, sbm, sbn, n0
         kt = tl.load(K + (k_start + cols)[None, :] * skn + d[:, None], mask=d_ok[:, None] & col_ok[None, :],
                      other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC)
-    diag = rows[:, None] + off - cols[None, :]
-    bias = qk
-    if HAS_BIAS:
-        bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
-                       mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-    s2, _t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
-                          HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-    if MASKED:
-        ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
-        s2 = tl.where(ok, s2, float("-inf"))
+    s2, _t = _tile_scores(qk, rows, cols, col_ok, off, q_len, k_len, Bias, sbm, sbn, slope2, qk_scale2, softcap_scale,
+                          softcap2, window_left, window_right, MASKED, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_WL, HAS_WR,
+                          BIAS_I64)
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet: no NaN
     p = tl.math.exp2(s2 - m_safe[:, None])
@@ -751,16 +763,9 @@ def _bwd_dq_block_range(dq, q, do, lse2, delta, K, V, DescK, DescV, Bias, skn, s
             k = tl.load(K + (k_start + cols)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + (k_start + cols)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        diag = rows[:, None] + off - cols[None, :]
-        bias = qk
-        if HAS_BIAS:
-            bias = tl.load(Bias + _bias_offsets(rows[:, None], cols[None, :], sbm, sbn, BIAS_I64),
-                           mask=(rows[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-        s2, t = _scores_log2(qk, diag, slope2, bias, qk_scale2, softcap_scale, softcap2,
-                             HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-        if MASKED:
-            ok = _allowed(rows[:, None], cols[None, :], diag, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
-            s2 = tl.where(ok, s2, float("-inf"))
+        s2, t = _tile_scores(qk, rows, cols, col_ok, off, q_len, k_len, Bias, sbm, sbn, slope2, qk_scale2,
+                             softcap_scale, softcap2, window_left, window_right, MASKED, HAS_SOFTCAP, HAS_ALIBI,
+                             HAS_BIAS, HAS_WL, HAS_WR, BIAS_I64)
         p = tl.math.exp2(s2 - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_DROPOUT:
