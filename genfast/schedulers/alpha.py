@@ -88,7 +88,7 @@ class AlphaScheduleMixin:
         return _ops.add_noise(sample, noise, t, a, s, target="v_prediction")[1]
 
     def _x0_coefs_of(self, a: np.ndarray) -> tuple:
-        """_x0_coefs over an array of alpha_bar values."""
+        """x0 = cx * x + cm * m for the configured prediction type, at each alpha_bar in ``a``."""
         p = self.config.prediction_type
         if p == "epsilon":
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -98,15 +98,6 @@ class AlphaScheduleMixin:
         if p == "sample":
             return np.zeros_like(a), np.ones_like(a)
         return np.sqrt(a), -np.sqrt(1 - a)  # v_prediction
-
-    def _x0_coefs(self, a: float) -> tuple:
-        """x0 = cx * x + cm * m for the configured prediction type at alpha_bar = a."""
-        p = self.config.prediction_type
-        if p == "epsilon":
-            return 1.0 / math.sqrt(a) if a > 0 else math.inf, -math.sqrt(1 - a) / math.sqrt(a) if a > 0 else -math.inf
-        if p == "sample":
-            return 0.0, 1.0
-        return math.sqrt(a), -math.sqrt(1 - a)  # v_prediction
 
     def _clip_args(self):
         cfg = self.config
@@ -186,6 +177,7 @@ class DDPMScheduler(AlphaScheduleMixin, SchedulerMixin):
         _check_int_timesteps(name, ts, T)
         n = len(ts)
         rows = new_rows(n, 1)
+        x0_sample, x0_model = self._x0_coefs_of(self._abar[ts])
         self._variance_logs = []
         for i, t in enumerate(ts):
             prev_t = ts[i + 1] if i + 1 < n else -1
@@ -195,7 +187,7 @@ class DDPMScheduler(AlphaScheduleMixin, SchedulerMixin):
             cur_alpha = a / a_prev
             cur_beta = 1 - cur_alpha
             r = rows[i, 0]
-            r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = self._x0_coefs(a)
+            r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = x0_sample[i], x0_model[i]
             r[PREV_X0] = math.sqrt(a_prev) * cur_beta / b
             r[PREV_SAMPLE] = math.sqrt(cur_alpha) * b_prev / b
             r[AUX_X0] = 1.0
@@ -434,15 +426,15 @@ class LCMScheduler(AlphaScheduleMixin, SchedulerMixin):
         _check_int_timesteps(name, ts, T)
         n = len(ts)
         rows = new_rows(n, 1)
+        x0_sample, x0_model = self._x0_coefs_of(self._abar[ts])
         for i, t in enumerate(ts):
             prev_t = ts[i + 1] if i + 1 < n else t
-            a = self._abar[t]
             a_prev = self._abar[prev_t] if prev_t >= 0 else self._final_abar
             scaled = t * cfg.timestep_scaling
             c_skip = 0.25 / (scaled ** 2 + 0.25)  # sigma_data = 0.5
             c_out = scaled / (scaled ** 2 + 0.25) ** 0.5
             r = rows[i, 0]
-            r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = self._x0_coefs(a)
+            r[X0_FROM_SAMPLE], r[X0_FROM_MODEL] = x0_sample[i], x0_model[i]
             r[AUX_X0], r[AUX_SAMPLE] = c_out, c_skip  # denoised
             if i != self.num_inference_steps - 1:
                 r[PREV_X0], r[PREV_SAMPLE] = math.sqrt(a_prev) * c_out, math.sqrt(a_prev) * c_skip

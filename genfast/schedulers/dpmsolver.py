@@ -1,7 +1,6 @@
 """DPM-Solver++ multistep (Lu et al. 2022): 2M and 2M SDE, diffusers' DPMSolverMultistepScheduler."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -71,14 +70,8 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerM
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
-    def _alpha_sigma(self, sigma: float) -> tuple:
-        if self.config.use_flow_sigmas:
-            return 1 - sigma, sigma
-        alpha = 1 / math.sqrt(sigma ** 2 + 1)
-        return alpha, sigma * alpha
-
     def _alpha_sigma_of(self, sigma: np.ndarray) -> tuple:
-        """_alpha_sigma over an array of sigmas."""
+        """(alpha, sigma) of the solver at each k-diffusion sigma in ``sigma``."""
         if self.config.use_flow_sigmas:
             return 1 - sigma, sigma
         alpha = 1 / np.sqrt(sigma ** 2 + 1)
@@ -221,6 +214,6 @@ class DPMSolverMultistepScheduler(AlphaScheduleMixin, SigmaStepMixin, SchedulerM
 
     def add_noise(self, original_samples, noise, timesteps):
         """alpha_t x0 + sigma_t noise at each timestep's step (diffusers' index rule)."""
-        pairs = [self._alpha_sigma(s) for s in self._sigmas_host]
-        return self._scaled_noise("add_noise", original_samples, noise, timesteps, [p[0] for p in pairs],
-                                  [p[1] for p in pairs], not_found_last=True)
+        alpha, sigma = self._alpha_sigma_of(np.asarray(self._sigmas_host, dtype=np.float64))
+        return self._scaled_noise("add_noise", original_samples, noise, timesteps, alpha.tolist(), sigma.tolist(),
+                                  not_found_last=True)

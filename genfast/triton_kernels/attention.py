@@ -1147,7 +1147,7 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
     grid = lambda meta: grid_1d(max_q, meta["BLOCK_M"], nseq * H)  # noqa: E731
-    tma_aligned = tma_aligned_all(q, k, v, out) and (not q.is_cuda or descriptor_allocator_ready())
+    tma_aligned = descriptors_usable(q, k, v, out)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _fwd[grid](q, k, v, out, lse, bias_t, alibi, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1176,6 +1176,12 @@ def tma_aligned_all(*tensors) -> bool:
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
             return False
     return True
+
+
+def descriptors_usable(*tensors) -> bool:
+    """Whether a launch may address these tensors through descriptors made in the kernel: they
+    are aligned for TMA and, on a GPU, Triton has an allocator for the descriptors' scratch."""
+    return tma_aligned_all(*tensors) and (not tensors[0].is_cuda or descriptor_allocator_ready())
 
 
 def descriptor_allocator_ready() -> bool:
@@ -1257,11 +1263,11 @@ def _bwd_tma(*tensors) -> bool:
     tensor descriptors: TMA on sm_90+ for half-precision, aligned tensors (fp32 and sm_80 keep
     masked loads). The tiles are those of _bwd_blocks either way."""
     if _INTERPRET:
-        return TMA_UNDER_INTERPRETER and tma_aligned_all(*tensors)
+        return TMA_UNDER_INTERPRETER and descriptors_usable(*tensors)
     arch = target_arch()
     if not HAS_TMA or arch is None or arch < 90 or tensors[0].dtype == torch.float32:
         return False
-    return tma_aligned_all(*tensors) and (not tensors[0].is_cuda or descriptor_allocator_ready())
+    return descriptors_usable(*tensors)
 
 
 def _bwd_register_budgets(block_d, dtype, prec, atomic_dq, use_tma=False):
