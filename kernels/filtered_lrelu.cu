@@ -60,6 +60,19 @@ struct KernelArgs {
 
 __device__ __forceinline__ int64_t dev_ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
 
+// Upsampling phase of an intermediate position `pos` (relative to the tile's first one, whose
+// phase is r0 = u * ceil(base / u) - base, in [0, u)): the first input index it reads (relative
+// to the tile's first input) and its first tap. Everything is a small non-negative int, so the
+// per-element divisions are 32-bit and inline: 64-bit ones are subroutine calls, whose register
+// saves spilled in the runtime-factor instantiations.
+struct UpPhase {
+  int j, k;
+};
+__device__ __forceinline__ UpPhase up_phase(int pos, int r0, int u) {
+  const int j = (pos - r0 + u - 1) / u;
+  return {j, r0 + u * j - pos};
+}
+
 // U1, D2: the factors; G1, G2: separable tap counts (0: runtime values, any filter kind).
 template <typename T, int U1, int D2, int G1, int G2>
 __global__ void __launch_bounds__(kThreads) filtered_lrelu_kernel(KernelArgs<T> p) {
@@ -81,6 +94,8 @@ __global__ void __launch_bounds__(kThreads) filtered_lrelu_kernel(KernelArgs<T> 
   const int64_t oy0 = int64_t(tile / p.tiles_x) * geo.toy, ox0 = int64_t(tile % p.tiles_x) * geo.tox;
   const int64_t tr0 = oy0 * d2 - p.p2y, tc0 = ox0 * d2 - p.p2x;
   const int64_t jy0 = dev_ceil_div(tr0 - p.p1y, u1), jx0 = dev_ceil_div(tc0 - p.p1x, u1);
+  const int ry0 = int(u1 * jy0 - (tr0 - p.p1y)), rx0 = int(u1 * jx0 - (tc0 - p.p1x));  // phases, in [0, u1)
+  const int u1i = int(u1);
   const F gain = F(p.gain), slope = F(p.slope), clamp = F(p.clamp);
 
   for (int64_t plane = blockIdx.y; plane < p.planes; plane += gridDim.y) {
@@ -100,49 +115,47 @@ __global__ void __launch_bounds__(kThreads) filtered_lrelu_kernel(KernelArgs<T> 
     if (sep1) {
       for (int i = threadIdx.x; i < geo.xr * geo.tcn; i += kThreads) {
         const int r = i / geo.tcn, cc = i % geo.tcn;
-        const int64_t t = tc0 + cc;
-        const int64_t j0 = dev_ceil_div(t - p.p1x, u1), k0 = u1 * j0 - (t - p.p1x);
-        const F* src = xs + r * geo.xc + (j0 - jx0);
+        const UpPhase ph = up_phase(cc, rx0, u1i);
+        const int k0 = ph.k;
+        const F* src = xs + r * geo.xc + ph.j;
         F acc = F(0);
         if (G1) {
 #pragma unroll
           for (int m = 0; m < (G1 + (U1 ? U1 : 1) - 1) / (U1 ? U1 : 1); ++m) {
-            const int64_t k = k0 + u1 * m;
+            const int k = k0 + u1i * m;
             if (k < g1w) acc += src[m] * F(__ldg(p.g1 + k));
           }
         } else {
-          for (int64_t m = 0, k = k0; k < g1w; ++m, k += u1) acc += src[m] * F(__ldg(p.g1 + k));
+          for (int m = 0, k = k0; k < g1w; ++m, k += u1i) acc += src[m] * F(__ldg(p.g1 + k));
         }
         h1[i] = acc;
       }
       __syncthreads();
       for (int i = threadIdx.x; i < geo.trn * geo.tcn; i += kThreads) {
         const int r = i / geo.tcn, cc = i % geo.tcn;
-        const int64_t t = tr0 + r;
-        const int64_t j0 = dev_ceil_div(t - p.p1y, u1), k0 = u1 * j0 - (t - p.p1y);
-        const F* src = h1 + (j0 - jy0) * geo.tcn + cc;
+        const UpPhase ph = up_phase(r, ry0, u1i);
+        const int k0 = ph.k;
+        const F* src = h1 + ph.j * geo.tcn + cc;
         F acc = F(0);
         if (G1) {
 #pragma unroll
           for (int m = 0; m < (G1 + (U1 ? U1 : 1) - 1) / (U1 ? U1 : 1); ++m) {
-            const int64_t k = k0 + u1 * m;
+            const int k = k0 + u1i * m;
             if (k < g1h) acc += src[m * geo.tcn] * F(__ldg(p.g1 + k));
           }
         } else {
-          for (int64_t m = 0, k = k0; k < g1h; ++m, k += u1) acc += src[m * geo.tcn] * F(__ldg(p.g1 + k));
+          for (int m = 0, k = k0; k < g1h; ++m, k += u1i) acc += src[m * geo.tcn] * F(__ldg(p.g1 + k));
         }
         ts[i] = acc;
       }
     } else {
       for (int i = threadIdx.x; i < geo.trn * geo.tcn; i += kThreads) {
         const int r = i / geo.tcn, cc = i % geo.tcn;
-        const int64_t ty = tr0 + r, tx = tc0 + cc;
-        const int64_t j0y = dev_ceil_div(ty - p.p1y, u1), k0y = u1 * j0y - (ty - p.p1y);
-        const int64_t j0x = dev_ceil_div(tx - p.p1x, u1), k0x = u1 * j0x - (tx - p.p1x);
+        const UpPhase py = up_phase(r, ry0, u1i), px = up_phase(cc, rx0, u1i);
         F acc = F(0);
-        for (int64_t my = 0, ky = k0y; ky < g1h; ++my, ky += u1) {
-          const F* src = xs + (j0y - jy0 + my) * geo.xc + (j0x - jx0);
-          for (int64_t mx = 0, kx = k0x; kx < g1w; ++mx, kx += u1) acc += src[mx] * F(__ldg(p.g1 + ky * g1w + kx));
+        for (int my = 0, ky = py.k; ky < g1h; ++my, ky += u1i) {
+          const F* src = xs + (py.j + my) * geo.xc + px.j;
+          for (int mx = 0, kx = px.k; kx < g1w; ++mx, kx += u1i) acc += src[mx] * F(__ldg(p.g1 + ky * g1w + kx));
         }
         ts[i] = acc;
       }
