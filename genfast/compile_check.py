@@ -539,6 +539,9 @@ def compile_launch(launch: Launch, arch: int) -> Result:
         result.registers, result.spill_bytes = _cubin_usage(kernel.asm["cubin"])
     result.shared_bytes = int(kernel.metadata.shared)
     result.over_shared = result.shared_bytes > SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+    if launch.kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize" not in kernel.asm.get("ttgir", ""):
+        # Triton leaves a loop it cannot specialize as it is, silently (e.g. on 8 warps).
+        result.error = "WARP_SPECIALIZE config compiled without a warp-specialized loop"
     return result
 
 
@@ -603,6 +606,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these Triton kernels (function names, comma separated; default: all)")
     parser.add_argument("--limit", type=int, default=0,
                         help="at most this many configs per kernel and dtype (the first ones found; 0: all)")
+    parser.add_argument("--match", default="",
+                        help="only configs whose K=V list holds every one of these (comma separated, e.g. "
+                             "PERSISTENT=True,HEAD_DIM=128)")
     parser.add_argument("--no-cuda", action="store_true", help="skip reading the CUDA extension's resource usage")
     parser.add_argument("--cache", action="store_true",
                         help="use Triton's cache (default: a fresh one, so every config is compiled and timed)")
@@ -652,6 +658,9 @@ def run(args) -> int:
                 raise SystemExit(f"compile-check: --kernels {', '.join(sorted(unknown))}: no such kernel launched by "
                                  f"the families {', '.join(families)}")
             launches = [launch for launch in launches if launch.fn.__name__ in kernels]
+        wanted = [m.strip() for m in getattr(args, "match", "").split(",") if m.strip()]
+        if wanted:
+            launches = [launch for launch in launches if set(wanted) <= set(launch.config().split())]
         if args.limit > 0:
             launches = limit_launches(launches, args.limit)
         for launch in launches:

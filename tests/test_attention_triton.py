@@ -769,6 +769,24 @@ def test_rotary_append_bad_inputs():
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_persistent_forward(seed, tma, monkeypatch):
+    """The persistent forward (sm_90 configs) forced in the interpreter on 3 "SMs", so each
+    program takes several tiles, a head's last block first: dense GQA on strided inputs, causal
+    with rows that have no key, varlen with empty sequences (tiles past a sequence's end)."""
+    if tma and not attn.HAS_TMA:
+        pytest.skip("this Triton has no tensor descriptors")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's form; on a GPU test_gpu_hopper_configs runs the real configs")
+    monkeypatch.setattr(attn._fwd, "configs", [attn._fwd_config(16, 16, 4, 1, tma=tma, persistent=True)])
+    grids = []
+    monkeypatch.setattr(attn, "_num_sms", lambda device: grids.append(device) or 3)
+    test_dense_gqa_strided(seed, torch.float16, 40, 2)  # 2 blocks x 8 heads: 16 tiles on 3 programs
+    test_causal_alignments(seed, torch.float32, True, 35, 21)
+    test_varlen(seed, torch.float16)
+    assert len(grids) >= 3  # every forward launch was persistent
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("D", [16, 32, 40, 64, 80, 96, 128, 160, 192, 256])
@@ -781,16 +799,20 @@ def test_gpu_head_dims(seed, dtype, D):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tile", [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4, 2, True)],
-                         ids=["tma", "tma+ws128", "tma+ws64"])
+@pytest.mark.parametrize("tile", [(128, 64, 8, 3, True, False, False), (128, 64, 4, 3, True, True, False),
+                                  (64, 64, 4, 2, True, True, False), (128, 64, 8, 3, True, False, True),
+                                  (128, 64, 8, 3, False, False, True)],
+                         ids=["tma", "tma+ws128", "tma+ws64", "tma+persistent", "persistent"])
 def test_gpu_hopper_configs(seed, dtype, tile, monkeypatch):
     """Each kind of sm_90 forward config forced (the autotuner would only pick it where it is
     fastest), with the backward's descriptor loads: GQA on strided q, causal, a window, varlen."""
+    bm, bn, warps, stages, tma, ws, persistent = tile
     if not attn.HAS_TMA or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs sm_90+ and a Triton with tensor descriptors")
-    if tile[4] and not attn.HAS_WARP_SPECIALIZE:
+    if ws and not attn.HAS_WARP_SPECIALIZE:
         pytest.skip("this Triton has no warp specialization")
-    monkeypatch.setattr(attn._fwd, "configs", [attn._fwd_config(*tile[:4], tma=True, ws=tile[4])])
+    monkeypatch.setattr(attn._fwd, "configs", [attn._fwd_config(bm, bn, warps, stages, tma=tma, ws=ws,
+                                                                persistent=persistent)])
     for D in (64, 128):
         q, k, v = rand(2, 8, 333, D, dtype=dtype, strided=True), rand(2, 2, 517, D, dtype=dtype), \
             rand(2, 2, 517, D, dtype=dtype)

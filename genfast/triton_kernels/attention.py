@@ -219,9 +219,19 @@ def _split_program(length, BLOCK: tl.constexpr):
     """(block index along the sequence, batch x head index) of a 1-D launch grid: both live on
     axis x, whose limit is 2^31 - 1 (y and z stop at 65,535, less than e.g. batch 2048 x 32
     heads). The blocks of one head are consecutive programs, so they share K/V in L2."""
-    pid = tl.program_id(0)
+    return _split_tile(tl.program_id(0), length, BLOCK, False)
+
+
+@triton.jit
+def _split_tile(tile, length, BLOCK: tl.constexpr, LAST_BLOCK_FIRST: tl.constexpr):
+    """(block index, batch x head index) of tile number `tile` (see _split_program);
+    LAST_BLOCK_FIRST numbers a head's blocks from its last one, which under a causal mask has
+    the most keys: a persistent program taking tiles in order starts with the longest ones."""
     blocks = tl.cdiv(length, BLOCK)
-    return pid % blocks, (pid // blocks).to(tl.int64)
+    block = tile % blocks
+    if LAST_BLOCK_FIRST:
+        block = blocks - 1 - block
+    return block, (tile // blocks).to(tl.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,18 +303,54 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
                 sbb, sbh, sbm, sbn, sab, sah,
                 num_heads, group, Sq_total, Sk_total, max_q,
                 qk_scale2, softcap_scale, softcap2, window_left, window_right,
-                drop_state, drop_threshold, drop_scale,
+                drop_state, drop_threshold, drop_scale, num_bh,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr, TMA_ALIGNED: tl.constexpr,
-                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """USE_TMA / WARP_SPECIALIZE (Hopper configs; see _prune_fwd_configs): Q, K, V and the
-    output go through tensor descriptors made per (sequence, head), so tiles past a sequence's
-    end read as zeros and are not stored; the key loop is warp-specialized (producer warps
-    issue the TMA loads). TMA_ALIGNED only keys the autotuner: the launcher's check that
-    every base and row stride is 16-byte aligned, which descriptors need."""
-    pid_m, pid_bh = _split_program(max_q, BLOCK_M)
+                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr):
+    """One program per (query block, batch x head) tile, or PERSISTENT (Hopper configs): one
+    program per SM taking tiles in turn, each head's longest (last) query block first, so a
+    causal launch does not end on a wave of a few long tiles. USE_TMA / WARP_SPECIALIZE (Hopper configs; see
+    _prune_fwd_configs): Q, K, V and the output go through tensor descriptors made per
+    (sequence, head), so tiles past a sequence's end read as zeros and are not stored; the key
+    loop is warp-specialized (producer warps issue the TMA loads). TMA_ALIGNED only keys the
+    autotuner: the launcher's check that every base and row stride is 16-byte aligned, which
+    descriptors need. num_bh: sequences x heads."""
+    if PERSISTENT:
+        tiles = tl.cdiv(max_q, BLOCK_M) * num_bh
+        for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+            _fwd_program(tile, Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
+                         sbb, sbh, sbm, sbn, sab, sah, num_heads, group, Sq_total, Sk_total, max_q,
+                         qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                         drop_state, drop_threshold, drop_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, ALIGN_BR, HAS_SOFTCAP, HAS_ALIBI,
+                         HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA, WARP_SPECIALIZE, True)
+    else:
+        _fwd_program(tl.program_id(0), Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
+                     sbb, sbh, sbm, sbn, sab, sah, num_heads, group, Sq_total, Sk_total, max_q,
+                     qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                     drop_state, drop_threshold, drop_scale,
+                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, ALIGN_BR, HAS_SOFTCAP, HAS_ALIBI,
+                     HAS_BIAS, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, BIAS_I64, USE_TMA, WARP_SPECIALIZE, False)
+
+
+@triton.jit
+def _fwd_program(tile, Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
+                 sbb, sbh, sbm, sbn, sab, sah,
+                 num_heads, group, Sq_total, Sk_total, max_q,
+                 qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                 drop_state, drop_threshold, drop_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, ALIGN_BR: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_I64: tl.constexpr,
+                 USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, LAST_BLOCK_FIRST: tl.constexpr):
+    """The forward of one (query block, batch x head) tile (see _fwd_kernel)."""
+    pid_m, pid_bh = _split_tile(tile, max_q, BLOCK_M, LAST_BLOCK_FIRST)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
@@ -438,9 +484,9 @@ HAS_TMA = hasattr(tl, "make_tensor_descriptor")
 HAS_WARP_SPECIALIZE = HAS_TMA and "warp_specialize" in inspect.signature(tl.range).parameters
 
 
-def _fwd_config(bm, bn, warps, stages, tma=False, ws=False, maxnreg=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "WARP_SPECIALIZE": ws},
-                         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+def _fwd_config(bm, bn, warps, stages, tma=False, ws=False, maxnreg=None, persistent=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "WARP_SPECIALIZE": ws,
+                          "PERSISTENT": persistent}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def _fwd_configs(interpret=_INTERPRET):
@@ -457,7 +503,12 @@ def _fwd_configs(interpret=_INTERPRET):
     tma = [_fwd_config(128, bn, 8, s, tma=True) for bn in (32, 64, 128) for s in (2, 3)] if HAS_TMA else []
     specialized = [_fwd_config(bm, bn, 4, s, tma=True, ws=True) for bm in (64, 128) for bn in (64, 128)
                    for s in (2, 3)] if HAS_WARP_SPECIALIZE else []
-    return tensor_core + ieee + tma + specialized
+    # Persistent (sm_90+, half precision): one program per SM over the tiles, with TMA tiles
+    # and with the 128 x 64 pointer tile. Not warp-specialized: the pass takes a single loop.
+    persistent = [_fwd_config(128, bn, 8, s, tma=True, persistent=True) for bn in (32, 64, 128)
+                  for s in (2, 3)] if HAS_TMA else []
+    persistent.append(_fwd_config(128, 64, 8, 3, persistent=True))
+    return tensor_core + ieee + tma + specialized + persistent
 
 
 def target_arch():
@@ -519,6 +570,12 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         # TMA's 128 x 64 tile spilled 272 B at D64 (compile-check, bf16, sm_90).
         if c.kwargs["USE_TMA"] and (not tma_ok or has_bias):
             continue
+        if c.kwargs["PERSISTENT"] and (arch is None or arch < 90 or elem == 4):
+            continue
+        # The persistent loop holds a few more registers: the pointer tile spilled 20-76 B at head
+        # dims 80-128 (compile-check, bf16, sm_90); the TMA tiles did not.
+        if c.kwargs["PERSISTENT"] and not c.kwargs["USE_TMA"] and block_d > 64:
+            continue
         if ((bm, bn, c.num_warps, c.num_stages) in ieee_tiles and not c.kwargs["USE_TMA"]) != ieee:
             continue
         if fwd_shared_bytes(bm, bn, block_d, c.num_stages, elem, bias_elem) > limit:
@@ -558,7 +615,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     if not kept:  # the smallest tile of this precision's kind
-        same_kind = [c for c in configs if not c.kwargs["USE_TMA"]
+        same_kind = [c for c in configs if not c.kwargs["USE_TMA"] and not c.kwargs["PERSISTENT"]
                      and ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ieee_tiles) == ieee]
         kept = [min(same_kind or configs, key=lambda c: fwd_shared_bytes(
             c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem, bias_elem))]
@@ -1146,7 +1203,12 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
     flags["BIAS_I64"] = bias_needs_int64(sbm, sbn, Sq, Sk) if bias is not None else False
     qk_scale2, softcap_scale, softcap2 = _score_params(scale, softcap)
     block_d = max(16, triton.next_power_of_2(D))
-    grid = lambda meta: grid_1d(max_q, meta["BLOCK_M"], nseq * H)  # noqa: E731
+
+    def grid(meta):
+        if meta["PERSISTENT"]:  # one program per SM (each holds one 8-warp 128-row tile's smem)
+            return (min(grid_1d(max_q, meta["BLOCK_M"], nseq * H)[0], _num_sms(q.device)),)
+        return grid_1d(max_q, meta["BLOCK_M"], nseq * H)
+
     tma_aligned = descriptors_usable(q, k, v, out)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _fwd[grid](q, k, v, out, lse, bias_t, alibi, cu_q if is_varlen else dummy, cu_k if is_varlen else dummy,
@@ -1154,7 +1216,7 @@ def forward(q, k, v, *, scale, window_left=-1, window_right=-1, align_bottom_rig
                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                    lse.stride(0), lse.stride(1), sbb, sbh, sbm, sbn, sab, sah,
                    H, H // Hk, Sq, Sk, max_q, qk_scale2, softcap_scale, softcap2, window_left, window_right,
-                   drop_state, drop_threshold, drop_scale,
+                   drop_state, drop_threshold, drop_scale, nseq * H,
                    HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), TMA_ALIGNED=tma_aligned, **flags)
         if return_dropout_mask and dropout_p > 0:
             _dropout_mask_kernel[grid_1d(max_q, 16, nseq * H)](
