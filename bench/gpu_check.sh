@@ -39,6 +39,10 @@ stage build 240 pip install --no-build-isolation --no-deps -e . -C cmake.define.
 stage info 30 python -m genfast info
 # Triton on the device compiles on first use anyway; here only the CUDA extension's resources.
 stage compile-check 40 python -m genfast compile-check --arch 90 --families vae --dtypes bf16
+# GENFAST_AUTOTUNE=quick: the Triton forward tunes one config of each kind (pointer, TMA,
+# warp-specialized, persistent) per key; the full list compiles up to 30 per key, minutes per
+# key on a fresh machine. The bench records the setting in its metadata ("autotune").
+export GENFAST_AUTOTUNE=quick
 stage tests 150 python -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_attention_paged.py \
   tests/test_bias_act.py tests/test_group_norm.py tests/test_filtered_lrelu.py tests/test_upfirdn2d.py \

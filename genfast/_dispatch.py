@@ -47,6 +47,7 @@ class Environment:
     backend: object  # None, one backend name for every op, or a dict op -> name (GENFAST_BACKEND)
     strict: bool  # GENFAST_STRICT
     triton_interpreted: bool  # TRITON_INTERPRET
+    quick_autotune: bool = False  # GENFAST_AUTOTUNE=quick: one config of each kind per tuned key
 
 
 def _read_environment() -> Environment:
@@ -59,8 +60,11 @@ def _read_environment() -> Environment:
         for item in value.split(","):
             name, _, chosen = item.partition("=")
             backend.setdefault(name.strip(), chosen.strip())
+    autotune = os.environ.get("GENFAST_AUTOTUNE", "full").strip().lower() or "full"
+    if autotune not in ("full", "quick"):  # a warning, not an error: importing genfast never fails
+        warnings.warn(f"GENFAST_AUTOTUNE must be 'full' or 'quick', got {autotune!r}: using 'full'", stacklevel=2)
     return Environment(backend, os.environ.get("GENFAST_STRICT", "0") not in ("", "0"),
-                       os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+                       os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), autotune == "quick")
 
 
 _environment = _read_environment()

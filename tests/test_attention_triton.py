@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from genfast import _dispatch
 from genfast.testing import error_vs_reference, rounding_floor
 
 triton = pytest.importorskip("triton")
@@ -346,23 +347,40 @@ def test_kernels_through_tensor_descriptors(seed, descriptor_kernels):
     test_dropout(seed)
 
 
-def test_tensor_descriptor_configs_only_where_they_apply(monkeypatch):
-    """The Hopper configs survive pruning only on sm_90+, in half precision, for aligned
-    tensors; sm_80 and fp32 keep the pointer-load configs."""
+def test_hopper_configs_only_where_they_apply(monkeypatch):
+    """The Hopper configs (descriptors, warp-specialized, persistent) survive pruning only on
+    sm_90+, in half precision, the descriptor ones for aligned tensors, the persistent pointer
+    tile up to head dim 64; sm_80 and fp32 keep the plain pointer-load configs. With
+    GENFAST_AUTOTUNE=quick one config of each kind is left."""
     configs = attn._fwd_configs(interpret=False)
     q16 = torch.empty(1, 1, 1, 64, dtype=torch.float16, device="meta")
     q32 = torch.empty(1, 1, 1, 64, dtype=torch.float32, device="meta")
 
-    def pruned(arch, q, aligned):
+    def pruned(arch, q, aligned, block_d=64):
         monkeypatch.setattr(attn, "target_arch", lambda: arch)
-        kept = attn._prune_fwd_configs(configs, {"Q": q, "Bias": q}, BLOCK_D=64, HEAD_DIM=64, HAS_BIAS=False,
-                                       DOT_PREC="tf32", TMA_ALIGNED=aligned)
-        return {c.kwargs["USE_TMA"] for c in kept}
+        return attn._prune_fwd_configs(configs, {"Q": q, "Bias": q}, BLOCK_D=block_d, HEAD_DIM=block_d,
+                                       HAS_BIAS=False, DOT_PREC="tf32", TMA_ALIGNED=aligned)
 
-    assert pruned(90, q16, True) == ({True, False} if attn.HAS_TMA else {False})
-    assert pruned(90, q16, False) == {False}
-    assert pruned(80, q16, True) == {False}
-    assert pruned(90, q32, True) == {False}
+    def kinds(kept):  # (descriptors, warp-specialized, persistent)
+        return {(c.kwargs["USE_TMA"], c.kwargs["WARP_SPECIALIZE"], c.kwargs["PERSISTENT"]) for c in kept}
+
+    plain, persistent = (False, False, False), (False, False, True)
+    hopper = {(True, False, False), (True, False, True)} if attn.HAS_TMA else set()
+    hopper |= {(True, True, False)} if attn.HAS_WARP_SPECIALIZE else set()
+    assert kinds(pruned(90, q16, True)) == {plain, persistent} | hopper
+    assert kinds(pruned(90, q16, True, 128)) == {plain} | hopper
+    assert kinds(pruned(90, q16, False)) == {plain, persistent}
+    assert kinds(pruned(80, q16, True)) == {plain}
+    assert kinds(pruned(90, q32, True)) == {plain}
+    full = pruned(90, q16, True)
+    monkeypatch.setenv("GENFAST_AUTOTUNE", "quick")
+    _dispatch.refresh_environment()
+    try:
+        quick = pruned(90, q16, True)
+    finally:
+        monkeypatch.delenv("GENFAST_AUTOTUNE")
+        _dispatch.refresh_environment()
+    assert len(full) > len(quick) == len(kinds(quick)) == len(kinds(full))
     t = torch.empty(2, 3, 5, 64, dtype=torch.float16)
     assert attn.tma_aligned_all(t, t.transpose(1, 2))
     assert not attn.tma_aligned_all(torch.empty(1, 1, 10, 60, dtype=torch.float16))  # rows 120 bytes apart

@@ -46,6 +46,17 @@ def test_environment_variable_overrides(monkeypatch):
     assert DISPATCH.select("cpu", cpu, torch.float32) == "cpu"
 
 
+def test_autotune_setting(monkeypatch):
+    """GENFAST_AUTOTUNE=quick|full; another value warns (importing genfast must not fail) and
+    means full."""
+    for value, quick in (("quick", True), (" QUICK ", True), ("full", False), ("", False)):
+        monkeypatch.setenv("GENFAST_AUTOTUNE", value)
+        assert _dispatch.refresh_environment().quick_autotune is quick
+    monkeypatch.setenv("GENFAST_AUTOTUNE", "fast")
+    with pytest.warns(UserWarning, match="GENFAST_AUTOTUNE must be 'full' or 'quick', got 'fast'"):
+        assert _dispatch.refresh_environment().quick_autotune is False
+
+
 def _fresh_warnings(monkeypatch):
     monkeypatch.delenv("GENFAST_STRICT", raising=False)
     _dispatch.refresh_environment()

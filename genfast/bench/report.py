@@ -90,6 +90,7 @@ def metadata(device, copy_gbps: Optional[float], quick: bool, argv: Optional[Seq
         triton_version = triton.__version__
     except Exception:
         triton_version = None
+    from .._dispatch import environment
     from .._ext import cpu_isa_info
 
     # The CPU, its vector flags and the C++ kernels' clone in use (also for CUDA runs: the
@@ -116,6 +117,8 @@ def metadata(device, copy_gbps: Optional[float], quick: bool, argv: Optional[Seq
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(argv),
         "quick": bool(quick),
+        # GENFAST_AUTOTUNE=quick: the Triton attention tuned over one config of each kind only
+        "autotune": "quick" if environment().quick_autotune else "full",
     }
 
 

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import environment
+
 _LOG2E = 1.4426950408889634
 _MASK32 = 0xFFFFFFFF
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -619,6 +621,21 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
                      and ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ieee_tiles) == ieee]
         kept = [min(same_kind or configs, key=lambda c: fwd_shared_bytes(
             c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem, bias_elem))]
+    if environment().quick_autotune:
+        kept = one_config_per_kind(kept)
+    return kept
+
+
+def one_config_per_kind(configs):
+    """GENFAST_AUTOTUNE=quick: the first config of each kind (pointer loads, TMA,
+    warp-specialized, persistent), so a first call compiles and times a handful instead of up
+    to 30 per key (seconds each on a GPU host): for short jobs and for bench/gpu_check.sh."""
+    seen, kept = set(), []
+    for c in configs:
+        kind = (c.kwargs["USE_TMA"], c.kwargs["WARP_SPECIALIZE"], c.kwargs["PERSISTENT"])
+        if kind not in seen:
+            seen.add(kind)
+            kept.append(c)
     return kept
 
 
