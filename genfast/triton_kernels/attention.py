@@ -319,6 +319,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK,
     loop is warp-specialized (producer warps issue the TMA loads). TMA_ALIGNED only keys the
     autotuner: the launcher's check that every base and row stride is 16-byte aligned, which
     descriptors need. num_bh: sequences x heads."""
+    # Two calls rather than one loop: around the single-tile form a loop would break its early
+    # return and the warp-specialized loop (Triton's pass takes no nested loop).
     if PERSISTENT:
         tiles = tl.cdiv(max_q, BLOCK_M) * num_bh
         for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
