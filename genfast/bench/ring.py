@@ -84,21 +84,36 @@ def _rank_main(rank, world, port, threads, shape, cases, steps, results, with_ou
     dist.destroy_process_group()
 
 
-def _single(shape, causal, mode, threads, steps):
+def single_process_step(shape, causal, mode, threads):
+    """A thunk running ``flash_attn_func`` on the whole sequence in this process with
+    ``threads`` threads (the same cores as the ring's ranks); it returns out (and dq, dk, dv)."""
     import genfast
 
-    B, S, H, Hk, D = shape
-    q, k, v, dout = _inputs(B, S, H, Hk, D)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        times = []
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            _step(lambda q, k, v: genfast.flash_attn_func(q, k, v, causal=causal), q, k, v, dout, mode)
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous)
+    q, k, v, dout = _inputs(*shape)
+
+    def thunk():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if mode == "fwd":
+                with torch.no_grad():
+                    return (genfast.flash_attn_func(q, k, v, causal=causal),)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = genfast.flash_attn_func(*leaves, causal=causal)
+            return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+        finally:
+            torch.set_num_threads(previous)
+
+    return thunk
+
+
+def _single(shape, causal, mode, threads, steps):
+    thunk = single_process_step(shape, causal, mode, threads)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        thunk()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
@@ -185,23 +200,7 @@ def build_cases(device, quick: bool = False):
                 return thunk
 
             def single_factory(_case_inputs, causal=causal, mode=mode, world=world):
-                import genfast
-
-                q, k, v, dout = _inputs(B, S, H, Hk, D)
-
-                def thunk():
-                    previous = torch.get_num_threads()
-                    torch.set_num_threads(world * THREADS_PER_RANK)  # the same cores as the ring's ranks
-                    try:
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                return (genfast.flash_attn_func(q, k, v, causal=causal),)
-                        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                        out = genfast.flash_attn_func(*leaves, causal=causal)
-                        return (out.detach(), *torch.autograd.grad(out, leaves, dout))
-                    finally:
-                        torch.set_num_threads(previous)
-                return thunk
+                return single_process_step(shape, causal, mode, world * THREADS_PER_RANK)
 
             providers = {"ring": Provider("ring", GENFAST, ring_factory, gpu_reason),
                          "1-proc": Provider("1-proc", BASELINE, single_factory, gpu_reason)}
