@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "attention.h"
 #include "attention_cpu.h"
@@ -359,21 +360,17 @@ CacheRows cache_rows_of(const char* fn, const TensorView& k_cache, const TensorV
   return c;
 }
 
-// k / v (B, S_new, Hk, D) written into k_cache / v_cache at positions cache_seqlens[b] .. +
-// S_new of batch row b (flash-attn's in-place cache update): cache row cache_batch_idx[b] (or b)
-// of (B_cache, S_max, Hk, D), or the pages of a paged cache (num_blocks, page_size, Hk, D)
-// through block_table. Every position is checked (check_cache_index) before anything is written.
-void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
-                        const TensorView& v, const TensorView& cache_seqlens, const TensorView& cache_batch_idx,
-                        const TensorView& block_table) {
+// k / v (B, S_new, Hk, D) to be written into k_cache / v_cache (B_cache, S_max, Hk, D) or a paged
+// cache's (num_blocks, page_size, Hk, D): dtypes, devices, strides and shapes against the cache
+// (batch -1: any; the caller checks it against cache_seqlens).
+void check_append(const char* fn, const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
+                  const TensorView& v, int64_t batch) {
   expect_cpu(fn, "k_cache", k_cache);
   expect_float_dtype(fn, "k_cache", k_cache);
   expect_ndim(fn, "k_cache", k_cache, 4);
   expect_same_shape(fn, "v_cache", v_cache, "k_cache", k_cache);
   expect_ndim(fn, "k", k, 4);
   expect_same_shape(fn, "v", v, "k", k);
-  const int64_t Hk = k_cache.size(2), D = k_cache.size(3);
-  const int64_t S_new = k.size(1);
   for (auto [name, t] : {std::pair<const char*, const TensorView*>{"v_cache", &v_cache}, {"k", &k}, {"v", &v}}) {
     expect_dtype(fn, name, *t, k_cache.dtype);
     expect_cpu(fn, name, *t);
@@ -381,12 +378,16 @@ void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorV
   for (auto [name, t] :
        {std::pair<const char*, const TensorView*>{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k", &k}, {"v", &v}})
     expect_unit_last_stride(fn, name, *t);
-  const CacheRows c = cache_rows_of(fn, k_cache, cache_seqlens, TensorView{}, cache_batch_idx, block_table);
-  expect_shape(fn, "k", k, {c.B, -1, Hk, D});
-  check_cache_index(fn, c, S_new, "cache_seqlens");
-  const size_t row_bytes = size_t(D) * float_bytes(k_cache.dtype);
-  for (auto [cache, src] : {std::pair<const TensorView*, const TensorView*>{&k_cache, &k}, {&v_cache, &v}}) {
-    const size_t item = float_bytes(cache->dtype);
+  expect_shape(fn, "k", k, {batch, -1, k_cache.size(2), k_cache.size(3)});
+}
+
+// The rows of k / v copied to positions c.seqlens[b] + t (checked by check_append and
+// check_cache_index first).
+void copy_append(const CacheRows& c, const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
+                 const TensorView& v) {
+  const int64_t Hk = k_cache.size(2), S_new = k.size(1);
+  const size_t item = float_bytes(k_cache.dtype), row_bytes = size_t(k_cache.size(3)) * item;
+  for (auto [cache, src] : {std::pair<const TensorView*, const TensorView*>{&k_cache, &k}, {&v_cache, &v}})
     for (int64_t b = 0; b < c.B; ++b)
       for (int64_t t = 0; t < S_new; ++t) {
         const auto [block, row] = c.locate(b, c.seqlens[b] + t);
@@ -398,7 +399,20 @@ void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorV
           std::memcpy(dst, from, row_bytes);
         }
       }
-  }
+}
+
+// k / v (B, S_new, Hk, D) written into k_cache / v_cache at positions cache_seqlens[b] .. +
+// S_new of batch row b (flash-attn's in-place cache update): cache row cache_batch_idx[b] (or b)
+// of (B_cache, S_max, Hk, D), or the pages of a paged cache (num_blocks, page_size, Hk, D)
+// through block_table. Every position is checked (check_cache_index) before anything is written.
+void kvcache_append_cpu(const char* fn, const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
+                        const TensorView& v, const TensorView& cache_seqlens, const TensorView& cache_batch_idx,
+                        const TensorView& block_table) {
+  check_append(fn, k_cache, v_cache, k, v, -1);
+  const CacheRows c = cache_rows_of(fn, k_cache, cache_seqlens, TensorView{}, cache_batch_idx, block_table);
+  expect_shape(fn, "k", k, {c.B, -1, k_cache.size(2), k_cache.size(3)});
+  check_cache_index(fn, c, k.size(1), "cache_seqlens");
+  copy_append(c, k_cache, v_cache, k, v);
 }
 
 // Rotary embedding of one row (genfast.reference.attention.rotary_embedding): pairs (d, d + half)
@@ -596,12 +610,33 @@ GENFAST_REGISTER_BINDINGS(attention) {
          const TensorView& lse, const TensorView& bias, const TensorView& alibi_slopes, const TensorView& cu_seqlens_q,
          const TensorView& cu_seqlens_k, const TensorView& seqused_k, const TensorView& keep_mask, uint64_t seed,
          const AttentionOptions& options, int num_threads, const TensorView& cache_leftpad,
-         const TensorView& cache_batch_idx, const TensorView& block_table) {
+         const TensorView& cache_batch_idx, const TensorView& block_table, const TensorView& k_new,
+         const TensorView& v_new) {
         const char* fn = "attention_forward_cpu";
         const TensorView q = heads_first(q_in, options), k = heads_first(k_in, options), v = heads_first(v_in, options),
                          out = heads_first(out_in, options);
         expect_cpu(fn, "q", q);
-        attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, options,
+        // A decode step with new tokens (flash_attn_with_kvcache's k, v): k_new / v_new are written
+        // into the cache at seqused_k[b] + t, then row b attends to seqused_k[b] + S_new keys. One
+        // call instead of a check, an append, an add and the attention: decode is host-bound.
+        TensorView seqused = seqused_k;
+        std::vector<int32_t> lengths;  // seqused_k + S_new
+        CacheRows rows;
+        if (k_new.present || v_new.present) {
+          const char* user = "flash_attn_with_kvcache";
+          if (!k_new.present || !v_new.present) fail_value(fn, "k_new and v_new go together");
+          if (!options.seq_first || !seqused_k.present || cu_seqlens_q.present)
+            fail_value(fn,
+                       "k_new / v_new append to a decode's cache: they need seq_first, seqused_k and no cu_seqlens");
+          check_append(user, k_in, v_in, k_new, v_new, -1);
+          rows = cache_rows_of(user, k_in, seqused_k, cache_leftpad, cache_batch_idx, block_table);
+          expect_shape(user, "k", k_new, {rows.B, -1, k_in.size(2), k_in.size(3)});
+          check_cache_index(user, rows, k_new.size(1), "cache_seqlens");  // so the sums below fit in int32
+          lengths.resize(size_t(rows.B));
+          for (int64_t b = 0; b < rows.B; ++b) lengths[size_t(b)] = int32_t(rows.seqlens[b] + k_new.size(1));
+          seqused.data = lengths.data();  // seqused_k's dtype, shape and (contiguous) strides
+        }
+        attention::Params p = make_params(fn, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused, options,
                                           CacheIndex{cache_leftpad, cache_batch_idx, block_table});
         if (p.seqused_k != nullptr) {
           expect_cpu(fn, "seqused_k", seqused_k);
@@ -618,13 +653,14 @@ GENFAST_REGISTER_BINDINGS(attention) {
         p.seed = seed;
         p.num_threads = checked_threads(fn, num_threads);
         py::gil_scoped_release release;
+        if (k_new.present) copy_append(rows, k_in, v_in, k_new, v_new);  // every check above passed
         attention::forward_cpu(p);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::kw_only(), py::arg("bias"),
       py::arg("alibi_slopes"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
       py::arg("keep_mask"), py::arg("seed"), py::arg("options"), py::arg("num_threads"),
       py::arg("cache_leftpad") = py::none(), py::arg("cache_batch_idx") = py::none(),
-      py::arg("block_table") = py::none());
+      py::arg("block_table") = py::none(), py::arg("k_new") = py::none(), py::arg("v_new") = py::none());
   m.def(
       "attention_backward_cpu",
       [](const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,

@@ -196,7 +196,9 @@ def test_rotary(interleaved, causal, paged, dtype, cos_dtype, fused, monkeypatch
 def kernel_runs(monkeypatch) -> list:
     """Records every call into a decode backend's implementation and into the CPU extension's
     attention forward and cache append (prepared eager calls reach the extension directly), as
-    (name, whether a block_table was passed)."""
+    (name, whether a block_table was passed); a forward that appends new tokens (k_new) is
+    recorded as "attention_forward_cpu+append". An extension call is recorded when it returns
+    (one that raised in its checks ran no kernel)."""
     runs = []
     for name, entry in list(A.DECODE.backends.items()):
         def counted(args, kw, _fn=entry.fn, _name=name):
@@ -205,8 +207,10 @@ def kernel_runs(monkeypatch) -> list:
         monkeypatch.setitem(A.DECODE.backends, name, type(entry)(name, counted, entry.dtypes))
     for name in ("attention_forward_cpu", "attention_kvcache_append_cpu"):
         def wrapped(*args, _real=getattr(A._ext._C, name), _name=name, **kwargs):
-            runs.append((_name, kwargs.get("block_table") is not None))
-            return _real(*args, **kwargs)
+            result = _real(*args, **kwargs)
+            appends = kwargs.get("k_new") is not None
+            runs.append((_name + ("+append" if appends else ""), kwargs.get("block_table") is not None))
+            return result
         monkeypatch.setattr(A._ext._C, name, wrapped)
     A.DECODE.plans.clear()
     return runs
@@ -214,7 +218,8 @@ def kernel_runs(monkeypatch) -> list:
 
 def test_decode_backend_really_runs_with_pages(monkeypatch, seed):
     """The paged call reaches the CPU kernel with the table, the append too (no silent fallback,
-    no gathered copy of the cache), eager calls after the first included (prepared calls)."""
+    no gathered copy of the cache), eager calls after the first included (prepared calls): on
+    the CPU the append and the attention are one call."""
     k_pool, v_pool, table = paged_pool(2, 64, 16, 2, 32, torch.float32)
     runs = kernel_runs(monkeypatch)
     for _ in range(3):
@@ -223,7 +228,7 @@ def test_decode_backend_really_runs_with_pages(monkeypatch, seed):
                                          block_table=table, backend="cpu")
     assert runs and all(paged for _, paged in runs)
     native = [name for name, _ in runs if name.startswith("attention_")]
-    assert native == ["attention_kvcache_append_cpu", "attention_forward_cpu"] * 3
+    assert native == ["attention_forward_cpu+append"] * 3
 
 
 @pytest.mark.parametrize("rotary", [False, True])

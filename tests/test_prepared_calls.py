@@ -191,6 +191,78 @@ def test_kvcache_prepared_equals_general_path(seqlens_kind, seed, table_runs):
     assert table_runs["DECODE"] == runs
 
 
+class _CountingExtension:
+    """The extension with its entry points' calls counted by name."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if not callable(fn) or isinstance(fn, type):
+            return fn
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("layout", ["rows", "paged", "batch_idx"])
+def test_cpu_decode_step_is_one_native_call(layout, seed, monkeypatch):
+    """A CPU decode step that appends k, v: the index checks, the append and the attention in one
+    call of the extension (no separate check, append or add), same cache and output as the
+    reference backend."""
+    B, H, Hk, D, page = 3, 4, 2, 16, 16
+    q, k, v = torch.randn(B, 1, H, D), torch.randn(B, 1, Hk, D), torch.randn(B, 1, Hk, D)
+    lengths = torch.tensor([5, 16, 0], dtype=torch.int32)  # 16: the new token opens a page
+    index = {}
+    if layout == "paged":
+        k_cache, v_cache = torch.randn(7, page, Hk, D), torch.randn(7, page, Hk, D)
+        index["block_table"] = torch.tensor([[6, 2], [0, 4], [3, 1]], dtype=torch.int32)
+    elif layout == "batch_idx":
+        k_cache, v_cache = torch.randn(5, 20, Hk, D), torch.randn(5, 20, Hk, D)
+        index["cache_batch_idx"] = torch.tensor([4, 0, 2], dtype=torch.int32)
+        index["cache_leftpad"] = torch.tensor([2, 3, 0], dtype=torch.int32)
+    else:
+        k_cache, v_cache = torch.randn(B, 20, Hk, D), torch.randn(B, 20, Hk, D)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    expected = genfast.flash_attn_with_kvcache(q, kc_ref, vc_ref, k, v, cache_seqlens=lengths, causal=True,
+                                               backend="reference", **index)
+    counting = _CountingExtension(_ext._C)
+    monkeypatch.setattr(_ext, "_C", counting)
+    for _ in range(2):  # the first call of the signature and a prepared one
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = genfast.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths, causal=True, **index)
+        torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0)
+        torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert counting.calls == {"attention_forward_cpu": 2}, counting.calls
+
+
+@pytest.mark.parametrize("bad", ["too_long", "negative", "k_shape"])
+def test_cpu_decode_step_checks_before_writing(bad, seed):
+    """Bad index values or new-token shapes in a CPU decode step of a plain cache: a clear error,
+    the cache untouched (every check runs before the append; the paged and indexed cases are in
+    test_attention_paged.py)."""
+    B, H, Hk, D, S_max = 2, 2, 1, 16, 16
+    q, k, v = torch.randn(B, 1, H, D), torch.randn(B, 1, Hk, D), torch.randn(B, 1, Hk, D)
+    lengths = torch.tensor([3, 7], dtype=torch.int32)
+    k_cache, v_cache = torch.randn(B, S_max, Hk, D), torch.randn(B, S_max, Hk, D)
+    if bad == "too_long":
+        lengths[1], match = S_max, r"cache_seqlens\[1\] = 16 \+ 1 new tokens needs 17; the cache is too small"
+    elif bad == "negative":
+        lengths[0], match = -1, r"cache_seqlens\[0\] = -1 must be >= 0"
+    else:
+        k, match = torch.randn(B, 1, Hk + 1, D), r"k must have shape"
+    kc, vc = k_cache.clone(), v_cache.clone()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=match):
+            genfast.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths)
+        torch.testing.assert_close(kc, k_cache, rtol=0, atol=0)
+        torch.testing.assert_close(vc, v_cache, rtol=0, atol=0)
+
+
 def test_prepared_calls_follow_use_backend_and_refresh(seed, monkeypatch):
     q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
     reference_calls = []
@@ -263,6 +335,28 @@ def test_native_forward_takes_flash_layout_and_strided_out(seed):
         forward(*heads, torch.empty(B, H, S, 2 * D)[..., ::2], False)
     with pytest.raises(ValueError, match="out must have the shape of q"):
         forward(q, k, v, torch.empty(B, H, S, D), True)  # seq_first: out in q's (B, S, H, D) layout
+
+
+def test_native_forward_appends_only_in_a_decode():
+    """k_new / v_new of the CPU forward: both or neither, and only with the decode's seq_first
+    layout and seqused_k."""
+    q, cache, new = torch.randn(1, 1, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 1, 2, 16)
+    lengths = torch.tensor([3], dtype=torch.int32)
+
+    def forward(seq_first, seqused_k, **new_tokens):
+        _ext._C.attention_forward_cpu(q, cache, cache.clone(), torch.empty_like(q), torch.empty(1, 2, 1), bias=None,
+                                      alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=seqused_k,
+                                      keep_mask=None, seed=0, options=A._options(0.25, 0.0, -1, -1, True, 0.0,
+                                                                                 seq_first), num_threads=1,
+                                      **new_tokens)
+
+    with pytest.raises(ValueError, match="k_new and v_new go together"):
+        forward(True, lengths, k_new=new)
+    with pytest.raises(ValueError, match="they need seq_first, seqused_k and no cu_seqlens"):
+        forward(True, None, k_new=new, v_new=new)
+    with pytest.raises(ValueError, match="they need seq_first, seqused_k and no cu_seqlens"):
+        forward(False, lengths, k_new=new, v_new=new)
+    forward(True, lengths, k_new=new, v_new=new)
 
 
 def test_native_backward_rejects_seq_first():

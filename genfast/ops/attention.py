@@ -724,14 +724,19 @@ class _PreparedAttention(torch.autograd.Function):
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 5
 
 
-def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
+def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity, append=False):
     """The decode of ``problem`` = (scale, window_left, window_right, softcap) in flash-attn's
     layout: a function (q, k_cache, v_cache, seqlens, cache_leftpad, cache_batch_idx,
-    block_table) -> (out (B, Sq, H, D), lse), or None. ``capacity``: positions a row holds."""
+    block_table) -> (out (B, Sq, H, D), lse), or None. ``capacity``: positions a row holds.
+    ``append``: a function (q, k_cache, v_cache, cache_seqlens, k, v, *index) that also writes
+    the new k, v into the cache at cache_seqlens[b] + t and attends to cache_seqlens + S_new keys,
+    in the one C++ call of the CPU backend (None on the others: the caller appends first)."""
     name = DECODE.select(backend or None, q.device, q.dtype)
     scale, left, right, softcap = problem
     kw = dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=left, window_right=right, softcap=softcap,
               alibi_slopes=None, num_splits=num_splits)
+    if append and name != "cpu":
+        return None
     if name != "cpu":
         fn = DECODE.backends[name].fn
 
@@ -752,7 +757,14 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity):
                **(_cache_index(*index) if index else {}))
         return out, lse
 
-    return call
+    def call_appending(q, kc, vc, seqlens, k, v, *index):
+        out, lse = outputs(q)
+        native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads(),
+               k_new=k, v_new=v, **(_cache_index(*index) if index else {}))
+        return out, lse
+
+    return call_appending if append else call
 
 
 @functools.lru_cache(maxsize=64)
@@ -772,6 +784,14 @@ def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, 
                                                               backend or "", *index)
         return _heads_first(general, True)(q, k_cache, v_cache, seqlens)
     return result
+
+
+def _eager_decode_append(signature, q, k_cache, v_cache, k, v, cache_seqlens, problem, num_splits, backend, index,
+                         capacity):
+    """(out, lse) of a decode that appends k, v (flash-attn's layout, unit last strides) through
+    one prepared call, or None where the backend has none (the caller appends, then decodes)."""
+    prepare = lambda: _prepare_decode(q, k_cache, problem, num_splits, backend, capacity, append=True)  # noqa: E731
+    return DECODE.call_prepared(("append", signature), prepare, q, k_cache, v_cache, cache_seqlens, k, v, *index)
 
 
 def _eager_allowed(*tensors) -> bool:
@@ -1412,6 +1432,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             _VALIDATED.add(signature)
     B = q.shape[0]
     S_new = 0 if k is None else k.shape[1]
+    index = (cache_leftpad, cache_batch_idx, block_table) if extended else ()
+    if signature is not None and S_new > 0 and rotary_cos is None and q.device.type == "cpu" \
+            and q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+        # A CPU decode step: the checks of the index values, the append and the attention in one call.
+        lengths = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else \
+            _constant_seqlens(B, int(cache_seqlens), q.device)
+        result = _eager_decode_append(signature, q, k_cache, v_cache, k, v, lengths, (scale, left, right, softcap),
+                                      int(num_splits), backend, index, S_max)
+        if result is not None:
+            return result if return_softmax_lse else result[0]
     # An int cache_seqlens was checked above; a tensor's values (and the index tensors') are read here.
     read_values = extended or isinstance(cache_seqlens, torch.Tensor)
     if cache_seqlens is None:
@@ -1441,7 +1471,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     kc = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     vc = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     if signature is not None:
-        index = (cache_leftpad, cache_batch_idx, block_table) if extended else ()
         out, lse = _eager_decode(signature, qt, kc, vc, seqlens, (scale, left, right, softcap), int(num_splits),
                                  backend, index, S_max)
         return (out, lse) if return_softmax_lse else out
