@@ -656,7 +656,7 @@ GENFAST_REGISTER_BINDINGS(attention) {
         if (k_new.present) copy_append(rows, k_in, v_in, k_new, v_new);  // every check above passed
         attention::forward_cpu(p);
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::kw_only(), py::arg("bias"),
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
       py::arg("alibi_slopes"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
       py::arg("keep_mask"), py::arg("seed"), py::arg("options"), py::arg("num_threads"),
       py::arg("cache_leftpad") = py::none(), py::arg("cache_batch_idx") = py::none(),
@@ -680,7 +680,7 @@ GENFAST_REGISTER_BINDINGS(attention) {
         attention::backward_cpu(p);
       },
       py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"),
-      py::arg("dk"), py::arg("dv"), py::kw_only(), py::arg("bias"), py::arg("alibi_slopes"), py::arg("cu_seqlens_q"),
+      py::arg("dk"), py::arg("dv"), py::arg("bias"), py::arg("alibi_slopes"), py::arg("cu_seqlens_q"),
       py::arg("cu_seqlens_k"), py::arg("seed"), py::arg("options"), py::arg("num_threads"));
 
   m.def(

@@ -225,23 +225,29 @@ void forward_groups(const Params& p, int64_t max_queries) {
                                  std::min<int64_t>(G, (2 * std::max(1, p.num_threads) + pairs - 1) / pairs));
   const int64_t heads_per_part = (G + parts - 1) / parts;
   const int64_t items = pairs * parts;
-  // if: one thread runs the loop without starting a team (its start-up costs more than a small
-  // problem, and small calls are launch-bound).
+  const auto run = [&](int64_t item, ForwardWork<F>& w) {
+    const Seq sq = sequence(p, item / (p.Hk * parts));
+    const int64_t hk = item / parts % p.Hk, part = item % parts;
+    const int64_t h0 = hk * G + std::min(G, part * heads_per_part);
+    const int64_t h1 = hk * G + std::min(G, (part + 1) * heads_per_part);
+    GF_ATTN_CALL(I, forward_group<T, F>(p, sq, h0, h1, w));
+  };
+  // One thread runs the loop outside any OpenMP region: even a serial region costs about 0.5 us,
+  // more than a decode step's small problem (such calls are launch-bound).
+  if (p.num_threads <= 1) {
+    ForwardWork<F>& w = forward_work<F>(p.D);
+    for (int64_t item = 0; item < items; ++item) run(item, w);
+    return;
+  }
 #ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel num_threads(std::max(1, p.num_threads)) if (p.num_threads > 1)
+#pragma omp parallel num_threads(p.num_threads)
 #endif
   {
     ForwardWork<F>& w = forward_work<F>(p.D);
 #ifdef GENFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t item = 0; item < items; ++item) {
-      const Seq sq = sequence(p, item / (p.Hk * parts));
-      const int64_t hk = item / parts % p.Hk, part = item % parts;
-      const int64_t h0 = hk * G + std::min(G, part * heads_per_part);
-      const int64_t h1 = hk * G + std::min(G, (part + 1) * heads_per_part);
-      GF_ATTN_CALL(I, forward_group<T, F>(p, sq, h0, h1, w));
-    }
+    for (int64_t item = 0; item < items; ++item) run(item, w);
   }
 }
 

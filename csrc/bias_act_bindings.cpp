@@ -163,8 +163,8 @@ GENFAST_REGISTER_BINDINGS(bias_act) {
         py::gil_scoped_release release;
         bias_act::bias_act_cpu(a);
       },
-      py::arg("out"), py::arg("x"), py::kw_only(), py::arg("b"), py::arg("dy"), py::arg("ddx"), py::arg("db"),
-      py::arg("options"), py::arg("num_threads"));
+      py::arg("out"), py::arg("x"), py::arg("b"), py::arg("dy"), py::arg("ddx"), py::arg("db"), py::arg("options"),
+      py::arg("num_threads"));
 
 #ifdef GENFAST_WITH_CUDA
   m.def(

@@ -108,13 +108,10 @@ void run(const Args& a) {
   const bool want_db = M == GRAD && a.db != nullptr && a.b != nullptr;
   std::vector<double> partial(want_db ? size_t(threads) * size_t(p.C) : 0, 0.0);
 
-#ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads)
-#endif
-  for (int64_t task = 0; task < p.tasks; ++task) {
+  parallel_for_static(p.tasks, threads, [&](int64_t task) {
     double* acc = want_db ? partial.data() + size_t(thread_index()) * size_t(p.C) : nullptr;
     GF_CPU_DISPATCH(run_task<T, A, M>(a, p, task, acc));
-  }
+  });
   if (want_db) {
     T* db = static_cast<T*>(a.db);
     for (int64_t c = 0; c < p.C; ++c) {

@@ -426,9 +426,9 @@ GENFAST_REGISTER_BINDINGS(diffusion) {
         py::gil_scoped_release release;
         sampler_step_cpu(a);
       },
-      py::arg("prev"), py::arg("aux"), py::arg("sample"), py::arg("model_output"), py::kw_only(),
-      py::arg("model_output_uncond"), py::arg("history"), py::arg("history2"), py::arg("noise"), py::arg("coefs"),
-      py::arg("clamp"), py::arg("seed"), py::arg("options"), py::arg("num_threads"));
+      py::arg("prev"), py::arg("aux"), py::arg("sample"), py::arg("model_output"), py::arg("model_output_uncond"),
+      py::arg("history"), py::arg("history2"), py::arg("noise"), py::arg("coefs"), py::arg("clamp"), py::arg("seed"),
+      py::arg("options"), py::arg("num_threads"));
   m.def(
       "diffusion_add_noise_cpu",
       [](const TensorView& noisy, const TensorView& target, const TensorView& x0, const TensorView& noise,

@@ -130,16 +130,11 @@ void for_each_chunk(int64_t n, int64_t per_sample, int num_threads, Fn&& fn) {
   const int64_t samples = n / per_sample;
   const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
   const int64_t tasks = samples * chunks;
-  const int threads = thread_count(num_threads, n);
-  (void)threads;
-#ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads)
-#endif
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for_static(tasks, thread_count(num_threads, n), [&](int64_t task) {
     const int64_t b = task / chunks;
     const int64_t offset = (task % chunks) * kChunk;
     fn(b, b * per_sample + offset, std::min(kChunk, per_sample - offset));
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------ sampler_step

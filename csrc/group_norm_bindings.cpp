@@ -178,7 +178,7 @@ GENFAST_REGISTER_BINDINGS(group_norm) {
         py::gil_scoped_release release;
         group_norm::group_norm_forward_cpu(a);
       },
-      py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::kw_only(), py::arg("weight"), py::arg("bias"),
+      py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
       py::arg("options"), py::arg("num_threads"));
   m.def(
       "group_norm_bwd_cpu",

@@ -235,11 +235,8 @@ void forward(const ForwardArgs& a) {
   const int64_t total = N * C * S;
   if (!sh.channels_last) {
     const int64_t tasks = N * G;
-    const int threads = threads_for(a.num_threads, total, tasks);
-#ifdef GENFAST_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-#endif
-    for (int64_t t = 0; t < tasks; ++t) GF_CPU_DISPATCH(forward_group_nchw<T, SILU>(a, t / G, t % G));
+    parallel_for_dynamic(tasks, threads_for(a.num_threads, total, tasks),
+                         [&](int64_t t) { GF_CPU_DISPATCH(forward_group_nchw<T, SILU>(a, t / G, t % G)); });
     return;
   }
   const int64_t R = rows_per_block(C, S), blocks = (S + R - 1) / R, tasks = N * blocks;

@@ -9,6 +9,7 @@ recorded here with its reason, and the dispatcher falls back to another backend.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import platform
 
@@ -107,3 +108,53 @@ def address(t: torch.Tensor | None) -> int:
 
 def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def argument_names(native) -> tuple:
+    """The parameter names of an extension entry point, in order, read from the signature line
+    pybind11 writes at the top of its docstring ("name(a: T, b: U, *, c: V) -> R"); a Python
+    function (the tests stand in for the extension) gives its own, or None if it takes *args or
+    **kwargs (its names are unknown)."""
+    if not isinstance(getattr(native, "__doc__", None), str) or type(native).__name__ != "builtin_function_or_method":
+        parameters = inspect.signature(native).parameters.values()
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+            return None
+        return tuple(p.name for p in parameters)
+    line = native.__doc__.lstrip().splitlines()[0]
+    inner = line[line.index("(") + 1:]
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(inner):  # split at the top-level commas; annotations may hold brackets
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            if depth == 0:
+                inner = inner[:i]
+                break
+            depth -= 1
+        elif ch == "," and depth == 0:
+            names.append(inner[start:i])
+            start = i + 1
+    names.append(inner[start:])
+    names = [part.split(":", 1)[0].split("=", 1)[0].strip() for part in names]
+    return tuple(name for name in names if name and name not in ("*", "/"))
+
+
+def bind_positional(native, per_call: tuple, **bound):
+    """``native`` as a function of the arguments named in ``per_call`` (in that order), with the
+    ``bound`` ones fixed, that passes every argument by position. pybind11 looks each keyword
+    argument up by name at every call (about 0.12 us each, over 1 us for an attention call), a
+    large part of a small prepared call; the names are matched once here against the entry
+    point's own signature instead, so a misspelt, missing or extra name raises now."""
+    names = argument_names(native)
+    if names is None:  # a stand-in taking *args / **kwargs (tests): every argument by keyword
+        return lambda *values: native(**dict(zip(per_call, values)), **bound)
+    given = list(per_call) + list(bound)
+    unknown = [n for n in given if n not in names]
+    missing = [n for n in names if n not in given]
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if unknown or missing or twice:
+        raise TypeError(f"bind_positional({getattr(native, '__name__', native)}): unknown {unknown}, missing "
+                        f"{missing}, given twice {twice}; its arguments are {list(names)}")
+    values = {f"_bound_{n}": v for n, v in bound.items()}
+    call = ", ".join(n if n in per_call else f"_bound_{n}" for n in names)
+    return eval(f"lambda {', '.join(per_call)}: _native({call})", {"_native": native, **values})  # noqa: S307

@@ -172,3 +172,41 @@ def test_tensor_views_read_through_dlpack_and_reject_other_devices():
         _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=torch.randn([1] * 9), v=k, cache_seqlens=rows)
     with pytest.raises(TypeError):  # not a tensor
         _ext._C.attention_kvcache_append_cpu(k_cache, v_cache, k=k.detach().numpy(), v=k, cache_seqlens=rows)
+
+
+def test_argument_names_are_read_from_the_entry_points():
+    names = _ext.argument_names(_ext._C.attention_forward_cpu)
+    assert names[:6] == ("q", "k", "v", "out", "lse", "bias")
+    assert {"options", "num_threads", "seqused_k", "block_table", "k_new", "v_new"} <= set(names)
+    assert _ext.argument_names(_ext._C.diffusion_sampler_step_cpu) == (
+        "prev", "aux", "sample", "model_output", "model_output_uncond", "history", "history2", "noise", "coefs",
+        "clamp", "seed", "options", "num_threads")
+    assert _ext.argument_names(lambda a, b=1: None) == ("a", "b")
+    assert _ext.argument_names(lambda *a, **kw: None) is None
+
+
+def test_bind_positional_matches_names_once_and_calls_by_position(seed):
+    """A prepared call binds an entry point's fixed arguments by name once and passes the rest
+    by position (pybind11 matches keywords by name at every call): a misspelt, missing or
+    repeated name raises at binding, the bound call computes what the keyword call does."""
+    native = _ext._C.bias_act_cpu
+    options = _ext._C.BiasActOptions(mode="forward", act="lrelu", dim=1, alpha=0.2, gain=1.0, clamp=-1.0)
+    bound = dict(dy=None, ddx=None, db=None, options=options)
+    with pytest.raises(TypeError, match=r"unknown \['dx'\]"):
+        _ext.bind_positional(native, ("out", "x", "b", "num_threads"), dx=None, ddx=None, db=None, options=options)
+    with pytest.raises(TypeError, match=r"missing \['num_threads'\]"):
+        _ext.bind_positional(native, ("out", "x", "b"), **bound)
+    with pytest.raises(TypeError, match=r"given twice \['b'\]"):
+        _ext.bind_positional(native, ("out", "x", "b", "num_threads"), b=None, dy=None, ddx=None, db=None,
+                             options=options)
+    call = _ext.bind_positional(native, ("x", "out", "b", "num_threads"), **bound)  # any order of the free names
+    x, b = torch.randn(5, 7), torch.randn(7)
+    by_keyword, by_position = torch.empty_like(x), torch.empty_like(x)
+    native(by_keyword, x, b=b, num_threads=1, **bound)
+    call(x, by_position, b, 1)
+    torch.testing.assert_close(by_position, by_keyword, rtol=0, atol=0)
+    torch.testing.assert_close(by_position, torch.nn.functional.leaky_relu(x + b, 0.2))
+    seen = {}
+    stand_in = _ext.bind_positional(lambda *args, **kwargs: seen.update(kwargs), ("out", "x"), db=None)
+    stand_in(1, 2)
+    assert seen == {"out": 1, "x": 2, "db": None}  # a *args/**kwargs stand-in gets every argument by name

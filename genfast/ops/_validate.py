@@ -113,28 +113,23 @@ def check_backend(op: str, backend, backends) -> str:
     return backend or ""
 
 
-class ValidatedSignatures:
+class ValidatedSignatures(dict):
     """Signatures of eager calls whose arguments passed validation: hashable tuples of
     everything the checks look at (shapes, dtypes, devices, scalar arguments). A call with a
     known signature skips the checks: they are a large part of a small op's host time, and a
     loop calls one op with the same signature over and over. Only exact Python scalars and
     plain tensors go into signatures (the callers decide, see ``cacheable``); a signature may
-    carry what validation computed (``get``). Bounded, cleared when full."""
+    carry what validation computed (``get``). Bounded, cleared when full. A dict, so that
+    ``in`` and ``get`` are the dict's own (no Python call in the hot path)."""
 
     def __init__(self, limit: int = 4096):
-        self._seen: dict = {}
+        super().__init__()
         self._limit = limit
 
-    def __contains__(self, signature) -> bool:
-        return signature in self._seen
-
-    def get(self, signature, default=None):
-        return self._seen.get(signature, default)
-
     def add(self, signature, value=True) -> None:
-        if len(self._seen) >= self._limit:
-            self._seen.clear()
-        self._seen[signature] = value
+        if len(self) >= self._limit:
+            self.clear()
+        self[signature] = value
 
 
 _PLAIN_SCALARS = frozenset((int, float, str, bool, type(None), torch.dtype))

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from .._ext import bind_positional
 from .._dispatch import OpDispatcher, Unsupported, direct_call_allowed
 from ._define import NativeOp
 from ._validate import ValidatedSignatures
@@ -633,15 +634,17 @@ def _prepare_forward(q, k, problem, backend, seq_first):
         return _heads_first(lambda q, k, v: fn((q, k, v), kw), seq_first)
     if q.numel() == 0:
         return None
-    native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, seq_first)
-    options = _options(kw["scale"], softcap, left, right, bottom_right, 0.0, seq_first)
+    outputs = _cpu_outputs(q, seq_first)
+    native = bind_positional(_ext._C.attention_forward_cpu, ("q", "k", "v", "out", "lse", "num_threads"), bias=None,
+                             alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, keep_mask=None,
+                             seed=0, options=_options(kw["scale"], softcap, left, right, bottom_right, 0.0, seq_first),
+                             cache_leftpad=None, cache_batch_idx=None, block_table=None, k_new=None, v_new=None)
     threads = cpu_threads_per_call(_cpu_work(*((q.transpose(1, 2), k.transpose(1, 2)) if seq_first else (q, k))),
                                    SINGLE_THREAD_WORK)
 
     def call(q, k, v):
         out, lse = outputs(q)
-        native(q, k, v, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=None, keep_mask=None, seed=0, options=options, num_threads=threads())
+        native(q, k, v, out, lse, threads())
         return out, lse
 
     return call
@@ -670,16 +673,17 @@ def _prepare_backward(q, k, problem, backend, deterministic):
         return lambda *tensors: tuple(g.contiguous() for g in fn(tensors, kw))
     if q.numel() == 0 or k.numel() == 0:
         return None
-    native = _ext._C.attention_backward_cpu
-    options = _options(kw["scale"], softcap, left, right, bottom_right, 0.0)
+    native = bind_positional(_ext._C.attention_backward_cpu,
+                             ("dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv", "num_threads"), bias=None,
+                             alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seed=0,
+                             options=_options(kw["scale"], softcap, left, right, bottom_right, 0.0))
     threads = cpu_threads_per_call(_cpu_work(q, k), SINGLE_THREAD_WORK)
 
     def call(dout, q, k, v, out, lse):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-        native(_cpu_ready(dout), q, k, v, out, lse, dq, dk, dv, bias=None, alibi_slopes=None, cu_seqlens_q=None,
-               cu_seqlens_k=None, seed=0, options=options, num_threads=threads())
+        native(_cpu_ready(dout), q, k, v, out, lse, dq, dk, dv, threads())
         return dq, dk, dv
 
     return call
@@ -746,22 +750,24 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity, append=F
         return _heads_first(run, True)
     if q.numel() == 0:
         return None
-    native, outputs = _ext._C.attention_forward_cpu, _cpu_outputs(q, True)
-    options = _options(kw["scale"], softcap, left, right, True, 0.0, True)
+    outputs = _cpu_outputs(q, True)
+    native = bind_positional(_ext._C.attention_forward_cpu,
+                             ("q", "k", "v", "out", "lse", "seqused_k", "num_threads", "cache_leftpad",
+                              "cache_batch_idx", "block_table", "k_new", "v_new"),
+                             bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, keep_mask=None, seed=0,
+                             options=_options(kw["scale"], softcap, left, right, True, 0.0, True))
     threads = cpu_threads_per_call(_cpu_work(q.transpose(1, 2), k_cache.transpose(1, 2), capacity), SINGLE_THREAD_WORK)
 
-    def call(q, kc, vc, seqlens, *index):  # index: () or (cache_leftpad, cache_batch_idx, block_table)
+    def call(q, kc, vc, seqlens, cache_leftpad=None, cache_batch_idx=None, block_table=None):
         out, lse = outputs(q)
-        native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads(),
-               **(_cache_index(*index) if index else {}))
+        native(q, kc, vc, out, lse, seqlens.contiguous(), threads(), _dense(cache_leftpad), _dense(cache_batch_idx),
+               _cpu_ready(block_table), None, None)
         return out, lse
 
-    def call_appending(q, kc, vc, seqlens, k, v, *index):
+    def call_appending(q, kc, vc, seqlens, k, v, cache_leftpad=None, cache_batch_idx=None, block_table=None):
         out, lse = outputs(q)
-        native(q, kc, vc, out, lse, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               seqused_k=seqlens.contiguous(), keep_mask=None, seed=0, options=options, num_threads=threads(),
-               k_new=k, v_new=v, **(_cache_index(*index) if index else {}))
+        native(q, kc, vc, out, lse, seqlens.contiguous(), threads(), _dense(cache_leftpad), _dense(cache_batch_idx),
+               _cpu_ready(block_table), k, v)
         return out, lse
 
     return call_appending if append else call
@@ -1010,6 +1016,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     fn = "scaled_dot_product_attention"
     signature = _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    if signature in _VALIDATED and not dropout_p and query.ndim == 4 \
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 \
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        # The usual repeated call (a model's layers, a decode loop): no conversions, no autograd.
+        problem = (SCALE_FROM_HEAD_DIM if scale is None else float(scale), -1, 0 if is_causal else -1, False, 0.0)
+        out, lse = _eager_forward(signature, query, key, value, problem, backend)
+        return (out, lse) if return_lse else out
     if signature is not None and signature in _VALIDATED:  # checked before: only the conversions
         dropout_p = float(dropout_p)
         scale = SCALE_FROM_HEAD_DIM if scale is None else float(scale)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from .._ext import bind_positional
 from .._dispatch import OpDispatcher, direct_call_allowed
 from ._define import NativeOp
 from ._validate import (ValidatedSignatures, cacheable, check_backend, check_int, check_real, check_tensor, cpu_threads,
@@ -357,12 +358,13 @@ def _prepare_forward(x, b, params):
     if x.numel() == 0:
         return None
     if name == "cpu":  # the extension directly, its options struct made once
-        native, options = _ext._C.bias_act_cpu, _options(FORWARD, ACT_CODES[act], x, b, dim, alpha, gain, clamp)
+        native = bind_positional(_ext._C.bias_act_cpu, ("out", "x", "b", "num_threads"), dy=None, ddx=None, db=None,
+                                 options=_options(FORWARD, ACT_CODES[act], x, b, dim, alpha, gain, clamp))
         threads = cpu_threads_per_call(x.numel())
 
         def call(x, b):
             out = torch.empty_like(x)
-            native(out, x, b=b, dy=None, ddx=None, db=None, options=options, num_threads=threads())
+            native(out, x, b, threads())
             return out
 
         return call

@@ -55,6 +55,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from .._ext import bind_positional
 from .._dispatch import OpDispatcher, direct_call_allowed, plain_eager_mode
 from ..reference import diffusion as ref
 from ..reference.diffusion import NUM_STEP_COEFS, PREDICTION_TYPES, TARGETS
@@ -651,8 +652,11 @@ def sampler_step_in_loop(x, m, coefs, history=None, history2=None, noise=None, o
             return None
     if not plain_eager_mode():
         return None
-    signature = ("sampler_step in a loop", tensor_key(x), tensor_key(m), tensor_key(coefs), tensor_key(history),
-                 tensor_key(history2), tensor_key(noise), out_dtype, aux_dtype)
+    # tensor_key of each, written out: this runs at every step of a sampling loop.
+    signature = ("sampler_step in a loop", x.shape, x.dtype, x.device, m.shape, m.dtype, m.device, coefs.shape,
+                 coefs.dtype, coefs.device, None if history is None else (history.shape, history.dtype, history.device),
+                 None if history2 is None else (history2.shape, history2.dtype, history2.device),
+                 None if noise is None else (noise.shape, noise.dtype, noise.device), out_dtype, aux_dtype)
     return DISPATCH["sampler_step"].call_prepared(
         signature, lambda: _prepare_loop_step(x, m, coefs, history, history2, noise, out_dtype, aux_dtype),
         x, m, None, history, history2, noise, coefs, None, -1, True)
@@ -676,24 +680,28 @@ def _prepare_step(x, coefs, clamp, x0_rescale, checked):
     if x.numel() == 0:
         return None
     if name == "cpu":
-        native, options = _ext._C.diffusion_sampler_step_cpu, _step_options(clamp_value, x0_rescale, g)
+        native = bind_positional(_ext._C.diffusion_sampler_step_cpu,
+                                 ("prev", "aux", "sample", "model_output", "model_output_uncond", "history", "history2",
+                                  "noise", "coefs", "clamp", "seed", "num_threads"),
+                                 options=_step_options(clamp_value, x0_rescale, g))
         threads = cpu_threads_per_call(x.numel())
 
-        def run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed):
-            native(prev, aux, x, m, model_output_uncond=mu, history=h1, history2=h2, noise=z, coefs=coefs,
-                   clamp=clamp, seed=seed, options=options, num_threads=threads())
-    else:
-        fn = table.backends[name].fn
-        per_sample = _per_sample_count(x, coefs.ndim == 2 or clamp is not None)
-        coef_stride = NUM_STEP_COEFS if coefs.ndim == 2 else 0
+        def call_cpu(x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux):  # the extension directly
+            prev = torch.empty_like(x, dtype=out_dtype)
+            aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else None
+            native(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed if seed >= 0 else None, threads())
+            return prev, aux
 
-        def run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed):
-            fn(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, x0_rescale, g, seed, per_sample)
+        return call_cpu
+    fn = table.backends[name].fn
+    per_sample = _per_sample_count(x, coefs.ndim == 2 or clamp is not None)
+    coef_stride = NUM_STEP_COEFS if coefs.ndim == 2 else 0
 
     def call(x, m, mu, h1, h2, z, coefs, clamp, seed, return_aux):
         prev = torch.empty_like(x, dtype=out_dtype)
         aux = torch.empty_like(x, dtype=aux_dtype) if return_aux else None
-        run(prev, aux, x, m, mu, h1, h2, z, coefs, clamp, seed if seed >= 0 else None)
+        fn(prev, aux, x, m, mu, h1, h2, z, coefs, coef_stride, clamp, clamp_value, x0_rescale, g,
+           seed if seed >= 0 else None, per_sample)
         return prev, aux
 
     return call

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from .._ext import bind_positional
 from .._dispatch import OpDispatcher, direct_call_allowed
 from ._define import NativeOp
 from ._validate import ValidatedSignatures, cacheable, check_backend, check_int, check_tensor, cpu_threads, is_finite
@@ -435,11 +436,13 @@ def _prepare_forward(x, num_groups, eps, silu, backend):
         return None
     stats_like = torch.empty((), dtype=stats_dtype(x.dtype), device=x.device).expand(x.shape[0], num_groups)
     if name == "cpu":  # the extension directly, its options struct made once
-        native, options = _ext._C.group_norm_fwd_cpu, _options(num_groups, eps, silu)
+        native = bind_positional(_ext._C.group_norm_fwd_cpu,
+                                 ("x", "y", "mean", "rstd", "weight", "bias", "num_threads"),
+                                 options=_options(num_groups, eps, silu))
         threads = cpu_threads_per_call(x.numel())
 
         def run(x, weight, bias, y, mean, rstd):
-            native(x, y, mean, rstd, weight=weight, bias=bias, options=options, num_threads=threads())
+            native(x, y, mean, rstd, weight, bias, threads())
     else:
         fn, geo = DISPATCH.backends[name].fn, _geometry(x, num_groups, False)
 

@@ -100,12 +100,15 @@ class AlphaScheduleMixin:
         return np.sqrt(a), -np.sqrt(1 - a)  # v_prediction
 
     def _clip_args(self):
+        """_run's clamping arguments from the config, worked out once per config object (every
+        step asks; register_to_config makes a new one)."""
         cfg = self.config
-        if cfg.thresholding:
-            return {"threshold": True}
-        if cfg.clip_sample:
-            return {"clip": cfg.clip_sample_range}
-        return {}
+        cached = self.__dict__.get("_clip_args_of_config")
+        if cached is None or cached[0] is not cfg:
+            args = {"threshold": True} if cfg.thresholding else {"clip": cfg.clip_sample_range} if cfg.clip_sample \
+                else {}
+            cached = self._clip_args_of_config = (cfg, args)
+        return cached[1]
 
     def _maybe_fold(self, rows):
         cfg = self.config

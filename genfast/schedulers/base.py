@@ -182,8 +182,9 @@ class SchedulerOutput:
 
     _fields = ("prev_sample",)
 
-    def __init__(self, **values):
-        for name in self._fields:
+    def __init__(self, prev_sample=None, **values):  # one per step: the common field set directly
+        self.prev_sample = prev_sample
+        for name in self._fields[1:]:
             setattr(self, name, values.get(name))
 
     def to_tuple(self) -> tuple:
@@ -204,6 +205,9 @@ class SchedulerOutput:
 
 class SampleOutput(SchedulerOutput):
     _fields = ("prev_sample", "pred_original_sample")
+
+    def __init__(self, prev_sample=None, pred_original_sample=None):  # one per step: no loop over the fields
+        self.prev_sample, self.pred_original_sample = prev_sample, pred_original_sample
 
 
 class LCMSchedulerOutput(SchedulerOutput):
