@@ -28,7 +28,7 @@ def test_overhead_suite_times_host_calls_of_every_case():
     """`bench overhead`: every case's genfast row is checked against its torch baseline and timed
     on the host (per call), and the speedup column compares the two."""
     from genfast.bench import overhead
-    from genfast.bench.timing import run_case, strict_dispatch
+    from genfast.bench.timing import HOST_INTERLEAVED_SPLIT, HOST_ROUNDS, run_case, strict_dispatch
 
     cases = list(overhead.build_cases("cpu", quick=True))
     assert len(cases) == overhead.count_cases("cpu", quick=True)
@@ -39,9 +39,27 @@ def test_overhead_suite_times_host_calls_of_every_case():
         rows = [row for case in picked for row in run_case(case, None, quick=True)]
     for row in rows:
         assert row["status"] == "ok", row
-        assert 0 < row["median_ms"] < 1000 and row["reps"] == 5
+        assert 0 < row["median_ms"] < 1000 and row["reps"] == HOST_ROUNDS * HOST_INTERLEAVED_SPLIT
     genfast_rows = [r for r in rows if r["provider"] == "genfast"]
     assert genfast_rows and all(r["vs_torch"] > 0 for r in genfast_rows)
+
+
+def test_host_timing_interleaves_the_providers():
+    """Host-timed providers of one case take turns round by round (A B, B A, ...), so a burst of
+    load on a shared machine lands on both instead of on whichever was being timed."""
+    from genfast.bench.timing import HOST_INTERLEAVED_SPLIT, HOST_ROUNDS, time_host_interleaved
+
+    calls = []
+    slow = lambda: calls.append("slow") or sum(range(2000))  # noqa: E731
+    fast = lambda: calls.append("fast")  # noqa: E731
+    stats = time_host_interleaved({"slow": slow, "fast": fast}, "cpu", quick=True)
+    assert set(stats) == {"slow", "fast"}
+    assert all(s["reps"] == HOST_ROUNDS * HOST_INTERLEAVED_SPLIT for s in stats.values())
+    assert stats["slow"]["median_ms"] > stats["fast"]["median_ms"] > 0
+    # Runs of calls to one provider: rounds A B, B A, A B, ... give one run per round (B B and A A
+    # merge) beyond the warm-up's two; timed one after the other there would be 4 in all.
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert len(runs) >= HOST_ROUNDS * HOST_INTERLEAVED_SPLIT + 1, runs
 
 
 def test_shared_providers_thunks_table_and_compile_failures(monkeypatch):

@@ -182,6 +182,41 @@ def time_host(fn: Union[Callable[[], Any], Sequence[Callable[[], Any]]], device,
     return _summary(times)
 
 
+def time_host_interleaved(thunks_by_name: dict, device, quick: bool = False, calls_per_thunk: int = 1) -> dict:
+    """``time_host`` of several providers of one case, their rounds interleaved (A B, B A, A B,
+    ...): a small call's host time is a few microseconds, and on a shared machine a burst of
+    load lasting seconds would land on whichever provider was being timed; interleaved, the
+    providers share it. {name: summary}."""
+    device = torch.device(device)
+    calls = {}
+    for name, fn in thunks_by_name.items():
+        thunks = _as_thunks(fn)
+        for i in range(max(3, len(thunks))):  # warm-up: lazy imports, caches, allocator
+            thunks[i % len(thunks)]()
+        synchronize(device)
+        start = time.perf_counter()
+        thunks[0]()
+        one = max(time.perf_counter() - start, 1e-7)
+        synchronize(device)
+        min_round = (HOST_MIN_ROUND_QUICK_S if quick else HOST_MIN_ROUND_S) / HOST_INTERLEAVED_SPLIT
+        calls[name] = (thunks, max(len(thunks), min(int(min_round / one) + 1, 3000)))
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for r in range(HOST_ROUNDS * HOST_INTERLEAVED_SPLIT):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            thunks, n = calls[name]
+            start = time.perf_counter()
+            for i in range(n):
+                thunks[i % len(thunks)]()
+            times[name].append((time.perf_counter() - start) * 1e3 / (n * calls_per_thunk))
+            synchronize(device)
+    return {name: _summary(t) for name, t in times.items()}
+
+
+# time_host_interleaved: this many times the rounds of time_host, each this much shorter.
+HOST_INTERLEAVED_SPLIT = 3
+
+
 def l2_cache_bytes(device) -> int:
     """The GPU's L2 size (DEFAULT_L2_BYTES if torch does not say); 0 for a CPU."""
     device = torch.device(device)
@@ -379,7 +414,7 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
         if case.reference in names:  # the reference goes first: its output checks the others
             names.remove(case.reference)
             names.insert(0, case.reference)
-        results = {}
+        results, host_timed = {}, {}
         for name in names:
             provider = case.providers[name]
             row = _row(case, provider)
@@ -410,9 +445,9 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
                 external = getattr(thunks[0], "stats", None)  # timed by the provider itself (e.g. ring ranks)
                 if external is not None:
                     stats = dict(external)
-                elif case.extra.get("timer") == "host":
-                    stats = time_host(thunks, case.device, quick=quick,
-                                      calls_per_thunk=case.extra.get("calls_per_thunk", 1))
+                elif case.extra.get("timer") == "host":  # timed below, interleaved with the other providers
+                    host_timed[name] = thunks
+                    continue
                 else:
                     stats = time_fn(thunks, case.device, quick=quick)
             except Exception as exc:  # a baseline that cannot run is n/a; a genfast one is an error
@@ -424,20 +459,18 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
                 thunks = None
                 if case.device.type == "cuda":
                     torch.cuda.synchronize(case.device)
-            row.update(stats)
-            row["status"] = "ok"
-            seconds = stats["median_ms"] * 1e-3
-            row["gbps"] = case.bytes_moved / seconds / 1e9 if seconds > 0 and case.bytes_moved else None
-            if copy_gbps and row["gbps"] is not None:
-                row["pct_copy"] = 100.0 * row["gbps"] / copy_gbps
-            if case.extra.get("flops"):  # compute-bound ops (attention) also report TFLOP/s
-                row["tflops"] = case.extra["flops"] / seconds / 1e12 if seconds > 0 else None
-            if case.extra.get("items"):  # end-to-end cases (models) also report tokens/s, images/s
-                row["throughput"] = case.extra["items"] / seconds if seconds > 0 else None
-                row["unit"] = case.extra.get("unit", "items/s")
-            log(f"    {name:<8} {stats['median_ms']:9.3f} ms  {row['gbps'] or 0:8.1f} GB/s"
-                + (f"  {row['tflops']:8.3f} TFLOP/s" if row.get("tflops") else "")
-                + (f"  {row['throughput']:.4g} {row['unit']}" if row.get("throughput") else ""))
+            _finish_row(case, name, row, stats, copy_gbps, log)
+        if host_timed:
+            try:
+                timed = time_host_interleaved(host_timed, case.device, quick=quick,
+                                              calls_per_thunk=case.extra.get("calls_per_thunk", 1))
+            except Exception as exc:  # which provider failed is unknown here: every one is an error
+                timed = {}
+                for name in host_timed:
+                    results[name]["status"], results[name]["detail"] = "ERROR", _short_error(exc)
+            host_timed = None
+            for name, stats in timed.items():
+                _finish_row(case, name, results[name], stats, copy_gbps, log)
         for name in case.providers:
             row = results[name]
             for base in case.baselines:
@@ -455,6 +488,24 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
         if case.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _finish_row(case, name: str, row: dict, stats: dict, copy_gbps, log) -> None:
+    """A timed provider's row: its timing summary and the rates derived from the median."""
+    row.update(stats)
+    row["status"] = "ok"
+    seconds = stats["median_ms"] * 1e-3
+    row["gbps"] = case.bytes_moved / seconds / 1e9 if seconds > 0 and case.bytes_moved else None
+    if copy_gbps and row["gbps"] is not None:
+        row["pct_copy"] = 100.0 * row["gbps"] / copy_gbps
+    if case.extra.get("flops"):  # compute-bound ops (attention) also report TFLOP/s
+        row["tflops"] = case.extra["flops"] / seconds / 1e12 if seconds > 0 else None
+    if case.extra.get("items"):  # end-to-end cases (models) also report tokens/s, images/s
+        row["throughput"] = case.extra["items"] / seconds if seconds > 0 else None
+        row["unit"] = case.extra.get("unit", "items/s")
+    log(f"    {name:<8} {stats['median_ms']:9.3f} ms  {row['gbps'] or 0:8.1f} GB/s"
+        + (f"  {row['tflops']:8.3f} TFLOP/s" if row.get("tflops") else "")
+        + (f"  {row['throughput']:.4g} {row['unit']}" if row.get("throughput") else ""))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch
 
 from .. import _ext
 from .._ext import bind_positional
-from .._dispatch import OpDispatcher, Unsupported, direct_call_allowed
+from .._dispatch import OpDispatcher, Unsupported, direct_call_allowed, plain_eager_mode
 from ._define import NativeOp
 from ._validate import ValidatedSignatures
 from ._validate import (check_backend, check_real, check_tensor, compiling, cpu_threads, cpu_threads_per_call, is_int,
@@ -634,7 +634,9 @@ def _prepare_forward(q, k, problem, backend, seq_first):
         return _heads_first(lambda q, k, v: fn((q, k, v), kw), seq_first)
     if q.numel() == 0:
         return None
-    outputs = _cpu_outputs(q, seq_first)
+    B, H, Sq = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
+    lse_like = torch.empty((), dtype=lse_dtype(q.dtype), device=q.device).expand(B, H, Sq)
+    contiguous = torch.contiguous_format
     native = bind_positional(_ext._C.attention_forward_cpu, ("q", "k", "v", "out", "lse", "num_threads"), bias=None,
                              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, keep_mask=None,
                              seed=0, options=_options(kw["scale"], softcap, left, right, bottom_right, 0.0, seq_first),
@@ -642,8 +644,8 @@ def _prepare_forward(q, k, problem, backend, seq_first):
     threads = cpu_threads_per_call(_cpu_work(*((q.transpose(1, 2), k.transpose(1, 2)) if seq_first else (q, k))),
                                    SINGLE_THREAD_WORK)
 
-    def call(q, k, v):
-        out, lse = outputs(q)
+    def call(q, k, v):  # _cpu_outputs' allocations inline: the most frequent prepared call
+        out, lse = torch.empty_like(q, memory_format=contiguous), torch.empty_like(lse_like)
         native(q, k, v, out, lse, threads())
         return out, lse
 
@@ -967,7 +969,8 @@ def _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         return None
     if type(dropout_p) not in (float, int) or (scale is not None and type(scale) not in (float, int)):
         return None
-    if not direct_call_allowed(query, key, value):
+    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor \
+            or not plain_eager_mode():  # direct_call_allowed(query, key, value), inline
         return None
     return ("sdpa", query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
             key.device, value.device, dropout_p, is_causal, scale, enable_gqa, backend)
@@ -1021,8 +1024,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
         # The usual repeated call (a model's layers, a decode loop): no conversions, no autograd.
         problem = (SCALE_FROM_HEAD_DIM if scale is None else float(scale), -1, 0 if is_causal else -1, False, 0.0)
-        out, lse = _eager_forward(signature, query, key, value, problem, backend)
-        return (out, lse) if return_lse else out
+        result = FORWARD.call_prepared(signature, lambda: _prepare_forward(query, key, problem, backend, False),
+                                       query, key, value)
+        if result is not None:
+            return result if return_lse else result[0]
     if signature is not None and signature in _VALIDATED:  # checked before: only the conversions
         dropout_p = float(dropout_p)
         scale = SCALE_FROM_HEAD_DIM if scale is None else float(scale)
