@@ -145,3 +145,22 @@ def test_ring_rows_of_the_attention_bench(monkeypatch):
         assert rows["ring"]["reps"] == 2 and rows["ring"]["max_rel_err"] < 1e-4 and rows["ring"]["vs_1-proc"] > 0
     gpu = next(c for c in ring.build_cases("cuda", quick=True))
     assert "NCCL" in gpu.providers["ring"].unavailable
+
+
+def test_cpu_timing_interleaves_and_keeps_going_past_a_failing_provider():
+    """CPU providers of one case are timed in alternating rounds; one that raises (a baseline
+    that cannot run) is reported as its exception while the others are still timed."""
+    from genfast.bench.timing import CPU_INTERLEAVED_ROUNDS, time_cpu_interleaved
+
+    calls = []
+
+    def failing():
+        if len(calls) > 3:
+            raise RuntimeError("baseline broke")
+
+    stats = time_cpu_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b") or sum(range(500)),
+                                  "bad": failing}, quick=True)
+    assert isinstance(stats["bad"], RuntimeError) and "baseline broke" in str(stats["bad"])
+    assert stats["a"]["reps"] >= 5 and stats["b"]["reps"] >= 5 and stats["b"]["median_ms"] > 0
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert len(runs) >= CPU_INTERLEAVED_ROUNDS + 1, runs  # a b, b a, a b, ...: not all of a, then all of b

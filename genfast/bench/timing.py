@@ -82,6 +82,38 @@ def _time_cpu(thunks: list, quick: bool) -> dict:
     return _summary(times)
 
 
+# time_cpu_interleaved: rounds per provider (each about CPU_MIN_TIME_S / this long).
+CPU_INTERLEAVED_ROUNDS = 5
+
+
+def time_cpu_interleaved(thunks_by_name: dict, quick: bool = False) -> dict:
+    """``time_fn`` on the CPU for several providers of one case, their calls in interleaved
+    rounds (each provider calls for about the same time per round; the order alternates): a
+    run of a few seconds on a shared machine sees bursts of load from other jobs, which would
+    otherwise land on whichever provider was being timed. Each call is one sample, as in
+    ``_time_cpu``. {name: summary}."""
+    min_time = CPU_MIN_TIME_QUICK_S if quick else CPU_MIN_TIME_S
+
+    def calibrate(thunks):
+        for i in range(1 if quick else 2):  # warm-up
+            thunks[i % len(thunks)]()
+        start = time.perf_counter()
+        thunks[0]()
+        one = max(time.perf_counter() - start, 1e-7)
+        per_round = max(-(-CPU_MIN_REPS // CPU_INTERLEAVED_ROUNDS), int(min_time / CPU_INTERLEAVED_ROUNDS / one))
+        return min(per_round, 10000 // CPU_INTERLEAVED_ROUNDS)
+
+    def call_times(thunks, n):
+        samples = []
+        for i in range(n):
+            start = time.perf_counter()
+            thunks[i % len(thunks)]()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return samples
+
+    return _interleaved(thunks_by_name, calibrate, call_times, CPU_INTERLEAVED_ROUNDS)
+
+
 def _gpu_sleep(ms: float, device: torch.device) -> None:
     """Keep the GPU busy for about ``ms`` (a spin kernel), so the host can queue work ahead."""
     try:
@@ -188,9 +220,9 @@ def time_host_interleaved(thunks_by_name: dict, device, quick: bool = False, cal
     load lasting seconds would land on whichever provider was being timed; interleaved, the
     providers share it. {name: summary}."""
     device = torch.device(device)
-    calls = {}
-    for name, fn in thunks_by_name.items():
-        thunks = _as_thunks(fn)
+    min_round = (HOST_MIN_ROUND_QUICK_S if quick else HOST_MIN_ROUND_S) / HOST_INTERLEAVED_SPLIT
+
+    def calibrate(thunks):
         for i in range(max(3, len(thunks))):  # warm-up: lazy imports, caches, allocator
             thunks[i % len(thunks)]()
         synchronize(device)
@@ -198,19 +230,40 @@ def time_host_interleaved(thunks_by_name: dict, device, quick: bool = False, cal
         thunks[0]()
         one = max(time.perf_counter() - start, 1e-7)
         synchronize(device)
-        min_round = (HOST_MIN_ROUND_QUICK_S if quick else HOST_MIN_ROUND_S) / HOST_INTERLEAVED_SPLIT
-        calls[name] = (thunks, max(len(thunks), min(int(min_round / one) + 1, 3000)))
-    times = {name: [] for name in calls}
-    order = list(calls)
-    for r in range(HOST_ROUNDS * HOST_INTERLEAVED_SPLIT):
+        return max(len(thunks), min(int(min_round / one) + 1, 3000))
+
+    def round_ms(thunks, n):
+        start = time.perf_counter()
+        for i in range(n):
+            thunks[i % len(thunks)]()
+        elapsed = (time.perf_counter() - start) * 1e3 / (n * calls_per_thunk)
+        synchronize(device)
+        return [elapsed]
+
+    return _interleaved(thunks_by_name, calibrate, round_ms, HOST_ROUNDS * HOST_INTERLEAVED_SPLIT)
+
+
+def _interleaved(thunks_by_name: dict, calibrate, round_times, rounds: int) -> dict:
+    """The rounds of several providers interleaved (A B, B A, ...): ``calibrate(thunks)`` gives
+    a provider's calls per round, ``round_times(thunks, n)`` times one round (a list of
+    samples). {name: summary, or the exception that provider raised (the others go on)}."""
+    plans, out = {}, {}
+    for name, fn in thunks_by_name.items():
+        thunks = _as_thunks(fn)
+        try:
+            plans[name] = (thunks, calibrate(thunks))
+        except Exception as exc:
+            out[name] = exc
+    times = {name: [] for name in plans}
+    for r in range(rounds):
+        order = [name for name in plans if name not in out]
         for name in (order if r % 2 == 0 else order[::-1]):
-            thunks, n = calls[name]
-            start = time.perf_counter()
-            for i in range(n):
-                thunks[i % len(thunks)]()
-            times[name].append((time.perf_counter() - start) * 1e3 / (n * calls_per_thunk))
-            synchronize(device)
-    return {name: _summary(t) for name, t in times.items()}
+            try:
+                times[name].extend(round_times(*plans[name]))
+            except Exception as exc:
+                out[name] = exc
+    out.update({name: _summary(t) for name, t in times.items() if name not in out})
+    return out
 
 
 # time_host_interleaved: this many times the rounds of time_host, each this much shorter.
@@ -414,7 +467,7 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
         if case.reference in names:  # the reference goes first: its output checks the others
             names.remove(case.reference)
             names.insert(0, case.reference)
-        results, host_timed = {}, {}
+        results, host_timed, cpu_timed = {}, {}, {}
         for name in names:
             provider = case.providers[name]
             row = _row(case, provider)
@@ -448,6 +501,9 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
                 elif case.extra.get("timer") == "host":  # timed below, interleaved with the other providers
                     host_timed[name] = thunks
                     continue
+                elif case.device.type == "cpu":  # likewise
+                    cpu_timed[name] = thunks
+                    continue
                 else:
                     stats = time_fn(thunks, case.device, quick=quick)
             except Exception as exc:  # a baseline that cannot run is n/a; a genfast one is an error
@@ -460,17 +516,21 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
                 if case.device.type == "cuda":
                     torch.cuda.synchronize(case.device)
             _finish_row(case, name, row, stats, copy_gbps, log)
-        if host_timed:
-            try:
-                timed = time_host_interleaved(host_timed, case.device, quick=quick,
-                                              calls_per_thunk=case.extra.get("calls_per_thunk", 1))
-            except Exception as exc:  # which provider failed is unknown here: every one is an error
-                timed = {}
-                for name in host_timed:
-                    results[name]["status"], results[name]["detail"] = "ERROR", _short_error(exc)
-            host_timed = None
+        for pending, timer in ((host_timed, lambda: time_host_interleaved(
+                host_timed, case.device, quick=quick, calls_per_thunk=case.extra.get("calls_per_thunk", 1))),
+                (cpu_timed, lambda: time_cpu_interleaved(cpu_timed, quick=quick))):
+            if not pending:
+                continue
+            timed = timer()
+            pending.clear()
             for name, stats in timed.items():
-                _finish_row(case, name, results[name], stats, copy_gbps, log)
+                if isinstance(stats, Exception):  # as above: a baseline that cannot run is n/a
+                    row = results[name]
+                    failed_genfast = case.providers[name].kind == GENFAST or name == case.reference
+                    row["status"], row["detail"] = "ERROR" if failed_genfast else "n/a", _short_error(stats)
+                    log(f"    {name:<8} {row['status']}  ({row['detail']})")
+                else:
+                    _finish_row(case, name, results[name], stats, copy_gbps, log)
         for name in case.providers:
             row = results[name]
             for base in case.baselines:
