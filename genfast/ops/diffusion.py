@@ -646,17 +646,25 @@ def sampler_step_in_loop(x, m, coefs, history=None, history2=None, noise=None, o
     the first call of a signature, then only what the prepared call needs (plain contiguous
     tensors, eager mode, no autograd). Returns (prev, aux), or None where the fast path does
     not apply: the caller then calls ``sampler_step``."""
+    # direct_call_allowed, _needs_grad and the layouts in one pass, written out for the three
+    # tensors every step has (this runs at every step of a sampling loop); the optional ones
+    # only when given.
+    if type(x) is not torch.Tensor or type(m) is not torch.Tensor or type(coefs) is not torch.Tensor \
+            or not (x.is_contiguous() and m.is_contiguous() and coefs.is_contiguous()):
+        return None
     grad = torch.is_grad_enabled()
-    for t in (x, m, coefs, history, history2, noise):  # direct_call_allowed, _needs_grad, layouts: one pass
-        if t is not None and (type(t) is not torch.Tensor or not t.is_contiguous() or (grad and t.requires_grad)):
-            return None
+    if grad and (x.requires_grad or m.requires_grad or coefs.requires_grad):
+        return None
+    optional = None
+    if history is not None or history2 is not None or noise is not None:
+        for t in (history, history2, noise):
+            if t is not None and (type(t) is not torch.Tensor or not t.is_contiguous() or (grad and t.requires_grad)):
+                return None
+        optional = (tensor_key(history), tensor_key(history2), tensor_key(noise))
     if not plain_eager_mode():
         return None
-    # tensor_key of each, written out: this runs at every step of a sampling loop.
     signature = ("sampler_step in a loop", x.shape, x.dtype, x.device, m.shape, m.dtype, m.device, coefs.shape,
-                 coefs.dtype, coefs.device, None if history is None else (history.shape, history.dtype, history.device),
-                 None if history2 is None else (history2.shape, history2.dtype, history2.device),
-                 None if noise is None else (noise.shape, noise.dtype, noise.device), out_dtype, aux_dtype)
+                 coefs.dtype, coefs.device, optional, out_dtype, aux_dtype)
     return DISPATCH["sampler_step"].call_prepared(
         signature, lambda: _prepare_loop_step(x, m, coefs, history, history2, noise, out_dtype, aux_dtype),
         x, m, None, history, history2, noise, coefs, None, -1, True)
