@@ -5,8 +5,8 @@ On a GPU, small ops and decode steps are launch-bound: the Python path around a 
 (validation, dispatch, torch.library, autograd) is the whole cost. This suite makes that cost a
 tracked figure on any machine. Each case times the host side only (``Case.extra["timer"] =
 "host"``: blocks of back-to-back calls timed with ``time.perf_counter`` and no synchronisation
-inside a block; see ``timing.time_host``). Inputs are tiny so that the kernels themselves cost
-next to nothing.
+inside a block, the providers' blocks interleaved; see ``timing.time_host_interleaved``).
+Inputs are tiny so that the kernels themselves cost next to nothing.
 
 Providers: ``genfast`` (the public op, automatic backend) and ``torch``, the comparable torch
 call: the single torch function where one exists (``F.scaled_dot_product_attention``,

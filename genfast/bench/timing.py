@@ -185,40 +185,16 @@ HOST_ROUNDS = 5
 HOST_MIN_ROUND_S, HOST_MIN_ROUND_QUICK_S = 0.05, 0.02
 
 
-def time_host(fn: Union[Callable[[], Any], Sequence[Callable[[], Any]]], device, quick: bool = False,
-              calls_per_thunk: int = 1) -> dict:
-    """Host time of one call: ``HOST_ROUNDS`` rounds of back-to-back calls, each round timed with
-    ``time.perf_counter`` as a whole with no synchronisation inside (the device is synchronised
-    between rounds, outside the timed part), so on a GPU it measures what the host spends to
-    launch a call (validation, dispatch, launch), not the kernel. ``calls_per_thunk``: calls one
-    thunk makes (e.g. the steps of a sampling loop); the times are per call. Same summary as
-    ``time_fn``, over the rounds."""
-    thunks = _as_thunks(fn)
-    device = torch.device(device)
-    for i in range(max(3, len(thunks))):  # warm-up: lazy imports, caches, allocator
-        thunks[i % len(thunks)]()
-    synchronize(device)
-    start = time.perf_counter()
-    thunks[0]()
-    one = max(time.perf_counter() - start, 1e-7)
-    synchronize(device)
-    min_round = HOST_MIN_ROUND_QUICK_S if quick else HOST_MIN_ROUND_S
-    n = max(len(thunks), min(int(min_round / one) + 1, 3000))
-    times = []
-    for _ in range(HOST_ROUNDS):
-        start = time.perf_counter()
-        for i in range(n):
-            thunks[i % len(thunks)]()
-        times.append((time.perf_counter() - start) * 1e3 / (n * calls_per_thunk))
-        synchronize(device)
-    return _summary(times)
-
-
 def time_host_interleaved(thunks_by_name: dict, device, quick: bool = False, calls_per_thunk: int = 1) -> dict:
-    """``time_host`` of several providers of one case, their rounds interleaved (A B, B A, A B,
-    ...): a small call's host time is a few microseconds, and on a shared machine a burst of
-    load lasting seconds would land on whichever provider was being timed; interleaved, the
-    providers share it. {name: summary}."""
+    """Host time of one call of each provider of a case: rounds of back-to-back calls, each
+    round timed with ``time.perf_counter`` as a whole with no synchronisation inside (the
+    device is synchronised between rounds, outside the timed part), so on a GPU it measures
+    what the host spends to launch a call (validation, dispatch, launch), not the kernel.
+    ``calls_per_thunk``: calls one thunk makes (e.g. the steps of a sampling loop); the times
+    are per call. The providers' rounds are interleaved (A B, B A, A B, ...): a small call's
+    host time is a few microseconds, and on a shared machine a burst of load lasting seconds
+    would land on whichever provider was being timed. {name: summary as ``time_fn``'s, or the
+    exception the provider raised}."""
     device = torch.device(device)
     min_round = (HOST_MIN_ROUND_QUICK_S if quick else HOST_MIN_ROUND_S) / HOST_INTERLEAVED_SPLIT
 
@@ -266,7 +242,8 @@ def _interleaved(thunks_by_name: dict, calibrate, round_times, rounds: int) -> d
     return out
 
 
-# time_host_interleaved: this many times the rounds of time_host, each this much shorter.
+# time_host_interleaved: HOST_ROUNDS x HOST_INTERLEAVED_SPLIT rounds of at least
+# HOST_MIN_ROUND_S / HOST_INTERLEAVED_SPLIT each.
 HOST_INTERLEAVED_SPLIT = 3
 
 
