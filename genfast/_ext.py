@@ -113,14 +113,16 @@ def stream_of(t: torch.Tensor) -> int:
 def argument_names(native) -> tuple:
     """The parameter names of an extension entry point, in order, read from the signature line
     pybind11 writes at the top of its docstring ("name(a: T, b: U, *, c: V) -> R"); a Python
-    function (the tests stand in for the extension) gives its own, or None if it takes *args or
-    **kwargs (its names are unknown)."""
+    function (the tests stand in for the extension) gives its own; None where the names are
+    unknown (a function taking *args or **kwargs, a docstring without the signature line)."""
     if not isinstance(getattr(native, "__doc__", None), str) or type(native).__name__ != "builtin_function_or_method":
         parameters = inspect.signature(native).parameters.values()
         if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
             return None
         return tuple(p.name for p in parameters)
-    line = native.__doc__.lstrip().splitlines()[0]
+    line = (native.__doc__.lstrip().splitlines() or [""])[0]
+    if "(" not in line:  # not pybind11's signature line (an overloaded function): names unknown
+        return None
     inner = line[line.index("(") + 1:]
     names, depth, start = [], 0, 0
     for i, ch in enumerate(inner):  # split at the top-level commas; annotations may hold brackets
@@ -146,7 +148,7 @@ def bind_positional(native, per_call: tuple, **bound):
     large part of a small prepared call; the names are matched once here against the entry
     point's own signature instead, so a misspelt, missing or extra name raises now."""
     names = argument_names(native)
-    if names is None:  # a stand-in taking *args / **kwargs (tests): every argument by keyword
+    if names is None:  # e.g. a stand-in taking *args / **kwargs (tests): every argument by keyword
         return lambda *values: native(**dict(zip(per_call, values)), **bound)
     given = list(per_call) + list(bound)
     unknown = [n for n in given if n not in names]
