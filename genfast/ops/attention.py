@@ -1019,7 +1019,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     fn = "scaled_dot_product_attention"
     signature = _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
-    if signature in _VALIDATED and not dropout_p and query.ndim == 4 \
+    # (signature first: under torch.compile it is None and _VALIDATED, a dict, is not touched;
+    # Dynamo would guard on its length and recompile when it grows.)
+    if signature is not None and signature in _VALIDATED and not dropout_p and query.ndim == 4 \
             and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 \
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
         # The usual repeated call (a model's layers, a decode loop): no conversions, no autograd.
