@@ -67,19 +67,11 @@ def _as_thunks(fn: Union[Callable[[], Any], Sequence[Callable[[], Any]]]) -> lis
 
 
 def _time_cpu(thunks: list, quick: bool) -> dict:
-    for i in range(1 if quick else 2):  # warm-up
-        thunks[i % len(thunks)]()
-    min_time = CPU_MIN_TIME_QUICK_S if quick else CPU_MIN_TIME_S
-    times, total, i = [], 0.0, 0
-    while (total < min_time or len(times) < CPU_MIN_REPS) and len(times) < 10000:
-        thunk = thunks[i % len(thunks)]
-        start = time.perf_counter()
-        thunk()
-        elapsed = time.perf_counter() - start
-        times.append(elapsed * 1e3)
-        total += elapsed
-        i += 1
-    return _summary(times)
+    """time_fn on the CPU: ``time_cpu_interleaved`` of one provider."""
+    stats = time_cpu_interleaved({"fn": thunks}, quick)["fn"]
+    if isinstance(stats, Exception):
+        raise stats
+    return stats
 
 
 # time_cpu_interleaved: rounds per provider (each about CPU_MIN_TIME_S / this long).
@@ -90,8 +82,9 @@ def time_cpu_interleaved(thunks_by_name: dict, quick: bool = False) -> dict:
     """``time_fn`` on the CPU for several providers of one case, their calls in interleaved
     rounds (each provider calls for about the same time per round; the order alternates): a
     run of a few seconds on a shared machine sees bursts of load from other jobs, which would
-    otherwise land on whichever provider was being timed. Each call is one sample, as in
-    ``_time_cpu``. {name: summary}."""
+    otherwise land on whichever provider was being timed. Each call is one sample; every
+    provider gets at least ``CPU_MIN_REPS`` of them and about ``CPU_MIN_TIME_S`` in all.
+    {name: summary, or the exception the provider raised}."""
     min_time = CPU_MIN_TIME_QUICK_S if quick else CPU_MIN_TIME_S
 
     def calibrate(thunks):

@@ -601,11 +601,16 @@ def _attention(q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None, cu_s
 # outputs and run the kernel (with torch's thread count at that call).
 
 
+def _cpu_lse_like(q: torch.Tensor, seq_first: bool) -> torch.Tensor:
+    """A (B, H, Sq) view in the lse dtype without storage: ``torch.empty_like`` of it allocates
+    the CPU kernels' contiguous lse."""
+    B, H, Sq = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
+    return torch.empty((), dtype=lse_dtype(q.dtype), device=q.device).expand(B, H, Sq)
+
+
 def _cpu_outputs(q: torch.Tensor, seq_first: bool):
     """Allocators of the CPU kernels' contiguous out (q's shape) and lse (B, H, Sq)."""
-    B, H, Sq = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
-    lse_like = torch.empty((), dtype=lse_dtype(q.dtype), device=q.device).expand(B, H, Sq)
-    contiguous = torch.contiguous_format
+    lse_like, contiguous = _cpu_lse_like(q, seq_first), torch.contiguous_format
     return lambda q: (torch.empty_like(q, memory_format=contiguous), torch.empty_like(lse_like))
 
 
@@ -634,9 +639,7 @@ def _prepare_forward(q, k, problem, backend, seq_first):
         return _heads_first(lambda q, k, v: fn((q, k, v), kw), seq_first)
     if q.numel() == 0:
         return None
-    B, H, Sq = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
-    lse_like = torch.empty((), dtype=lse_dtype(q.dtype), device=q.device).expand(B, H, Sq)
-    contiguous = torch.contiguous_format
+    lse_like, contiguous = _cpu_lse_like(q, seq_first), torch.contiguous_format
     native = bind_positional(_ext._C.attention_forward_cpu, ("q", "k", "v", "out", "lse", "num_threads"), bias=None,
                              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, keep_mask=None,
                              seed=0, options=_options(kw["scale"], softcap, left, right, bottom_right, 0.0, seq_first),
@@ -732,11 +735,11 @@ class _PreparedAttention(torch.autograd.Function):
 
 def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity, append=False):
     """The decode of ``problem`` = (scale, window_left, window_right, softcap) in flash-attn's
-    layout: a function (q, k_cache, v_cache, seqlens, cache_leftpad, cache_batch_idx,
+    layout: a function (q, k_cache, v_cache, seqlens, k, v, cache_leftpad, cache_batch_idx,
     block_table) -> (out (B, Sq, H, D), lse), or None. ``capacity``: positions a row holds.
-    ``append``: a function (q, k_cache, v_cache, cache_seqlens, k, v, *index) that also writes
-    the new k, v into the cache at cache_seqlens[b] + t and attends to cache_seqlens + S_new keys,
-    in the one C++ call of the CPU backend (None on the others: the caller appends first)."""
+    k, v: None, or (``append``, CPU backend only) new tokens the same C++ call writes into the
+    cache at seqlens[b] + t before it attends to seqlens + S_new keys; with ``append`` the other
+    backends have no prepared call (None: the caller appends first)."""
     name = DECODE.select(backend or None, q.device, q.dtype)
     scale, left, right, softcap = problem
     kw = dict(scale=_resolve_scale(scale, q.shape[-1]), window_left=left, window_right=right, softcap=softcap,
@@ -746,7 +749,7 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity, append=F
     if name != "cpu":
         fn = DECODE.backends[name].fn
 
-        def run(q, kc, vc, seqlens, *index):  # index: () or (cache_leftpad, cache_batch_idx, block_table)
+        def run(q, kc, vc, seqlens, k, v, *index):  # k, v: None; index: () or the three index tensors
             return fn((q, kc, vc, seqlens), dict(kw, **_cache_index(*index)) if index else kw)
 
         return _heads_first(run, True)
@@ -760,19 +763,13 @@ def _prepare_decode(q, k_cache, problem, num_splits, backend, capacity, append=F
                              options=_options(kw["scale"], softcap, left, right, True, 0.0, True))
     threads = cpu_threads_per_call(_cpu_work(q.transpose(1, 2), k_cache.transpose(1, 2), capacity), SINGLE_THREAD_WORK)
 
-    def call(q, kc, vc, seqlens, cache_leftpad=None, cache_batch_idx=None, block_table=None):
-        out, lse = outputs(q)
-        native(q, kc, vc, out, lse, seqlens.contiguous(), threads(), _dense(cache_leftpad), _dense(cache_batch_idx),
-               _cpu_ready(block_table), None, None)
-        return out, lse
-
-    def call_appending(q, kc, vc, seqlens, k, v, cache_leftpad=None, cache_batch_idx=None, block_table=None):
+    def call(q, kc, vc, seqlens, k, v, cache_leftpad=None, cache_batch_idx=None, block_table=None):
         out, lse = outputs(q)
         native(q, kc, vc, out, lse, seqlens.contiguous(), threads(), _dense(cache_leftpad), _dense(cache_batch_idx),
                _cpu_ready(block_table), k, v)
         return out, lse
 
-    return call_appending if append else call
+    return call
 
 
 @functools.lru_cache(maxsize=64)
@@ -786,7 +783,7 @@ def _eager_decode(signature, q, k_cache, v_cache, seqlens, problem, num_splits, 
     last stride; ``index``: () or (cache_leftpad, cache_batch_idx, block_table)."""
     prepare = lambda: _prepare_decode(q, k_cache, problem, num_splits, backend,  # noqa: E731
                                       k_cache.shape[1] if capacity is None else capacity)
-    result = DECODE.call_prepared(signature, prepare, q, k_cache, v_cache, seqlens, *index)
+    result = DECODE.call_prepared(signature, prepare, q, k_cache, v_cache, seqlens, None, None, *index)
     if result is None:
         general = lambda q, kc, vc, seqlens: attention_decode(q, kc, vc, seqlens, None, *problem, num_splits,
                                                               backend or "", *index)
