@@ -476,31 +476,26 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
                     continue
                 else:
                     stats = time_fn(thunks, case.device, quick=quick)
-            except Exception as exc:  # a baseline that cannot run is n/a; a genfast one is an error
-                row["status"] = "ERROR" if is_genfast or name == case.reference else "n/a"
-                row["detail"] = _short_error(exc)
-                log(f"    {name:<8} {row['status']}  ({row['detail']})")
+            except Exception as exc:
+                _fail_row(case, name, row, exc, log)
                 continue
             finally:
                 thunks = None
                 if case.device.type == "cuda":
                     torch.cuda.synchronize(case.device)
             _finish_row(case, name, row, stats, copy_gbps, log)
-        for pending, timer in ((host_timed, lambda: time_host_interleaved(
-                host_timed, case.device, quick=quick, calls_per_thunk=case.extra.get("calls_per_thunk", 1))),
-                (cpu_timed, lambda: time_cpu_interleaved(cpu_timed, quick=quick))):
-            if not pending:
-                continue
-            timed = timer()
-            pending.clear()
-            for name, stats in timed.items():
-                if isinstance(stats, Exception):  # as above: a baseline that cannot run is n/a
-                    row = results[name]
-                    failed_genfast = case.providers[name].kind == GENFAST or name == case.reference
-                    row["status"], row["detail"] = "ERROR" if failed_genfast else "n/a", _short_error(stats)
-                    log(f"    {name:<8} {row['status']}  ({row['detail']})")
-                else:
-                    _finish_row(case, name, results[name], stats, copy_gbps, log)
+        timed = {}
+        if host_timed:
+            timed.update(time_host_interleaved(host_timed, case.device, quick=quick,
+                                               calls_per_thunk=case.extra.get("calls_per_thunk", 1)))
+        if cpu_timed:
+            timed.update(time_cpu_interleaved(cpu_timed, quick=quick))
+        host_timed = cpu_timed = None
+        for name, stats in timed.items():
+            if isinstance(stats, Exception):
+                _fail_row(case, name, results[name], stats, log)
+            else:
+                _finish_row(case, name, results[name], stats, copy_gbps, log)
         for name in case.providers:
             row = results[name]
             for base in case.baselines:
@@ -518,6 +513,14 @@ def run_case(case: Case, copy_gbps: Optional[float], quick: bool = False, log: C
         if case.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _fail_row(case, name: str, row: dict, exc: Exception, log) -> None:
+    """A provider that raised: a baseline that cannot run is n/a, a genfast one (or the
+    reference) is an error."""
+    failed_genfast = case.providers[name].kind == GENFAST or name == case.reference
+    row["status"], row["detail"] = "ERROR" if failed_genfast else "n/a", _short_error(exc)
+    log(f"    {name:<8} {row['status']}  ({row['detail']})")
 
 
 def _finish_row(case, name: str, row: dict, stats: dict, copy_gbps, log) -> None:
